@@ -1,0 +1,82 @@
+//! `minitron-verify`: perplexity, KL-divergence, top-1 agreement and greedy parity of a model.
+
+mod common;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+
+/// Measure a checkpoint: perplexity on a text (llama-perplexity's protocol), KL-divergence and
+/// top-1 agreement against a reference, and greedy-generation parity.
+#[derive(Parser, Debug)]
+#[command(name = "minitron-verify", version, about)]
+struct Args {
+    /// Checkpoint folder to measure.
+    candidate: PathBuf,
+    /// Reference checkpoint (the bf16 original) for --kld and --gen comparisons.
+    #[arg(long, value_name = "DIR")]
+    reference: Option<PathBuf>,
+    /// Perplexity over this text file.
+    #[arg(long, value_name = "FILE")]
+    ppl: Option<PathBuf>,
+    /// KL-divergence and top-1 agreement against --reference, on the --ppl chunks.
+    #[arg(long)]
+    kld: bool,
+    /// Greedy generation of each prompt in this file (one per line, `\n` escapes allowed).
+    #[arg(long, value_name = "PROMPTS")]
+    gen: Option<PathBuf>,
+    /// Tokens to generate per prompt.
+    #[arg(long, default_value_t = 32)]
+    tokens: usize,
+    /// Context (chunk) length for perplexity.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Use at most this many chunks (default: the whole text).
+    #[arg(long)]
+    chunks: Option<usize>,
+    /// Worker threads (default: all logical CPUs).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// cpu, or cuda[:N] in a CUDA build.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Write the full report as JSON here.
+    #[arg(long, value_name = "FILE.json")]
+    report: Option<PathBuf>,
+    /// Print the JSON report on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    common::exit_on_error(|| {
+        let a = Args::parse();
+        let threads = common::set_threads(a.threads);
+        let device = minitron::runtime::pick_device(&a.device)?;
+        let opts = minitron::verify::report::VerifyOptions {
+            candidate: a.candidate,
+            reference: a.reference,
+            ppl: a.ppl,
+            kld: a.kld,
+            gen: a.gen,
+            gen_tokens: a.tokens,
+            ctx: a.ctx,
+            chunks: a.chunks,
+            threads,
+            device,
+            command_line: common::command_line(),
+        };
+        let report = minitron::verify::report::run(&opts)?;
+        let text = serde_json::to_string_pretty(&report).context("serialising the report")?;
+        if let Some(p) = &a.report {
+            common::write_atomic(p, &(text.clone() + "\n"))?;
+        }
+        if a.json {
+            println!("{text}");
+        } else {
+            print!("{}", minitron::verify::report::table(&report));
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,82 @@
+//! The library's error type. Every variant carries enough context (file, tensor or field, what was
+//! expected and what was found) for a user to fix the input without reading our source.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system error on a named file.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file whose content does not follow its format.
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+    /// A config.json field that is missing or has an unusable value.
+    #[error("{path}: field `{field}`: {msg}")]
+    Config {
+        path: PathBuf,
+        field: String,
+        msg: String,
+    },
+    /// A tensor the architecture needs is not in the checkpoint.
+    #[error("{path}: tensor `{tensor}` is missing (expected {expected})")]
+    MissingTensor {
+        path: PathBuf,
+        tensor: String,
+        expected: String,
+    },
+    /// A tensor with the wrong shape or dtype.
+    #[error("{path}: tensor `{tensor}`: expected {expected}, found {found}")]
+    TensorMismatch {
+        path: PathBuf,
+        tensor: String,
+        expected: String,
+        found: String,
+    },
+    /// A feature of the input that we do not implement.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A bad argument from the caller (CLI flag or API parameter).
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// The tokenizer library refused a file or an input.
+    #[error("tokenizer {path}: {msg}")]
+    Tokenizer { path: PathBuf, msg: String },
+    /// A tensor operation failed inside candle.
+    #[error("tensor operation: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+    pub(crate) fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+    pub(crate) fn config(
+        path: impl Into<PathBuf>,
+        field: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
+        Error::Config {
+            path: path.into(),
+            field: field.into(),
+            msg: msg.into(),
+        }
+    }
+}

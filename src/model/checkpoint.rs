@@ -1,0 +1,426 @@
+//! A Hugging Face checkpoint folder: config, tokenizer files and safetensors weights, one file or
+//! shards listed in `model.safetensors.index.json`.
+//!
+//! Weights are memory-mapped and read lazily. Every safetensors header is parsed and checked by
+//! our own code (formats/hf-llama.md#safetensors) so a damaged file is reported with the file and
+//! tensor at fault instead of a generic parse failure.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use rayon::prelude::*;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::model::config::LlamaConfig;
+use crate::model::names::{expected_tensors, TensorSpec};
+
+/// Element types of safetensors files that we know how to size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dtype {
+    BF16,
+    F16,
+    F32,
+    F64,
+    F8E4M3,
+    I8,
+    U8,
+    I16,
+    I32,
+    I64,
+    Bool,
+}
+
+impl Dtype {
+    /// The dtype's spelling in a safetensors header.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::BF16 => "BF16",
+            Dtype::F16 => "F16",
+            Dtype::F32 => "F32",
+            Dtype::F64 => "F64",
+            Dtype::F8E4M3 => "F8_E4M3",
+            Dtype::I8 => "I8",
+            Dtype::U8 => "U8",
+            Dtype::I16 => "I16",
+            Dtype::I32 => "I32",
+            Dtype::I64 => "I64",
+            Dtype::Bool => "BOOL",
+        }
+    }
+
+    /// Parses a safetensors dtype name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "BF16" => Dtype::BF16,
+            "F16" => Dtype::F16,
+            "F32" => Dtype::F32,
+            "F64" => Dtype::F64,
+            "F8_E4M3" => Dtype::F8E4M3,
+            "I8" => Dtype::I8,
+            "U8" => Dtype::U8,
+            "I16" => Dtype::I16,
+            "I32" => Dtype::I32,
+            "I64" => Dtype::I64,
+            "BOOL" => Dtype::Bool,
+            _ => return None,
+        })
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F8E4M3 | Dtype::I8 | Dtype::U8 | Dtype::Bool => 1,
+            Dtype::BF16 | Dtype::F16 | Dtype::I16 => 2,
+            Dtype::F32 | Dtype::I32 => 4,
+            Dtype::F64 | Dtype::I64 => 8,
+        }
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One tensor's entry in a safetensors header.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Byte range inside the file's data section.
+    pub start: usize,
+    pub end: usize,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// One memory-mapped safetensors file with its validated header.
+pub struct SafetensorsFile {
+    pub path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    /// Tensors by name, in name order.
+    pub tensors: BTreeMap<String, TensorInfo>,
+    /// The optional `__metadata__` map.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl SafetensorsFile {
+    /// Maps `path` and validates its header against the file's size.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the mapping is read-only; a file changed underneath us by another process
+        // could change the bytes we read, which is the documented risk of every mmap reader.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (data_start, tensors, metadata) = parse_header(&mmap, path)?;
+        Ok(SafetensorsFile {
+            path: path.to_owned(),
+            mmap,
+            data_start,
+            tensors,
+            metadata,
+        })
+    }
+
+    /// The raw little-endian bytes of tensor `name`.
+    pub fn bytes(&self, name: &str) -> Option<&[u8]> {
+        let t = self.tensors.get(name)?;
+        Some(&self.mmap[self.data_start + t.start..self.data_start + t.end])
+    }
+}
+
+fn parse_header(
+    buf: &[u8],
+    path: &Path,
+) -> Result<(usize, BTreeMap<String, TensorInfo>, BTreeMap<String, String>)> {
+    let fail = |msg: String| Error::format(path, msg);
+    if buf.len() < 8 {
+        return Err(fail(format!(
+            "not a safetensors file: {} bytes, expected at least 8 for the header length",
+            buf.len()
+        )));
+    }
+    let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+    let file_len = buf.len() as u64;
+    if n > file_len - 8 {
+        return Err(fail(format!(
+            "safetensors header length {n} runs past the end of the file ({file_len} bytes)"
+        )));
+    }
+    let data_start = 8 + n as usize;
+    let header: Value = serde_json::from_slice(&buf[8..data_start])
+        .map_err(|e| fail(format!("safetensors header is not valid JSON: {e}")))?;
+    let obj = header
+        .as_object()
+        .ok_or_else(|| fail("safetensors header is not a JSON object".into()))?;
+    let data_len = buf.len() - data_start;
+    let mut tensors = BTreeMap::new();
+    let mut metadata = BTreeMap::new();
+    for (name, v) in obj {
+        if name == "__metadata__" {
+            if let Some(m) = v.as_object() {
+                for (k, v) in m {
+                    metadata.insert(k.clone(), v.as_str().unwrap_or_default().to_owned());
+                }
+            }
+            continue;
+        }
+        let bad = |what: &str| fail(format!("tensor `{name}`: {what} in the header entry {v}"));
+        let dtype_s = v.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("no dtype"))?;
+        let dtype = Dtype::parse(dtype_s).ok_or_else(|| bad("unknown dtype"))?;
+        let shape = v
+            .get("shape")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("no shape"))?
+            .iter()
+            .map(|d| d.as_u64().map(|d| d as usize))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("a non-integer dimension"))?;
+        let offs = v
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .filter(|a| a.len() == 2)
+            .and_then(|a| Some((a[0].as_u64()? as usize, a[1].as_u64()? as usize)))
+            .ok_or_else(|| bad("no [begin, end] data_offsets"))?;
+        let (start, end) = offs;
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| bad("an overflowing shape"))?;
+        let want = numel * dtype.size();
+        if end < start || end - start != want {
+            return Err(fail(format!(
+                "tensor `{name}`: data_offsets [{start}, {end}] span {} bytes, expected {want} for {dtype} {shape:?}",
+                end.wrapping_sub(start)
+            )));
+        }
+        if end > data_len {
+            return Err(fail(format!(
+                "tensor `{name}`: data_offsets end {end} runs past the data section ({data_len} bytes; file truncated?)"
+            )));
+        }
+        tensors.insert(name.clone(), TensorInfo { dtype, shape, start, end });
+    }
+    Ok((data_start, tensors, metadata))
+}
+
+/// A checkpoint folder, opened and checked against its config.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: LlamaConfig,
+    /// The raw config.json object, kept so writers can copy unknown keys through.
+    pub config_json: Value,
+    pub files: Vec<SafetensorsFile>,
+    /// Tensor name → index into `files`.
+    pub index: BTreeMap<String, usize>,
+    /// Tensors present in the files that the architecture does not use.
+    pub unexpected: Vec<String>,
+}
+
+impl Checkpoint {
+    /// Opens `dir`, validates config.json and every weight file, and checks that each tensor the
+    /// architecture needs is present with the expected shape and a float dtype.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let config = LlamaConfig::from_file(&config_path)?;
+        let config_json: Value = serde_json::from_str(
+            &std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?,
+        )
+        .map_err(|e| Error::format(&config_path, format!("not valid JSON: {e}")))?;
+
+        let shard_names = weight_files(dir)?;
+        let files = shard_names
+            .par_iter()
+            .map(|p| SafetensorsFile::open(p))
+            .collect::<Result<Vec<_>>>()?;
+        let mut index = BTreeMap::new();
+        for (i, f) in files.iter().enumerate() {
+            for name in f.tensors.keys() {
+                if let Some(prev) = index.insert(name.clone(), i) {
+                    return Err(Error::format(
+                        &f.path,
+                        format!("tensor `{name}` also appears in {}", files[prev].path.display()),
+                    ));
+                }
+            }
+        }
+        let ck = Checkpoint {
+            dir: dir.to_owned(),
+            config,
+            config_json,
+            files,
+            index,
+            unexpected: Vec::new(),
+        };
+        ck.validate()
+    }
+
+    fn validate(mut self) -> Result<Self> {
+        let specs = expected_tensors(&self.config);
+        let mut known = std::collections::BTreeSet::new();
+        for spec in &specs {
+            known.insert(spec.name.clone());
+            let Some(&fi) = self.index.get(&spec.name) else {
+                if spec.optional {
+                    continue;
+                }
+                return Err(Error::MissingTensor {
+                    path: self.weights_label(),
+                    tensor: spec.name.clone(),
+                    expected: format!("shape {:?}", spec.shape),
+                });
+            };
+            let f = &self.files[fi];
+            let t = &f.tensors[&spec.name];
+            if t.shape != spec.shape {
+                return Err(Error::TensorMismatch {
+                    path: f.path.clone(),
+                    tensor: spec.name.clone(),
+                    expected: format!("shape {:?}", spec.shape),
+                    found: format!("shape {:?}", t.shape),
+                });
+            }
+            if !matches!(t.dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
+                return Err(Error::TensorMismatch {
+                    path: f.path.clone(),
+                    tensor: spec.name.clone(),
+                    expected: "dtype BF16, F16 or F32".into(),
+                    found: format!("dtype {}", t.dtype),
+                });
+            }
+        }
+        self.unexpected = self
+            .index
+            .keys()
+            .filter(|n| !known.contains(*n) && !n.ends_with("rotary_emb.inv_freq"))
+            .cloned()
+            .collect();
+        Ok(self)
+    }
+
+    fn weights_label(&self) -> PathBuf {
+        let idx = self.dir.join("model.safetensors.index.json");
+        if idx.exists() {
+            idx
+        } else {
+            self.dir.join("model.safetensors")
+        }
+    }
+
+    /// Header entry and file of tensor `name`.
+    pub fn info(&self, name: &str) -> Option<(&SafetensorsFile, &TensorInfo)> {
+        let f = &self.files[*self.index.get(name)?];
+        Some((f, &f.tensors[name]))
+    }
+
+    /// Tensor `name` widened to f32, in row-major order.
+    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let (f, t) = self.info(name).ok_or_else(|| Error::MissingTensor {
+            path: self.weights_label(),
+            tensor: name.into(),
+            expected: "present".into(),
+        })?;
+        let bytes = f.bytes(name).expect("indexed tensor");
+        crate::numerics::convert::to_f32(bytes, t.dtype).ok_or_else(|| Error::TensorMismatch {
+            path: f.path.clone(),
+            tensor: name.into(),
+            expected: "a float dtype".into(),
+            found: t.dtype.to_string(),
+        })
+    }
+
+    /// Expected tensors of this architecture, in canonical order.
+    pub fn specs(&self) -> Vec<TensorSpec> {
+        expected_tensors(&self.config)
+    }
+
+    /// Total parameters over the tensors the architecture uses.
+    pub fn parameter_count(&self) -> u64 {
+        self.specs()
+            .iter()
+            .filter(|s| self.index.contains_key(&s.name))
+            .map(|s| s.shape.iter().product::<usize>() as u64)
+            .sum()
+    }
+
+    /// sha256 of every weight file, config.json and tokenizer.json, in a stable order.
+    pub fn input_hashes(&self) -> Result<Vec<(String, String)>> {
+        let mut paths: Vec<PathBuf> = self.files.iter().map(|f| f.path.clone()).collect();
+        for extra in ["config.json", "tokenizer.json"] {
+            let p = self.dir.join(extra);
+            if p.exists() {
+                paths.push(p);
+            }
+        }
+        paths
+            .par_iter()
+            .map(|p| Ok((p.file_name().unwrap_or_default().to_string_lossy().into_owned(), sha256_file(p)?)))
+            .collect()
+    }
+}
+
+/// The weight files of `dir`: the shards listed by the index, or the single file.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let idx = dir.join("model.safetensors.index.json");
+    if idx.exists() {
+        let text = std::fs::read_to_string(&idx).map_err(|e| Error::io(&idx, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&idx, format!("not valid JSON: {e}")))?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::format(&idx, "no `weight_map` object"))?;
+        let mut names: Vec<String> = Vec::new();
+        for (t, f) in map {
+            let f = f
+                .as_str()
+                .ok_or_else(|| Error::format(&idx, format!("weight_map entry `{t}` is not a file name")))?;
+            if f.contains('/') || f.contains("..") {
+                return Err(Error::format(&idx, format!("weight_map entry `{t}` points outside the folder: {f}")));
+            }
+            if !names.iter().any(|n| n == f) {
+                names.push(f.to_owned());
+            }
+        }
+        names.sort();
+        return Ok(names.into_iter().map(|n| dir.join(n)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(Error::format(
+        dir,
+        "no model.safetensors or model.safetensors.index.json in this folder",
+    ))
+}
+
+/// sha256 of a file as lowercase hex, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+/// Lowercase hex of a byte string.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,102 @@
+//! Tensor roles of a Llama block and their Hugging Face names (formats/hf-llama.md#tensors).
+
+use crate::model::config::LlamaConfig;
+
+/// The linear layers of a block, in the order the forward pass meets them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LinearRole {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LinearRole {
+    pub const ALL: [LinearRole; 7] = [
+        LinearRole::Q,
+        LinearRole::K,
+        LinearRole::V,
+        LinearRole::O,
+        LinearRole::Gate,
+        LinearRole::Up,
+        LinearRole::Down,
+    ];
+
+    /// Suffix after `model.layers.N.` in Hugging Face checkpoints.
+    pub fn hf_suffix(self) -> &'static str {
+        match self {
+            LinearRole::Q => "self_attn.q_proj",
+            LinearRole::K => "self_attn.k_proj",
+            LinearRole::V => "self_attn.v_proj",
+            LinearRole::O => "self_attn.o_proj",
+            LinearRole::Gate => "mlp.gate_proj",
+            LinearRole::Up => "mlp.up_proj",
+            LinearRole::Down => "mlp.down_proj",
+        }
+    }
+
+    /// `[out_features, in_features]` for this role.
+    pub fn shape(self, c: &LlamaConfig) -> [usize; 2] {
+        match self {
+            LinearRole::Q => [c.q_dim(), c.hidden_size],
+            LinearRole::K | LinearRole::V => [c.kv_dim(), c.hidden_size],
+            LinearRole::O => [c.hidden_size, c.q_dim()],
+            LinearRole::Gate | LinearRole::Up => [c.intermediate_size, c.hidden_size],
+            LinearRole::Down => [c.hidden_size, c.intermediate_size],
+        }
+    }
+}
+
+/// Hugging Face name of a block's linear weight.
+pub fn hf_linear(layer: usize, role: LinearRole) -> String {
+    format!("model.layers.{layer}.{}.weight", role.hf_suffix())
+}
+
+/// Hugging Face names of the non-linear tensors.
+pub const EMBED: &str = "model.embed_tokens.weight";
+pub const FINAL_NORM: &str = "model.norm.weight";
+pub const LM_HEAD: &str = "lm_head.weight";
+
+pub fn hf_input_norm(layer: usize) -> String {
+    format!("model.layers.{layer}.input_layernorm.weight")
+}
+
+pub fn hf_post_norm(layer: usize) -> String {
+    format!("model.layers.{layer}.post_attention_layernorm.weight")
+}
+
+/// One tensor the architecture expects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// A tied `lm_head.weight` may be absent (or present as a copy).
+    pub optional: bool,
+}
+
+/// Every tensor of the architecture in Hugging Face order: embeddings, blocks, final norm, head.
+pub fn expected_tensors(c: &LlamaConfig) -> Vec<TensorSpec> {
+    let spec = |name: String, shape: Vec<usize>| TensorSpec {
+        name,
+        shape,
+        optional: false,
+    };
+    let mut v = vec![spec(EMBED.into(), vec![c.vocab_size, c.hidden_size])];
+    for l in 0..c.num_hidden_layers {
+        v.push(spec(hf_input_norm(l), vec![c.hidden_size]));
+        for role in LinearRole::ALL {
+            v.push(spec(hf_linear(l, role), role.shape(c).to_vec()));
+        }
+        v.push(spec(hf_post_norm(l), vec![c.hidden_size]));
+    }
+    v.push(spec(FINAL_NORM.into(), vec![c.hidden_size]));
+    v.push(TensorSpec {
+        name: LM_HEAD.into(),
+        shape: vec![c.vocab_size, c.hidden_size],
+        optional: c.tie_word_embeddings,
+    });
+    v
+}

@@ -1,0 +1,61 @@
+//! Element conversions between the float formats of a checkpoint and f32.
+//!
+//! Row-chunked with rayon; each output element depends only on its input element, so results
+//! are identical for any thread count.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::model::checkpoint::Dtype;
+
+const CHUNK: usize = 1 << 16;
+
+/// Little-endian `bytes` of `dtype` widened to f32; `None` for non-float dtypes.
+pub fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
+    let n = bytes.len() / dtype.size();
+    let mut out = vec![0f32; n];
+    let es = dtype.size();
+    let conv: fn(&[u8]) -> f32 = match dtype {
+        Dtype::BF16 => |b| bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        Dtype::F16 => |b| f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        Dtype::F32 => |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        _ => return None,
+    };
+    out.par_chunks_mut(CHUNK)
+        .zip(bytes.par_chunks(CHUNK * es))
+        .for_each(|(o, b)| {
+            for (x, e) in o.iter_mut().zip(b.chunks_exact(es)) {
+                *x = conv(e);
+            }
+        });
+    Some(out)
+}
+
+/// f32 values rounded to bf16 (round to nearest even, as `half` does) as little-endian bytes.
+pub fn f32_to_bf16_bytes(src: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; src.len() * 2];
+    out.par_chunks_mut(CHUNK * 2)
+        .zip(src.par_chunks(CHUNK))
+        .for_each(|(o, s)| {
+            for (d, &x) in o.chunks_exact_mut(2).zip(s) {
+                d.copy_from_slice(&bf16::from_f32(x).to_le_bytes());
+            }
+        });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_round_trip_is_exact_for_every_bf16_value() {
+        // Every finite bf16 widened to f32 and narrowed back must be itself.
+        let all: Vec<u8> = (0..=u16::MAX)
+            .filter(|&b| bf16::from_bits(b).is_finite())
+            .flat_map(|b| b.to_le_bytes())
+            .collect();
+        let f = to_f32(&all, Dtype::BF16).unwrap();
+        assert_eq!(f32_to_bf16_bytes(&f), all);
+    }
+}

@@ -1,0 +1,2 @@
+//! Slice kernels shared by every format: dtype conversion now, quantizers later.
+pub mod convert;

@@ -1,0 +1,30 @@
+//! Device choice. The default build is CPU-only; `--device cuda` needs the `cuda` feature.
+
+use candle_core::Device;
+
+use crate::error::{Error, Result};
+
+/// Resolves a `--device` value (`cpu` or `cuda[:N]`).
+pub fn pick_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal: usize = s
+                .strip_prefix("cuda:")
+                .map(|n| n.parse().map_err(|_| Error::Invalid(format!("bad device `{s}`"))))
+                .transpose()?
+                .unwrap_or(0);
+            if !cfg!(feature = "cuda") {
+                return Err(Error::Unsupported(
+                    "--device cuda: this minitron was built without CUDA (rebuild with `--features cuda`, see scripts/build-cuda.sh)".into(),
+                ));
+            }
+            Device::new_cuda(ordinal).map_err(|e| {
+                Error::Unsupported(format!("--device {s}: no usable CUDA device or library: {e}"))
+            })
+        }
+        other => Err(Error::Invalid(format!(
+            "unknown device `{other}` (expected cpu or cuda[:N])"
+        ))),
+    }
+}

@@ -1,0 +1,270 @@
+//! Llama-3.x forward pass (formats/hf-llama.md#forward).
+//!
+//! Matches transformers' `LlamaForCausalLM`: RMSNorm, RoPE in the `rotate_half` convention (the
+//! two halves of each head are the rotated pairs) with llama3 frequency scaling, grouped-query
+//! attention with a causal mask, SwiGLU MLP, tied or untied head. Returns logits for every
+//! position, which perplexity and KL-divergence need.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+use crate::model::names::{self, LinearRole};
+use crate::model::{Checkpoint, LlamaConfig};
+use crate::runtime::linear::Linear;
+
+/// Receives what calibration needs while the model runs. The model's numerics never depend on
+/// what an observer does.
+pub trait Observer {
+    /// The input `x` (`[b, t, in]`) that is about to meet linear `role` of block `layer`.
+    fn linear_input(&mut self, layer: usize, role: LinearRole, x: &Tensor) -> Result<()>;
+    /// K after RoPE and V (`[b, kv_heads, t, head_dim]`) of block `layer`.
+    fn kv(&mut self, _layer: usize, _k: &Tensor, _v: &Tensor) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct Block {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// A loaded model.
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub device: Device,
+    pub dtype: DType,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Linear,
+    inv_freq: Vec<f32>,
+}
+
+/// Keys and values of the positions seen so far, per block.
+pub struct KvCache {
+    k: Vec<Option<Tensor>>,
+    v: Vec<Option<Tensor>>,
+    /// Number of positions already in the cache.
+    pub len: usize,
+}
+
+impl KvCache {
+    pub fn new(layers: usize) -> Self {
+        KvCache {
+            k: vec![None; layers],
+            v: vec![None; layers],
+            len: 0,
+        }
+    }
+}
+
+impl Llama {
+    /// Loads a bf16/f16/f32 checkpoint, widening weights to `dtype` on `device`.
+    pub fn load(ck: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+        let c = &ck.config;
+        let vec1 = |name: &str| -> Result<Tensor> {
+            let v = ck.read_f32(name)?;
+            let n = v.len();
+            Ok(Tensor::from_vec(v, n, device)?.to_dtype(dtype)?)
+        };
+        let lin = |layer: usize, role: LinearRole| -> Result<Linear> {
+            let [out, inp] = role.shape(c);
+            Linear::dense(ck.read_f32(&names::hf_linear(layer, role))?, out, inp, dtype, device)
+        };
+        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            blocks.push(Block {
+                input_norm: vec1(&names::hf_input_norm(l))?,
+                post_norm: vec1(&names::hf_post_norm(l))?,
+                q: lin(l, LinearRole::Q)?,
+                k: lin(l, LinearRole::K)?,
+                v: lin(l, LinearRole::V)?,
+                o: lin(l, LinearRole::O)?,
+                gate: lin(l, LinearRole::Gate)?,
+                up: lin(l, LinearRole::Up)?,
+                down: lin(l, LinearRole::Down)?,
+            });
+        }
+        let embed_vals = ck.read_f32(names::EMBED)?;
+        let embed = Tensor::from_vec(embed_vals, (c.vocab_size, c.hidden_size), device)?.to_dtype(dtype)?;
+        let lm_head = if ck.index.contains_key(names::LM_HEAD) {
+            Linear::dense(ck.read_f32(names::LM_HEAD)?, c.vocab_size, c.hidden_size, dtype, device)?
+        } else {
+            Linear::Dense { weight: embed.clone() }
+        };
+        Ok(Llama {
+            config: c.clone(),
+            device: device.clone(),
+            dtype,
+            embed,
+            blocks,
+            norm: vec1(names::FINAL_NORM)?,
+            lm_head,
+            inv_freq: c.rope_inv_freq(),
+        })
+    }
+
+    /// A fresh KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.blocks.len())
+    }
+
+    /// cos and sin tables `[t, head_dim/2]` for positions `start..start+t`.
+    fn rope_tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in start..start + t {
+            for &f in &self.inv_freq {
+                // transformers forms the angle as an f32 product; so do we.
+                let a = (p as f32 * f) as f64;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        let cos = Tensor::from_vec(cos, (t, half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (t, half), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// Runs token ids `[b, t]` (positions continue from the cache, if any) and returns f32
+    /// logits `[b, t, vocab]`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        mut obs: Option<&mut dyn Observer>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = ids.dims2()?;
+        let start = cache.as_ref().map_or(0, |k| k.len);
+        let (cos, sin) = self.rope_tables(start, t)?;
+        let total = start + t;
+        let mask = if t > 1 {
+            let m: Vec<f32> = (0..t)
+                .flat_map(|i| (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            Some(Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.dtype)?)
+        } else {
+            None
+        };
+        let eps = c.rms_norm_eps as f32;
+        let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let scale = 1.0 / (hd as f64).sqrt();
+
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c.hidden_size))?;
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let xn = candle_nn::ops::rms_norm(&x, &blk.input_norm, eps)?;
+            if let Some(o) = obs.as_deref_mut() {
+                o.linear_input(l, LinearRole::Q, &xn)?;
+                o.linear_input(l, LinearRole::K, &xn)?;
+                o.linear_input(l, LinearRole::V, &xn)?;
+            }
+            let q = blk.q.forward(&xn)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = blk.k.forward(&xn)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = blk.v.forward(&xn)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+            if let Some(o) = obs.as_deref_mut() {
+                o.kv(l, &k, &v)?;
+            }
+            let (k, v) = match cache.as_deref_mut() {
+                Some(cache) => {
+                    let k = match &cache.k[l] {
+                        Some(prev) => Tensor::cat(&[prev, &k], 2)?,
+                        None => k,
+                    };
+                    let v = match &cache.v[l] {
+                        Some(prev) => Tensor::cat(&[prev, &v], 2)?,
+                        None => v,
+                    };
+                    cache.k[l] = Some(k.clone());
+                    cache.v[l] = Some(v.clone());
+                    (k, v)
+                }
+                None => (k, v),
+            };
+            // Grouped-query attention: query heads g*i .. g*(i+1) share KV head i. Folding the
+            // group into the query rows lets one batched matmul serve the whole group.
+            let g = h / kvh;
+            let q = q.reshape((b, kvh, g * t, hd))?;
+            let att = (q.matmul(&k.t()?)? * scale)?.reshape((b, h, t, total))?;
+            let att = match &mask {
+                Some(m) => att.broadcast_add(m)?,
+                None => att,
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att.reshape((b, kvh, g * t, total))?.matmul(&v)?;
+            let y = y.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))?;
+            if let Some(o) = obs.as_deref_mut() {
+                o.linear_input(l, LinearRole::O, &y)?;
+            }
+            x = (x + blk.o.forward(&y)?)?;
+
+            let xn = candle_nn::ops::rms_norm(&x, &blk.post_norm, eps)?;
+            if let Some(o) = obs.as_deref_mut() {
+                o.linear_input(l, LinearRole::Gate, &xn)?;
+                o.linear_input(l, LinearRole::Up, &xn)?;
+            }
+            let act = (candle_nn::ops::silu(&blk.gate.forward(&xn)?)? * blk.up.forward(&xn)?)?;
+            if let Some(o) = obs.as_deref_mut() {
+                o.linear_input(l, LinearRole::Down, &act)?;
+            }
+            x = (x + blk.down.forward(&act)?)?;
+        }
+        if let Some(cache) = cache {
+            cache.len = total;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// Convenience: logits `[t, vocab]` of one sequence, as row-major f32.
+    pub fn logits(&self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let t = Tensor::from_slice(ids, (1, ids.len()), &self.device)?;
+        let l = self.forward(&t, None, None)?.squeeze(0)?;
+        Ok(l.to_vec2()?)
+    }
+
+    /// Greedy continuation of `prompt` by `n` tokens using the KV cache.
+    pub fn greedy(&self, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
+        let mut cache = self.new_cache();
+        let mut out = Vec::with_capacity(n);
+        let ids = Tensor::from_slice(prompt, (1, prompt.len()), &self.device)?;
+        let mut logits = self.forward(&ids, Some(&mut cache), None)?;
+        for _ in 0..n {
+            let last = logits.squeeze(0)?.get(logits.dim(1)? - 1)?;
+            let next = argmax(&last.to_vec1::<f32>()?);
+            out.push(next);
+            if out.len() == n {
+                break;
+            }
+            let ids = Tensor::from_slice(&[next], (1, 1), &self.device)?;
+            logits = self.forward(&ids, Some(&mut cache), None)?;
+        }
+        Ok(out)
+    }
+
+    /// Number of blocks.
+    pub fn layers(&self) -> usize {
+        self.blocks.len()
+    }
+}
+
+/// Index of the largest value; the first one on ties, as torch.argmax does.
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

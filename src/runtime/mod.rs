@@ -1,0 +1,9 @@
+//! Our own Llama-3.x forward pass on candle: every position's logits, a KV cache for generation,
+//! and hooks through which calibration observes each linear layer's input.
+pub mod device;
+pub mod linear;
+pub mod llama;
+
+pub use device::pick_device;
+pub use linear::Linear;
+pub use llama::{KvCache, Llama, Observer};

@@ -1,0 +1,184 @@
+//! Perplexity and reference comparison over llama-perplexity's chunks (formats/verify.md#ppl).
+//!
+//! The text is tokenized once (BOS first when the tokenizer adds one), cut into non-overlapping
+//! `ctx`-token chunks, the first token of each chunk is replaced by BOS when the tokenizer adds
+//! BOS, and only the second half of each chunk is scored: the logits at positions
+//! `ctx/2 .. ctx-1` predict tokens `ctx/2+1 .. ctx`, i.e. `ctx/2 - 1` tokens per chunk.
+
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::runtime::Llama;
+use crate::verify::stats::{argmax_f64, kl_divergence, log_softmax, mean_stderr, quantile};
+
+/// How the text is cut.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkPlan {
+    pub ctx: usize,
+    /// Upper bound on chunks (`None`: every full chunk of the text).
+    pub max_chunks: Option<usize>,
+    /// BOS id to put first in each chunk, when the tokenizer adds BOS.
+    pub bos: Option<u32>,
+}
+
+impl ChunkPlan {
+    /// First position whose logits are scored.
+    pub fn first_scored(&self) -> usize {
+        self.ctx / 2
+    }
+
+    /// Cuts `tokens` into chunks.
+    pub fn chunks(&self, tokens: &[u32]) -> Result<Vec<Vec<u32>>> {
+        if self.ctx < 4 {
+            return Err(Error::Invalid(format!("--ctx must be at least 4, found {}", self.ctx)));
+        }
+        let available = tokens.len() / self.ctx;
+        let n = self.max_chunks.map_or(available, |m| m.min(available));
+        if n == 0 {
+            return Err(Error::Invalid(format!(
+                "the text has {} tokens, fewer than one chunk of --ctx {}",
+                tokens.len(),
+                self.ctx
+            )));
+        }
+        Ok((0..n)
+            .map(|i| {
+                let mut c = tokens[i * self.ctx..(i + 1) * self.ctx].to_vec();
+                if let Some(b) = self.bos {
+                    c[0] = b;
+                }
+                c
+            })
+            .collect())
+    }
+}
+
+/// Per-position results of one chunk.
+#[derive(Debug, Default, Clone)]
+pub struct ChunkResult {
+    /// Candidate's negative log-likelihood of each scored token.
+    pub nll: Vec<f64>,
+    /// Reference's NLL of the same tokens (empty without a reference).
+    pub ref_nll: Vec<f64>,
+    /// KL(reference ‖ candidate) per scored position.
+    pub kld: Vec<f64>,
+    /// Whether both models' top token agree, per scored position.
+    pub same_top1: Vec<bool>,
+}
+
+/// Scores one chunk with the candidate and, optionally, the reference.
+pub fn score_chunk(cand: &Llama, reference: Option<&Llama>, chunk: &[u32], first: usize) -> Result<ChunkResult> {
+    let rows = |m: &Llama| -> Result<Vec<Vec<f32>>> {
+        let ids = Tensor::from_slice(chunk, (1, chunk.len()), &m.device)?;
+        let logits = m.forward(&ids, None, None)?;
+        let n = chunk.len() - 1 - first;
+        Ok(logits.squeeze(0)?.narrow(0, first, n)?.to_vec2::<f32>()?)
+    };
+    let cand_rows = rows(cand)?;
+    let ref_rows = reference.map(rows).transpose()?;
+    let targets = &chunk[first + 1..];
+    let per_pos: Vec<(f64, Option<(f64, f64, bool)>)> = cand_rows
+        .par_iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let lq = log_softmax(row);
+            let nll = -lq[targets[i] as usize];
+            let cmp = ref_rows.as_ref().map(|r| {
+                let lp = log_softmax(&r[i]);
+                (-lp[targets[i] as usize], kl_divergence(&lp, &lq), argmax_f64(&lp) == argmax_f64(&lq))
+            });
+            (nll, cmp)
+        })
+        .collect();
+    let mut out = ChunkResult::default();
+    for (nll, cmp) in per_pos {
+        out.nll.push(nll);
+        if let Some((r, k, s)) = cmp {
+            out.ref_nll.push(r);
+            out.kld.push(k);
+            out.same_top1.push(s);
+        }
+    }
+    Ok(out)
+}
+
+/// Perplexity with llama-perplexity's uncertainty estimate.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Perplexity {
+    pub ppl: f64,
+    /// Standard error of the perplexity (first-order propagation of the NLL's standard error).
+    pub stderr: f64,
+    pub mean_nll: f64,
+    pub tokens: usize,
+}
+
+impl Perplexity {
+    pub fn from_nll(nll: &[f64]) -> Self {
+        let (mean, se) = mean_stderr(nll);
+        let ppl = mean.exp();
+        Perplexity {
+            ppl,
+            stderr: ppl * se,
+            mean_nll: mean,
+            tokens: nll.len(),
+        }
+    }
+}
+
+/// KL-divergence and top-1 agreement summary.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Divergence {
+    pub mean_kld: f64,
+    pub mean_kld_stderr: f64,
+    pub median_kld: f64,
+    pub p99_kld: f64,
+    pub max_kld: f64,
+    pub top1_agreement_pct: f64,
+    pub top1_agreement_stderr_pct: f64,
+    pub positions: usize,
+}
+
+impl Divergence {
+    pub fn from_results(kld: &[f64], same: &[bool]) -> Self {
+        let (mean, se) = mean_stderr(kld);
+        let n = same.len() as f64;
+        let p = same.iter().filter(|&&s| s).count() as f64 / n;
+        Divergence {
+            mean_kld: mean,
+            mean_kld_stderr: se,
+            median_kld: quantile(kld, 0.5),
+            p99_kld: quantile(kld, 0.99),
+            max_kld: kld.iter().copied().fold(0.0, f64::max),
+            top1_agreement_pct: 100.0 * p,
+            top1_agreement_stderr_pct: 100.0 * (p * (1.0 - p) / (n - 1.0).max(1.0)).sqrt(),
+            positions: same.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_follow_llama_perplexity() {
+        let toks: Vec<u32> = (10..31).collect();
+        let plan = ChunkPlan { ctx: 8, max_chunks: None, bos: Some(1) };
+        let c = plan.chunks(&toks).unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0], vec![1, 11, 12, 13, 14, 15, 16, 17]);
+        assert_eq!(c[1], vec![1, 19, 20, 21, 22, 23, 24, 25]);
+        let plan = ChunkPlan { ctx: 8, max_chunks: Some(1), bos: None };
+        assert_eq!(plan.chunks(&toks).unwrap(), vec![(10..18).collect::<Vec<u32>>()]);
+        assert_eq!(plan.first_scored(), 4);
+    }
+
+    #[test]
+    fn perplexity_of_uniform_guessing_is_the_vocab_size() {
+        let nll = vec![(50f64).ln(); 10];
+        let p = Perplexity::from_nll(&nll);
+        assert!((p.ppl - 50.0).abs() < 1e-9);
+        assert_eq!(p.stderr, 0.0);
+    }
+}
