@@ -7,12 +7,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An operating-system error on a named file.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // The io::Error is shown in the message rather than chained, so it is printed once.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     /// A file whose content does not follow its format.
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
@@ -59,7 +56,7 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
     pub(crate) fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {

@@ -93,7 +93,11 @@ pub fn table(v: &Value) -> String {
     let g = |k: &str| v[k].to_string().trim_matches('"').to_owned();
     let _ = writeln!(s, "{}", g("dir"));
     let _ = writeln!(s, "  architecture     {}", g("architecture"));
-    let _ = writeln!(s, "  parameters       {}", group_digits(v["parameters"].as_u64().unwrap_or(0)));
+    let _ = writeln!(
+        s,
+        "  parameters       {}",
+        group_digits(v["parameters"].as_u64().unwrap_or(0))
+    );
     let _ = writeln!(
         s,
         "  layers           {} (hidden {}, MLP {})",
@@ -122,14 +126,20 @@ pub fn table(v: &Value) -> String {
             let r = &rope["scaling"];
             format!(
                 ", llama3 (factor {}, low {}, high {}, original ctx {})",
-                r["factor"], r["low_freq_factor"], r["high_freq_factor"], r["original_max_position_embeddings"]
+                r["factor"],
+                r["low_freq_factor"],
+                r["high_freq_factor"],
+                r["original_max_position_embeddings"]
             )
         }
     );
     let _ = writeln!(s, "  rms_norm_eps     {}", g("rms_norm_eps"));
     let _ = writeln!(s, "  max positions    {}", g("max_position_embeddings"));
     if let Some(m) = v["bytes_by_dtype"].as_object() {
-        let parts: Vec<String> = m.iter().map(|(k, b)| format!("{k} {}", human_bytes(b.as_u64().unwrap_or(0)))).collect();
+        let parts: Vec<String> = m
+            .iter()
+            .map(|(k, b)| format!("{k} {}", human_bytes(b.as_u64().unwrap_or(0))))
+            .collect();
         let _ = writeln!(s, "  bytes by dtype   {}", parts.join(", "));
     }
     if let Some(files) = v["files"].as_array() {
@@ -146,11 +156,19 @@ pub fn table(v: &Value) -> String {
     }
     let t = &v["tokenizer"];
     if t.get("error").is_some() {
-        let _ = writeln!(s, "  tokenizer        unavailable: {}", t["error"].as_str().unwrap_or(""));
+        let _ = writeln!(
+            s,
+            "  tokenizer        unavailable: {}",
+            t["error"].as_str().unwrap_or("")
+        );
     } else {
         let eos: Vec<String> = t["eos"]
             .as_array()
-            .map(|a| a.iter().map(|e| format!("{} {}", e["id"], e["token"].as_str().unwrap_or("?"))).collect())
+            .map(|a| {
+                a.iter()
+                    .map(|e| format!("{} {}", e["id"], e["token"].as_str().unwrap_or("?")))
+                    .collect()
+            })
             .unwrap_or_default();
         let _ = writeln!(
             s,
@@ -170,7 +188,11 @@ pub fn table(v: &Value) -> String {
     }
     if let Some(u) = v["unexpected_tensors"].as_array() {
         if !u.is_empty() {
-            let _ = writeln!(s, "  unexpected       {} tensors not used by the architecture:", u.len());
+            let _ = writeln!(
+                s,
+                "  unexpected       {} tensors not used by the architecture:",
+                u.len()
+            );
             for n in u {
                 let _ = writeln!(s, "    {}", n.as_str().unwrap_or("?"));
             }

@@ -12,7 +12,12 @@ use minitron::model::Checkpoint;
 
 /// Turn a bf16 Llama-3.x checkpoint into quantized artifacts.
 #[derive(Parser, Debug)]
-#[command(name = "minitron-convert", version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "minitron-convert",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -71,7 +76,12 @@ fn main() -> std::process::ExitCode {
                 }
                 Ok(())
             }
-            Some(Cmd::Synth { preset, seed, out, force }) => {
+            Some(Cmd::Synth {
+                preset,
+                seed,
+                out,
+                force,
+            }) => {
                 let preset = Preset::parse(&preset)?;
                 let pb = minitron::progress::bar(0, "synth", true);
                 let s = write_checkpoint(preset, seed, &out, force, &|done, total| {

@@ -142,7 +142,11 @@ impl SafetensorsFile {
 fn parse_header(
     buf: &[u8],
     path: &Path,
-) -> Result<(usize, BTreeMap<String, TensorInfo>, BTreeMap<String, String>)> {
+) -> Result<(
+    usize,
+    BTreeMap<String, TensorInfo>,
+    BTreeMap<String, String>,
+)> {
     let fail = |msg: String| Error::format(path, msg);
     if buf.len() < 8 {
         return Err(fail(format!(
@@ -176,7 +180,10 @@ fn parse_header(
             continue;
         }
         let bad = |what: &str| fail(format!("tensor `{name}`: {what} in the header entry {v}"));
-        let dtype_s = v.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("no dtype"))?;
+        let dtype_s = v
+            .get("dtype")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("no dtype"))?;
         let dtype = Dtype::parse(dtype_s).ok_or_else(|| bad("unknown dtype"))?;
         let shape = v
             .get("shape")
@@ -209,7 +216,15 @@ fn parse_header(
                 "tensor `{name}`: data_offsets end {end} runs past the data section ({data_len} bytes; file truncated?)"
             )));
         }
-        tensors.insert(name.clone(), TensorInfo { dtype, shape, start, end });
+        tensors.insert(
+            name.clone(),
+            TensorInfo {
+                dtype,
+                shape,
+                start,
+                end,
+            },
+        );
     }
     Ok((data_start, tensors, metadata))
 }
@@ -249,7 +264,10 @@ impl Checkpoint {
                 if let Some(prev) = index.insert(name.clone(), i) {
                     return Err(Error::format(
                         &f.path,
-                        format!("tensor `{name}` also appears in {}", files[prev].path.display()),
+                        format!(
+                            "tensor `{name}` also appears in {}",
+                            files[prev].path.display()
+                        ),
                     ));
                 }
             }
@@ -364,7 +382,15 @@ impl Checkpoint {
         }
         paths
             .par_iter()
-            .map(|p| Ok((p.file_name().unwrap_or_default().to_string_lossy().into_owned(), sha256_file(p)?)))
+            .map(|p| {
+                Ok((
+                    p.file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned(),
+                    sha256_file(p)?,
+                ))
+            })
             .collect()
     }
 }
@@ -382,11 +408,14 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .ok_or_else(|| Error::format(&idx, "no `weight_map` object"))?;
         let mut names: Vec<String> = Vec::new();
         for (t, f) in map {
-            let f = f
-                .as_str()
-                .ok_or_else(|| Error::format(&idx, format!("weight_map entry `{t}` is not a file name")))?;
+            let f = f.as_str().ok_or_else(|| {
+                Error::format(&idx, format!("weight_map entry `{t}` is not a file name"))
+            })?;
             if f.contains('/') || f.contains("..") {
-                return Err(Error::format(&idx, format!("weight_map entry `{t}` points outside the folder: {f}")));
+                return Err(Error::format(
+                    &idx,
+                    format!("weight_map entry `{t}` points outside the folder: {f}"),
+                ));
             }
             if !names.iter().any(|n| n == f) {
                 names.push(f.to_owned());

@@ -107,7 +107,10 @@ impl LlamaConfig {
             Some(_) => r.usize("head_dim")?,
         };
         if head_dim % 2 != 0 {
-            return Err(r.err("head_dim", format!("must be even for RoPE, found {head_dim}")));
+            return Err(r.err(
+                "head_dim",
+                format!("must be even for RoPE, found {head_dim}"),
+            ));
         }
 
         let (rope_theta, rope_scaling) = r.rope()?;
@@ -131,7 +134,10 @@ impl LlamaConfig {
                 None | Some(Value::Null) => false,
                 Some(Value::Bool(b)) => *b,
                 Some(other) => {
-                    return Err(r.err("tie_word_embeddings", format!("expected a boolean, found {other}")))
+                    return Err(r.err(
+                        "tie_word_embeddings",
+                        format!("expected a boolean, found {other}"),
+                    ))
                 }
             },
             bos_token_id: r.opt_ids("bos_token_id")?.and_then(|v| v.first().copied()),
@@ -199,7 +205,8 @@ fn scale_freq(freq: f64, scaling: &RopeScaling) -> f64 {
             } else if wavelen > low_wavelen {
                 freq / factor
             } else {
-                let smooth = (orig / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                let smooth =
+                    (orig / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                 (1.0 - smooth) * freq / factor + smooth * freq
             }
         }
@@ -229,9 +236,12 @@ impl Reader<'_> {
     fn f64_in(&self, obj: &Map<String, Value>, key: &str, ctx: &str) -> Result<f64> {
         match obj.get(key) {
             None | Some(Value::Null) => Err(self.err(&format!("{ctx}{key}"), "missing")),
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| self.err(&format!("{ctx}{key}"), format!("expected a number, found {v}"))),
+            Some(v) => v.as_f64().ok_or_else(|| {
+                self.err(
+                    &format!("{ctx}{key}"),
+                    format!("expected a number, found {v}"),
+                )
+            }),
         }
     }
 
@@ -243,7 +253,12 @@ impl Reader<'_> {
     }
 
     fn opt_ids(&self, key: &str) -> Result<Option<Vec<u32>>> {
-        let bad = |v: &Value| self.err(key, format!("expected a token id or a list of ids, found {v}"));
+        let bad = |v: &Value| {
+            self.err(
+                key,
+                format!("expected a token id or a list of ids, found {v}"),
+            )
+        };
         match self.obj.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Array(a)) => a
@@ -251,7 +266,10 @@ impl Reader<'_> {
                 .map(|x| x.as_u64().map(|n| n as u32).ok_or_else(|| bad(x)))
                 .collect::<Result<Vec<_>>>()
                 .map(Some),
-            Some(v) => v.as_u64().map(|n| Some(vec![n as u32])).ok_or_else(|| bad(v)),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(vec![n as u32]))
+                .ok_or_else(|| bad(v)),
         }
     }
 
@@ -271,12 +289,18 @@ impl Reader<'_> {
                     Some(Value::Object(s)) => (Some(s), "rope_scaling.", theta),
                     None | Some(Value::Null) => (None, "rope_scaling.", theta),
                     Some(other) => {
-                        return Err(self.err("rope_scaling", format!("expected an object or null, found {other}")))
+                        return Err(self.err(
+                            "rope_scaling",
+                            format!("expected an object or null, found {other}"),
+                        ))
                     }
                 }
             }
             Some(other) => {
-                return Err(self.err("rope_parameters", format!("expected an object, found {other}")))
+                return Err(self.err(
+                    "rope_parameters",
+                    format!("expected an object, found {other}"),
+                ))
             }
         };
         if !(theta > 0.0) {
@@ -297,7 +321,11 @@ impl Reader<'_> {
                 let low_freq_factor = self.f64_in(s, "low_freq_factor", ctx)?;
                 let high_freq_factor = self.f64_in(s, "high_freq_factor", ctx)?;
                 let orig = self.f64_in(s, "original_max_position_embeddings", ctx)?;
-                if !(factor > 0.0 && low_freq_factor > 0.0 && high_freq_factor > low_freq_factor && orig >= 1.0) {
+                if !(factor > 0.0
+                    && low_freq_factor > 0.0
+                    && high_freq_factor > low_freq_factor
+                    && orig >= 1.0)
+                {
                     return Err(self.err(
                         &format!("{ctx}factor"),
                         format!("llama3 scaling needs factor > 0 and high_freq_factor > low_freq_factor > 0, found factor {factor}, low {low_freq_factor}, high {high_freq_factor}"),
@@ -313,7 +341,9 @@ impl Reader<'_> {
             other => {
                 return Err(self.err(
                     &format!("{ctx}rope_type"),
-                    format!("unsupported rope type \"{other}\" (supported: \"default\", \"llama3\")"),
+                    format!(
+                        "unsupported rope type \"{other}\" (supported: \"default\", \"llama3\")"
+                    ),
                 ))
             }
         };
@@ -382,7 +412,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("num_key_value_heads") && e.contains("4") && e.contains("3"), "{e}");
+        assert!(
+            e.contains("num_key_value_heads") && e.contains("4") && e.contains("3"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -392,7 +425,10 @@ mod tests {
         ))
         .unwrap_err()
         .to_string();
-        assert!(e.contains("rope_scaling.rope_type") && e.contains("yarn"), "{e}");
+        assert!(
+            e.contains("rope_scaling.rope_type") && e.contains("yarn"),
+            "{e}"
+        );
     }
 
     #[test]

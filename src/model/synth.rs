@@ -151,17 +151,29 @@ pub fn write_checkpoint(
     }
     std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
     Ok(SynthSummary {
-        files: summary.files.iter().map(|f| out.join(f.file_name().unwrap_or_default())).collect(),
+        files: summary
+            .files
+            .iter()
+            .map(|f| out.join(f.file_name().unwrap_or_default()))
+            .collect(),
         ..summary
     })
 }
 
 fn partial_path(out: &Path) -> PathBuf {
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     out.with_file_name(format!(".{name}.partial"))
 }
 
-fn write_into(preset: Preset, seed: u64, dir: &Path, progress: &dyn Fn(u64, u64)) -> Result<SynthSummary> {
+fn write_into(
+    preset: Preset,
+    seed: u64,
+    dir: &Path,
+    progress: &dyn Fn(u64, u64),
+) -> Result<SynthSummary> {
     let cfg_json = preset.config_json();
     let cfg = LlamaConfig::from_json_str(&cfg_json.to_string(), Path::new("<preset>"))
         .expect("presets are valid configs");
@@ -187,7 +199,10 @@ fn write_into(preset: Preset, seed: u64, dir: &Path, progress: &dyn Fn(u64, u64)
     let specs = expected_tensors(&cfg);
     let shards = plan_shards(&specs);
     let total_bytes: u64 = specs.iter().map(|s| bytes_of(s)).sum();
-    let parameters: u64 = specs.iter().map(|s| s.shape.iter().product::<usize>() as u64).sum();
+    let parameters: u64 = specs
+        .iter()
+        .map(|s| s.shape.iter().product::<usize>() as u64)
+        .sum();
     let n = shards.len();
     let mut files = Vec::new();
     let mut weight_map = BTreeMap::new();
@@ -199,7 +214,8 @@ fn write_into(preset: Preset, seed: u64, dir: &Path, progress: &dyn Fn(u64, u64)
             format!("model-{:05}-of-{:05}.safetensors", si + 1, n)
         };
         let path = dir.join(&name);
-        let mut members: Vec<(usize, &TensorSpec)> = shard.iter().map(|&i| (i, &specs[i])).collect();
+        let mut members: Vec<(usize, &TensorSpec)> =
+            shard.iter().map(|&i| (i, &specs[i])).collect();
         members.sort_by(|a, b| a.1.name.cmp(&b.1.name));
         write_shard(&path, &members, seed, &mut |b| {
             done += b;
@@ -267,7 +283,8 @@ fn write_shard(
     let f = File::create(path).map_err(|e| Error::io(path, e))?;
     let mut w = BufWriter::with_capacity(1 << 22, f);
     let io = |e| Error::io(path, e);
-    w.write_all(&(hbytes.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&(hbytes.len() as u64).to_le_bytes())
+        .map_err(io)?;
     w.write_all(&hbytes).map_err(io)?;
     for &(ti, s) in members {
         let numel: usize = s.shape.iter().product();
@@ -444,8 +461,11 @@ fn build_tokenizer(preset: Preset) -> Result<Value> {
         vocab.push(merged);
         merges.push(best);
     }
-    let vocab_map: serde_json::Map<String, Value> =
-        vocab.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let vocab_map: serde_json::Map<String, Value> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
     let (bos, _) = preset.special_ids();
     let added: Vec<Value> = (0..preset.n_special())
         .map(|k| {
@@ -491,7 +511,10 @@ mod tests {
         let cfg_json = Preset::Minitron4bDepth.config_json();
         let cfg = LlamaConfig::from_json_str(&cfg_json.to_string(), Path::new("x")).unwrap();
         let specs = expected_tensors(&cfg);
-        let params: u64 = specs.iter().map(|s| s.shape.iter().product::<usize>() as u64).sum();
+        let params: u64 = specs
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>() as u64)
+            .sum();
         assert_eq!(params, 4_540_469_248);
         let shards = plan_shards(&specs);
         assert_eq!(shards.len(), 2);

@@ -64,7 +64,10 @@ impl Tokenizer {
         let ids = |v: Option<&Value>| -> Vec<u32> {
             match v {
                 Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-                Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|n| n as u32)).collect(),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|x| x.as_u64().map(|n| n as u32))
+                    .collect(),
                 _ => vec![],
             }
         };
@@ -140,6 +143,9 @@ impl Tokenizer {
 
     /// The chat template from tokenizer_config.json, if any.
     pub fn chat_template(&self) -> Option<&str> {
-        self.tokenizer_config.as_ref()?.get("chat_template")?.as_str()
+        self.tokenizer_config
+            .as_ref()?
+            .get("chat_template")?
+            .as_str()
     }
 }

@@ -11,7 +11,10 @@ pub fn pick_device(name: &str) -> Result<Device> {
         s if s == "cuda" || s.starts_with("cuda:") => {
             let ordinal: usize = s
                 .strip_prefix("cuda:")
-                .map(|n| n.parse().map_err(|_| Error::Invalid(format!("bad device `{s}`"))))
+                .map(|n| {
+                    n.parse()
+                        .map_err(|_| Error::Invalid(format!("bad device `{s}`")))
+                })
                 .transpose()?
                 .unwrap_or(0);
             if !cfg!(feature = "cuda") {
@@ -20,7 +23,9 @@ pub fn pick_device(name: &str) -> Result<Device> {
                 ));
             }
             Device::new_cuda(ordinal).map_err(|e| {
-                Error::Unsupported(format!("--device {s}: no usable CUDA device or library: {e}"))
+                Error::Unsupported(format!(
+                    "--device {s}: no usable CUDA device or library: {e}"
+                ))
             })
         }
         other => Err(Error::Invalid(format!(

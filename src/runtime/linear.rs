@@ -14,7 +14,13 @@ pub enum Linear {
 
 impl Linear {
     /// A dense layer from row-major f32 values of shape `[out, in]`.
-    pub fn dense(values: Vec<f32>, out: usize, inp: usize, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn dense(
+        values: Vec<f32>,
+        out: usize,
+        inp: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let w = Tensor::from_vec(values, (out, inp), device)?.to_dtype(dtype)?;
         Ok(Linear::Dense { weight: w })
     }

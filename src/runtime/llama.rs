@@ -76,7 +76,13 @@ impl Llama {
         };
         let lin = |layer: usize, role: LinearRole| -> Result<Linear> {
             let [out, inp] = role.shape(c);
-            Linear::dense(ck.read_f32(&names::hf_linear(layer, role))?, out, inp, dtype, device)
+            Linear::dense(
+                ck.read_f32(&names::hf_linear(layer, role))?,
+                out,
+                inp,
+                dtype,
+                device,
+            )
         };
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
@@ -93,11 +99,20 @@ impl Llama {
             });
         }
         let embed_vals = ck.read_f32(names::EMBED)?;
-        let embed = Tensor::from_vec(embed_vals, (c.vocab_size, c.hidden_size), device)?.to_dtype(dtype)?;
+        let embed =
+            Tensor::from_vec(embed_vals, (c.vocab_size, c.hidden_size), device)?.to_dtype(dtype)?;
         let lm_head = if ck.index.contains_key(names::LM_HEAD) {
-            Linear::dense(ck.read_f32(names::LM_HEAD)?, c.vocab_size, c.hidden_size, dtype, device)?
+            Linear::dense(
+                ck.read_f32(names::LM_HEAD)?,
+                c.vocab_size,
+                c.hidden_size,
+                dtype,
+                device,
+            )?
         } else {
-            Linear::Dense { weight: embed.clone() }
+            Linear::Dense {
+                weight: embed.clone(),
+            }
         };
         Ok(Llama {
             config: c.clone(),
@@ -149,7 +164,15 @@ impl Llama {
         let total = start + t;
         let mask = if t > 1 {
             let m: Vec<f32> = (0..t)
-                .flat_map(|i| (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))
+                .flat_map(|i| {
+                    (0..total).map(move |j| {
+                        if j > start + i {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                })
                 .collect();
             Some(Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.dtype)?)
         } else {
@@ -159,7 +182,10 @@ impl Llama {
         let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let scale = 1.0 / (hd as f64).sqrt();
 
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c.hidden_size))?;
+        let mut x =
+            self.embed
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, c.hidden_size))?;
         for (l, blk) in self.blocks.iter().enumerate() {
             let xn = candle_nn::ops::rms_norm(&x, &blk.input_norm, eps)?;
             if let Some(o) = obs.as_deref_mut() {
@@ -167,9 +193,24 @@ impl Llama {
                 o.linear_input(l, LinearRole::K, &xn)?;
                 o.linear_input(l, LinearRole::V, &xn)?;
             }
-            let q = blk.q.forward(&xn)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = blk.k.forward(&xn)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = blk.v.forward(&xn)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = blk
+                .q
+                .forward(&xn)?
+                .reshape((b, t, h, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let k = blk
+                .k
+                .forward(&xn)?
+                .reshape((b, t, kvh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let v = blk
+                .v
+                .forward(&xn)?
+                .reshape((b, t, kvh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
             let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
             if let Some(o) = obs.as_deref_mut() {
@@ -202,7 +243,10 @@ impl Llama {
             };
             let att = candle_nn::ops::softmax_last_dim(&att)?;
             let y = att.reshape((b, kvh, g * t, total))?.matmul(&v)?;
-            let y = y.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))?;
+            let y = y
+                .reshape((b, h, t, hd))?
+                .transpose(1, 2)?
+                .reshape((b, t, h * hd))?;
             if let Some(o) = obs.as_deref_mut() {
                 o.linear_input(l, LinearRole::O, &y)?;
             }

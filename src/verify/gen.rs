@@ -18,7 +18,11 @@ pub struct GenResult {
 /// skipped.
 pub fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let prompts: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(unescape).collect();
+    let prompts: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(unescape)
+        .collect();
     if prompts.is_empty() {
         return Err(Error::format(path, "no prompts (one per line expected)"));
     }
@@ -56,7 +60,9 @@ pub fn unescape(s: &str) -> String {
 /// Index of the first position where `a` and `b` differ, `None` if equal.
 pub fn first_difference(a: &[u32], b: &[u32]) -> Option<usize> {
     let n = a.len().min(b.len());
-    (0..n).find(|&i| a[i] != b[i]).or(if a.len() != b.len() { Some(n) } else { None })
+    (0..n)
+        .find(|&i| a[i] != b[i])
+        .or(if a.len() != b.len() { Some(n) } else { None })
 }
 
 #[cfg(test)]

@@ -31,7 +31,10 @@ impl ChunkPlan {
     /// Cuts `tokens` into chunks.
     pub fn chunks(&self, tokens: &[u32]) -> Result<Vec<Vec<u32>>> {
         if self.ctx < 4 {
-            return Err(Error::Invalid(format!("--ctx must be at least 4, found {}", self.ctx)));
+            return Err(Error::Invalid(format!(
+                "--ctx must be at least 4, found {}",
+                self.ctx
+            )));
         }
         let available = tokens.len() / self.ctx;
         let n = self.max_chunks.map_or(available, |m| m.min(available));
@@ -68,7 +71,12 @@ pub struct ChunkResult {
 }
 
 /// Scores one chunk with the candidate and, optionally, the reference.
-pub fn score_chunk(cand: &Llama, reference: Option<&Llama>, chunk: &[u32], first: usize) -> Result<ChunkResult> {
+pub fn score_chunk(
+    cand: &Llama,
+    reference: Option<&Llama>,
+    chunk: &[u32],
+    first: usize,
+) -> Result<ChunkResult> {
     let rows = |m: &Llama| -> Result<Vec<Vec<f32>>> {
         let ids = Tensor::from_slice(chunk, (1, chunk.len()), &m.device)?;
         let logits = m.forward(&ids, None, None)?;
@@ -86,7 +94,11 @@ pub fn score_chunk(cand: &Llama, reference: Option<&Llama>, chunk: &[u32], first
             let nll = -lq[targets[i] as usize];
             let cmp = ref_rows.as_ref().map(|r| {
                 let lp = log_softmax(&r[i]);
-                (-lp[targets[i] as usize], kl_divergence(&lp, &lq), argmax_f64(&lp) == argmax_f64(&lq))
+                (
+                    -lp[targets[i] as usize],
+                    kl_divergence(&lp, &lq),
+                    argmax_f64(&lp) == argmax_f64(&lq),
+                )
             });
             (nll, cmp)
         })
@@ -164,13 +176,24 @@ mod tests {
     #[test]
     fn chunks_follow_llama_perplexity() {
         let toks: Vec<u32> = (10..31).collect();
-        let plan = ChunkPlan { ctx: 8, max_chunks: None, bos: Some(1) };
+        let plan = ChunkPlan {
+            ctx: 8,
+            max_chunks: None,
+            bos: Some(1),
+        };
         let c = plan.chunks(&toks).unwrap();
         assert_eq!(c.len(), 2);
         assert_eq!(c[0], vec![1, 11, 12, 13, 14, 15, 16, 17]);
         assert_eq!(c[1], vec![1, 19, 20, 21, 22, 23, 24, 25]);
-        let plan = ChunkPlan { ctx: 8, max_chunks: Some(1), bos: None };
-        assert_eq!(plan.chunks(&toks).unwrap(), vec![(10..18).collect::<Vec<u32>>()]);
+        let plan = ChunkPlan {
+            ctx: 8,
+            max_chunks: Some(1),
+            bos: None,
+        };
+        assert_eq!(
+            plan.chunks(&toks).unwrap(),
+            vec![(10..18).collect::<Vec<u32>>()]
+        );
         assert_eq!(plan.first_scored(), 4);
     }
 

@@ -33,13 +33,17 @@ pub struct VerifyOptions {
 /// Runs every requested measurement and returns the report.
 pub fn run(o: &VerifyOptions) -> Result<Value> {
     if o.ppl.is_none() && o.gen.is_none() {
-        return Err(Error::Invalid("nothing to measure: give --ppl FILE and/or --gen PROMPTS".into()));
+        return Err(Error::Invalid(
+            "nothing to measure: give --ppl FILE and/or --gen PROMPTS".into(),
+        ));
     }
     if o.kld && o.reference.is_none() {
         return Err(Error::Invalid("--kld needs --reference DIR".into()));
     }
     if o.kld && o.ppl.is_none() {
-        return Err(Error::Invalid("--kld is measured on the --ppl text: give --ppl FILE".into()));
+        return Err(Error::Invalid(
+            "--kld is measured on the --ppl text: give --ppl FILE".into(),
+        ));
     }
     let t0 = Instant::now();
     let cand_ck = Checkpoint::open(&o.candidate)?;
@@ -153,8 +157,13 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
                 return Err(Error::Invalid(format!("prompt {p:?} tokenizes to nothing")));
             }
             let candidate = cand.greedy(&ids, o.gen_tokens)?;
-            let reference = reference.as_ref().map(|m| m.greedy(&ids, o.gen_tokens)).transpose()?;
-            let first_diff = reference.as_ref().and_then(|r| first_difference(&candidate, r));
+            let reference = reference
+                .as_ref()
+                .map(|m| m.greedy(&ids, o.gen_tokens))
+                .transpose()?;
+            let first_diff = reference
+                .as_ref()
+                .and_then(|r| first_difference(&candidate, r));
             results.push(GenResult {
                 candidate_text: tok.decode(&candidate)?,
                 prompt: p,
@@ -277,7 +286,11 @@ pub fn table(r: &Value) -> String {
         }
         if !g["exact_match"].is_null() {
             let n = g["prompts"].as_array().map_or(0, |a| a.len());
-            let _ = writeln!(s, "greedy      {}/{} prompts identical to the reference", g["exact_match"], n);
+            let _ = writeln!(
+                s,
+                "greedy      {}/{} prompts identical to the reference",
+                g["exact_match"], n
+            );
         }
     }
     let _ = writeln!(

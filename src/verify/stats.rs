@@ -12,7 +12,13 @@ pub fn log_softmax(row: &[f32]) -> Vec<f64> {
 pub fn kl_divergence(lp: &[f64], lq: &[f64]) -> f64 {
     lp.iter()
         .zip(lq)
-        .map(|(&a, &b)| if a == f64::NEG_INFINITY { 0.0 } else { a.exp() * (a - b) })
+        .map(|(&a, &b)| {
+            if a == f64::NEG_INFINITY {
+                0.0
+            } else {
+                a.exp() * (a - b)
+            }
+        })
         .sum::<f64>()
         .max(0.0)
 }
@@ -66,7 +72,11 @@ mod tests {
         let b = log_softmax(&[1.0, 2.5, 3.0]);
         // Hand-computed: p = softmax(1,2,3), q = softmax(1,2.5,3).
         let p: Vec<f64> = a.iter().map(|x| x.exp()).collect();
-        let want: f64 = p.iter().zip(a.iter().zip(&b)).map(|(p, (la, lb))| p * (la - lb)).sum();
+        let want: f64 = p
+            .iter()
+            .zip(a.iter().zip(&b))
+            .map(|(p, (la, lb))| p * (la - lb))
+            .sum();
         assert!((kl_divergence(&a, &b) - want).abs() < 1e-15 && want > 0.0);
     }
 

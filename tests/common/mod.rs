@@ -1,0 +1,116 @@
+//! Helpers shared by the integration tests: paths, CLI runner, temp folders, real assets.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn tiny() -> PathBuf {
+    root().join("fixtures/tiny-llama3")
+}
+
+pub fn shared() -> PathBuf {
+    root().join("../shared")
+}
+
+/// Folder built by ../shared/tools/real-assets.sh, or `None` (with a printed reason) when the
+/// assets are absent, so tests that need them can skip loudly.
+pub fn assets(test: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("MINITRON_ASSETS")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/minitron-assets"))
+        });
+    match dir {
+        Some(d)
+            if d.join("smollm2-135m/model.safetensors").exists()
+                && shared().join("data").exists() =>
+        {
+            Some(d)
+        }
+        _ => {
+            eprintln!(
+                "SKIPPED {test}: real assets not found (run ../shared/tools/real-assets.sh, or set MINITRON_ASSETS)"
+            );
+            None
+        }
+    }
+}
+
+pub fn known_answers() -> serde_json::Value {
+    let p = shared().join("data/known-answers.json");
+    serde_json::from_str(&std::fs::read_to_string(p).expect("known-answers.json"))
+        .expect("valid json")
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "minitron-convert" => PathBuf::from(env!("CARGO_BIN_EXE_minitron-convert")),
+        "minitron-verify" => PathBuf::from(env!("CARGO_BIN_EXE_minitron-verify")),
+        other => panic!("unknown binary {other}"),
+    }
+}
+
+pub fn run(name: &str, args: &[&str]) -> Output {
+    Command::new(bin(name))
+        .args(args)
+        .env_remove("RAYON_NUM_THREADS")
+        .output()
+        .expect("binary runs")
+}
+
+/// Runs and asserts success; returns stdout.
+pub fn run_ok(name: &str, args: &[&str]) -> String {
+    let o = run(name, args);
+    assert!(
+        o.status.success(),
+        "{name} {args:?} failed:\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).expect("utf-8 stdout")
+}
+
+/// Runs, asserts a clean failure (non-zero exit, no panic) and returns stderr.
+pub fn run_err(name: &str, args: &[&str]) -> String {
+    let o = run(name, args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        !o.status.success(),
+        "{name} {args:?} unexpectedly succeeded"
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected exit status 1, stderr:\n{err}"
+    );
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error:\n{err}"
+    );
+    err
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+/// Copies a checkpoint folder (flat) into `dst`.
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
+
+pub fn sha256(path: &Path) -> String {
+    minitron::model::checkpoint::sha256_file(path).unwrap()
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
