@@ -139,14 +139,13 @@ impl SafetensorsFile {
     }
 }
 
+/// Data-section start, tensors and `__metadata__` of a safetensors header.
+type ParsedHeader = (usize, BTreeMap<String, TensorInfo>, BTreeMap<String, String>);
+
 fn parse_header(
     buf: &[u8],
     path: &Path,
-) -> Result<(
-    usize,
-    BTreeMap<String, TensorInfo>,
-    BTreeMap<String, String>,
-)> {
+) -> Result<ParsedHeader> {
     let fail = |msg: String| Error::format(path, msg);
     if buf.len() < 8 {
         return Err(fail(format!(

@@ -115,7 +115,7 @@ impl LlamaConfig {
 
         let (rope_theta, rope_scaling) = r.rope()?;
         let rms_norm_eps = r.f64_or("rms_norm_eps", 1e-6)?;
-        if !(rms_norm_eps > 0.0) {
+        if rms_norm_eps.is_nan() || rms_norm_eps <= 0.0 {
             return Err(r.err("rms_norm_eps", format!("must be > 0, found {rms_norm_eps}")));
         }
 
@@ -303,7 +303,7 @@ impl Reader<'_> {
                 ))
             }
         };
-        if !(theta > 0.0) {
+        if theta.is_nan() || theta <= 0.0 {
             return Err(self.err("rope_theta", format!("must be > 0, found {theta}")));
         }
         let Some(s) = block else {

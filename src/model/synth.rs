@@ -110,7 +110,7 @@ impl Preset {
     fn bpe_vocab(self) -> usize {
         match self {
             Preset::Tiny => 512 - 8,
-            Preset::Minitron4bDepth => 1024,
+            Preset::Minitron4bDepth => 2048,
         }
     }
 }
@@ -198,7 +198,7 @@ fn write_into(
 
     let specs = expected_tensors(&cfg);
     let shards = plan_shards(&specs);
-    let total_bytes: u64 = specs.iter().map(|s| bytes_of(s)).sum();
+    let total_bytes: u64 = specs.iter().map(bytes_of).sum();
     let parameters: u64 = specs
         .iter()
         .map(|s| s.shape.iter().product::<usize>() as u64)
@@ -460,6 +460,14 @@ fn build_tokenizer(preset: Preset) -> Result<Value> {
         }
         vocab.push(merged);
         merges.push(best);
+    }
+    // The tokenizers crate numbers added tokens from the end of the model's vocabulary, so the
+    // vocabulary must reach exactly the first special id. Fill any gap with tokens that no merge
+    // produces (never emitted by encoding).
+    let mut filler = 0;
+    while vocab.len() < (preset.config_json_vocab() - preset.n_special()) {
+        vocab.push(format!("<|unused_{filler}|>"));
+        filler += 1;
     }
     let vocab_map: serde_json::Map<String, Value> = vocab
         .iter()

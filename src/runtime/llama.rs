@@ -151,11 +151,19 @@ impl Llama {
 
     /// Runs token ids `[b, t]` (positions continue from the cache, if any) and returns f32
     /// logits `[b, t, vocab]`.
-    pub fn forward(
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>, obs: Option<&mut dyn Observer>) -> Result<Tensor> {
+        self.forward_from(ids, cache, obs, 0)
+    }
+
+    /// As [`Llama::forward`], but returns logits only for positions `logits_from..t`
+    /// (`[b, t - logits_from, vocab]`): perplexity scores the second half of each chunk, and the
+    /// head is the largest matmul of a small model.
+    pub fn forward_from(
         &self,
         ids: &Tensor,
         mut cache: Option<&mut KvCache>,
         mut obs: Option<&mut dyn Observer>,
+        logits_from: usize,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
@@ -266,6 +274,7 @@ impl Llama {
         if let Some(cache) = cache {
             cache.len = total;
         }
+        let x = if logits_from > 0 { x.narrow(1, logits_from, t - logits_from)? } else { x };
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }

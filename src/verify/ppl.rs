@@ -70,6 +70,9 @@ pub struct ChunkResult {
     pub same_top1: Vec<bool>,
 }
 
+/// Candidate NLL and, with a reference, (reference NLL, KLD, same top-1) of one position.
+type PositionScore = (f64, Option<(f64, f64, bool)>);
+
 /// Scores one chunk with the candidate and, optionally, the reference.
 pub fn score_chunk(
     cand: &Llama,
@@ -79,14 +82,14 @@ pub fn score_chunk(
 ) -> Result<ChunkResult> {
     let rows = |m: &Llama| -> Result<Vec<Vec<f32>>> {
         let ids = Tensor::from_slice(chunk, (1, chunk.len()), &m.device)?;
-        let logits = m.forward(&ids, None, None)?;
+        let logits = m.forward_from(&ids, None, None, first)?;
         let n = chunk.len() - 1 - first;
-        Ok(logits.squeeze(0)?.narrow(0, first, n)?.to_vec2::<f32>()?)
+        Ok(logits.squeeze(0)?.narrow(0, 0, n)?.to_vec2::<f32>()?)
     };
     let cand_rows = rows(cand)?;
     let ref_rows = reference.map(rows).transpose()?;
     let targets = &chunk[first + 1..];
-    let per_pos: Vec<(f64, Option<(f64, f64, bool)>)> = cand_rows
+    let per_pos: Vec<PositionScore> = cand_rows
         .par_iter()
         .enumerate()
         .map(|(i, row)| {
