@@ -16,23 +16,35 @@ use minitron::runtime::Llama;
 use minitron::verify::ppl::{score_chunk, ChunkPlan, Perplexity};
 
 fn main() {
-    let threads: usize = std::env::var("MINITRON_BENCH_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let threads: usize = std::env::var("MINITRON_BENCH_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
-    let chunks: usize = std::env::var("MINITRON_BENCH_CHUNKS").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global();
+    let chunks: usize = std::env::var("MINITRON_BENCH_CHUNKS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
 
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let shared = root.join("../shared");
     let assets = std::env::var_os("MINITRON_ASSETS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/minitron-assets"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/minitron-assets")
+        });
     let model_dir = assets.join("smollm2-135m");
     if !model_dir.join("model.safetensors").exists() || !shared.join("data").exists() {
         eprintln!("ppl_throughput: SKIPPED (run ../shared/tools/real-assets.sh first)");
         return;
     }
-    let ka: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(shared.join("data/known-answers.json")).unwrap()).unwrap();
+    let ka: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(shared.join("data/known-answers.json")).unwrap(),
+    )
+    .unwrap();
 
     let t0 = Instant::now();
     let ck = Checkpoint::open(&model_dir).unwrap();
@@ -40,20 +52,41 @@ fn main() {
     let model = Llama::load(&ck, DType::F32, &Device::Cpu).unwrap();
     let text = std::fs::read_to_string(shared.join("data/wikitext2-valid.txt")).unwrap();
     let ids = tok.encode(&text, true).unwrap();
-    let plan = ChunkPlan { ctx: 512, max_chunks: Some(chunks), bos: if tok.adds_bos { tok.bos_id } else { None } };
+    let plan = ChunkPlan {
+        ctx: 512,
+        max_chunks: Some(chunks),
+        bos: if tok.adds_bos { tok.bos_id } else { None },
+    };
     let cs = plan.chunks(&ids).unwrap();
     let t_eval = Instant::now();
     let mut nll = Vec::new();
     for c in &cs {
-        nll.extend(score_chunk(&model, None, c, plan.first_scored()).unwrap().nll);
+        nll.extend(
+            score_chunk(&model, None, c, plan.first_scored())
+                .unwrap()
+                .nll,
+        );
     }
     let eval = t_eval.elapsed().as_secs_f64();
     let total = t0.elapsed().as_secs_f64();
     let tokens = cs.len() * 512;
     let p = Perplexity::from_nll(&nll);
     let sp = &ka["llama_cpp_speed"];
-    println!("ppl_throughput: SmolLM2-135M, {} chunks × 512, {threads} threads, f32 compute", cs.len());
+    println!(
+        "ppl_throughput: SmolLM2-135M, {} chunks × 512, {threads} threads, f32 compute",
+        cs.len()
+    );
     println!("  minitron        {:>8.1} tokens/s whole job ({total:.1} s), {:>8.1} tokens/s evaluation only (ppl {:.4})", tokens as f64 / total, tokens as f64 / eval, p.ppl);
-    println!("  llama.cpp bf16  {:>8.1} tokens/s whole job", sp["bf16_gguf"]["best_tokens_per_s"].as_f64().unwrap_or(f64::NAN));
-    println!("  llama.cpp f32   {:>8.1} tokens/s whole job", sp["f32_gguf"]["best_tokens_per_s"].as_f64().unwrap_or(f64::NAN));
+    println!(
+        "  llama.cpp bf16  {:>8.1} tokens/s whole job",
+        sp["bf16_gguf"]["best_tokens_per_s"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    );
+    println!(
+        "  llama.cpp f32   {:>8.1} tokens/s whole job",
+        sp["f32_gguf"]["best_tokens_per_s"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    );
 }

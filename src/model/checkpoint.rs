@@ -140,12 +140,13 @@ impl SafetensorsFile {
 }
 
 /// Data-section start, tensors and `__metadata__` of a safetensors header.
-type ParsedHeader = (usize, BTreeMap<String, TensorInfo>, BTreeMap<String, String>);
+type ParsedHeader = (
+    usize,
+    BTreeMap<String, TensorInfo>,
+    BTreeMap<String, String>,
+);
 
-fn parse_header(
-    buf: &[u8],
-    path: &Path,
-) -> Result<ParsedHeader> {
+fn parse_header(buf: &[u8], path: &Path) -> Result<ParsedHeader> {
     let fail = |msg: String| Error::format(path, msg);
     if buf.len() < 8 {
         return Err(fail(format!(

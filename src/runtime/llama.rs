@@ -151,7 +151,12 @@ impl Llama {
 
     /// Runs token ids `[b, t]` (positions continue from the cache, if any) and returns f32
     /// logits `[b, t, vocab]`.
-    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>, obs: Option<&mut dyn Observer>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        obs: Option<&mut dyn Observer>,
+    ) -> Result<Tensor> {
         self.forward_from(ids, cache, obs, 0)
     }
 
@@ -274,7 +279,11 @@ impl Llama {
         if let Some(cache) = cache {
             cache.len = total;
         }
-        let x = if logits_from > 0 { x.narrow(1, logits_from, t - logits_from)? } else { x };
+        let x = if logits_from > 0 {
+            x.narrow(1, logits_from, t - logits_from)?
+        } else {
+            x
+        };
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
