@@ -9,6 +9,7 @@
 
 pub mod calib;
 pub mod error;
+pub mod format;
 pub mod inspect;
 pub mod model;
 pub mod numerics;

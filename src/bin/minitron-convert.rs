@@ -46,6 +46,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Compute an importance matrix (llama.cpp's GGUF imatrix format) from calibration text.
+    Imatrix {
+        /// Input checkpoint folder (bf16 Hugging Face safetensors).
+        model: PathBuf,
+        /// Output file (`.imatrix` / `.gguf`).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        calib: CalibArgs,
+    },
     /// Write a deterministic random-weight bf16 checkpoint.
     Synth {
         /// tiny or minitron-4b-depth.
@@ -61,6 +71,44 @@ enum Cmd {
     },
 }
 
+/// Calibration options shared by every command that calibrates.
+#[derive(clap::Args, Debug)]
+struct CalibArgs {
+    /// Calibration text: plain text, or JSONL with a `text` field per line (default: built-in corpus).
+    #[arg(long, value_name = "FILE")]
+    calib: Option<PathBuf>,
+    /// Number of chunks (the first N consecutive chunks of the text unless --calib-shuffle).
+    #[arg(long, default_value_t = 64)]
+    calib_samples: usize,
+    /// Tokens per chunk.
+    #[arg(long, default_value_t = 512)]
+    calib_seq: usize,
+    /// Draw the chunks at random (without replacement) with this seed.
+    #[arg(long, value_name = "SEED")]
+    calib_shuffle: Option<u64>,
+    /// Save the calibration statistics (safetensors) for reuse.
+    #[arg(long, value_name = "FILE")]
+    save_calib: Option<PathBuf>,
+    /// Reuse statistics saved by --save-calib instead of running the model.
+    #[arg(long, value_name = "FILE", conflicts_with = "calib")]
+    load_calib: Option<PathBuf>,
+}
+
+impl CalibArgs {
+    fn options(&self) -> minitron::calib::CalibOptions {
+        minitron::calib::CalibOptions {
+            calib: self.calib.clone(),
+            spec: minitron::calib::CalibSpec {
+                samples: self.calib_samples,
+                seq_len: self.calib_seq,
+                shuffle: self.calib_shuffle,
+            },
+            load: self.load_calib.clone(),
+            save: self.save_calib.clone(),
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     common::exit_on_error(|| {
         let cli = Cli::parse();
@@ -74,6 +122,28 @@ fn main() -> std::process::ExitCode {
                 } else {
                     print!("{}", minitron::inspect::table(&r));
                 }
+                Ok(())
+            }
+            Some(Cmd::Imatrix { model, out, calib }) => {
+                let ck = Checkpoint::open(&model)?;
+                let stats =
+                    minitron::calib::calibrate(&ck, &calib.options(), &candle_core::Device::Cpu)?;
+                let im = minitron::calib::Imatrix::from_stats(&stats);
+                im.write_gguf(&out)
+                    .with_context(|| format!("writing {}", out.display()))?;
+                let i = &stats.info;
+                println!(
+                    "wrote {} ({} entries) from {} chunks × {} tokens of {} (sha256 {}…): {} tokens, {:.1} s, {:.0} tokens/s",
+                    out.display(),
+                    im.entries.len(),
+                    i.samples,
+                    i.seq_len,
+                    i.source,
+                    &i.sha256[..12],
+                    i.tokens,
+                    i.wall_s,
+                    i.tokens as f64 / i.wall_s.max(1e-9)
+                );
                 Ok(())
             }
             Some(Cmd::Synth {

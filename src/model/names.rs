@@ -50,6 +50,86 @@ impl LinearRole {
     }
 }
 
+impl LinearRole {
+    /// GGUF name stem (`blk.N.<stem>.weight`).
+    pub fn gguf_stem(self) -> &'static str {
+        match self {
+            LinearRole::Q => "attn_q",
+            LinearRole::K => "attn_k",
+            LinearRole::V => "attn_v",
+            LinearRole::O => "attn_output",
+            LinearRole::Gate => "ffn_gate",
+            LinearRole::Up => "ffn_up",
+            LinearRole::Down => "ffn_down",
+        }
+    }
+
+    /// The activation this layer reads.
+    pub fn site(self) -> InputSite {
+        match self {
+            LinearRole::Q | LinearRole::K | LinearRole::V => InputSite::AttnIn,
+            LinearRole::O => InputSite::AttnOut,
+            LinearRole::Gate | LinearRole::Up => InputSite::MlpIn,
+            LinearRole::Down => InputSite::MlpAct,
+        }
+    }
+}
+
+/// The four distinct linear-layer inputs of a block: q/k/v share the normed residual, gate/up
+/// share the other normed residual.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum InputSite {
+    /// input_layernorm output → q, k, v.
+    AttnIn,
+    /// attention output (heads concatenated) → o.
+    AttnOut,
+    /// post_attention_layernorm output → gate, up.
+    MlpIn,
+    /// silu(gate) · up → down.
+    MlpAct,
+}
+
+impl InputSite {
+    pub const ALL: [InputSite; 4] = [
+        InputSite::AttnIn,
+        InputSite::AttnOut,
+        InputSite::MlpIn,
+        InputSite::MlpAct,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            InputSite::AttnIn => "attn_in",
+            InputSite::AttnOut => "attn_out",
+            InputSite::MlpIn => "mlp_in",
+            InputSite::MlpAct => "mlp_act",
+        }
+    }
+
+    pub fn roles(self) -> &'static [LinearRole] {
+        match self {
+            InputSite::AttnIn => &[LinearRole::Q, LinearRole::K, LinearRole::V],
+            InputSite::AttnOut => &[LinearRole::O],
+            InputSite::MlpIn => &[LinearRole::Gate, LinearRole::Up],
+            InputSite::MlpAct => &[LinearRole::Down],
+        }
+    }
+
+    /// Number of channels of this input.
+    pub fn width(self, c: &LlamaConfig) -> usize {
+        self.roles()[0].shape(c)[1]
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// GGUF name of a block's linear weight.
+pub fn gguf_linear(layer: usize, role: LinearRole) -> String {
+    format!("blk.{layer}.{}.weight", role.gguf_stem())
+}
+
 /// Hugging Face name of a block's linear weight.
 pub fn hf_linear(layer: usize, role: LinearRole) -> String {
     format!("model.layers.{layer}.{}.weight", role.hf_suffix())

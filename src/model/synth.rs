@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
 use crate::model::names::{expected_tensors, TensorSpec};
 use crate::numerics::convert::f32_to_bf16_bytes;
+use crate::numerics::rng::SplitMix64;
 
 /// Hugging Face's default shard limit (`max_shard_size="5GB"`, decimal).
 pub const MAX_SHARD_BYTES: u64 = 5_000_000_000;
@@ -296,7 +297,7 @@ fn write_shard(
                 .into_par_iter()
                 .map(|c| {
                     let len = CHUNK_ELEMS.min(numel - c * CHUNK_ELEMS);
-                    let mut rng = SplitMix64::new(seed, ti as u64, c as u64);
+                    let mut rng = SplitMix64::keyed(seed, ti as u64, c as u64);
                     let vals: Vec<f32> = (0..len).map(|_| kind.sample(&mut rng)).collect();
                     f32_to_bf16_bytes(&vals)
                 })
@@ -336,36 +337,11 @@ fn init_kind(s: &TensorSpec) -> Init {
 
 impl Init {
     fn sample(self, rng: &mut SplitMix64) -> f32 {
-        let u = rng.unit() * 2.0 - 1.0;
+        let u = rng.unit_f32() * 2.0 - 1.0;
         match self {
             Init::Norm => 1.0 + 0.1 * u,
             Init::Uniform { half_width } => half_width * u,
         }
-    }
-}
-
-/// SplitMix64 (Steele, Lea, Flood 2014): tiny, fast, and fully specified, so our bytes do not
-/// depend on a third-party crate's generator choices.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn new(seed: u64, tensor: u64, chunk: u64) -> Self {
-        let mut s = SplitMix64(seed ^ 0x6d69_6e69_7472_6f6e);
-        let a = s.next() ^ tensor.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let mut s = SplitMix64(a);
-        let b = s.next() ^ chunk.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-        SplitMix64(b)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1) with 24 bits of precision.
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
     }
 }
 

@@ -8,15 +8,16 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
-use crate::model::names::{self, LinearRole};
+use crate::model::names::{self, InputSite, LinearRole};
 use crate::model::{Checkpoint, LlamaConfig};
 use crate::runtime::linear::Linear;
 
 /// Receives what calibration needs while the model runs. The model's numerics never depend on
 /// what an observer does.
 pub trait Observer {
-    /// The input `x` (`[b, t, in]`) that is about to meet linear `role` of block `layer`.
-    fn linear_input(&mut self, layer: usize, role: LinearRole, x: &Tensor) -> Result<()>;
+    /// The input `x` (`[b, t, in]`) that is about to meet the linear layers reading `site` in
+    /// block `layer` (once per site: q, k and v share one input, gate and up another).
+    fn linear_input(&mut self, layer: usize, site: InputSite, x: &Tensor) -> Result<()>;
     /// K after RoPE and V (`[b, kv_heads, t, head_dim]`) of block `layer`.
     fn kv(&mut self, _layer: usize, _k: &Tensor, _v: &Tensor) -> Result<()> {
         Ok(())
@@ -202,9 +203,7 @@ impl Llama {
         for (l, blk) in self.blocks.iter().enumerate() {
             let xn = candle_nn::ops::rms_norm(&x, &blk.input_norm, eps)?;
             if let Some(o) = obs.as_deref_mut() {
-                o.linear_input(l, LinearRole::Q, &xn)?;
-                o.linear_input(l, LinearRole::K, &xn)?;
-                o.linear_input(l, LinearRole::V, &xn)?;
+                o.linear_input(l, InputSite::AttnIn, &xn)?;
             }
             let q = blk
                 .q
@@ -261,18 +260,17 @@ impl Llama {
                 .transpose(1, 2)?
                 .reshape((b, t, h * hd))?;
             if let Some(o) = obs.as_deref_mut() {
-                o.linear_input(l, LinearRole::O, &y)?;
+                o.linear_input(l, InputSite::AttnOut, &y)?;
             }
             x = (x + blk.o.forward(&y)?)?;
 
             let xn = candle_nn::ops::rms_norm(&x, &blk.post_norm, eps)?;
             if let Some(o) = obs.as_deref_mut() {
-                o.linear_input(l, LinearRole::Gate, &xn)?;
-                o.linear_input(l, LinearRole::Up, &xn)?;
+                o.linear_input(l, InputSite::MlpIn, &xn)?;
             }
             let act = (candle_nn::ops::silu(&blk.gate.forward(&xn)?)? * blk.up.forward(&xn)?)?;
             if let Some(o) = obs.as_deref_mut() {
-                o.linear_input(l, LinearRole::Down, &act)?;
+                o.linear_input(l, InputSite::MlpAct, &act)?;
             }
             x = (x + blk.down.forward(&act)?)?;
         }

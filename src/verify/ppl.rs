@@ -8,54 +8,10 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
+pub use crate::calib::dataset::ChunkPlan;
+use crate::error::Result;
 use crate::runtime::Llama;
 use crate::verify::stats::{argmax_f64, kl_divergence, log_softmax, mean_stderr, quantile};
-
-/// How the text is cut.
-#[derive(Debug, Clone, Copy)]
-pub struct ChunkPlan {
-    pub ctx: usize,
-    /// Upper bound on chunks (`None`: every full chunk of the text).
-    pub max_chunks: Option<usize>,
-    /// BOS id to put first in each chunk, when the tokenizer adds BOS.
-    pub bos: Option<u32>,
-}
-
-impl ChunkPlan {
-    /// First position whose logits are scored.
-    pub fn first_scored(&self) -> usize {
-        self.ctx / 2
-    }
-
-    /// Cuts `tokens` into chunks.
-    pub fn chunks(&self, tokens: &[u32]) -> Result<Vec<Vec<u32>>> {
-        if self.ctx < 4 {
-            return Err(Error::Invalid(format!(
-                "--ctx must be at least 4, found {}",
-                self.ctx
-            )));
-        }
-        let available = tokens.len() / self.ctx;
-        let n = self.max_chunks.map_or(available, |m| m.min(available));
-        if n == 0 {
-            return Err(Error::Invalid(format!(
-                "the text has {} tokens, fewer than one chunk of --ctx {}",
-                tokens.len(),
-                self.ctx
-            )));
-        }
-        Ok((0..n)
-            .map(|i| {
-                let mut c = tokens[i * self.ctx..(i + 1) * self.ctx].to_vec();
-                if let Some(b) = self.bos {
-                    c[0] = b;
-                }
-                c
-            })
-            .collect())
-    }
-}
 
 /// Per-position results of one chunk.
 #[derive(Debug, Default, Clone)]
@@ -175,30 +131,6 @@ impl Divergence {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chunks_follow_llama_perplexity() {
-        let toks: Vec<u32> = (10..31).collect();
-        let plan = ChunkPlan {
-            ctx: 8,
-            max_chunks: None,
-            bos: Some(1),
-        };
-        let c = plan.chunks(&toks).unwrap();
-        assert_eq!(c.len(), 2);
-        assert_eq!(c[0], vec![1, 11, 12, 13, 14, 15, 16, 17]);
-        assert_eq!(c[1], vec![1, 19, 20, 21, 22, 23, 24, 25]);
-        let plan = ChunkPlan {
-            ctx: 8,
-            max_chunks: Some(1),
-            bos: None,
-        };
-        assert_eq!(
-            plan.chunks(&toks).unwrap(),
-            vec![(10..18).collect::<Vec<u32>>()]
-        );
-        assert_eq!(plan.first_scored(), 4);
-    }
 
     #[test]
     fn perplexity_of_uniform_guessing_is_the_vocab_size() {

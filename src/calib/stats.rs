@@ -1,0 +1,315 @@
+//! Activation statistics gathered through the runner's hooks (formats/calibration.md#stats).
+//!
+//! For each block and each of its four linear-layer inputs: per-channel absmax, per-channel Σx²
+//! (f64) and the token count; per block the absmax of K (after RoPE) and of V. Column sums run
+//! over rows in order, so results do not depend on the number of threads.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::format::safetensors_out::{write_file, OwnedTensor};
+use crate::model::checkpoint::SafetensorsFile;
+use crate::model::names::InputSite;
+use crate::model::{Dtype, LlamaConfig};
+use crate::runtime::{Llama, Observer};
+
+/// Statistics of one linear-layer input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SiteStats {
+    pub absmax: Vec<f32>,
+    pub sum_sq: Vec<f64>,
+    /// Tokens (rows) seen.
+    pub count: u64,
+}
+
+impl SiteStats {
+    fn new(width: usize) -> Self {
+        SiteStats {
+            absmax: vec![0.0; width],
+            sum_sq: vec![0.0; width],
+            count: 0,
+        }
+    }
+
+    /// Mean of x² per channel (the importance-matrix value).
+    pub fn mean_sq(&self) -> Vec<f64> {
+        let n = self.count.max(1) as f64;
+        self.sum_sq.iter().map(|s| s / n).collect()
+    }
+
+    /// Absmax over all channels (per-tensor input scale).
+    pub fn tensor_absmax(&self) -> f32 {
+        self.absmax.iter().copied().fold(0.0, f32::max)
+    }
+
+    fn add_rows(&mut self, x: &[f32]) {
+        let w = self.absmax.len();
+        let rows = x.len() / w;
+        const COLS: usize = 64;
+        self.absmax
+            .par_chunks_mut(COLS)
+            .zip(self.sum_sq.par_chunks_mut(COLS))
+            .enumerate()
+            .for_each(|(ci, (am, ss))| {
+                let c0 = ci * COLS;
+                for r in 0..rows {
+                    let row = &x[r * w + c0..r * w + c0 + am.len()];
+                    for ((a, s), &v) in am.iter_mut().zip(ss.iter_mut()).zip(row) {
+                        *a = a.max(v.abs());
+                        *s += (v as f64) * (v as f64);
+                    }
+                }
+            });
+        self.count += rows as u64;
+    }
+}
+
+/// Statistics of one block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerStats {
+    /// Indexed by [`InputSite::index`].
+    pub sites: Vec<SiteStats>,
+    pub k_absmax: f32,
+    pub v_absmax: f32,
+}
+
+/// Where the statistics came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibInfo {
+    pub source: String,
+    pub sha256: String,
+    pub samples: usize,
+    pub seq_len: usize,
+    pub tokens: usize,
+    pub shuffle_seed: Option<u64>,
+    pub wall_s: f64,
+}
+
+/// Everything one calibration pass records; feeds FP8 static scales, SmoothQuant and imatrices.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CalibStats {
+    pub layers: Vec<LayerStats>,
+    pub info: CalibInfo,
+}
+
+struct Collector {
+    layers: Vec<LayerStats>,
+}
+
+impl Observer for Collector {
+    fn linear_input(&mut self, layer: usize, site: InputSite, x: &Tensor) -> Result<()> {
+        let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        self.layers[layer].sites[site.index()].add_rows(&v);
+        Ok(())
+    }
+
+    fn kv(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        let km = k
+            .to_dtype(DType::F32)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        let vm = v
+            .to_dtype(DType::F32)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        let l = &mut self.layers[layer];
+        l.k_absmax = l.k_absmax.max(km);
+        l.v_absmax = l.v_absmax.max(vm);
+        Ok(())
+    }
+}
+
+impl CalibStats {
+    fn empty(c: &LlamaConfig, info: CalibInfo) -> Self {
+        CalibStats {
+            layers: (0..c.num_hidden_layers)
+                .map(|_| LayerStats {
+                    sites: InputSite::ALL
+                        .iter()
+                        .map(|s| SiteStats::new(s.width(c)))
+                        .collect(),
+                    k_absmax: 0.0,
+                    v_absmax: 0.0,
+                })
+                .collect(),
+            info,
+        }
+    }
+
+    /// Runs `model` over `chunks` (one forward each, no cache) and records the statistics.
+    /// `on_chunk` is called after each chunk (progress).
+    pub fn collect(
+        model: &Llama,
+        chunks: &[Vec<u32>],
+        mut info: CalibInfo,
+        on_chunk: &dyn Fn(),
+    ) -> Result<Self> {
+        let t0 = Instant::now();
+        let mut col = Collector {
+            layers: Self::empty(&model.config, info.clone()).layers,
+        };
+        for c in chunks {
+            let ids = Tensor::from_slice(c, (1, c.len()), &model.device)?;
+            // Only the hooks matter; the head is skipped by asking for logits of the last row.
+            model.forward_from(&ids, None, Some(&mut col), c.len() - 1)?;
+            on_chunk();
+        }
+        info.samples = chunks.len();
+        info.tokens = chunks.iter().map(Vec::len).sum();
+        info.wall_s = t0.elapsed().as_secs_f64();
+        Ok(CalibStats {
+            layers: col.layers,
+            info,
+        })
+    }
+
+    /// Statistics of `site` in block `layer`.
+    pub fn site(&self, layer: usize, site: InputSite) -> &SiteStats {
+        &self.layers[layer].sites[site.index()]
+    }
+
+    /// Saves to a safetensors file (exact values; metadata holds [`CalibInfo`]).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut t = BTreeMap::new();
+        let f32b = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        for (l, ls) in self.layers.iter().enumerate() {
+            for site in InputSite::ALL {
+                let s = &ls.sites[site.index()];
+                let p = format!("layers.{l}.{}", site.name());
+                t.insert(
+                    format!("{p}.absmax"),
+                    OwnedTensor {
+                        dtype: Dtype::F32,
+                        shape: vec![s.absmax.len()],
+                        data: f32b(&s.absmax),
+                    },
+                );
+                t.insert(
+                    format!("{p}.sum_sq"),
+                    OwnedTensor {
+                        dtype: Dtype::F64,
+                        shape: vec![s.sum_sq.len()],
+                        data: s.sum_sq.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    },
+                );
+                t.insert(
+                    format!("{p}.count"),
+                    OwnedTensor {
+                        dtype: Dtype::I64,
+                        shape: vec![1],
+                        data: (s.count as i64).to_le_bytes().to_vec(),
+                    },
+                );
+            }
+            t.insert(
+                format!("layers.{l}.k_absmax"),
+                OwnedTensor {
+                    dtype: Dtype::F32,
+                    shape: vec![1],
+                    data: f32b(&[ls.k_absmax]),
+                },
+            );
+            t.insert(
+                format!("layers.{l}.v_absmax"),
+                OwnedTensor {
+                    dtype: Dtype::F32,
+                    shape: vec![1],
+                    data: f32b(&[ls.v_absmax]),
+                },
+            );
+        }
+        let mut md = BTreeMap::new();
+        md.insert("minitron.calib.format".to_owned(), "1".to_owned());
+        md.insert(
+            "minitron.calib.layers".to_owned(),
+            self.layers.len().to_string(),
+        );
+        md.insert(
+            "minitron.calib.info".to_owned(),
+            serde_json::to_string(&self.info).expect("info serialises"),
+        );
+        write_file(path, &t, &md)
+    }
+
+    /// Loads statistics saved by [`CalibStats::save`] and checks them against `c`.
+    pub fn load(path: &Path, c: &LlamaConfig) -> Result<Self> {
+        let f = SafetensorsFile::open(path)?;
+        let bad = |m: String| Error::format(path, m);
+        if f.metadata.get("minitron.calib.format").map(String::as_str) != Some("1") {
+            return Err(bad(
+                "not a minitron calibration file (no minitron.calib.format = 1 metadata)".into(),
+            ));
+        }
+        let info: CalibInfo = serde_json::from_str(
+            f.metadata
+                .get("minitron.calib.info")
+                .map(String::as_str)
+                .unwrap_or(""),
+        )
+        .map_err(|e| bad(format!("calibration info: {e}")))?;
+        let get = |name: &str, dtype: Dtype, len: usize| -> Result<&[u8]> {
+            let t = f.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+                path: path.to_owned(),
+                tensor: name.into(),
+                expected: format!(
+                    "{dtype} [{len}] (statistics for a model with {} layers)",
+                    c.num_hidden_layers
+                ),
+            })?;
+            if t.dtype != dtype || t.shape != [len] {
+                return Err(Error::TensorMismatch {
+                    path: path.to_owned(),
+                    tensor: name.into(),
+                    expected: format!("{dtype} [{len}]"),
+                    found: format!("{} {:?}", t.dtype, t.shape),
+                });
+            }
+            Ok(f.bytes(name).expect("present"))
+        };
+        let n_layers: usize = f
+            .metadata
+            .get("minitron.calib.layers")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if n_layers != c.num_hidden_layers {
+            return Err(bad(format!(
+                "statistics for {n_layers} layers, the model has {}",
+                c.num_hidden_layers
+            )));
+        }
+        let f32s = |b: &[u8]| {
+            b.chunks_exact(4)
+                .map(|x| f32::from_le_bytes(x.try_into().expect("4")))
+                .collect::<Vec<f32>>()
+        };
+        let mut out = Self::empty(c, info);
+        for (l, ls) in out.layers.iter_mut().enumerate() {
+            for site in InputSite::ALL {
+                let w = site.width(c);
+                let p = format!("layers.{l}.{}", site.name());
+                let s = &mut ls.sites[site.index()];
+                s.absmax = f32s(get(&format!("{p}.absmax"), Dtype::F32, w)?);
+                s.sum_sq = get(&format!("{p}.sum_sq"), Dtype::F64, w)?
+                    .chunks_exact(8)
+                    .map(|x| f64::from_le_bytes(x.try_into().expect("8")))
+                    .collect();
+                s.count = i64::from_le_bytes(
+                    get(&format!("{p}.count"), Dtype::I64, 1)?
+                        .try_into()
+                        .expect("8"),
+                ) as u64;
+            }
+            ls.k_absmax = f32s(get(&format!("layers.{l}.k_absmax"), Dtype::F32, 1)?)[0];
+            ls.v_absmax = f32s(get(&format!("layers.{l}.v_absmax"), Dtype::F32, 1)?)[0];
+        }
+        Ok(out)
+    }
+}

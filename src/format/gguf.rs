@@ -1,0 +1,614 @@
+//! GGUF v3: one table of value types and ggml types shared by a bounds-checked reader and a
+//! streaming writer (formats/gguf.md).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+
+pub const MAGIC: &[u8; 4] = b"GGUF";
+pub const VERSION: u32 = 3;
+pub const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// A ggml tensor type from formats/ggml-types.tsv.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GgmlType {
+    pub id: u32,
+    pub name: &'static str,
+    pub block_size: usize,
+    pub type_size: usize,
+}
+
+impl GgmlType {
+    /// Every type we know, parsed once from the table.
+    pub fn all() -> &'static [GgmlType] {
+        static TABLE: OnceLock<Vec<GgmlType>> = OnceLock::new();
+        TABLE.get_or_init(|| {
+            include_str!("../../formats/ggml-types.tsv")
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                .map(|l| {
+                    let f: Vec<&str> = l.split('\t').collect();
+                    GgmlType {
+                        id: f[0].parse().expect("id"),
+                        name: Box::leak(f[1].to_owned().into_boxed_str()),
+                        block_size: f[2].parse().expect("block size"),
+                        type_size: f[3].parse().expect("type size"),
+                    }
+                })
+                .collect()
+        })
+    }
+
+    pub fn from_id(id: u32) -> Option<GgmlType> {
+        Self::all().iter().copied().find(|t| t.id == id)
+    }
+
+    pub fn from_name(name: &str) -> Option<GgmlType> {
+        Self::all()
+            .iter()
+            .copied()
+            .find(|t| t.name.eq_ignore_ascii_case(name))
+    }
+
+    pub fn f32() -> GgmlType {
+        Self::from_id(0).expect("F32 in table")
+    }
+
+    /// Bytes of a tensor with `ne0` elements per row and `rows` rows, or `None` when `ne0` is not
+    /// a multiple of the block size.
+    pub fn nbytes(&self, ne0: usize, rows: usize) -> Option<usize> {
+        (ne0 % self.block_size == 0).then(|| ne0 / self.block_size * self.type_size * rows)
+    }
+}
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    String(String),
+    /// Element type id and elements.
+    Array(u32, Vec<Value>),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+}
+
+impl Value {
+    pub fn type_id(&self) -> u32 {
+        match self {
+            Value::U8(_) => 0,
+            Value::I8(_) => 1,
+            Value::U16(_) => 2,
+            Value::I16(_) => 3,
+            Value::U32(_) => 4,
+            Value::I32(_) => 5,
+            Value::F32(_) => 6,
+            Value::Bool(_) => 7,
+            Value::String(_) => 8,
+            Value::Array(..) => 9,
+            Value::U64(_) => 10,
+            Value::I64(_) => 11,
+            Value::F64(_) => 12,
+        }
+    }
+
+    /// An integer value of any width, widened.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v as u64),
+            Value::U16(v) => Some(v as u64),
+            Value::U32(v) => Some(v as u64),
+            Value::U64(v) => Some(v),
+            Value::I8(v) if v >= 0 => Some(v as u64),
+            Value::I16(v) if v >= 0 => Some(v as u64),
+            Value::I32(v) if v >= 0 => Some(v as u64),
+            Value::I64(v) if v >= 0 => Some(v as u64),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// An array of strings.
+    pub fn strings(v: impl IntoIterator<Item = String>) -> Value {
+        Value::Array(8, v.into_iter().map(Value::String).collect())
+    }
+
+    fn write(&self, w: &mut impl Write) -> std::io::Result<()> {
+        match self {
+            Value::U8(v) => w.write_all(&[*v]),
+            Value::I8(v) => w.write_all(&v.to_le_bytes()),
+            Value::U16(v) => w.write_all(&v.to_le_bytes()),
+            Value::I16(v) => w.write_all(&v.to_le_bytes()),
+            Value::U32(v) => w.write_all(&v.to_le_bytes()),
+            Value::I32(v) => w.write_all(&v.to_le_bytes()),
+            Value::F32(v) => w.write_all(&v.to_le_bytes()),
+            Value::Bool(v) => w.write_all(&[*v as u8]),
+            Value::String(s) => write_str(w, s),
+            Value::Array(t, items) => {
+                w.write_all(&t.to_le_bytes())?;
+                w.write_all(&(items.len() as u64).to_le_bytes())?;
+                for it in items {
+                    it.write(w)?;
+                }
+                Ok(())
+            }
+            Value::U64(v) => w.write_all(&v.to_le_bytes()),
+            Value::I64(v) => w.write_all(&v.to_le_bytes()),
+            Value::F64(v) => w.write_all(&v.to_le_bytes()),
+        }
+    }
+}
+
+fn write_str(w: &mut impl Write, s: &str) -> std::io::Result<()> {
+    w.write_all(&(s.len() as u64).to_le_bytes())?;
+    w.write_all(s.as_bytes())
+}
+
+/// One tensor's entry in the tensor-info table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// ggml order: `dims[0]` is the innermost (row length).
+    pub dims: Vec<u64>,
+    pub ty: GgmlType,
+    /// Offset from the start of the data section.
+    pub offset: u64,
+}
+
+impl TensorInfo {
+    pub fn nbytes(&self) -> usize {
+        let ne0 = self.dims.first().copied().unwrap_or(1) as usize;
+        let rows: usize = self.dims.iter().skip(1).map(|&d| d as usize).product();
+        self.ty.nbytes(ne0, rows).unwrap_or(0)
+    }
+}
+
+/// A GGUF file opened for reading (memory-mapped).
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub version: u32,
+    pub metadata: Vec<(String, Value)>,
+    pub tensors: Vec<TensorInfo>,
+    pub alignment: u64,
+    data_start: usize,
+    mmap: Mmap,
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl<'a> Cursor<'a> {
+    fn fail(&self, what: &str) -> Error {
+        Error::format(self.path, format!("GGUF: {what} at byte {}", self.pos))
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.buf.len() - self.pos < n {
+            return Err(self.fail(&format!("file ends while reading {n} bytes")));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn string(&mut self) -> Result<String> {
+        let n = self.u64()?;
+        if n > (self.buf.len() - self.pos) as u64 {
+            return Err(self.fail(&format!("string length {n} runs past the end of the file")));
+        }
+        let b = self.take(n as usize)?;
+        String::from_utf8(b.to_vec()).map_err(|_| self.fail("string is not UTF-8"))
+    }
+    fn value(&mut self, ty: u32, depth: usize) -> Result<Value> {
+        let b = |c: &mut Self, n| c.take(n);
+        Ok(match ty {
+            0 => Value::U8(b(self, 1)?[0]),
+            1 => Value::I8(b(self, 1)?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(b(self, 2)?.try_into().expect("2"))),
+            3 => Value::I16(i16::from_le_bytes(b(self, 2)?.try_into().expect("2"))),
+            4 => Value::U32(self.u32()?),
+            5 => Value::I32(self.u32()? as i32),
+            6 => Value::F32(f32::from_bits(self.u32()?)),
+            7 => match b(self, 1)?[0] {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                v => return Err(self.fail(&format!("bool value {v}"))),
+            },
+            8 => Value::String(self.string()?),
+            9 => {
+                if depth > 8 {
+                    return Err(self.fail("arrays nested too deeply"));
+                }
+                let et = self.u32()?;
+                let n = self.u64()?;
+                if n > (self.buf.len() - self.pos) as u64 {
+                    return Err(self.fail(&format!("array of {n} elements cannot fit in the file")));
+                }
+                let mut items = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    items.push(self.value(et, depth + 1)?);
+                }
+                Value::Array(et, items)
+            }
+            10 => Value::U64(self.u64()?),
+            11 => Value::I64(self.u64()? as i64),
+            12 => Value::F64(f64::from_bits(self.u64()?)),
+            t => return Err(self.fail(&format!("unknown value type {t}"))),
+        })
+    }
+}
+
+impl GgufFile {
+    /// Opens and validates `path`: header, metadata, tensor infos, and that every tensor's data
+    /// lies inside the file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: read-only mapping; see SafetensorsFile::open.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let mut c = Cursor {
+            buf: &mmap,
+            pos: 0,
+            path,
+        };
+        if c.take(4).ok() != Some(MAGIC.as_slice()) {
+            return Err(Error::format(path, "not a GGUF file (bad magic)"));
+        }
+        let version = c.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(Error::format(
+                path,
+                format!("GGUF version {version} is not supported (2 or 3)"),
+            ));
+        }
+        let n_tensors = c.u64()?;
+        let n_kv = c.u64()?;
+        let mut metadata = Vec::new();
+        for _ in 0..n_kv {
+            let k = c.string()?;
+            let t = c.u32()?;
+            let v = c.value(t, 0)?;
+            metadata.push((k, v));
+        }
+        let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
+            Some((_, Value::U32(a))) if a.is_power_of_two() => *a as u64,
+            Some((_, v)) => {
+                return Err(Error::format(
+                    path,
+                    format!("general.alignment {v:?} is not a power of two u32"),
+                ))
+            }
+            None => DEFAULT_ALIGNMENT,
+        };
+        let mut tensors = Vec::new();
+        for _ in 0..n_tensors {
+            let name = c.string()?;
+            let nd = c.u32()?;
+            if nd > 4 {
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}`: {nd} dimensions (at most 4)"),
+                ));
+            }
+            let dims = (0..nd).map(|_| c.u64()).collect::<Result<Vec<_>>>()?;
+            let tid = c.u32()?;
+            let ty = GgmlType::from_id(tid).ok_or_else(|| {
+                Error::format(path, format!("tensor `{name}`: unknown ggml type {tid}"))
+            })?;
+            let offset = c.u64()?;
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ty,
+                offset,
+            });
+        }
+        let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
+        for t in &tensors {
+            let ne0 = t.dims.first().copied().unwrap_or(1) as usize;
+            if ne0 % t.ty.block_size != 0 {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor `{}`: row length {ne0} is not a multiple of {}'s block size {}",
+                        t.name, t.ty.name, t.ty.block_size
+                    ),
+                ));
+            }
+            let end = data_start + t.offset + t.nbytes() as u64;
+            if end > mmap.len() as u64 {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor `{}`: data ends at byte {end}, past the end of the file ({} bytes)",
+                        t.name,
+                        mmap.len()
+                    ),
+                ));
+            }
+        }
+        Ok(GgufFile {
+            path: path.to_owned(),
+            version,
+            metadata,
+            tensors,
+            alignment,
+            data_start: data_start as usize,
+            mmap,
+        })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// Raw bytes of a tensor.
+    pub fn data(&self, t: &TensorInfo) -> &[u8] {
+        let s = self.data_start + t.offset as usize;
+        &self.mmap[s..s + t.nbytes()]
+    }
+
+    /// An F32 tensor's values.
+    pub fn f32_values(&self, name: &str) -> Result<Vec<f32>> {
+        let t = self
+            .tensor(name)
+            .ok_or_else(|| Error::format(&self.path, format!("no tensor `{name}`")))?;
+        if t.ty.id != 0 {
+            return Err(Error::format(
+                &self.path,
+                format!("tensor `{name}`: expected F32, found {}", t.ty.name),
+            ));
+        }
+        Ok(self
+            .data(t)
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4")))
+            .collect())
+    }
+}
+
+/// A tensor to be written: its info (offset filled in by the writer).
+#[derive(Debug, Clone)]
+pub struct PlannedTensor {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ty: GgmlType,
+}
+
+/// Streaming writer: all metadata and tensor infos are known up front, so the header is written
+/// once, then each tensor's bytes are appended in order, padded to the alignment. Written to a
+/// temporary name and renamed by [`GgufWriter::finish`].
+pub struct GgufWriter {
+    tmp: PathBuf,
+    dest: PathBuf,
+    w: BufWriter<File>,
+    plan: Vec<TensorInfo>,
+    next: usize,
+    alignment: u64,
+    written: u64,
+}
+
+impl GgufWriter {
+    pub fn create(
+        dest: &Path,
+        metadata: &[(String, Value)],
+        tensors: &[PlannedTensor],
+    ) -> Result<Self> {
+        let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
+            Some((_, Value::U32(a))) => *a as u64,
+            _ => DEFAULT_ALIGNMENT,
+        };
+        let mut seen = BTreeMap::new();
+        for (k, _) in metadata {
+            if seen.insert(k.clone(), ()).is_some() {
+                return Err(Error::Invalid(format!("duplicate GGUF key {k}")));
+            }
+        }
+        let mut plan = Vec::with_capacity(tensors.len());
+        let mut off = 0u64;
+        for t in tensors {
+            if t.name.len() >= 64 {
+                return Err(Error::Invalid(format!(
+                    "GGUF tensor name `{}` is 64 bytes or longer",
+                    t.name
+                )));
+            }
+            let info = TensorInfo {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+                ty: t.ty,
+                offset: off,
+            };
+            let ne0 = t.dims.first().copied().unwrap_or(1) as usize;
+            if ne0 % t.ty.block_size != 0 {
+                return Err(Error::Invalid(format!(
+                    "tensor `{}`: row length {ne0} is not a multiple of {}'s block size",
+                    t.name, t.ty.name
+                )));
+            }
+            off += (info.nbytes() as u64).div_ceil(alignment) * alignment;
+            plan.push(info);
+        }
+        let tmp = crate::format::safetensors_out::temp_path(dest);
+        let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut w = BufWriter::with_capacity(1 << 22, f);
+        let io = |e| Error::io(&tmp, e);
+        w.write_all(MAGIC).map_err(io)?;
+        w.write_all(&VERSION.to_le_bytes()).map_err(io)?;
+        w.write_all(&(plan.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        w.write_all(&(metadata.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        for (k, v) in metadata {
+            write_str(&mut w, k).map_err(io)?;
+            w.write_all(&v.type_id().to_le_bytes()).map_err(io)?;
+            v.write(&mut w).map_err(io)?;
+        }
+        for t in &plan {
+            write_str(&mut w, &t.name).map_err(io)?;
+            w.write_all(&(t.dims.len() as u32).to_le_bytes())
+                .map_err(io)?;
+            for d in &t.dims {
+                w.write_all(&d.to_le_bytes()).map_err(io)?;
+            }
+            w.write_all(&t.ty.id.to_le_bytes()).map_err(io)?;
+            w.write_all(&t.offset.to_le_bytes()).map_err(io)?;
+        }
+        let pos = w.stream_position().map_err(io)?;
+        let pad = pos.div_ceil(alignment) * alignment - pos;
+        w.write_all(&vec![0u8; pad as usize]).map_err(io)?;
+        Ok(GgufWriter {
+            tmp,
+            dest: dest.to_owned(),
+            w,
+            plan,
+            next: 0,
+            alignment,
+            written: 0,
+        })
+    }
+
+    /// Appends the next tensor's bytes (in plan order).
+    pub fn write_tensor(&mut self, bytes: &[u8]) -> Result<()> {
+        let t = self
+            .plan
+            .get(self.next)
+            .ok_or_else(|| Error::Invalid("more tensors written than planned".into()))?;
+        if bytes.len() != t.nbytes() {
+            return Err(Error::Invalid(format!(
+                "tensor `{}`: {} bytes given, {} planned",
+                t.name,
+                bytes.len(),
+                t.nbytes()
+            )));
+        }
+        let io = |e| Error::io(&self.tmp, e);
+        self.w.write_all(bytes).map_err(io)?;
+        let padded = (bytes.len() as u64).div_ceil(self.alignment) * self.alignment;
+        self.w
+            .write_all(&vec![0u8; (padded - bytes.len() as u64) as usize])
+            .map_err(io)?;
+        self.written += padded;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Flushes, syncs and renames into place. Fails if a planned tensor was not written.
+    pub fn finish(mut self) -> Result<()> {
+        if self.next != self.plan.len() {
+            let _ = std::fs::remove_file(&self.tmp);
+            return Err(Error::Invalid(format!(
+                "{} of {} planned tensors written",
+                self.next,
+                self.plan.len()
+            )));
+        }
+        let io = |e| Error::io(&self.tmp, e);
+        self.w.flush().map_err(io)?;
+        self.w.get_ref().sync_all().map_err(io)?;
+        std::fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))
+    }
+}
+
+impl Drop for GgufWriter {
+    fn drop(&mut self) {
+        if self.next != self.plan.len() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_then_read_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.gguf");
+        let md = vec![
+            ("general.type".to_owned(), Value::String("imatrix".into())),
+            (
+                "a.list".to_owned(),
+                Value::strings(["x".to_owned(), "yz".to_owned()]),
+            ),
+            ("a.n".to_owned(), Value::U32(7)),
+        ];
+        let f32t = GgmlType::f32();
+        let plan = vec![
+            PlannedTensor {
+                name: "t0".into(),
+                dims: vec![3],
+                ty: f32t,
+            },
+            PlannedTensor {
+                name: "t1".into(),
+                dims: vec![2, 2],
+                ty: f32t,
+            },
+        ];
+        let mut w = GgufWriter::create(&p, &md, &plan).unwrap();
+        w.write_tensor(
+            &[1f32, 2., 3.]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        w.write_tensor(
+            &[4f32, 5., 6., 7.]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        w.finish().unwrap();
+        let r = GgufFile::open(&p).unwrap();
+        assert_eq!(r.metadata, md);
+        assert_eq!(r.tensors[1].offset, 32);
+        assert_eq!(r.f32_values("t1").unwrap(), vec![4., 5., 6., 7.]);
+    }
+
+    #[test]
+    fn unfinished_writer_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.gguf");
+        let plan = vec![PlannedTensor {
+            name: "t0".into(),
+            dims: vec![3],
+            ty: GgmlType::f32(),
+        }];
+        let w = GgufWriter::create(&p, &[], &plan).unwrap();
+        drop(w);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}
