@@ -171,14 +171,15 @@ impl LlamaConfig {
 
     /// RoPE inverse frequencies (one per pair of dimensions), llama3 scaling applied.
     ///
-    /// Computed in f64 and rounded once to f32; transformers computes them in f32, which differs
-    /// by at most an ulp or two.
-    pub fn rope_inv_freq(&self) -> Vec<f32> {
+    /// Kept in f64: the runner forms angles `position · frequency` in f64 and rounds only the
+    /// cos/sin values to the compute dtype. (transformers forms them in f32, whose rounding at
+    /// long positions is larger than any other error in the forward pass.)
+    pub fn rope_inv_freq(&self) -> Vec<f64> {
         let d = self.head_dim;
         (0..d / 2)
             .map(|i| {
                 let f = 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64);
-                scale_freq(f, &self.rope_scaling) as f32
+                scale_freq(f, &self.rope_scaling)
             })
             .collect()
     }
@@ -396,11 +397,11 @@ mod tests {
         assert_eq!(f.len(), 64);
         assert_eq!(f[0], 1.0);
         let last_plain = 1.0 / 500000f64.powf(126.0 / 128.0);
-        assert!(((f[63] as f64) - last_plain / 8.0).abs() < 1e-12);
+        assert!((f[63] - last_plain / 8.0).abs() < 1e-18);
         // Band blend: every scaled frequency lies between freq/8 and freq.
         for (i, &x) in f.iter().enumerate() {
             let plain = 1.0 / 500000f64.powf((2 * i) as f64 / 128.0);
-            assert!((x as f64) <= plain * (1.0 + 1e-6) && (x as f64) >= plain / 8.0 * (1.0 - 1e-6));
+            assert!(x <= plain * (1.0 + 1e-12) && x >= plain / 8.0 * (1.0 - 1e-12));
         }
     }
 

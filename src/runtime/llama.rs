@@ -45,7 +45,7 @@ pub struct Llama {
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: Linear,
-    inv_freq: Vec<f32>,
+    inv_freq: Vec<f64>,
 }
 
 /// Keys and values of the positions seen so far, per block.
@@ -139,8 +139,7 @@ impl Llama {
         let mut sin = Vec::with_capacity(t * half);
         for p in start..start + t {
             for &f in &self.inv_freq {
-                // transformers forms the angle as an f32 product; so do we.
-                let a = (p as f32 * f) as f64;
+                let a = p as f64 * f;
                 cos.push(a.cos() as f32);
                 sin.push(a.sin() as f32);
             }
@@ -201,7 +200,7 @@ impl Llama {
                 .index_select(&ids.flatten_all()?, 0)?
                 .reshape((b, t, c.hidden_size))?;
         for (l, blk) in self.blocks.iter().enumerate() {
-            let xn = candle_nn::ops::rms_norm(&x, &blk.input_norm, eps)?;
+            let xn = rms_norm(&x, &blk.input_norm, eps)?;
             if let Some(o) = obs.as_deref_mut() {
                 o.linear_input(l, InputSite::AttnIn, &xn)?;
             }
@@ -264,7 +263,7 @@ impl Llama {
             }
             x = (x + blk.o.forward(&y)?)?;
 
-            let xn = candle_nn::ops::rms_norm(&x, &blk.post_norm, eps)?;
+            let xn = rms_norm(&x, &blk.post_norm, eps)?;
             if let Some(o) = obs.as_deref_mut() {
                 o.linear_input(l, InputSite::MlpIn, &xn)?;
             }
@@ -282,7 +281,7 @@ impl Llama {
         } else {
             x
         };
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        let x = rms_norm(&x, &self.norm, eps)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
@@ -315,6 +314,16 @@ impl Llama {
     /// Number of blocks.
     pub fn layers(&self) -> usize {
         self.blocks.len()
+    }
+}
+
+/// RMSNorm; candle's fused kernel has no f64 path, so f64 (used by tests against an f64
+/// reference) takes the composed form.
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    if x.dtype() == DType::F64 {
+        candle_nn::ops::rms_norm_slow(x, w, eps)
+    } else {
+        candle_nn::ops::rms_norm(x, w, eps)
     }
 }
 

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: paths, CLI runner, temp folders, real assets.
 #![allow(dead_code)]
 
+pub mod reference;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
