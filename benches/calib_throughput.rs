@@ -1,0 +1,89 @@
+//! Calibration throughput on SmolLM2-135M (CPU, 2 threads): tokens/s of one statistics pass
+//! (forward through every block with the hooks recording, no head), next to the plain forward
+//! over the same chunks so the hooks' overhead is visible.
+//!
+//!     cargo bench --bench calib_throughput
+//!     MINITRON_BENCH_CHUNKS=20 cargo bench --bench calib_throughput
+//!
+//! Needs ../shared/tools/real-assets.sh to have run.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use minitron::calib::{calibration_chunks, load_source, CalibInfo, CalibSpec, CalibStats};
+use minitron::model::{Checkpoint, Tokenizer};
+use minitron::runtime::Llama;
+
+fn main() {
+    let threads: usize = std::env::var("MINITRON_BENCH_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global();
+    let chunks: usize = std::env::var("MINITRON_BENCH_CHUNKS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let assets = std::env::var_os("MINITRON_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/minitron-assets")
+        });
+    let dir = assets.join("smollm2-135m");
+    let text = root.join("../shared/data/wikitext2-valid.txt");
+    if !dir.join("model.safetensors").exists() || !text.exists() {
+        eprintln!("calib_throughput: SKIPPED (run ../shared/tools/real-assets.sh first)");
+        return;
+    }
+    let ck = Checkpoint::open(&dir).unwrap();
+    let tok = Tokenizer::load(&dir).unwrap();
+    let model = Llama::load(&ck, DType::F32, &Device::Cpu).unwrap();
+    let src = load_source(Some(&text)).unwrap();
+    let cs = calibration_chunks(
+        &tok,
+        &src,
+        &CalibSpec {
+            samples: chunks,
+            seq_len: 512,
+            shuffle: None,
+        },
+    )
+    .unwrap();
+    let tokens = (cs.len() * 512) as f64;
+
+    let t = Instant::now();
+    for c in &cs {
+        let ids = Tensor::from_slice(c, (1, c.len()), &Device::Cpu).unwrap();
+        model.forward_from(&ids, None, None, c.len() - 1).unwrap();
+    }
+    let plain = t.elapsed().as_secs_f64();
+    let info = CalibInfo {
+        source: "bench".into(),
+        sha256: String::new(),
+        samples: 0,
+        seq_len: 512,
+        tokens: 0,
+        shuffle_seed: None,
+        wall_s: 0.0,
+    };
+    let t = Instant::now();
+    CalibStats::collect(&model, &cs, info, &|| ()).unwrap();
+    let hooked = t.elapsed().as_secs_f64();
+    println!(
+        "calib_throughput: SmolLM2-135M, {} chunks × 512, {threads} threads",
+        cs.len()
+    );
+    println!(
+        "  statistics pass   {:>8.1} tokens/s ({hooked:.1} s)",
+        tokens / hooked
+    );
+    println!(
+        "  forward, no hooks {:>8.1} tokens/s ({plain:.1} s)",
+        tokens / plain
+    );
+}
