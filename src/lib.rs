@@ -8,12 +8,14 @@
 //! The formats we read and write are specified in the repository's `formats/` folder.
 
 pub mod calib;
+pub mod convert;
 pub mod error;
 pub mod format;
 pub mod inspect;
 pub mod model;
 pub mod numerics;
 pub mod progress;
+pub mod quant;
 pub mod runtime;
 pub mod verify;
 

@@ -26,9 +26,18 @@ struct Cli {
     /// Target format(s), comma-separated.
     #[arg(long)]
     to: Option<String>,
-    /// Output path.
+    /// Output folder (with several targets: one subfolder per target).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Replace existing output folders.
+    #[arg(long)]
+    force: bool,
+    /// How FP8 weights are chosen: rtn (round to nearest, as llm-compressor) or search
+    /// (per-channel clipping search weighted by calibration statistics).
+    #[arg(long, default_value = "rtn", value_parser = ["rtn", "search"])]
+    fp8_weights: String,
+    #[command(flatten)]
+    calib: CalibArgs,
     /// Worker threads (default: all logical CPUs).
     #[arg(long, global = true)]
     threads: Option<usize>,
@@ -177,8 +186,48 @@ fn main() -> std::process::ExitCode {
                 let Some(to) = cli.to else {
                     bail!("--to TARGET is required");
                 };
-                let _ = (model, cli.out);
-                bail!("unknown target `{to}`: no conversion targets are available in this version yet")
+                let Some(out) = cli.out else {
+                    bail!("--out PATH is required");
+                };
+                let targets = to
+                    .split(',')
+                    .map(|t| minitron::convert::Target::parse(t.trim()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let ck = Checkpoint::open(&model)?;
+                let opts = minitron::convert::ConvertOptions {
+                    targets,
+                    out,
+                    force: cli.force,
+                    fp8_weights: if cli.fp8_weights == "search" {
+                        minitron::quant::fp8::WeightMode::Search
+                    } else {
+                        minitron::quant::fp8::WeightMode::Rtn
+                    },
+                    calib: cli.calib.options(),
+                    command_line: common::command_line(),
+                };
+                let pb = minitron::progress::bar(0, "convert", false);
+                let manifests =
+                    minitron::convert::run(&ck, &opts, &candle_core::Device::Cpu, &|d, t| {
+                        pb.set_length(t);
+                        pb.set_position(d);
+                    })?;
+                pb.finish_and_clear();
+                for (m, t) in manifests.iter().zip(&opts.targets) {
+                    let dir = minitron::convert::target_dir(&opts, *t);
+                    let worst = &m["tensor_error"]["worst"];
+                    println!(
+                        "wrote {} ({}, {} in {} files, {:.1} s); worst tensor error {:.4} % relative RMS ({})",
+                        dir.display(),
+                        t.name(),
+                        minitron::inspect::human_bytes(m["total_bytes"].as_u64().unwrap_or(0)),
+                        m["files"].as_array().map_or(0, |f| f.len()),
+                        m["wall_s"].as_f64().unwrap_or(0.0),
+                        100.0 * worst["relative_rms"].as_f64().unwrap_or(0.0),
+                        worst["tensor"].as_str().unwrap_or("-")
+                    );
+                }
+                Ok(())
             }
         }
     })

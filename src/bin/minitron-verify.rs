@@ -44,6 +44,10 @@ struct Args {
     /// Write the full report as JSON here.
     #[arg(long, value_name = "FILE.json")]
     report: Option<PathBuf>,
+    /// Run a quantized candidate's weights with unquantized activations (what weight-only
+    /// kernels such as FP8 Marlin on Ampere compute).
+    #[arg(long)]
+    weight_only: bool,
     /// Print the JSON report on stdout instead of the table.
     #[arg(long)]
     json: bool,
@@ -66,6 +70,7 @@ fn main() -> std::process::ExitCode {
             threads,
             device,
             command_line: common::command_line(),
+            weight_only: a.weight_only,
         };
         let report = minitron::verify::report::run(&opts)?;
         let text = serde_json::to_string_pretty(&report).context("serialising the report")?;

@@ -229,6 +229,17 @@ fn parse_header(buf: &[u8], path: &Path) -> Result<ParsedHeader> {
     Ok((data_start, tensors, metadata))
 }
 
+/// Companion tensors of quantized layers (formats/fp8.md, formats/int8.md).
+const QUANT_SUFFIXES: [&str; 7] = [
+    ".weight_scale",
+    ".input_scale",
+    ".k_scale",
+    ".v_scale",
+    ".weight_packed",
+    ".weight_shape",
+    ".weight_zero_point",
+];
+
 /// A checkpoint folder, opened and checked against its config.
 pub struct Checkpoint {
     pub dir: PathBuf,
@@ -308,7 +319,11 @@ impl Checkpoint {
                     found: format!("shape {:?}", t.shape),
                 });
             }
-            if !matches!(t.dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
+            let quantized_ok = self.config_json.get("quantization_config").is_some()
+                && matches!(t.dtype, Dtype::F8E4M3 | Dtype::I8)
+                && spec.shape.len() == 2
+                && spec.name.starts_with("model.layers.");
+            if !matches!(t.dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) && !quantized_ok {
                 return Err(Error::TensorMismatch {
                     path: f.path.clone(),
                     tensor: spec.name.clone(),
@@ -320,7 +335,11 @@ impl Checkpoint {
         self.unexpected = self
             .index
             .keys()
-            .filter(|n| !known.contains(*n) && !n.ends_with("rotary_emb.inv_freq"))
+            .filter(|n| {
+                !known.contains(*n)
+                    && !n.ends_with("rotary_emb.inv_freq")
+                    && !QUANT_SUFFIXES.iter().any(|s| n.ends_with(s))
+            })
             .cloned()
             .collect();
         Ok(self)
@@ -355,6 +374,16 @@ impl Checkpoint {
             expected: "a float dtype".into(),
             found: t.dtype.to_string(),
         })
+    }
+
+    /// Raw bytes and header entry of tensor `name`.
+    pub fn raw(&self, name: &str) -> Result<(&[u8], &TensorInfo)> {
+        let (f, t) = self.info(name).ok_or_else(|| Error::MissingTensor {
+            path: self.weights_label(),
+            tensor: name.into(),
+            expected: "present".into(),
+        })?;
+        Ok((f.bytes(name).expect("indexed tensor"), t))
     }
 
     /// Expected tensors of this architecture, in canonical order.

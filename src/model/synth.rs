@@ -135,22 +135,9 @@ pub fn write_checkpoint(
     force: bool,
     progress: &dyn Fn(u64, u64),
 ) -> Result<SynthSummary> {
-    if out.exists() && !force {
-        return Err(Error::Invalid(format!(
-            "{} already exists (pass --force to replace it)",
-            out.display()
-        )));
-    }
-    let tmp = partial_path(out);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let summary = write_into(preset, seed, &tmp, progress)?;
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    let summary = crate::format::safetensors_out::build_dir(out, force, |tmp| {
+        write_into(preset, seed, tmp, progress)
+    })?;
     Ok(SynthSummary {
         files: summary
             .files
@@ -159,14 +146,6 @@ pub fn write_checkpoint(
             .collect(),
         ..summary
     })
-}
-
-fn partial_path(out: &Path) -> PathBuf {
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    out.with_file_name(format!(".{name}.partial"))
 }
 
 fn write_into(

@@ -5,11 +5,55 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 
+/// How a runtime quantizes the activations entering an FP8 layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ActQuant {
+    /// Activations stay in the compute dtype (weight-only kernels, e.g. FP8 Marlin on Ampere).
+    None,
+    /// Per-token dynamic E4M3: scale = absmax(row) / 448.
+    DynamicToken,
+    /// One static per-tensor scale from calibration.
+    Static(f32),
+}
+
 /// A linear map `y = x Wᵀ` without bias.
 #[derive(Debug, Clone)]
 pub enum Linear {
     /// Dense weight `[out, in]` in the compute dtype.
     Dense { weight: Tensor },
+    /// FP8 E4M3 weight with per-channel scales, held dequantized (`code · scale` is exact in f32),
+    /// with the runtime's activation quantization emulated. With f32 accumulation this is what
+    /// `D = a_scale · w_scale · (A_fp8 · W_fp8)` computes on Hopper.
+    Fp8 { weight: Tensor, act: ActQuant },
+}
+
+/// Smallest per-token scale vLLM uses for dynamic FP8 activations (1 / (448 · 512)).
+pub const FP8_MIN_TOKEN_SCALE: f32 = 1.0 / (448.0 * 512.0);
+
+/// Quantizes `x` to E4M3 with scale `s` (per row when `s` is `[.., 1]`) and back.
+fn fp8_round_trip(x: &Tensor, s: &Tensor) -> Result<Tensor> {
+    let q = x
+        .broadcast_div(s)?
+        .clamp(
+            -crate::numerics::fp8::E4M3_MAX,
+            crate::numerics::fp8::E4M3_MAX,
+        )?
+        .to_dtype(DType::F8E4M3)?
+        .to_dtype(x.dtype())?;
+    Ok(q.broadcast_mul(s)?)
+}
+
+/// Per-token dynamic FP8 fake quantization of `x` (`[.., in]`).
+pub fn fp8_dynamic_token(x: &Tensor) -> Result<Tensor> {
+    let amax = x.abs()?.max_keepdim(candle_core::D::Minus1)?;
+    let s = (amax / crate::numerics::fp8::E4M3_MAX as f64)?.maximum(FP8_MIN_TOKEN_SCALE as f64)?;
+    fp8_round_trip(x, &s)
+}
+
+/// Static per-tensor FP8 fake quantization of `x` with scale `scale`.
+pub fn fp8_static(x: &Tensor, scale: f32) -> Result<Tensor> {
+    let s = Tensor::new(&[scale], x.device())?.to_dtype(x.dtype())?;
+    fp8_round_trip(x, &s)
 }
 
 impl Linear {
@@ -28,7 +72,21 @@ impl Linear {
     /// Applies the layer to `x` of shape `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Linear::Dense { weight } => {
+            Linear::Dense { weight } => Self::matmul(x, weight),
+            Linear::Fp8 { weight, act } => {
+                let xq = match act {
+                    ActQuant::None => x.clone(),
+                    ActQuant::DynamicToken => fp8_dynamic_token(x)?,
+                    ActQuant::Static(s) => fp8_static(x, *s)?,
+                };
+                Self::matmul(&xq, weight)
+            }
+        }
+    }
+
+    fn matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        {
+            {
                 let dims = x.dims().to_vec();
                 let inp = *dims.last().expect("rank ≥ 1");
                 let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -43,7 +101,7 @@ impl Linear {
     /// `[out, in]`.
     pub fn shape(&self) -> (usize, usize) {
         match self {
-            Linear::Dense { weight } => {
+            Linear::Dense { weight } | Linear::Fp8 { weight, .. } => {
                 let d = weight.dims();
                 (d[0], d[1])
             }

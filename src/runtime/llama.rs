@@ -7,10 +7,20 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::error::Error;
 use crate::error::Result;
 use crate::model::names::{self, InputSite, LinearRole};
+use crate::model::Dtype;
 use crate::model::{Checkpoint, LlamaConfig};
-use crate::runtime::linear::Linear;
+use crate::runtime::linear::{fp8_static, ActQuant, Linear};
+
+/// How an artifact is run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Run quantized weights with unquantized activations (and no KV-cache quantization): what
+    /// weight-only kernels compute, and a way to split the loss between weights and activations.
+    pub weight_only: bool,
+}
 
 /// Receives what calibration needs while the model runs. The model's numerics never depend on
 /// what an observer does.
@@ -34,6 +44,8 @@ struct Block {
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// Static FP8 KV-cache scales (k, v), when the artifact has them.
+    kv_scales: Option<(f32, f32)>,
 }
 
 /// A loaded model.
@@ -69,21 +81,75 @@ impl KvCache {
 impl Llama {
     /// Loads a bf16/f16/f32 checkpoint, widening weights to `dtype` on `device`.
     pub fn load(ck: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with(ck, dtype, device, LoadOptions::default())
+    }
+
+    /// Loads any checkpoint we read (bf16 or an FP8 artifact) with `opts`.
+    pub fn load_with(
+        ck: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+        opts: LoadOptions,
+    ) -> Result<Self> {
         let c = &ck.config;
+        let dynamic_default = dynamic_activations(&ck.config_json);
         let vec1 = |name: &str| -> Result<Tensor> {
             let v = ck.read_f32(name)?;
             let n = v.len();
             Ok(Tensor::from_vec(v, n, device)?.to_dtype(dtype)?)
         };
+        let scalar = |name: &str| -> Result<Option<f32>> {
+            if !ck.index.contains_key(name) {
+                return Ok(None);
+            }
+            let v = ck.read_f32(name)?;
+            match v.as_slice() {
+                [x] => Ok(Some(*x)),
+                _ => Err(Error::TensorMismatch {
+                    path: ck.dir.clone(),
+                    tensor: name.into(),
+                    expected: "one value".into(),
+                    found: format!("{} values", v.len()),
+                }),
+            }
+        };
         let lin = |layer: usize, role: LinearRole| -> Result<Linear> {
             let [out, inp] = role.shape(c);
-            Linear::dense(
-                ck.read_f32(&names::hf_linear(layer, role))?,
-                out,
-                inp,
-                dtype,
-                device,
-            )
+            let name = names::hf_linear(layer, role);
+            let (bytes, info) = ck.raw(&name)?;
+            if info.dtype != Dtype::F8E4M3 {
+                return Linear::dense(ck.read_f32(&name)?, out, inp, dtype, device);
+            }
+            let stem = name.strip_suffix(".weight").expect("weight");
+            let scale_name = format!("{stem}.weight_scale");
+            let scales = ck.read_f32(&scale_name)?;
+            if scales.len() != out && scales.len() != 1 {
+                return Err(Error::TensorMismatch {
+                    path: ck.dir.clone(),
+                    tensor: scale_name,
+                    expected: format!("{out} per-channel values or 1 per-tensor value"),
+                    found: format!("{} values", scales.len()),
+                });
+            }
+            let table = crate::numerics::fp8::e4m3_table();
+            let w: Vec<f32> = bytes
+                .iter()
+                .enumerate()
+                .map(|(i, &q)| {
+                    table[q as usize] * scales[if scales.len() == 1 { 0 } else { i / inp }]
+                })
+                .collect();
+            let weight = Tensor::from_vec(w, (out, inp), device)?.to_dtype(dtype)?;
+            let act = if opts.weight_only {
+                ActQuant::None
+            } else if let Some(s) = scalar(&format!("{stem}.input_scale"))? {
+                ActQuant::Static(s)
+            } else if dynamic_default {
+                ActQuant::DynamicToken
+            } else {
+                ActQuant::None
+            };
+            Ok(Linear::Fp8 { weight, act })
         };
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
@@ -97,6 +163,17 @@ impl Llama {
                 gate: lin(l, LinearRole::Gate)?,
                 up: lin(l, LinearRole::Up)?,
                 down: lin(l, LinearRole::Down)?,
+                kv_scales: if opts.weight_only {
+                    None
+                } else {
+                    match (
+                        scalar(&format!("model.layers.{l}.self_attn.k_scale"))?,
+                        scalar(&format!("model.layers.{l}.self_attn.v_scale"))?,
+                    ) {
+                        (Some(k), Some(v)) => Some((k, v)),
+                        _ => None,
+                    }
+                },
             });
         }
         let embed_vals = ck.read_f32(names::EMBED)?;
@@ -227,6 +304,11 @@ impl Llama {
             if let Some(o) = obs.as_deref_mut() {
                 o.kv(l, &k, &v)?;
             }
+            // An FP8 KV cache stores K and V as E4M3 with static scales; attention reads them back.
+            let (k, v) = match blk.kv_scales {
+                Some((ks, vs)) => (fp8_static(&k, ks)?, fp8_static(&v, vs)?),
+                None => (k, v),
+            };
             let (k, v) = match cache.as_deref_mut() {
                 Some(cache) => {
                     let k = match &cache.k[l] {
@@ -315,6 +397,28 @@ impl Llama {
     pub fn layers(&self) -> usize {
         self.blocks.len()
     }
+}
+
+/// Whether an artifact's config asks for dynamic activation quantization (compressed-tensors
+/// `input_activations.dynamic`, or ModelOpt's per-token algorithm).
+fn dynamic_activations(cfg: &serde_json::Value) -> bool {
+    let Some(q) = cfg.get("quantization_config") else {
+        return false;
+    };
+    if q.get("quant_algo").and_then(|a| a.as_str()) == Some("FP8_PER_CHANNEL_PER_TOKEN") {
+        return true;
+    }
+    q.get("config_groups")
+        .and_then(|g| g.as_object())
+        .map(|g| {
+            g.values().any(|grp| {
+                grp.get("input_activations")
+                    .and_then(|a| a.get("dynamic"))
+                    .and_then(|d| d.as_bool())
+                    == Some(true)
+            })
+        })
+        .unwrap_or(false)
 }
 
 /// RMSNorm; candle's fused kernel has no f64 path, so f64 (used by tests against an f64

@@ -28,6 +28,8 @@ pub struct VerifyOptions {
     pub threads: usize,
     pub device: Device,
     pub command_line: String,
+    /// Run the candidate's quantized weights with unquantized activations.
+    pub weight_only: bool,
 }
 
 /// Runs every requested measurement and returns the report.
@@ -52,7 +54,14 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
         None => Err(e),
     })?;
     let dtype = DType::F32;
-    let cand = Llama::load(&cand_ck, dtype, &o.device)?;
+    let cand = Llama::load_with(
+        &cand_ck,
+        dtype,
+        &o.device,
+        crate::runtime::LoadOptions {
+            weight_only: o.weight_only,
+        },
+    )?;
     let need_ref = o.reference.is_some() && (o.kld || o.gen.is_some());
     let (ref_ck, reference) = if need_ref {
         let dir = o.reference.as_ref().expect("checked");
@@ -85,6 +94,7 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
             "ctx": o.ctx, "chunks": o.chunks, "threads": o.threads,
             "device": format!("{:?}", o.device), "compute_dtype": "f32",
             "gen_tokens": o.gen_tokens,
+            "weight_only": o.weight_only,
         },
         "machine": machine_info(),
         "timings": {"load_s": load_s},

@@ -1,0 +1,475 @@
+//! `minitron-convert MODEL --to TARGET[,TARGET…] --out PATH`: the streaming conversion loop.
+//!
+//! Every target is a plan (which output tensors, with which dtypes and shapes) applied by one
+//! loop over the input's tensors: each input tensor is read once, quantized for every target that
+//! needs it, and written to each target's sharded writer. Calibration, when a target needs it,
+//! runs once before the loop. Each artifact folder is assembled under a temporary name and
+//! renamed when complete, with `minitron-manifest.json` inside.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::calib::{calibrate, CalibOptions, CalibStats};
+use crate::error::{Error, Result};
+use crate::format::safetensors_out::{
+    begin_dir, commit_dir, sha256_bytes, PlannedTensor, ShardedWriter, WrittenFile,
+};
+use crate::model::names::{self, LinearRole};
+use crate::model::synth::MAX_SHARD_BYTES;
+use crate::model::{Checkpoint, Dtype};
+use crate::quant::fp8::{self, Fp8Matrix, ScaleStyle, WeightMode};
+
+/// An artifact kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// compressed-tensors FP8_DYNAMIC.
+    Fp8,
+    /// compressed-tensors FP8 with static per-tensor input scales and an FP8 KV cache.
+    Fp8Static,
+    /// ModelOpt unified HF checkpoint, FP8_PER_CHANNEL_PER_TOKEN.
+    Fp8ModelOpt,
+}
+
+impl Target {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "fp8" => Target::Fp8,
+            "fp8-static" => Target::Fp8Static,
+            "fp8-modelopt" => Target::Fp8ModelOpt,
+            other => {
+                return Err(Error::Invalid(format!(
+                    "unknown target `{other}` (available: fp8, fp8-static, fp8-modelopt)"
+                )))
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Fp8 => "fp8",
+            Target::Fp8Static => "fp8-static",
+            Target::Fp8ModelOpt => "fp8-modelopt",
+        }
+    }
+
+    fn style(self) -> ScaleStyle {
+        match self {
+            Target::Fp8ModelOpt => ScaleStyle::ModelOpt,
+            _ => ScaleStyle::CompressedTensors,
+        }
+    }
+}
+
+/// Everything a conversion needs besides the input.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    pub targets: Vec<Target>,
+    pub out: PathBuf,
+    pub force: bool,
+    pub fp8_weights: WeightMode,
+    pub calib: CalibOptions,
+    pub command_line: String,
+}
+
+/// What one artifact holds, for the manifest.
+struct Sink {
+    target: Target,
+    out: PathBuf,
+    tmp: PathBuf,
+    writer: ShardedWriter,
+    errors: BTreeMap<String, f64>,
+}
+
+/// Output directory of `t`: `out` itself for a single target, `out/<target>` for several.
+pub fn target_dir(o: &ConvertOptions, t: Target) -> PathBuf {
+    if o.targets.len() == 1 {
+        o.out.clone()
+    } else {
+        o.out.join(t.name())
+    }
+}
+
+fn linear_plan(t: Target, name: &str, shape: &[usize]) -> Vec<PlannedTensor> {
+    let stem = name
+        .strip_suffix(".weight")
+        .expect("linear weights end in .weight");
+    let out = shape[0];
+    let mut v = vec![PlannedTensor {
+        name: name.to_owned(),
+        dtype: Dtype::F8E4M3,
+        shape: shape.to_vec(),
+    }];
+    match t {
+        Target::Fp8 => v.push(PlannedTensor {
+            name: format!("{stem}.weight_scale"),
+            dtype: Dtype::BF16,
+            shape: vec![out, 1],
+        }),
+        Target::Fp8Static => {
+            v.push(PlannedTensor {
+                name: format!("{stem}.weight_scale"),
+                dtype: Dtype::BF16,
+                shape: vec![out, 1],
+            });
+            v.push(PlannedTensor {
+                name: format!("{stem}.input_scale"),
+                dtype: Dtype::BF16,
+                shape: vec![1],
+            });
+        }
+        Target::Fp8ModelOpt => v.push(PlannedTensor {
+            name: format!("{stem}.weight_scale"),
+            dtype: Dtype::F32,
+            shape: vec![out],
+        }),
+    }
+    v
+}
+
+fn kv_scale_names(layer: usize) -> [String; 2] {
+    [
+        format!("model.layers.{layer}.self_attn.k_scale"),
+        format!("model.layers.{layer}.self_attn.v_scale"),
+    ]
+}
+
+/// The input tensors in canonical order with their role (None: copied as is).
+fn inputs(ck: &Checkpoint) -> Vec<(String, Vec<usize>, Option<(usize, LinearRole)>)> {
+    let c = &ck.config;
+    let mut v = Vec::new();
+    for spec in ck.specs() {
+        if !ck.index.contains_key(&spec.name) {
+            continue; // a tied lm_head that is absent stays absent
+        }
+        let role = (0..c.num_hidden_layers)
+            .flat_map(|l| LinearRole::ALL.into_iter().map(move |r| (l, r)))
+            .find(|&(l, r)| names::hf_linear(l, r) == spec.name);
+        v.push((spec.name, spec.shape, role));
+    }
+    v
+}
+
+fn plan(t: Target, ck: &Checkpoint) -> Vec<PlannedTensor> {
+    let mut v = Vec::new();
+    for (name, shape, role) in inputs(ck) {
+        match role {
+            Some((l, r)) => {
+                v.extend(linear_plan(t, &name, &shape));
+                if t == Target::Fp8Static && r == LinearRole::V {
+                    for n in kv_scale_names(l) {
+                        v.push(PlannedTensor {
+                            name: n,
+                            dtype: Dtype::BF16,
+                            shape: vec![1],
+                        });
+                    }
+                }
+            }
+            None => {
+                let (_, info) = ck.info(&name).expect("listed");
+                v.push(PlannedTensor {
+                    name,
+                    dtype: info.dtype,
+                    shape: shape.clone(),
+                });
+            }
+        }
+    }
+    v
+}
+
+fn bf16_bytes(v: &[f32]) -> Vec<u8> {
+    crate::numerics::convert::f32_to_bf16_bytes(v)
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// compressed-tensors' static observer: `bf16(absmax / 448)`.
+fn fp8_static_scale(absmax: f32) -> f32 {
+    let s = crate::numerics::fp8::round_bf16(absmax / crate::numerics::fp8::E4M3_MAX);
+    if s == 0.0 {
+        0.0078125
+    } else {
+        s
+    }
+}
+
+/// Runs the conversion; returns each artifact's manifest.
+pub fn run(
+    ck: &Checkpoint,
+    o: &ConvertOptions,
+    device: &candle_core::Device,
+    progress: &dyn Fn(u64, u64),
+) -> Result<Vec<Value>> {
+    if o.targets.is_empty() {
+        return Err(Error::Invalid("--to needs at least one target".into()));
+    }
+    let t0 = Instant::now();
+    let needs_calib = o.targets.contains(&Target::Fp8Static) || o.fp8_weights == WeightMode::Search;
+    let stats = if needs_calib {
+        Some(calibrate(ck, &o.calib, device)?)
+    } else {
+        None
+    };
+    let input_hashes = ck.input_hashes()?;
+
+    let mut sinks = Vec::new();
+    for &t in &o.targets {
+        let out = target_dir(o, t);
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        let tmp = begin_dir(&out, o.force)?;
+        let writer = ShardedWriter::create(&tmp, plan(t, ck), MAX_SHARD_BYTES)?;
+        sinks.push(Sink {
+            target: t,
+            out,
+            tmp,
+            writer,
+            errors: BTreeMap::new(),
+        });
+    }
+    let dirs: Vec<(PathBuf, PathBuf)> = sinks
+        .iter()
+        .map(|s| (s.tmp.clone(), s.out.clone()))
+        .collect();
+    let result = convert_loop(ck, o, stats.as_ref(), &mut sinks, progress);
+    let result = result.and_then(|()| {
+        let mut manifests = Vec::new();
+        for s in sinks.drain(..) {
+            manifests.push(finish_sink(ck, o, stats.as_ref(), s, &input_hashes, t0)?);
+        }
+        Ok(manifests)
+    });
+    if result.is_err() {
+        for (tmp, _) in &dirs {
+            let _ = std::fs::remove_dir_all(tmp);
+        }
+    }
+    let manifests = result?;
+    for (tmp, out) in &dirs {
+        commit_dir(tmp, out)?;
+    }
+    Ok(manifests)
+}
+
+fn convert_loop(
+    ck: &Checkpoint,
+    o: &ConvertOptions,
+    stats: Option<&CalibStats>,
+    sinks: &mut [Sink],
+    progress: &dyn Fn(u64, u64),
+) -> Result<()> {
+    let items = inputs(ck);
+    let total: u64 = items
+        .iter()
+        .map(|(_, s, _)| s.iter().product::<usize>() as u64)
+        .sum();
+    let mut done = 0u64;
+    for (name, shape, role) in &items {
+        match role {
+            None => {
+                let (f, _) = ck.info(name).expect("listed");
+                let bytes = f.bytes(name).expect("listed");
+                for s in sinks.iter_mut() {
+                    s.writer.write(name, bytes)?;
+                }
+            }
+            Some((layer, r)) => {
+                let w = ck.read_f32(name)?;
+                let cols = shape[1];
+                let site = stats.map(|st| st.site(*layer, r.site()));
+                let importance: Option<Vec<f64>> = site.map(|s| s.mean_sq());
+                // Quantize once per distinct (style, mode); targets share the result.
+                let mut cache: Vec<(ScaleStyle, Fp8Matrix, Vec<f32>)> = Vec::new();
+                for s in sinks.iter_mut() {
+                    let style = s.target.style();
+                    if !cache.iter().any(|(st, _, _)| *st == style) {
+                        let m =
+                            fp8::quantize(&w, cols, style, o.fp8_weights, importance.as_deref());
+                        let deq = m.dequantize(cols);
+                        cache.push((style, m, deq));
+                    }
+                    let (_, m, deq) = cache
+                        .iter()
+                        .find(|(st, _, _)| *st == style)
+                        .expect("cached");
+                    s.errors.insert(name.clone(), fp8::relative_rms(&w, deq));
+                    let stem = name.strip_suffix(".weight").expect("weight");
+                    s.writer.write(name, &m.codes)?;
+                    match s.target {
+                        Target::Fp8 => s
+                            .writer
+                            .write(&format!("{stem}.weight_scale"), &bf16_bytes(&m.scales))?,
+                        Target::Fp8Static => {
+                            s.writer
+                                .write(&format!("{stem}.weight_scale"), &bf16_bytes(&m.scales))?;
+                            let site = site.ok_or_else(|| {
+                                Error::Invalid("fp8-static needs calibration".into())
+                            })?;
+                            // q/k/v (and gate/up) share one input, so the per-tensor scale is
+                            // already the max over the fused group that runtimes take.
+                            let scale = fp8_static_scale(site.tensor_absmax());
+                            s.writer
+                                .write(&format!("{stem}.input_scale"), &bf16_bytes(&[scale]))?;
+                            if *r == LinearRole::V {
+                                let ls = &stats.expect("calibrated").layers[*layer];
+                                let [kn, vn] = kv_scale_names(*layer);
+                                s.writer
+                                    .write(&kn, &bf16_bytes(&[fp8_static_scale(ls.k_absmax)]))?;
+                                s.writer
+                                    .write(&vn, &bf16_bytes(&[fp8_static_scale(ls.v_absmax)]))?;
+                            }
+                        }
+                        Target::Fp8ModelOpt => s
+                            .writer
+                            .write(&format!("{stem}.weight_scale"), &f32_bytes(&m.scales))?,
+                    }
+                }
+            }
+        }
+        done += shape.iter().product::<usize>() as u64;
+        progress(done, total);
+    }
+    Ok(())
+}
+
+fn weights_args(observer: &str) -> Value {
+    json!({"actorder": null, "block_structure": null, "dynamic": false, "group_size": null, "num_bits": 8,
+           "observer": observer, "observer_kwargs": {}, "strategy": "channel", "symmetric": true, "type": "float"})
+}
+
+/// The `quantization_config` block of config.json (formats/fp8.md#config).
+pub fn quantization_config(t: Target) -> Value {
+    match t {
+        Target::Fp8 | Target::Fp8Static => {
+            let (inputs, kv) = if t == Target::Fp8 {
+                (
+                    json!({"actorder": null, "block_structure": null, "dynamic": true, "group_size": null, "num_bits": 8,
+                           "observer": null, "observer_kwargs": {}, "strategy": "token", "symmetric": true, "type": "float"}),
+                    Value::Null,
+                )
+            } else {
+                (
+                    json!({"actorder": null, "block_structure": null, "dynamic": false, "group_size": null, "num_bits": 8,
+                           "observer": "static_minmax", "observer_kwargs": {}, "strategy": "tensor", "symmetric": true, "type": "float"}),
+                    json!({"actorder": null, "block_structure": null, "dynamic": false, "group_size": null, "num_bits": 8,
+                           "observer": "static_minmax", "observer_kwargs": {}, "strategy": "tensor", "symmetric": true, "type": "float"}),
+                )
+            };
+            json!({
+                "config_groups": {"group_0": {
+                    "format": "float-quantized",
+                    "input_activations": inputs,
+                    "output_activations": null,
+                    "targets": ["Linear"],
+                    "weights": weights_args("memoryless_minmax"),
+                }},
+                "format": "float-quantized",
+                "global_compression_ratio": null,
+                "ignore": ["lm_head"],
+                "kv_cache_scheme": kv,
+                "quant_method": "compressed-tensors",
+                "quantization_status": "compressed",
+                "sparsity_config": {},
+                "transform_config": {},
+                "version": "0.19.0"
+            })
+        }
+        Target::Fp8ModelOpt => json!({
+            "quant_method": "modelopt",
+            "quant_algo": "FP8_PER_CHANNEL_PER_TOKEN",
+            "kv_cache_scheme": null,
+            "ignore": ["lm_head"],
+            "producer": {"name": "minitron", "version": crate::VERSION}
+        }),
+    }
+}
+
+const COPIED_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+];
+
+fn finish_sink(
+    ck: &Checkpoint,
+    o: &ConvertOptions,
+    stats: Option<&CalibStats>,
+    s: Sink,
+    input_hashes: &[(String, String)],
+    t0: Instant,
+) -> Result<Value> {
+    let mut files: Vec<WrittenFile> = s.writer.finish()?;
+    let write = |name: &str, text: String, files: &mut Vec<WrittenFile>| -> Result<()> {
+        let p = s.tmp.join(name);
+        std::fs::write(&p, &text).map_err(|e| Error::io(&p, e))?;
+        files.push(WrittenFile {
+            file: name.into(),
+            bytes: text.len() as u64,
+            sha256: sha256_bytes(text.as_bytes()),
+        });
+        Ok(())
+    };
+    let mut cfg = ck.config_json.clone();
+    cfg["quantization_config"] = quantization_config(s.target);
+    write(
+        "config.json",
+        serde_json::to_string_pretty(&cfg).expect("json") + "\n",
+        &mut files,
+    )?;
+    if s.target == Target::Fp8ModelOpt {
+        let hq = json!({
+            "producer": {"name": "minitron", "version": crate::VERSION},
+            "quantization": {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN", "kv_cache_quant_algo": null, "exclude_modules": ["lm_head"]}
+        });
+        write(
+            "hf_quant_config.json",
+            serde_json::to_string_pretty(&hq).expect("json") + "\n",
+            &mut files,
+        )?;
+    }
+    for f in COPIED_FILES {
+        let src = ck.dir.join(f);
+        if src.exists() {
+            let dst = s.tmp.join(f);
+            std::fs::copy(&src, &dst).map_err(|e| Error::io(&dst, e))?;
+            let sha = crate::model::checkpoint::sha256_file(&dst)?;
+            files.push(WrittenFile {
+                file: f.into(),
+                bytes: std::fs::metadata(&dst).map(|m| m.len()).unwrap_or(0),
+                sha256: sha,
+            });
+        }
+    }
+    let worst = s
+        .errors
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(k, v)| json!({"tensor": k, "relative_rms": v}));
+    let manifest = json!({
+        "tool": "minitron-convert",
+        "version": crate::VERSION,
+        "command_line": o.command_line,
+        "target": s.target.name(),
+        "fp8_weights": match o.fp8_weights { WeightMode::Rtn => "rtn", WeightMode::Search => "search" },
+        "input": {"dir": ck.dir.display().to_string(), "sha256": input_hashes.iter().cloned().collect::<BTreeMap<_, _>>()},
+        "calibration": stats.map(|st| json!(st.info)),
+        "quantization_config": quantization_config(s.target),
+        "files": files,
+        "total_bytes": files.iter().map(|f| f.bytes).sum::<u64>(),
+        "tensor_error": {"metric": "relative RMS of dequantized vs bf16 weights", "worst": worst, "per_tensor": s.errors},
+        "wall_s": t0.elapsed().as_secs_f64(),
+    });
+    let text = serde_json::to_string_pretty(&manifest).expect("json") + "\n";
+    let p = s.tmp.join("minitron-manifest.json");
+    std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+    Ok(manifest)
+}

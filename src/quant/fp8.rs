@@ -1,0 +1,245 @@
+//! FP8 E4M3 weights with one scale per output channel (formats/fp8.md#weights).
+//!
+//! Two scale conventions, each reproducing its producer bit for bit:
+//! - compressed-tensors (llm-compressor): `scale = bf16(absmax / 448)`; each weight is divided by
+//!   the stored scale in bf16 arithmetic (`bf16(w / scale)`), clamped to ±448, then cast to E4M3
+//!   (nearest even). A zero row gets bf16's epsilon as its scale.
+//! - ModelOpt: `scale = absmax / 448` in f32, `e4m3(w / scale)` in f32.
+//!
+//! `search` keeps the layout and chooses each row's scale from a grid of clipping ratios to
+//! minimise the importance-weighted error `Σ_j E[x_j²] (w_j − ŵ_j)²`, i.e. the expected squared
+//! error of the layer's output for that channel under the calibration activations.
+
+use rayon::prelude::*;
+
+use crate::numerics::fp8::{e4m3_table, f32_to_e4m3, round_bf16, E4M3_MAX};
+
+/// How scales are computed and stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleStyle {
+    /// compressed-tensors: bf16 scales, bf16 division.
+    CompressedTensors,
+    /// ModelOpt: f32 scales, f32 division.
+    ModelOpt,
+}
+
+/// How weights are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightMode {
+    /// Round to nearest under absmax scaling (what llm-compressor does).
+    Rtn,
+    /// Per-channel clipping search weighted by the calibration importance.
+    Search,
+}
+
+/// A quantized `[rows, cols]` matrix.
+pub struct Fp8Matrix {
+    pub codes: Vec<u8>,
+    /// One scale per row, exactly as stored (bf16-representable for compressed-tensors).
+    pub scales: Vec<f32>,
+}
+
+/// bf16's machine epsilon, compressed-tensors' replacement for a zero scale.
+const BF16_EPS: f32 = 0.0078125;
+
+fn row_codes(row: &[f32], scale: f32, style: ScaleStyle, out: &mut [u8]) {
+    match style {
+        ScaleStyle::CompressedTensors => {
+            for (o, &w) in out.iter_mut().zip(row) {
+                *o = f32_to_e4m3(round_bf16(w / scale).clamp(-E4M3_MAX, E4M3_MAX));
+            }
+        }
+        ScaleStyle::ModelOpt => {
+            for (o, &w) in out.iter_mut().zip(row) {
+                *o = f32_to_e4m3(w / scale);
+            }
+        }
+    }
+}
+
+fn scale_for(amax: f32, style: ScaleStyle) -> f32 {
+    match style {
+        ScaleStyle::CompressedTensors => {
+            let s = round_bf16(amax / E4M3_MAX);
+            if s == 0.0 {
+                BF16_EPS
+            } else {
+                s
+            }
+        }
+        ScaleStyle::ModelOpt => {
+            let s = amax / E4M3_MAX;
+            if s == 0.0 {
+                1.0
+            } else {
+                s
+            }
+        }
+    }
+}
+
+/// Clipping ratios tried by `search` (1.0 = plain absmax).
+pub const SEARCH_GRID: [f32; 21] = [
+    1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.90, 0.89, 0.88, 0.87, 0.86, 0.85,
+    0.84, 0.83, 0.82, 0.81, 0.80,
+];
+
+/// Quantizes a row-major `[rows, cols]` matrix. `importance` (length `cols`, E[x²] per input
+/// channel) is required for [`WeightMode::Search`]. Rows are independent and processed in
+/// parallel, so the result does not depend on the thread count.
+pub fn quantize(
+    w: &[f32],
+    cols: usize,
+    style: ScaleStyle,
+    mode: WeightMode,
+    importance: Option<&[f64]>,
+) -> Fp8Matrix {
+    let rows = w.len() / cols;
+    let mut codes = vec![0u8; w.len()];
+    let table = e4m3_table();
+    let scales: Vec<f32> = codes
+        .par_chunks_mut(cols)
+        .zip(w.par_chunks(cols))
+        .map(|(out, row)| {
+            let amax = row.iter().fold(0f32, |m, &v| m.max(v.abs()));
+            match (mode, importance) {
+                (WeightMode::Search, Some(imp)) if amax > 0.0 => {
+                    let mut best = (f64::INFINITY, 0f32);
+                    let mut tmp = vec![0u8; cols];
+                    for &r in &SEARCH_GRID {
+                        let s = scale_for(amax * r, style);
+                        row_codes(row, s, style, &mut tmp);
+                        let err: f64 = row
+                            .iter()
+                            .zip(&tmp)
+                            .zip(imp)
+                            .map(|((&x, &c), &h)| {
+                                let d = x as f64 - table[c as usize] as f64 * s as f64;
+                                h * d * d
+                            })
+                            .sum();
+                        if err < best.0 {
+                            best = (err, s);
+                        }
+                    }
+                    row_codes(row, best.1, style, out);
+                    best.1
+                }
+                _ => {
+                    let s = scale_for(amax, style);
+                    row_codes(row, s, style, out);
+                    s
+                }
+            }
+        })
+        .collect();
+    debug_assert_eq!(scales.len(), rows);
+    Fp8Matrix { codes, scales }
+}
+
+impl Fp8Matrix {
+    /// Dequantized values `code · scale` (f32), row-major.
+    pub fn dequantize(&self, cols: usize) -> Vec<f32> {
+        let table = e4m3_table();
+        let mut out = vec![0f32; self.codes.len()];
+        out.par_chunks_mut(cols)
+            .zip(self.codes.par_chunks(cols))
+            .zip(self.scales.par_iter())
+            .for_each(|((o, c), &s)| {
+                for (v, &q) in o.iter_mut().zip(c) {
+                    *v = table[q as usize] * s;
+                }
+            });
+        out
+    }
+}
+
+/// Relative RMS error ‖ŵ − w‖ / ‖w‖ of a dequantized matrix.
+pub fn relative_rms(w: &[f32], deq: &[f32]) -> f64 {
+    let (num, den) = w
+        .par_chunks(1 << 16)
+        .zip(deq.par_chunks(1 << 16))
+        .map(|(a, b)| {
+            a.iter().zip(b).fold((0f64, 0f64), |(n, d), (&x, &y)| {
+                let e = (x - y) as f64;
+                (n + e * e, d + (x as f64) * (x as f64))
+            })
+        })
+        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    if den == 0.0 {
+        0.0
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compressed_tensors_rounds_twice() {
+        // A row whose absmax gives scale bf16(1/448): values are divided in bf16 first.
+        let row = [1.0f32, -0.5, 0.3, 0.0];
+        let q = quantize(
+            &row,
+            4,
+            ScaleStyle::CompressedTensors,
+            WeightMode::Rtn,
+            None,
+        );
+        let s = round_bf16(1.0 / 448.0);
+        assert_eq!(q.scales, vec![s]);
+        for (i, &w) in row.iter().enumerate() {
+            let want = f32_to_e4m3(round_bf16(w / s).clamp(-448.0, 448.0));
+            assert_eq!(q.codes[i], want);
+        }
+        let zero = quantize(
+            &[0.0; 4],
+            4,
+            ScaleStyle::CompressedTensors,
+            WeightMode::Rtn,
+            None,
+        );
+        assert_eq!(zero.scales, vec![BF16_EPS]);
+        assert!(zero.codes.iter().all(|&c| c == 0));
+    }
+
+    #[test]
+    fn search_never_loses_to_rtn_on_its_own_objective() {
+        let mut rng = crate::numerics::rng::SplitMix64::new(3);
+        let cols = 64;
+        let w: Vec<f32> = (0..cols * 16)
+            .map(|_| (rng.unit_f32() - 0.5) * (1.0 + 10.0 * rng.unit_f32().powi(8)))
+            .collect();
+        let imp: Vec<f64> = (0..cols).map(|_| 0.1 + rng.unit_f32() as f64).collect();
+        let err = |q: &Fp8Matrix| -> f64 {
+            let d = q.dequantize(cols);
+            w.chunks(cols)
+                .zip(d.chunks(cols))
+                .map(|(a, b)| {
+                    a.iter()
+                        .zip(b)
+                        .zip(&imp)
+                        .map(|((x, y), h)| h * ((x - y) as f64).powi(2))
+                        .sum::<f64>()
+                })
+                .sum()
+        };
+        let rtn = quantize(
+            &w,
+            cols,
+            ScaleStyle::CompressedTensors,
+            WeightMode::Rtn,
+            None,
+        );
+        let s = quantize(
+            &w,
+            cols,
+            ScaleStyle::CompressedTensors,
+            WeightMode::Search,
+            Some(&imp),
+        );
+        assert!(err(&s) <= err(&rtn));
+    }
+}

@@ -1,0 +1,2 @@
+//! Quantization recipes: which tensor becomes which type with which scales.
+pub mod fp8;
