@@ -136,8 +136,11 @@ fn kv_scale_names(layer: usize) -> [String; 2] {
     ]
 }
 
+/// An input tensor: name, shape, and (layer, role) when it is a block linear weight.
+type InputTensor = (String, Vec<usize>, Option<(usize, LinearRole)>);
+
 /// The input tensors in canonical order with their role (None: copied as is).
-fn inputs(ck: &Checkpoint) -> Vec<(String, Vec<usize>, Option<(usize, LinearRole)>)> {
+fn inputs(ck: &Checkpoint) -> Vec<InputTensor> {
     let c = &ck.config;
     let mut v = Vec::new();
     for spec in ck.specs() {
