@@ -336,6 +336,7 @@ fn convert_loop(
                 }
             }
         }
+        ck.release(name);
         done += shape.iter().product::<usize>() as u64;
         progress(done, total);
     }

@@ -132,6 +132,21 @@ impl SafetensorsFile {
         })
     }
 
+    /// Drops this process's resident pages of tensor `name` (the page cache keeps them). Streaming
+    /// conversions call it after each tensor so that resident memory stays at one tensor's worth
+    /// instead of growing to the size of the checkpoint.
+    pub fn release(&self, name: &str) {
+        let Some(t) = self.tensors.get(name) else { return };
+        let page = 4096;
+        let start = (self.data_start + t.start).div_ceil(page) * page;
+        let end = (self.data_start + t.end) / page * page;
+        if end > start {
+            // SAFETY: DONTNEED on a read-only file mapping only discards our page-table entries;
+            // later reads fault the unchanged file contents back in.
+            let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+        }
+    }
+
     /// The raw little-endian bytes of tensor `name`.
     pub fn bytes(&self, name: &str) -> Option<&[u8]> {
         let t = self.tensors.get(name)?;
@@ -374,6 +389,13 @@ impl Checkpoint {
             expected: "a float dtype".into(),
             found: t.dtype.to_string(),
         })
+    }
+
+    /// See [`SafetensorsFile::release`].
+    pub fn release(&self, name: &str) {
+        if let Some((f, _)) = self.info(name) {
+            f.release(name);
+        }
     }
 
     /// Raw bytes and header entry of tensor `name`.
