@@ -213,9 +213,14 @@ pub fn run(
         return Err(Error::Invalid("--to needs at least one target".into()));
     }
     let t0 = Instant::now();
-    let needs_calib = o.targets.contains(&Target::Fp8Static) || o.fp8_weights == WeightMode::Search;
+    let needs_calib = o.targets.contains(&Target::Fp8Static) || o.fp8_weights != WeightMode::Rtn;
     let stats = if needs_calib {
         Some(calibrate(ck, &o.calib, device)?)
+    } else {
+        None
+    };
+    let hessians = if o.fp8_weights == WeightMode::Gptq {
+        Some(crate::calib::hessians(ck, &o.calib, device)?)
     } else {
         None
     };
@@ -241,7 +246,14 @@ pub fn run(
         .iter()
         .map(|s| (s.tmp.clone(), s.out.clone()))
         .collect();
-    let result = convert_loop(ck, o, stats.as_ref(), &mut sinks, progress);
+    let result = convert_loop(
+        ck,
+        o,
+        stats.as_ref(),
+        hessians.as_ref(),
+        &mut sinks,
+        progress,
+    );
     let result = result.and_then(|()| {
         let mut manifests = Vec::new();
         for s in sinks.drain(..) {
@@ -265,6 +277,7 @@ fn convert_loop(
     ck: &Checkpoint,
     o: &ConvertOptions,
     stats: Option<&CalibStats>,
+    hessians: Option<&crate::calib::hessian::Hessians>,
     sinks: &mut [Sink],
     progress: &dyn Fn(u64, u64),
 ) -> Result<()> {
@@ -293,8 +306,19 @@ fn convert_loop(
                 for s in sinks.iter_mut() {
                     let style = s.target.style();
                     if !cache.iter().any(|(st, _, _)| *st == style) {
-                        let m =
-                            fp8::quantize(&w, cols, style, o.fp8_weights, importance.as_deref());
+                        let m = match hessians {
+                            Some(h) => {
+                                let n = h.count.max(1) as f64;
+                                let mean: Vec<f64> = h.sums[*layer][r.site().index()]
+                                    .iter()
+                                    .map(|v| v / n)
+                                    .collect();
+                                fp8::quantize_gptq(&w, cols, style, &mean)?
+                            }
+                            None => {
+                                fp8::quantize(&w, cols, style, o.fp8_weights, importance.as_deref())
+                            }
+                        };
                         let deq = m.dequantize(cols);
                         cache.push((style, m, deq));
                     }
@@ -463,7 +487,7 @@ fn finish_sink(
         "version": crate::VERSION,
         "command_line": o.command_line,
         "target": s.target.name(),
-        "fp8_weights": match o.fp8_weights { WeightMode::Rtn => "rtn", WeightMode::Search => "search" },
+        "fp8_weights": o.fp8_weights.name(),
         "input": {"dir": ck.dir.display().to_string(), "sha256": input_hashes.iter().cloned().collect::<BTreeMap<_, _>>()},
         "calibration": stats.map(|st| json!(st.info)),
         "quantization_config": quantization_config(s.target),

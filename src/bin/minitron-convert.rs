@@ -32,9 +32,10 @@ struct Cli {
     /// Replace existing output folders.
     #[arg(long)]
     force: bool,
-    /// How FP8 weights are chosen: rtn (round to nearest, as llm-compressor) or search
-    /// (per-channel clipping search weighted by calibration statistics).
-    #[arg(long, default_value = "rtn", value_parser = ["rtn", "search"])]
+    /// How FP8 weights are chosen: rtn (round to nearest, as llm-compressor), search
+    /// (per-channel clipping search weighted by calibration statistics) or gptq (error feedback
+    /// through the calibration inputs' second moments).
+    #[arg(long, default_value = "rtn", value_parser = ["rtn", "search", "gptq"])]
     fp8_weights: String,
     #[command(flatten)]
     calib: CalibArgs,
@@ -198,11 +199,7 @@ fn main() -> std::process::ExitCode {
                     targets,
                     out,
                     force: cli.force,
-                    fp8_weights: if cli.fp8_weights == "search" {
-                        minitron::quant::fp8::WeightMode::Search
-                    } else {
-                        minitron::quant::fp8::WeightMode::Rtn
-                    },
+                    fp8_weights: minitron::quant::fp8::WeightMode::parse(&cli.fp8_weights)?,
                     calib: cli.calib.options(),
                     command_line: common::command_line(),
                 };

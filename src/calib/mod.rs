@@ -1,6 +1,7 @@
 //! Calibration: text → token chunks → activation statistics gathered through the runner's hooks
 //! → importance matrices (llama.cpp's GGUF and legacy formats) and the scales FP8 and INT8 need.
 pub mod dataset;
+pub mod hessian;
 pub mod imatrix;
 pub mod stats;
 
@@ -27,6 +28,23 @@ pub struct CalibOptions {
     pub load: Option<PathBuf>,
     /// Save the statistics for later runs.
     pub save: Option<PathBuf>,
+}
+
+/// Input second-moment matrices of every linear layer over the calibration chunks (for GPTQ).
+/// They are too large to save, so `--load-calib` does not apply; the text is read again.
+pub fn hessians(
+    ck: &Checkpoint,
+    o: &CalibOptions,
+    device: &candle_core::Device,
+) -> Result<hessian::Hessians> {
+    let src = load_source(o.calib.as_deref())?;
+    let tok = Tokenizer::load(&ck.dir)?;
+    let chunks = calibration_chunks(&tok, &src, &o.spec)?;
+    let model = crate::runtime::Llama::load(ck, candle_core::DType::F32, device)?;
+    let pb = crate::progress::bar(chunks.len() as u64, "hessians", false);
+    let h = hessian::Hessians::collect(&model, &chunks, &|| pb.inc(1))?;
+    pb.finish_and_clear();
+    Ok(h)
 }
 
 /// Produces calibration statistics for checkpoint `ck`: loads them, or runs the bf16 model (f32

@@ -136,14 +136,22 @@ impl SafetensorsFile {
     /// conversions call it after each tensor so that resident memory stays at one tensor's worth
     /// instead of growing to the size of the checkpoint.
     pub fn release(&self, name: &str) {
-        let Some(t) = self.tensors.get(name) else { return };
+        let Some(t) = self.tensors.get(name) else {
+            return;
+        };
         let page = 4096;
         let start = (self.data_start + t.start).div_ceil(page) * page;
         let end = (self.data_start + t.end) / page * page;
         if end > start {
             // SAFETY: DONTNEED on a read-only file mapping only discards our page-table entries;
             // later reads fault the unchanged file contents back in.
-            let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
         }
     }
 

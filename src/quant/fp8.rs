@@ -30,6 +30,52 @@ pub enum WeightMode {
     Rtn,
     /// Per-channel clipping search weighted by the calibration importance.
     Search,
+    /// GPTQ error feedback through the calibration inputs' second-moment matrix, on the
+    /// absmax grid of each row.
+    Gptq,
+}
+
+impl WeightMode {
+    pub fn parse(s: &str) -> crate::error::Result<Self> {
+        match s {
+            "rtn" => Ok(WeightMode::Rtn),
+            "search" => Ok(WeightMode::Search),
+            "gptq" => Ok(WeightMode::Gptq),
+            other => Err(crate::error::Error::Invalid(format!(
+                "unknown weight mode `{other}` (rtn, search, gptq)"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightMode::Rtn => "rtn",
+            WeightMode::Search => "search",
+            WeightMode::Gptq => "gptq",
+        }
+    }
+}
+
+/// GPTQ on the per-row absmax grid: `h_mean` is `E[x xᵀ]` of the layer's input (`[cols, cols]`).
+pub fn quantize_gptq(
+    w: &[f32],
+    cols: usize,
+    style: ScaleStyle,
+    h_mean: &[f64],
+) -> crate::error::Result<Fp8Matrix> {
+    let scales: Vec<f32> = w
+        .par_chunks(cols)
+        .map(|row| scale_for(row.iter().fold(0f32, |m, &v| m.max(v.abs())), style))
+        .collect();
+    let u = crate::quant::gptq::inverse_factor(h_mean, cols, 0.01)?;
+    let table = e4m3_table();
+    let codes = crate::quant::gptq::quantize_rows(w, cols, &u, |r, v| {
+        let s = scales[r];
+        let mut c = [0u8];
+        row_codes(&[v as f32], s, style, &mut c);
+        ((table[c[0] as usize] * s) as f64, c[0])
+    });
+    Ok(Fp8Matrix { codes, scales })
 }
 
 /// A quantized `[rows, cols]` matrix.

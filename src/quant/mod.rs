@@ -1,2 +1,3 @@
 //! Quantization recipes: which tensor becomes which type with which scales.
 pub mod fp8;
+pub mod gptq;

@@ -1,0 +1,82 @@
+//! Second-moment matrices `H = E[x xᵀ]` of every linear-layer input, for GPTQ-style weight
+//! rounding (formats/fp8.md#gptq). One matrix per input site (q/k/v share one, gate/up another),
+//! accumulated in f64 from f32 products of each chunk.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::names::InputSite;
+use crate::model::LlamaConfig;
+use crate::runtime::{Llama, Observer};
+
+/// Σ x xᵀ (row-major `[n, n]`) and the number of rows summed, per block and site.
+pub struct Hessians {
+    /// `[layer][site]`.
+    pub sums: Vec<Vec<Vec<f64>>>,
+    pub count: u64,
+}
+
+/// Bytes the matrices of a model need.
+pub fn bytes_needed(c: &LlamaConfig) -> u64 {
+    let per_layer: u64 = InputSite::ALL
+        .iter()
+        .map(|s| (s.width(c) as u64).pow(2))
+        .sum();
+    per_layer * c.num_hidden_layers as u64 * 8
+}
+
+/// The most memory we allow the matrices to take.
+pub const MAX_BYTES: u64 = 6_000_000_000;
+
+struct Collector {
+    sums: Vec<Vec<Vec<f64>>>,
+}
+
+impl Observer for Collector {
+    fn linear_input(&mut self, layer: usize, site: InputSite, x: &Tensor) -> Result<()> {
+        let n = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / n;
+        let x = x.to_dtype(DType::F32)?.reshape((rows, n))?;
+        let g = x.t()?.matmul(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        for (acc, v) in self.sums[layer][site.index()].iter_mut().zip(g) {
+            *acc += v as f64;
+        }
+        Ok(())
+    }
+}
+
+impl Hessians {
+    /// Runs `model` over `chunks` and accumulates the matrices.
+    pub fn collect(model: &Llama, chunks: &[Vec<u32>], on_chunk: &dyn Fn()) -> Result<Self> {
+        let c = &model.config;
+        let need = bytes_needed(c);
+        if need > MAX_BYTES {
+            return Err(Error::Unsupported(format!(
+                "GPTQ needs {:.1} GB of input second-moment matrices for this model (limit {:.1} GB); use --fp8-weights search or rtn",
+                need as f64 / 1e9,
+                MAX_BYTES as f64 / 1e9
+            )));
+        }
+        let mut col = Collector {
+            sums: (0..c.num_hidden_layers)
+                .map(|_| {
+                    InputSite::ALL
+                        .iter()
+                        .map(|s| vec![0f64; s.width(c).pow(2)])
+                        .collect()
+                })
+                .collect(),
+        };
+        let mut count = 0u64;
+        for ch in chunks {
+            let ids = Tensor::from_slice(ch, (1, ch.len()), &model.device)?;
+            model.forward_from(&ids, None, Some(&mut col), ch.len() - 1)?;
+            count += ch.len() as u64;
+            on_chunk();
+        }
+        Ok(Hessians {
+            sums: col.sums,
+            count,
+        })
+    }
+}
