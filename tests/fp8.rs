@@ -253,3 +253,70 @@ fn failed_conversion_leaves_nothing() {
     );
     assert!(e.contains("unknown target `fp9`"), "{e}");
 }
+
+#[test]
+fn search_and_gptq_keep_the_layout_are_deterministic_and_lower_the_error() {
+    let t = tempdir();
+    let text = root().join("src/calib/default_corpus.txt");
+    let reference = tiny();
+    let mut kld = BTreeMap::new();
+    for mode in ["rtn", "search", "gptq"] {
+        let mut hashes = Vec::new();
+        for threads in ["1", "2"] {
+            let out = t.path().join(format!("{mode}-{threads}"));
+            run_ok(
+                "minitron-convert",
+                &[
+                    s(&tiny()),
+                    "--to",
+                    "fp8",
+                    "--fp8-weights",
+                    mode,
+                    "--out",
+                    s(&out),
+                    "--calib-seq",
+                    "64",
+                    "--threads",
+                    threads,
+                ],
+            );
+            hashes.push(sha256(&out.join("model.safetensors")));
+        }
+        assert_eq!(
+            hashes[0], hashes[1],
+            "{mode}: artifacts differ between 1 and 2 threads"
+        );
+        let out = t.path().join(format!("{mode}-1"));
+        let names: Vec<_> = tensors(&out)
+            .into_iter()
+            .map(|(k, (d, s, _))| (k, d, s))
+            .collect();
+        let rtn_names: Vec<_> = tensors(&t.path().join("rtn-1"))
+            .into_iter()
+            .map(|(k, (d, s, _))| (k, d, s))
+            .collect();
+        assert_eq!(names, rtn_names, "{mode}: layout differs from rtn");
+        let r: serde_json::Value = serde_json::from_str(&run_ok(
+            "minitron-verify",
+            &[
+                s(&out),
+                "--reference",
+                s(&reference),
+                "--ppl",
+                s(&text),
+                "--ctx",
+                "64",
+                "--kld",
+                "--weight-only",
+                "--json",
+            ],
+        ))
+        .unwrap();
+        kld.insert(mode, r["kld"]["divergence"]["mean_kld"].as_f64().unwrap());
+    }
+    eprintln!("tiny fixture, weight-only mean KLD: {kld:?}");
+    assert!(
+        kld["search"] < kld["rtn"] && kld["gptq"] < kld["search"],
+        "{kld:?}"
+    );
+}

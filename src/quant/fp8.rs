@@ -59,7 +59,12 @@ impl WeightMode {
 /// GPTQ on a per-row grid: `h_mean` is `E[x xᵀ]` of the layer's input (`[cols, cols]`). Each
 /// row's scale is chosen first by the importance-weighted clipping search (the diagonal of
 /// `h_mean` is the importance), then columns are rounded with error feedback.
-pub fn quantize_gptq(w: &[f32], cols: usize, style: ScaleStyle, h_mean: &[f64]) -> crate::error::Result<Fp8Matrix> {
+pub fn quantize_gptq(
+    w: &[f32],
+    cols: usize,
+    style: ScaleStyle,
+    h_mean: &[f64],
+) -> crate::error::Result<Fp8Matrix> {
     let importance: Vec<f64> = (0..cols).map(|j| h_mean[j * cols + j]).collect();
     let scales = quantize(w, cols, style, WeightMode::Search, Some(&importance)).scales;
     let u = crate::quant::gptq::inverse_factor(h_mean, cols, 0.01)?;
