@@ -282,6 +282,8 @@ fn convert_loop(
     progress: &dyn Fn(u64, u64),
 ) -> Result<()> {
     let items = inputs(ck);
+    // GPTQ factor of the last (layer, site): q/k/v and gate/up share one.
+    let mut factor: Option<((usize, usize), Vec<f64>, Vec<f64>)> = None;
     let total: u64 = items
         .iter()
         .map(|(_, s, _)| s.iter().product::<usize>() as u64)
@@ -308,12 +310,16 @@ fn convert_loop(
                     if !cache.iter().any(|(st, _, _)| *st == style) {
                         let m = match hessians {
                             Some(h) => {
-                                let n = h.count.max(1) as f64;
-                                let mean: Vec<f64> = h.sums[*layer][r.site().index()]
-                                    .iter()
-                                    .map(|v| v / n)
-                                    .collect();
-                                fp8::quantize_gptq(&w, cols, style, &mean)?
+                                let key = (*layer, r.site().index());
+                                if factor.as_ref().map(|f| f.0) != Some(key) {
+                                    let n = h.count.max(1) as f64;
+                                    let mean: Vec<f64> =
+                                        h.sums[key.0][key.1].iter().map(|v| v / n).collect();
+                                    let u = crate::quant::gptq::inverse_factor(&mean, cols, 0.01)?;
+                                    factor = Some((key, mean, u));
+                                }
+                                let (_, mean, u) = factor.as_ref().expect("just set");
+                                fp8::quantize_gptq(&w, cols, style, mean, u)
                             }
                             None => {
                                 fp8::quantize(&w, cols, style, o.fp8_weights, importance.as_deref())
