@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::format::safetensors_out::{
     begin_dir, commit_dir, sha256_bytes, PlannedTensor, ShardedWriter, WrittenFile,
 };
-use crate::model::names::{self, LinearRole};
+use crate::model::names::{self, InputSite, LinearRole};
 use crate::model::synth::MAX_SHARD_BYTES;
 use crate::model::{Checkpoint, Dtype};
 use crate::quant::fp8::{self, Fp8Matrix, ScaleStyle, WeightMode};
@@ -31,6 +31,10 @@ pub enum Target {
     Fp8Static,
     /// ModelOpt unified HF checkpoint, FP8_PER_CHANNEL_PER_TOKEN.
     Fp8ModelOpt,
+    /// compressed-tensors W8A8 INT8 (`int-quantized`) after SmoothQuant.
+    Int8,
+    /// compressed-tensors weight-only INT8 (`pack-quantized`).
+    Int8W8A16,
 }
 
 impl Target {
@@ -39,9 +43,11 @@ impl Target {
             "fp8" => Target::Fp8,
             "fp8-static" => Target::Fp8Static,
             "fp8-modelopt" => Target::Fp8ModelOpt,
+            "int8" => Target::Int8,
+            "int8-w8a16" => Target::Int8W8A16,
             other => {
                 return Err(Error::Invalid(format!(
-                    "unknown target `{other}` (available: fp8, fp8-static, fp8-modelopt)"
+                    "unknown target `{other}` (available: fp8, fp8-static, fp8-modelopt, int8, int8-w8a16)"
                 )))
             }
         })
@@ -52,7 +58,13 @@ impl Target {
             Target::Fp8 => "fp8",
             Target::Fp8Static => "fp8-static",
             Target::Fp8ModelOpt => "fp8-modelopt",
+            Target::Int8 => "int8",
+            Target::Int8W8A16 => "int8-w8a16",
         }
+    }
+
+    fn is_fp8(self) -> bool {
+        matches!(self, Target::Fp8 | Target::Fp8Static | Target::Fp8ModelOpt)
     }
 
     fn style(self) -> ScaleStyle {
@@ -70,6 +82,10 @@ pub struct ConvertOptions {
     pub out: PathBuf,
     pub force: bool,
     pub fp8_weights: WeightMode,
+    /// SmoothQuant migration strength for `int8` (`None`: choose per layer from a grid).
+    pub smooth_alpha: Option<f64>,
+    /// Group size for `int8-w8a16` (`None`: one scale per output channel).
+    pub group_size: Option<usize>,
     pub calib: CalibOptions,
     pub command_line: String,
 }
@@ -92,11 +108,41 @@ pub fn target_dir(o: &ConvertOptions, t: Target) -> PathBuf {
     }
 }
 
-fn linear_plan(t: Target, name: &str, shape: &[usize]) -> Vec<PlannedTensor> {
+fn linear_plan(t: Target, name: &str, shape: &[usize], group: Option<usize>) -> Vec<PlannedTensor> {
     let stem = name
         .strip_suffix(".weight")
         .expect("linear weights end in .weight");
     let out = shape[0];
+    let pt = |n: String, dtype, shape: Vec<usize>| PlannedTensor {
+        name: n,
+        dtype,
+        shape,
+    };
+    match t {
+        Target::Int8 => {
+            return vec![
+                pt(name.to_owned(), Dtype::I8, shape.to_vec()),
+                pt(format!("{stem}.weight_scale"), Dtype::BF16, vec![out, 1]),
+            ]
+        }
+        Target::Int8W8A16 => {
+            let groups = group.map_or(1, |g| shape[1] / g);
+            return vec![
+                pt(
+                    format!("{stem}.weight_packed"),
+                    Dtype::I32,
+                    vec![out, shape[1].div_ceil(4)],
+                ),
+                pt(
+                    format!("{stem}.weight_scale"),
+                    Dtype::BF16,
+                    vec![out, groups],
+                ),
+                pt(format!("{stem}.weight_shape"), Dtype::I64, vec![2]),
+            ];
+        }
+        _ => {}
+    }
     let mut v = vec![PlannedTensor {
         name: name.to_owned(),
         dtype: Dtype::F8E4M3,
@@ -125,6 +171,7 @@ fn linear_plan(t: Target, name: &str, shape: &[usize]) -> Vec<PlannedTensor> {
             dtype: Dtype::F32,
             shape: vec![out],
         }),
+        Target::Int8 | Target::Int8W8A16 => unreachable!("handled above"),
     }
     v
 }
@@ -155,12 +202,12 @@ fn inputs(ck: &Checkpoint) -> Vec<InputTensor> {
     v
 }
 
-fn plan(t: Target, ck: &Checkpoint) -> Vec<PlannedTensor> {
+fn plan(t: Target, ck: &Checkpoint, group: Option<usize>) -> Vec<PlannedTensor> {
     let mut v = Vec::new();
     for (name, shape, role) in inputs(ck) {
         match role {
             Some((l, r)) => {
-                v.extend(linear_plan(t, &name, &shape));
+                v.extend(linear_plan(t, &name, &shape, group));
                 if t == Target::Fp8Static && r == LinearRole::V {
                     for n in kv_scale_names(l) {
                         v.push(PlannedTensor {
@@ -213,13 +260,16 @@ pub fn run(
         return Err(Error::Invalid("--to needs at least one target".into()));
     }
     let t0 = Instant::now();
-    let needs_calib = o.targets.contains(&Target::Fp8Static) || o.fp8_weights != WeightMode::Rtn;
+    let has_fp8 = o.targets.iter().any(|t| t.is_fp8());
+    let needs_calib = o.targets.contains(&Target::Fp8Static)
+        || o.targets.contains(&Target::Int8)
+        || (has_fp8 && o.fp8_weights != WeightMode::Rtn);
     let stats = if needs_calib {
         Some(calibrate(ck, &o.calib, device)?)
     } else {
         None
     };
-    let hessians = if o.fp8_weights == WeightMode::Gptq {
+    let hessians = if has_fp8 && o.fp8_weights == WeightMode::Gptq {
         Some(crate::calib::hessians(ck, &o.calib, device)?)
     } else {
         None
@@ -233,7 +283,7 @@ pub fn run(
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
         let tmp = begin_dir(&out, o.force)?;
-        let writer = ShardedWriter::create(&tmp, plan(t, ck), MAX_SHARD_BYTES)?;
+        let writer = ShardedWriter::create(&tmp, plan(t, ck, o.group_size), MAX_SHARD_BYTES)?;
         sinks.push(Sink {
             target: t,
             out,
@@ -289,13 +339,43 @@ fn convert_loop(
         .map(|(_, s, _)| s.iter().product::<usize>() as u64)
         .sum();
     let mut done = 0u64;
+    let want_smooth = sinks.iter().any(|s| s.target == Target::Int8);
+    let mut smooth: Option<crate::quant::smoothquant::LayerSmoothing> = None;
     for (name, shape, role) in &items {
+        let norm_of = (0..ck.config.num_hidden_layers).find_map(|l| {
+            if *name == names::hf_input_norm(l) {
+                Some((l, InputSite::AttnIn))
+            } else if *name == names::hf_post_norm(l) {
+                Some((l, InputSite::MlpIn))
+            } else {
+                None
+            }
+        });
+        let layer_of = role.map(|(l, _)| l).or(norm_of.map(|(l, _)| l));
+        if let (true, Some(l)) = (want_smooth, layer_of) {
+            if smooth.as_ref().map(|s| s.layer) != Some(l) {
+                let st = stats.ok_or_else(|| Error::Invalid("int8 needs calibration".into()))?;
+                smooth = Some(crate::quant::smoothquant::LayerSmoothing::compute(
+                    ck,
+                    st,
+                    l,
+                    o.smooth_alpha,
+                )?);
+            }
+        }
         match role {
             None => {
                 let (f, _) = ck.info(name).expect("listed");
                 let bytes = f.bytes(name).expect("listed");
                 for s in sinks.iter_mut() {
-                    s.writer.write(name, bytes)?;
+                    match (s.target, norm_of, smooth.as_ref()) {
+                        (Target::Int8, Some((_, site)), Some(sm)) => {
+                            let g = ck.read_f32(name)?;
+                            s.writer
+                                .write(name, &bf16_bytes(&sm.smooth_norm(site, &g)))?;
+                        }
+                        _ => s.writer.write(name, bytes)?,
+                    }
                 }
             }
             Some((layer, r)) => {
@@ -306,6 +386,40 @@ fn convert_loop(
                 // Quantize once per distinct (style, mode); targets share the result.
                 let mut cache: Vec<(ScaleStyle, Fp8Matrix, Vec<f32>)> = Vec::new();
                 for s in sinks.iter_mut() {
+                    let stem = name.strip_suffix(".weight").expect("weight");
+                    match s.target {
+                        Target::Int8 => {
+                            let sm = smooth.as_ref().expect("computed for this layer");
+                            let ws = sm.smooth_weight(r.site(), &w, cols);
+                            let m = crate::quant::int8::quantize(&ws, cols, None);
+                            s.errors
+                                .insert(name.clone(), fp8::relative_rms(&ws, &m.dequantize(cols)));
+                            let bytes: Vec<u8> = m.q.iter().map(|&v| v as u8).collect();
+                            s.writer.write(name, &bytes)?;
+                            s.writer
+                                .write(&format!("{stem}.weight_scale"), &bf16_bytes(&m.scales))?;
+                            continue;
+                        }
+                        Target::Int8W8A16 => {
+                            let m = crate::quant::int8::quantize(&w, cols, o.group_size);
+                            s.errors
+                                .insert(name.clone(), fp8::relative_rms(&w, &m.dequantize(cols)));
+                            s.writer.write(
+                                &format!("{stem}.weight_packed"),
+                                &crate::quant::int8::pack(&m.q, cols),
+                            )?;
+                            s.writer
+                                .write(&format!("{stem}.weight_scale"), &bf16_bytes(&m.scales))?;
+                            let shape_bytes: Vec<u8> = [shape[0] as i64, cols as i64]
+                                .iter()
+                                .flat_map(|v| v.to_le_bytes())
+                                .collect();
+                            s.writer
+                                .write(&format!("{stem}.weight_shape"), &shape_bytes)?;
+                            continue;
+                        }
+                        _ => {}
+                    }
                     let style = s.target.style();
                     if !cache.iter().any(|(st, _, _)| *st == style) {
                         let m = match hessians {
@@ -333,7 +447,6 @@ fn convert_loop(
                         .find(|(st, _, _)| *st == style)
                         .expect("cached");
                     s.errors.insert(name.clone(), fp8::relative_rms(&w, deq));
-                    let stem = name.strip_suffix(".weight").expect("weight");
                     s.writer.write(name, &m.codes)?;
                     match s.target {
                         Target::Fp8 => s
@@ -362,6 +475,7 @@ fn convert_loop(
                         Target::Fp8ModelOpt => s
                             .writer
                             .write(&format!("{stem}.weight_scale"), &f32_bytes(&m.scales))?,
+                        Target::Int8 | Target::Int8W8A16 => unreachable!("handled above"),
                     }
                 }
             }
@@ -379,7 +493,7 @@ fn weights_args(observer: &str) -> Value {
 }
 
 /// The `quantization_config` block of config.json (formats/fp8.md#config).
-pub fn quantization_config(t: Target) -> Value {
+pub fn quantization_config(t: Target, group: Option<usize>) -> Value {
     match t {
         Target::Fp8 | Target::Fp8Static => {
             let (inputs, kv) = if t == Target::Fp8 {
@@ -415,6 +529,46 @@ pub fn quantization_config(t: Target) -> Value {
                 "version": "0.19.0"
             })
         }
+        Target::Int8 => json!({
+            "config_groups": {"group_0": {
+                "format": "int-quantized",
+                "input_activations": {"actorder": null, "block_structure": null, "dynamic": true, "group_size": null, "num_bits": 8,
+                       "observer": null, "observer_kwargs": {}, "strategy": "token", "symmetric": true, "type": "int"},
+                "output_activations": null,
+                "targets": ["Linear"],
+                "weights": {"actorder": null, "block_structure": null, "dynamic": false, "group_size": null, "num_bits": 8,
+                       "observer": "memoryless_minmax", "observer_kwargs": {}, "strategy": "channel", "symmetric": true, "type": "int"},
+            }},
+            "format": "int-quantized",
+            "global_compression_ratio": null,
+            "ignore": ["lm_head"],
+            "kv_cache_scheme": null,
+            "quant_method": "compressed-tensors",
+            "quantization_status": "compressed",
+            "sparsity_config": {},
+            "transform_config": {},
+            "version": "0.19.0"
+        }),
+        Target::Int8W8A16 => json!({
+            "config_groups": {"group_0": {
+                "format": "pack-quantized",
+                "input_activations": null,
+                "output_activations": null,
+                "targets": ["Linear"],
+                "weights": {"actorder": null, "block_structure": null, "dynamic": false, "group_size": group, "num_bits": 8,
+                       "observer": "memoryless_minmax", "observer_kwargs": {},
+                       "strategy": if group.is_some() { "group" } else { "channel" }, "symmetric": true, "type": "int"},
+            }},
+            "format": "pack-quantized",
+            "global_compression_ratio": null,
+            "ignore": ["lm_head"],
+            "kv_cache_scheme": null,
+            "quant_method": "compressed-tensors",
+            "quantization_status": "compressed",
+            "sparsity_config": {},
+            "transform_config": {},
+            "version": "0.19.0"
+        }),
         Target::Fp8ModelOpt => json!({
             "quant_method": "modelopt",
             "quant_algo": "FP8_PER_CHANNEL_PER_TOKEN",
@@ -453,7 +607,7 @@ fn finish_sink(
         Ok(())
     };
     let mut cfg = ck.config_json.clone();
-    cfg["quantization_config"] = quantization_config(s.target);
+    cfg["quantization_config"] = quantization_config(s.target, o.group_size);
     write(
         "config.json",
         serde_json::to_string_pretty(&cfg).expect("json") + "\n",
@@ -496,7 +650,7 @@ fn finish_sink(
         "fp8_weights": o.fp8_weights.name(),
         "input": {"dir": ck.dir.display().to_string(), "sha256": input_hashes.iter().cloned().collect::<BTreeMap<_, _>>()},
         "calibration": stats.map(|st| json!(st.info)),
-        "quantization_config": quantization_config(s.target),
+        "quantization_config": quantization_config(s.target, o.group_size),
         "files": files,
         "total_bytes": files.iter().map(|f| f.bytes).sum::<u64>(),
         "tensor_error": {"metric": "relative RMS of dequantized vs bf16 weights", "worst": worst, "per_tensor": s.errors},

@@ -37,6 +37,13 @@ struct Cli {
     /// through the calibration inputs' second moments).
     #[arg(long, default_value = "rtn", value_parser = ["rtn", "search", "gptq"])]
     fp8_weights: String,
+    /// SmoothQuant migration strength for --to int8: a number in (0, 1), or `auto` to choose it
+    /// per layer from 0.3 … 0.9 by the calibrated output error.
+    #[arg(long, default_value = "0.8")]
+    smooth_alpha: String,
+    /// Scales per this many input columns for --to int8-w8a16 (default: one per output channel).
+    #[arg(long)]
+    group_size: Option<usize>,
     #[command(flatten)]
     calib: CalibArgs,
     /// Worker threads (default: all logical CPUs).
@@ -200,6 +207,21 @@ fn main() -> std::process::ExitCode {
                     out,
                     force: cli.force,
                     fp8_weights: minitron::quant::fp8::WeightMode::parse(&cli.fp8_weights)?,
+                    smooth_alpha: match cli.smooth_alpha.as_str() {
+                        "auto" => None,
+                        a => {
+                            let v: f64 = a.parse().map_err(|_| {
+                                anyhow::anyhow!(
+                                    "--smooth-alpha: expected a number or auto, found `{a}`"
+                                )
+                            })?;
+                            if !(v > 0.0 && v < 1.0) {
+                                bail!("--smooth-alpha must be in (0, 1), found {v}");
+                            }
+                            Some(v)
+                        }
+                    },
+                    group_size: cli.group_size,
                     calib: cli.calib.options(),
                     command_line: common::command_line(),
                 };

@@ -75,9 +75,16 @@ impl SiteStats {
 pub struct LayerStats {
     /// Indexed by [`InputSite::index`].
     pub sites: Vec<SiteStats>,
+    /// Up to [`SAMPLE_ROWS`] activation rows of the `attn_in` and `mlp_in` sites (row-major),
+    /// kept in memory for SmoothQuant's α search; not saved.
+    pub samples: [Vec<f32>; 2],
     pub k_absmax: f32,
     pub v_absmax: f32,
 }
+
+/// Activation rows kept per smoothed site: every `SAMPLE_STRIDE`-th row until this many.
+pub const SAMPLE_ROWS: usize = 512;
+const SAMPLE_STRIDE: usize = 8;
 
 /// Where the statistics came from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,7 +112,22 @@ struct Collector {
 impl Observer for Collector {
     fn linear_input(&mut self, layer: usize, site: InputSite, x: &Tensor) -> Result<()> {
         let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        self.layers[layer].sites[site.index()].add_rows(&v);
+        let s = &mut self.layers[layer].sites[site.index()];
+        let (w, seen) = (s.absmax.len(), s.count as usize);
+        s.add_rows(&v);
+        let slot = match site {
+            InputSite::AttnIn => Some(0),
+            InputSite::MlpIn => Some(1),
+            _ => None,
+        };
+        if let Some(k) = slot {
+            let buf = &mut self.layers[layer].samples[k];
+            for (i, row) in v.chunks(w).enumerate() {
+                if (seen + i) % SAMPLE_STRIDE == 0 && buf.len() < SAMPLE_ROWS * w {
+                    buf.extend_from_slice(row);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -136,6 +158,7 @@ impl CalibStats {
                         .iter()
                         .map(|s| SiteStats::new(s.width(c)))
                         .collect(),
+                    samples: [Vec::new(), Vec::new()],
                     k_absmax: 0.0,
                     v_absmax: 0.0,
                 })

@@ -326,6 +326,26 @@ impl Checkpoint {
                 if spec.optional {
                     continue;
                 }
+                // pack-quantized layers store `weight_packed` (I32 [out, ceil(in/4)]) instead.
+                if let Some(stem) = spec.name.strip_suffix(".weight") {
+                    let packed = format!("{stem}.weight_packed");
+                    if let Some(&pi) = self.index.get(&packed) {
+                        let f = &self.files[pi];
+                        let t = &f.tensors[&packed];
+                        let want = vec![spec.shape[0], spec.shape[1].div_ceil(4)];
+                        if t.dtype != Dtype::I32 || t.shape != want {
+                            return Err(Error::TensorMismatch {
+                                path: f.path.clone(),
+                                tensor: packed,
+                                expected: format!(
+                                    "I32 {want:?} (8-bit values packed four per word)"
+                                ),
+                                found: format!("{} {:?}", t.dtype, t.shape),
+                            });
+                        }
+                        continue;
+                    }
+                }
                 return Err(Error::MissingTensor {
                     path: self.weights_label(),
                     tensor: spec.name.clone(),

@@ -1,3 +1,5 @@
 //! Quantization recipes: which tensor becomes which type with which scales.
 pub mod fp8;
 pub mod gptq;
+pub mod int8;
+pub mod smoothquant;

@@ -25,6 +25,15 @@ pub enum Linear {
     /// with the runtime's activation quantization emulated. With f32 accumulation this is what
     /// `D = a_scale · w_scale · (A_fp8 · W_fp8)` computes on Hopper.
     Fp8 { weight: Tensor, act: ActQuant },
+    /// INT8 W8A8 as vLLM runs it: per-token dynamic INT8 activations (`absmax/127`, round half
+    /// to even, ±127) times INT8 weights; the integer products are summed exactly (in f64, whose
+    /// 53-bit mantissa holds any such sum) and scaled by both scales.
+    Int8 {
+        q: Tensor,
+        scale: Tensor,
+        dequantized: Tensor,
+        dynamic: bool,
+    },
 }
 
 /// Smallest per-token scale vLLM uses for dynamic FP8 activations (1 / (448 · 512)).
@@ -69,6 +78,35 @@ impl Linear {
         Ok(Linear::Dense { weight: w })
     }
 
+    /// An INT8 layer from values `q` (`[out, in]`) and per-channel scales. Without `dynamic`
+    /// activations stay unquantized (weight-only).
+    pub fn int8(
+        q: &[i8],
+        scales: Vec<f32>,
+        out: usize,
+        inp: usize,
+        dynamic: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let qf: Vec<f64> = q.iter().map(|&v| v as f64).collect();
+        let deq: Vec<f32> = q
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| v as f32 * scales[i / inp])
+            .collect();
+        Ok(Linear::Int8 {
+            q: Tensor::from_vec(qf, (out, inp), device)?,
+            scale: Tensor::from_vec(
+                scales.iter().map(|&s| s as f64).collect::<Vec<_>>(),
+                (1, out),
+                device,
+            )?,
+            dequantized: Tensor::from_vec(deq, (out, inp), device)?.to_dtype(dtype)?,
+            dynamic,
+        })
+    }
+
     /// Applies the layer to `x` of shape `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -80,6 +118,43 @@ impl Linear {
                     ActQuant::Static(s) => fp8_static(x, *s)?,
                 };
                 Self::matmul(&xq, weight)
+            }
+            Linear::Int8 {
+                q,
+                scale,
+                dequantized,
+                dynamic,
+            } => {
+                if !dynamic {
+                    return Self::matmul(x, dequantized);
+                }
+                let dims = x.dims().to_vec();
+                let inp = *dims.last().expect("rank ≥ 1");
+                let rows: usize = dims[..dims.len() - 1].iter().product();
+                let xv = x
+                    .to_dtype(DType::F32)?
+                    .reshape((rows, inp))?
+                    .to_vec2::<f32>()?;
+                let mut xq = Vec::with_capacity(rows * inp);
+                let mut xs = Vec::with_capacity(rows);
+                for r in &xv {
+                    let amax = r.iter().fold(0f32, |m, &v| m.max(v.abs()));
+                    let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+                    xs.push(s as f64);
+                    xq.extend(
+                        r.iter()
+                            .map(|&v| (v / s).round_ties_even().clamp(-127.0, 127.0) as f64),
+                    );
+                }
+                let xq = Tensor::from_vec(xq, (rows, inp), x.device())?;
+                let xs = Tensor::from_vec(xs, (rows, 1), x.device())?;
+                let y = xq
+                    .matmul(&q.t()?)?
+                    .broadcast_mul(&xs)?
+                    .broadcast_mul(scale)?;
+                let mut out_dims = dims;
+                *out_dims.last_mut().expect("rank ≥ 1") = q.dim(0)?;
+                Ok(y.to_dtype(x.dtype())?.reshape(out_dims)?)
             }
         }
     }
@@ -101,7 +176,12 @@ impl Linear {
     /// `[out, in]`.
     pub fn shape(&self) -> (usize, usize) {
         match self {
-            Linear::Dense { weight } | Linear::Fp8 { weight, .. } => {
+            Linear::Dense { weight }
+            | Linear::Fp8 { weight, .. }
+            | Linear::Int8 {
+                dequantized: weight,
+                ..
+            } => {
                 let d = weight.dims();
                 (d[0], d[1])
             }

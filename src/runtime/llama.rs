@@ -116,12 +116,56 @@ impl Llama {
         let lin = |layer: usize, role: LinearRole| -> Result<Linear> {
             let [out, inp] = role.shape(c);
             let name = names::hf_linear(layer, role);
+            let stem = name.strip_suffix(".weight").expect("weight");
+            let scale_name = format!("{stem}.weight_scale");
+            let packed = format!("{stem}.weight_packed");
+            if ck.index.contains_key(&packed) {
+                // W8A16: dequantized weights, activations untouched (what Marlin computes).
+                let (bytes, _) = ck.raw(&packed)?;
+                let q = crate::quant::int8::unpack(bytes, out, inp);
+                let scales = ck.read_f32(&scale_name)?;
+                let groups = scales.len() / out;
+                if groups == 0 || scales.len() % out != 0 || inp % groups != 0 {
+                    return Err(Error::TensorMismatch {
+                        path: ck.dir.clone(),
+                        tensor: scale_name,
+                        expected: format!("[{out}, groups] with groups dividing {inp}"),
+                        found: format!("{} values", scales.len()),
+                    });
+                }
+                let g = inp / groups;
+                let w: Vec<f32> = q
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| v as f32 * scales[(i / inp) * groups + (i % inp) / g])
+                    .collect();
+                return Linear::dense(w, out, inp, dtype, device);
+            }
             let (bytes, info) = ck.raw(&name)?;
+            if info.dtype == Dtype::I8 {
+                let scales = ck.read_f32(&scale_name)?;
+                if scales.len() != out {
+                    return Err(Error::TensorMismatch {
+                        path: ck.dir.clone(),
+                        tensor: scale_name,
+                        expected: format!("{out} per-channel values"),
+                        found: format!("{} values", scales.len()),
+                    });
+                }
+                let q: Vec<i8> = bytes.iter().map(|&b| b as i8).collect();
+                return Linear::int8(
+                    &q,
+                    scales,
+                    out,
+                    inp,
+                    dynamic_default && !opts.weight_only,
+                    dtype,
+                    device,
+                );
+            }
             if info.dtype != Dtype::F8E4M3 {
                 return Linear::dense(ck.read_f32(&name)?, out, inp, dtype, device);
             }
-            let stem = name.strip_suffix(".weight").expect("weight");
-            let scale_name = format!("{stem}.weight_scale");
             let scales = ck.read_f32(&scale_name)?;
             if scales.len() != out && scales.len() != 1 {
                 return Err(Error::TensorMismatch {

@@ -1,0 +1,144 @@
+//! Symmetric INT8 weights as compressed-tensors defines them (formats/int8.md#weights), the
+//! `pack-quantized` layout, and SmoothQuant's per-channel migration.
+//!
+//! compressed-tensors' symmetric range is [−128, 127] with `scale = absmax / 127.5` (half the
+//! span), stored in bf16; `q = clamp(round(bf16(w / scale)), −128, 127)` with round-half-even.
+
+use rayon::prelude::*;
+
+use crate::numerics::fp8::round_bf16;
+
+/// A quantized `[rows, cols]` matrix with `groups` scales per row.
+pub struct Int8Matrix {
+    pub q: Vec<i8>,
+    /// Row-major `[rows, groups]`.
+    pub scales: Vec<f32>,
+    pub groups: usize,
+}
+
+const BF16_EPS: f32 = 0.0078125;
+
+/// Quantizes `w` (`[rows, cols]`, values already bf16-representable) per output channel, or per
+/// `group` input columns when given (which must divide `cols`).
+pub fn quantize(w: &[f32], cols: usize, group: Option<usize>) -> Int8Matrix {
+    let g = group.unwrap_or(cols);
+    let groups = cols / g;
+    let mut q = vec![0i8; w.len()];
+    let scales: Vec<f32> = q
+        .par_chunks_mut(cols)
+        .zip(w.par_chunks(cols))
+        .flat_map_iter(|(qr, row)| {
+            let mut ss = Vec::with_capacity(groups);
+            for (qg, wg) in qr.chunks_mut(g).zip(row.chunks(g)) {
+                let amax = wg.iter().fold(0f32, |m, &v| m.max(v.abs()));
+                let mut s = round_bf16(amax / 127.5);
+                if s == 0.0 {
+                    s = BF16_EPS;
+                }
+                for (o, &x) in qg.iter_mut().zip(wg) {
+                    *o = round_bf16(x / s).round_ties_even().clamp(-128.0, 127.0) as i8;
+                }
+                ss.push(s);
+            }
+            ss
+        })
+        .collect();
+    Int8Matrix { q, scales, groups }
+}
+
+impl Int8Matrix {
+    /// `q · scale` per element.
+    pub fn dequantize(&self, cols: usize) -> Vec<f32> {
+        let g = cols / self.groups;
+        let mut out = vec![0f32; self.q.len()];
+        out.par_chunks_mut(cols).enumerate().for_each(|(r, o)| {
+            for (j, v) in o.iter_mut().enumerate() {
+                *v = self.q[r * cols + j] as f32 * self.scales[r * self.groups + j / g];
+            }
+        });
+        out
+    }
+}
+
+/// `pack-quantized` for 8 bits: each value offset by +128 to an unsigned byte, four per
+/// little-endian int32 along the row (value `4k + j` in byte `j` of word `k`), rows padded with
+/// zero bytes to a whole word. Returns the bytes of the I32 `[rows, ceil(cols/4)]` tensor.
+pub fn pack(q: &[i8], cols: usize) -> Vec<u8> {
+    let words = cols.div_ceil(4);
+    let mut out = vec![0u8; q.len() / cols * words * 4];
+    out.par_chunks_mut(words * 4)
+        .zip(q.par_chunks(cols))
+        .for_each(|(o, r)| {
+            for (b, &v) in o.iter_mut().zip(r) {
+                *b = (v as i16 + 128) as u8;
+            }
+        });
+    out
+}
+
+/// Inverse of [`pack`].
+pub fn unpack(bytes: &[u8], rows: usize, cols: usize) -> Vec<i8> {
+    let words = cols.div_ceil(4);
+    let mut q = vec![0i8; rows * cols];
+    q.par_chunks_mut(cols)
+        .zip(bytes.par_chunks(words * 4))
+        .for_each(|(o, b)| {
+            for (v, &x) in o.iter_mut().zip(b) {
+                *v = (x as i16 - 128) as i8;
+            }
+        });
+    q
+}
+
+/// SmoothQuant factors `s_j = max|X_j|^α / max|W_j|^(1−α)` for input channel `j`, with
+/// `max|W_j|` over every weight reading that input. Channels never active (or all-zero weights)
+/// get 1; factors are floored at 1e-5 as llm-compressor does.
+pub fn smooth_factors(act_absmax: &[f32], w_colmax: &[f32], alpha: f64) -> Vec<f32> {
+    act_absmax
+        .iter()
+        .zip(w_colmax)
+        .map(|(&a, &w)| {
+            if a <= 0.0 || w <= 0.0 {
+                return 1.0;
+            }
+            let s = (a as f64).powf(alpha) / (w as f64).powf(1.0 - alpha);
+            (s.max(1e-5)) as f32
+        })
+        .collect()
+}
+
+/// Per-column absmax over several `[rows, cols]` matrices.
+pub fn column_absmax(ws: &[&[f32]], cols: usize) -> Vec<f32> {
+    let mut m = vec![0f32; cols];
+    for w in ws {
+        for row in w.chunks(cols) {
+            for (a, &v) in m.iter_mut().zip(row) {
+                *a = a.max(v.abs());
+            }
+        }
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compressed_tensors_range_and_rounding() {
+        // absmax 127.5 → scale 1: +absmax rounds to 128 and clamps to 127, −absmax to −128.
+        let m = quantize(&[127.5, -127.5, 0.5, 1.5, -2.5, 0.0], 6, None);
+        assert_eq!(m.scales, vec![1.0]);
+        assert_eq!(m.q, vec![127, -128, 0, 2, -2, 0]);
+    }
+
+    #[test]
+    fn packing_is_little_endian_offset_bytes() {
+        let q: Vec<i8> = vec![-128, -1, 0, 127, 5];
+        let p = pack(&q, 5);
+        assert_eq!(p, vec![0, 127, 128, 255, 133, 0, 0, 0]);
+        let word0 = i32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+        assert_eq!(word0, i32::from_le_bytes([0, 127, 128, 255]));
+        assert_eq!(unpack(&p, 1, 5), q);
+    }
+}
