@@ -323,6 +323,9 @@ pub fn run(
     Ok(manifests)
 }
 
+/// A GPTQ factor cached for one (layer, site): key, E[x xᵀ], inverse factor.
+type GptqFactor = ((usize, usize), Vec<f64>, Vec<f64>);
+
 fn convert_loop(
     ck: &Checkpoint,
     o: &ConvertOptions,
@@ -333,7 +336,7 @@ fn convert_loop(
 ) -> Result<()> {
     let items = inputs(ck);
     // GPTQ factor of the last (layer, site): q/k/v and gate/up share one.
-    let mut factor: Option<((usize, usize), Vec<f64>, Vec<f64>)> = None;
+    let mut factor: Option<GptqFactor> = None;
     let total: u64 = items
         .iter()
         .map(|(_, s, _)| s.iter().product::<usize>() as u64)
