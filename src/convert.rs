@@ -324,7 +324,7 @@ pub fn run(
 }
 
 /// A GPTQ factor cached for one (layer, site): key, E[x xᵀ], inverse factor.
-type GptqFactor = ((usize, usize), Vec<f64>, Vec<f64>);
+type GptqFactor = ((usize, usize), Vec<f64>, crate::quant::gptq::GptqPlan);
 
 fn convert_loop(
     ck: &Checkpoint,
@@ -432,7 +432,7 @@ fn convert_loop(
                                     let n = h.count.max(1) as f64;
                                     let mean: Vec<f64> =
                                         h.sums[key.0][key.1].iter().map(|v| v / n).collect();
-                                    let u = crate::quant::gptq::inverse_factor(&mean, cols, 0.01)?;
+                                    let u = crate::quant::gptq::GptqPlan::new(&mean, cols, 0.01)?;
                                     factor = Some((key, mean, u));
                                 }
                                 let (_, mean, u) = factor.as_ref().expect("just set");

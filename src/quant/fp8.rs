@@ -56,21 +56,21 @@ impl WeightMode {
     }
 }
 
-/// GPTQ on a per-row grid. `h_mean` is `E[x xᵀ]` of the layer's input (`[cols, cols]`) and `u`
-/// the factor [`crate::quant::gptq::inverse_factor`] made from it (shared by the layers that read
-/// the same input). Each row's scale is chosen first by the importance-weighted clipping search
-/// (the diagonal of `h_mean` is the importance), then columns are rounded with error feedback.
+/// GPTQ on a per-row grid. `h_mean` is `E[x xᵀ]` of the layer's input (`[cols, cols]`) and `plan`
+/// the column order and factor made from it (shared by the layers that read the same input).
+/// Each row's scale is chosen first by the importance-weighted clipping search (the diagonal of
+/// `h_mean` is the importance), then columns are rounded with error feedback in act order.
 pub fn quantize_gptq(
     w: &[f32],
     cols: usize,
     style: ScaleStyle,
     h_mean: &[f64],
-    u: &[f64],
+    plan: &crate::quant::gptq::GptqPlan,
 ) -> Fp8Matrix {
     let importance: Vec<f64> = (0..cols).map(|j| h_mean[j * cols + j]).collect();
     let scales = quantize(w, cols, style, WeightMode::Search, Some(&importance)).scales;
     let table = e4m3_table();
-    let codes = crate::quant::gptq::quantize_rows(w, cols, u, |r, v| {
+    let codes = plan.quantize_rows(w, cols, |r, v| {
         let s = scales[r];
         let mut c = [0u8];
         row_codes(&[v as f32], s, style, &mut c);

@@ -114,6 +114,52 @@ pub fn quantize_rows(
     out
 }
 
+/// GPTQ's column order and factor for one input: columns by decreasing `E[x_j²]` ("act order":
+/// the most important columns are rounded first, while every other column can still absorb
+/// their error), ties by index.
+pub struct GptqPlan {
+    pub perm: Vec<usize>,
+    pub u: Vec<f64>,
+}
+
+impl GptqPlan {
+    pub fn new(h: &[f64], n: usize, damp: f64) -> Result<Self> {
+        let mut perm: Vec<usize> = (0..n).collect();
+        perm.sort_by(|&a, &b| h[b * n + b].total_cmp(&h[a * n + a]).then(a.cmp(&b)));
+        let mut hp = vec![0f64; n * n];
+        for (i, &pi) in perm.iter().enumerate() {
+            for (j, &pj) in perm.iter().enumerate() {
+                hp[i * n + j] = h[pi * n + pj];
+            }
+        }
+        Ok(GptqPlan {
+            u: inverse_factor(&hp, n, damp)?,
+            perm,
+        })
+    }
+
+    /// [`quantize_rows`] in this plan's column order; codes come back in the original order.
+    pub fn quantize_rows(
+        &self,
+        w: &[f32],
+        n: usize,
+        round: impl Fn(usize, f64) -> (f64, u8) + Sync,
+    ) -> Vec<u8> {
+        let wp: Vec<f32> = w
+            .chunks(n)
+            .flat_map(|r| self.perm.iter().map(move |&p| r[p]))
+            .collect();
+        let cp = quantize_rows(&wp, n, &self.u, round);
+        let mut codes = vec![0u8; cp.len()];
+        for (row_out, row_in) in codes.chunks_mut(n).zip(cp.chunks(n)) {
+            for (j, &p) in self.perm.iter().enumerate() {
+                row_out[p] = row_in[j];
+            }
+        }
+        codes
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

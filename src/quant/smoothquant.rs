@@ -114,6 +114,32 @@ impl LayerSmoothing {
     }
 }
 
+impl LayerSmoothing {
+    /// The smoothing applied in f32 without bf16 rounding: an exact re-parametrisation of the
+    /// block (used to check that smoothing alone leaves the model's function unchanged).
+    pub fn apply_exact(
+        &self,
+        site: InputSite,
+        w: &[f32],
+        cols: usize,
+        norm: Option<&[f32]>,
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
+        match self.factors(site) {
+            Some(s) => {
+                let w = w
+                    .chunks(cols)
+                    .flat_map(|r| r.iter().zip(s).map(|(&v, &f)| v * f))
+                    .collect();
+                (
+                    w,
+                    norm.map(|g| g.iter().zip(s).map(|(&v, &f)| v / f).collect()),
+                )
+            }
+            None => (w.to_vec(), norm.map(<[f32]>::to_vec)),
+        }
+    }
+}
+
 /// Dynamic per-token INT8 fake quantization of activation rows as vLLM does it:
 /// `scale = absmax/127`, `q = round_half_even(x/scale)` saturated to ±127.
 pub fn int8_token_round_trip(x: &mut [f32], cols: usize) {
