@@ -97,6 +97,8 @@ struct Sink {
     tmp: PathBuf,
     writer: ShardedWriter,
     errors: BTreeMap<String, f64>,
+    /// SmoothQuant α per block (attention input, MLP input), for `int8`.
+    alphas: Vec<Value>,
 }
 
 /// Output directory of `t`: `out` itself for a single target, `out/<target>` for several.
@@ -259,6 +261,15 @@ pub fn run(
     if o.targets.is_empty() {
         return Err(Error::Invalid("--to needs at least one target".into()));
     }
+    if let Some(g) = o.group_size {
+        let c = &ck.config;
+        let widths = [c.hidden_size, c.q_dim(), c.intermediate_size];
+        if g == 0 || widths.iter().any(|w| w % g != 0) {
+            return Err(Error::Invalid(format!(
+                "--group-size {g} must divide every linear layer's input width ({widths:?})"
+            )));
+        }
+    }
     let t0 = Instant::now();
     let has_fp8 = o.targets.iter().any(|t| t.is_fp8());
     let needs_calib = o.targets.contains(&Target::Fp8Static)
@@ -290,6 +301,7 @@ pub fn run(
             tmp,
             writer,
             errors: BTreeMap::new(),
+            alphas: Vec::new(),
         });
     }
     let dirs: Vec<(PathBuf, PathBuf)> = sinks
@@ -358,12 +370,14 @@ fn convert_loop(
         if let (true, Some(l)) = (want_smooth, layer_of) {
             if smooth.as_ref().map(|s| s.layer) != Some(l) {
                 let st = stats.ok_or_else(|| Error::Invalid("int8 needs calibration".into()))?;
-                smooth = Some(crate::quant::smoothquant::LayerSmoothing::compute(
-                    ck,
-                    st,
-                    l,
-                    o.smooth_alpha,
-                )?);
+                let sm =
+                    crate::quant::smoothquant::LayerSmoothing::compute(ck, st, l, o.smooth_alpha)?;
+                for s in sinks.iter_mut().filter(|s| s.target == Target::Int8) {
+                    s.alphas.push(
+                        json!({"layer": l, "attn_in": sm.alpha_attn, "mlp_in": sm.alpha_mlp}),
+                    );
+                }
+                smooth = Some(sm);
             }
         }
         match role {
@@ -656,6 +670,11 @@ fn finish_sink(
         "quantization_config": quantization_config(s.target, o.group_size),
         "files": files,
         "total_bytes": files.iter().map(|f| f.bytes).sum::<u64>(),
+        "smoothquant": if s.target == Target::Int8 {
+            json!({"alpha": o.smooth_alpha.map_or(json!("auto"), |a| json!(a)), "per_layer": s.alphas})
+        } else {
+            Value::Null
+        },
         "tensor_error": {"metric": "relative RMS of dequantized vs bf16 weights", "worst": worst, "per_tensor": s.errors},
         "wall_s": t0.elapsed().as_secs_f64(),
     });
