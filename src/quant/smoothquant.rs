@@ -155,13 +155,27 @@ pub fn int8_token_round_trip(x: &mut [f32], cols: usize) {
     });
 }
 
-/// Σ‖X Wᵀ − Q(X/s) Q(W·s)ᵀ‖² / Σ‖X Wᵀ‖² over the weights sharing one input.
+/// Σ‖X Wᵀ − Q(X/s) Q(W·s)ᵀ‖² / Σ‖X Wᵀ‖² over the weights sharing one input (f32 matmuls,
+/// f64 sums).
 fn output_error(x: &[f32], ws: &[&[f32]], cols: usize, s: &[f32]) -> f64 {
+    use candle_core::{Device, Tensor};
+    let rows = x.len() / cols;
     let mut xq: Vec<f32> = x
         .chunks(cols)
         .flat_map(|r| r.iter().zip(s).map(|(&v, &f)| v / f))
         .collect();
     int8_token_round_trip(&mut xq, cols);
+    let mm = |a: &[f32], b: &[f32]| -> Vec<f32> {
+        let out = b.len() / cols;
+        let ta = Tensor::from_slice(a, (rows, cols), &Device::Cpu).expect("shape");
+        let tb = Tensor::from_slice(b, (out, cols), &Device::Cpu).expect("shape");
+        ta.matmul(&tb.t().expect("t"))
+            .expect("matmul")
+            .flatten_all()
+            .expect("flat")
+            .to_vec1()
+            .expect("vec")
+    };
     let (mut num, mut den) = (0f64, 0f64);
     for w in ws {
         let smoothed: Vec<f32> = w
@@ -169,22 +183,12 @@ fn output_error(x: &[f32], ws: &[&[f32]], cols: usize, s: &[f32]) -> f64 {
             .flat_map(|r| r.iter().zip(s).map(|(&v, &f)| round_bf16(v * f)))
             .collect();
         let wq = quantize(&smoothed, cols, None).dequantize(cols);
-        let (n, d) = w
-            .par_chunks(cols)
-            .zip(wq.par_chunks(cols))
-            .map(|(wr, qr)| {
-                let (mut n, mut d) = (0f64, 0f64);
-                for (xr, xqr) in x.chunks(cols).zip(xq.chunks(cols)) {
-                    let y: f64 = xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    let yq: f64 = xqr.iter().zip(qr).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    n += (y - yq).powi(2);
-                    d += y * y;
-                }
-                (n, d)
-            })
-            .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
-        num += n;
-        den += d;
+        let y = mm(x, w);
+        let yq = mm(&xq, &wq);
+        for (a, b) in y.iter().zip(&yq) {
+            num += ((a - b) as f64).powi(2);
+            den += (*a as f64).powi(2);
+        }
     }
     if den == 0.0 {
         0.0
