@@ -504,88 +504,68 @@ fn convert_loop(
     Ok(())
 }
 
-fn weights_args(observer: &str) -> Value {
-    json!({"actorder": null, "block_structure": null, "dynamic": false, "group_size": null, "num_bits": 8,
-           "observer": observer, "observer_kwargs": {}, "strategy": "channel", "symmetric": true, "type": "float"})
+/// compressed-tensors QuantizationArgs with only the long-lived keys (formats/fp8.md#config).
+fn ct_args(
+    ty: &str,
+    strategy: &str,
+    dynamic: bool,
+    observer: Option<&str>,
+    group_size: Option<usize>,
+) -> Value {
+    json!({"actorder": null, "block_structure": null, "dynamic": dynamic, "group_size": group_size, "num_bits": 8,
+           "observer": observer, "observer_kwargs": {}, "strategy": strategy, "symmetric": true, "type": ty})
 }
 
-/// The `quantization_config` block of config.json (formats/fp8.md#config).
+/// A compressed-tensors `quantization_config` with one `Linear` group.
+fn ct_config(format: &str, weights: Value, inputs: Value, kv: Value) -> Value {
+    json!({
+        "config_groups": {"group_0": {
+            "format": format,
+            "input_activations": inputs,
+            "output_activations": null,
+            "targets": ["Linear"],
+            "weights": weights,
+        }},
+        "format": format,
+        "global_compression_ratio": null,
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": kv,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": "0.19.0"
+    })
+}
+
+/// The `quantization_config` block of config.json (formats/fp8.md#config, formats/int8.md).
 pub fn quantization_config(t: Target, group: Option<usize>) -> Value {
+    let weights = |ty| ct_args(ty, "channel", false, Some("memoryless_minmax"), None);
+    let static_fp8 = || ct_args("float", "tensor", false, Some("static_minmax"), None);
     match t {
-        Target::Fp8 | Target::Fp8Static => {
-            let (inputs, kv) = if t == Target::Fp8 {
-                (
-                    json!({"actorder": null, "block_structure": null, "dynamic": true, "group_size": null, "num_bits": 8,
-                           "observer": null, "observer_kwargs": {}, "strategy": "token", "symmetric": true, "type": "float"}),
-                    Value::Null,
-                )
-            } else {
-                (
-                    json!({"actorder": null, "block_structure": null, "dynamic": false, "group_size": null, "num_bits": 8,
-                           "observer": "static_minmax", "observer_kwargs": {}, "strategy": "tensor", "symmetric": true, "type": "float"}),
-                    json!({"actorder": null, "block_structure": null, "dynamic": false, "group_size": null, "num_bits": 8,
-                           "observer": "static_minmax", "observer_kwargs": {}, "strategy": "tensor", "symmetric": true, "type": "float"}),
-                )
-            };
-            json!({
-                "config_groups": {"group_0": {
-                    "format": "float-quantized",
-                    "input_activations": inputs,
-                    "output_activations": null,
-                    "targets": ["Linear"],
-                    "weights": weights_args("memoryless_minmax"),
-                }},
-                "format": "float-quantized",
-                "global_compression_ratio": null,
-                "ignore": ["lm_head"],
-                "kv_cache_scheme": kv,
-                "quant_method": "compressed-tensors",
-                "quantization_status": "compressed",
-                "sparsity_config": {},
-                "transform_config": {},
-                "version": "0.19.0"
-            })
+        Target::Fp8 => ct_config(
+            "float-quantized",
+            weights("float"),
+            ct_args("float", "token", true, None, None),
+            Value::Null,
+        ),
+        Target::Fp8Static => ct_config(
+            "float-quantized",
+            weights("float"),
+            static_fp8(),
+            static_fp8(),
+        ),
+        Target::Int8 => ct_config(
+            "int-quantized",
+            weights("int"),
+            ct_args("int", "token", true, None, None),
+            Value::Null,
+        ),
+        Target::Int8W8A16 => {
+            let strategy = if group.is_some() { "group" } else { "channel" };
+            let w = ct_args("int", strategy, false, Some("memoryless_minmax"), group);
+            ct_config("pack-quantized", w, Value::Null, Value::Null)
         }
-        Target::Int8 => json!({
-            "config_groups": {"group_0": {
-                "format": "int-quantized",
-                "input_activations": {"actorder": null, "block_structure": null, "dynamic": true, "group_size": null, "num_bits": 8,
-                       "observer": null, "observer_kwargs": {}, "strategy": "token", "symmetric": true, "type": "int"},
-                "output_activations": null,
-                "targets": ["Linear"],
-                "weights": {"actorder": null, "block_structure": null, "dynamic": false, "group_size": null, "num_bits": 8,
-                       "observer": "memoryless_minmax", "observer_kwargs": {}, "strategy": "channel", "symmetric": true, "type": "int"},
-            }},
-            "format": "int-quantized",
-            "global_compression_ratio": null,
-            "ignore": ["lm_head"],
-            "kv_cache_scheme": null,
-            "quant_method": "compressed-tensors",
-            "quantization_status": "compressed",
-            "sparsity_config": {},
-            "transform_config": {},
-            "version": "0.19.0"
-        }),
-        Target::Int8W8A16 => json!({
-            "config_groups": {"group_0": {
-                "format": "pack-quantized",
-                "input_activations": null,
-                "output_activations": null,
-                "targets": ["Linear"],
-                "weights": {"actorder": null, "block_structure": null, "dynamic": false, "group_size": group, "num_bits": 8,
-                       "observer": "memoryless_minmax", "observer_kwargs": {},
-                       "strategy": if group.is_some() { "group" } else { "channel" }, "symmetric": true, "type": "int"},
-            }},
-            "format": "pack-quantized",
-            "global_compression_ratio": null,
-            "ignore": ["lm_head"],
-            "kv_cache_scheme": null,
-            "quant_method": "compressed-tensors",
-            "quantization_status": "compressed",
-            "sparsity_config": {},
-            "transform_config": {},
-            "version": "0.19.0"
-        }),
         Target::Fp8ModelOpt => json!({
             "quant_method": "modelopt",
             "quant_algo": "FP8_PER_CHANNEL_PER_TOKEN",
