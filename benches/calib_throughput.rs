@@ -7,8 +7,9 @@
 //!
 //! Needs ../shared/tools/real-assets.sh to have run.
 
-use std::path::PathBuf;
 use std::time::Instant;
+
+mod common;
 
 use candle_core::{DType, Device, Tensor};
 use minitron::calib::{calibration_chunks, load_source, CalibInfo, CalibSpec, CalibStats};
@@ -16,34 +17,15 @@ use minitron::model::{Checkpoint, Tokenizer};
 use minitron::runtime::Llama;
 
 fn main() {
-    let threads: usize = std::env::var("MINITRON_BENCH_THREADS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global();
-    let chunks: usize = std::env::var("MINITRON_BENCH_CHUNKS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(8);
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let assets = std::env::var_os("MINITRON_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/minitron-assets")
-        });
-    let dir = assets.join("smollm2-135m");
-    let text = root.join("../shared/data/wikitext2-valid.txt");
-    if !dir.join("model.safetensors").exists() || !text.exists() {
-        eprintln!("calib_throughput: SKIPPED (run ../shared/tools/real-assets.sh first)");
+    let threads = common::set_threads();
+    let chunks = common::env_usize("MINITRON_BENCH_CHUNKS", 8);
+    let Some((model_dir, shared)) = common::smollm2_and_shared("calib_throughput") else {
         return;
-    }
-    let ck = Checkpoint::open(&dir).unwrap();
-    let tok = Tokenizer::load(&dir).unwrap();
+    };
+    let ck = Checkpoint::open(&model_dir).unwrap();
+    let tok = Tokenizer::load(&model_dir).unwrap();
     let model = Llama::load(&ck, DType::F32, &Device::Cpu).unwrap();
-    let src = load_source(Some(&text)).unwrap();
+    let src = load_source(Some(&shared.join("data/wikitext2-valid.txt"))).unwrap();
     let cs = calibration_chunks(
         &tok,
         &src,

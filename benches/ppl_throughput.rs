@@ -7,8 +7,9 @@
 //! Like llama.cpp's number, ours is whole-job wall time (load, tokenize, evaluate) divided into
 //! the tokens evaluated (chunks × ctx). Needs ../shared/tools/real-assets.sh to have run.
 
-use std::path::PathBuf;
 use std::time::Instant;
+
+mod common;
 
 use candle_core::{DType, Device};
 use minitron::model::{Checkpoint, Tokenizer};
@@ -16,31 +17,11 @@ use minitron::runtime::Llama;
 use minitron::verify::ppl::{score_chunk, ChunkPlan, Perplexity};
 
 fn main() {
-    let threads: usize = std::env::var("MINITRON_BENCH_THREADS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global();
-    let chunks: usize = std::env::var("MINITRON_BENCH_CHUNKS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(40);
-
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let shared = root.join("../shared");
-    let assets = std::env::var_os("MINITRON_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/minitron-assets")
-        });
-    let model_dir = assets.join("smollm2-135m");
-    if !model_dir.join("model.safetensors").exists() || !shared.join("data").exists() {
-        eprintln!("ppl_throughput: SKIPPED (run ../shared/tools/real-assets.sh first)");
+    let threads = common::set_threads();
+    let chunks = common::env_usize("MINITRON_BENCH_CHUNKS", 40);
+    let Some((model_dir, shared)) = common::smollm2_and_shared("ppl_throughput") else {
         return;
-    }
+    };
     let ka: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(shared.join("data/known-answers.json")).unwrap(),
     )

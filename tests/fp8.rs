@@ -5,27 +5,6 @@ mod common;
 use common::*;
 
 use std::collections::BTreeMap;
-use std::path::Path;
-
-/// name → (dtype, shape, sha256 of the data) of every tensor in a folder's safetensors files.
-fn tensors(dir: &Path) -> BTreeMap<String, (String, Vec<usize>, String)> {
-    let mut out = BTreeMap::new();
-    for p in minitron::model::checkpoint::weight_files(dir).unwrap() {
-        let f = minitron::model::checkpoint::SafetensorsFile::open(&p).unwrap();
-        for (name, t) in &f.tensors {
-            let sha = minitron::format::safetensors_out::sha256_bytes(f.bytes(name).unwrap());
-            out.insert(
-                name.clone(),
-                (t.dtype.name().to_owned(), t.shape.clone(), sha),
-            );
-        }
-    }
-    out
-}
-
-fn config(dir: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
-}
 
 #[test]
 fn smollm2_fp8_equals_llm_compressor_byte_for_byte() {

@@ -11,24 +11,6 @@ use minitron::model::names::{hf_input_norm, hf_linear, hf_post_norm, InputSite, 
 use minitron::model::{Checkpoint, Dtype};
 use proptest::prelude::*;
 
-fn header(dir: &std::path::Path) -> BTreeMap<String, (String, Vec<usize>, String)> {
-    let mut out = BTreeMap::new();
-    for p in minitron::model::checkpoint::weight_files(dir).unwrap() {
-        let f = minitron::model::checkpoint::SafetensorsFile::open(&p).unwrap();
-        for (name, t) in &f.tensors {
-            out.insert(
-                name.clone(),
-                (
-                    t.dtype.name().to_owned(),
-                    t.shape.clone(),
-                    minitron::format::safetensors_out::sha256_bytes(f.bytes(name).unwrap()),
-                ),
-            );
-        }
-    }
-    out
-}
-
 fn strip(mut q: serde_json::Value) -> serde_json::Value {
     for g in q["config_groups"].as_object_mut().unwrap().values_mut() {
         for args in ["weights", "input_activations"] {
@@ -39,10 +21,6 @@ fn strip(mut q: serde_json::Value) -> serde_json::Value {
         }
     }
     q
-}
-
-fn config(dir: &std::path::Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
 }
 
 #[test]
@@ -70,7 +48,7 @@ fn smollm2_w8a16_equals_llm_compressor_and_w8a8_has_its_layout() {
         ("llm_compressor_w8a8", "int8"),
     ] {
         let want = &ka[key];
-        let got = header(&out.join(dir));
+        let got = tensors(&out.join(dir));
         let wt = want["tensors"].as_object().unwrap();
         assert_eq!(
             got.keys().collect::<Vec<_>>(),

@@ -116,3 +116,24 @@ pub fn sha256(path: &Path) -> String {
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// name → (dtype, shape, sha256 of the data) of every tensor in a folder's safetensors files.
+pub fn tensors(dir: &Path) -> std::collections::BTreeMap<String, (String, Vec<usize>, String)> {
+    let mut out = std::collections::BTreeMap::new();
+    for p in minitron::model::checkpoint::weight_files(dir).unwrap() {
+        let f = minitron::model::checkpoint::SafetensorsFile::open(&p).unwrap();
+        for (name, t) in &f.tensors {
+            let sha = minitron::format::safetensors_out::sha256_bytes(f.bytes(name).unwrap());
+            out.insert(
+                name.clone(),
+                (t.dtype.name().to_owned(), t.shape.clone(), sha),
+            );
+        }
+    }
+    out
+}
+
+/// A folder's config.json.
+pub fn config(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+}
