@@ -54,7 +54,7 @@ fn main() {
         wall_s: 0.0,
     };
     let t = Instant::now();
-    CalibStats::collect(&model, &cs, info, &|| ()).unwrap();
+    CalibStats::collect(&ck, DType::F32, &Device::Cpu, &cs, info, &|| ()).unwrap();
     let hooked = t.elapsed().as_secs_f64();
     println!(
         "calib_throughput: SmolLM2-135M, {} chunks × 512, {threads} threads",

@@ -10,7 +10,6 @@ use candle_core::{DType, Device};
 use minitron::calib::{CalibInfo, CalibStats, Imatrix};
 use minitron::model::names::InputSite;
 use minitron::model::{Checkpoint, Tokenizer};
-use minitron::runtime::Llama;
 
 fn info() -> CalibInfo {
     CalibInfo {
@@ -31,11 +30,11 @@ fn hook_statistics_match_an_f64_forward() {
     // SwiGLU activations carry ~1e-6 relative rounding from cancelling dot products; the f32
     // forward pass is checked against the same reference in tests/runner.rs.)
     let ck = Checkpoint::open(&tiny()).unwrap();
-    let model = Llama::load(&ck, DType::F64, &Device::Cpu).unwrap();
     let tok = Tokenizer::load(&tiny()).unwrap();
     let ids = tok.encode(minitron::calib::DEFAULT_CORPUS, true).unwrap();
     let chunks: Vec<Vec<u32>> = vec![ids[..48].to_vec(), ids[48..96].to_vec()];
-    let stats = CalibStats::collect(&model, &chunks, info(), &|| ()).unwrap();
+    let stats =
+        CalibStats::collect(&ck, DType::F64, &Device::Cpu, &chunks, info(), &|| ()).unwrap();
     let r = Ref { ck };
     let caps: Vec<_> = chunks.iter().map(|c| r.run(c).1).collect();
     let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-30);

@@ -2,12 +2,12 @@
 //! rounding (formats/fp8.md#gptq). One matrix per input site (q/k/v share one, gate/up another),
 //! accumulated in f64 from f32 products of each chunk.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::names::InputSite;
-use crate::model::LlamaConfig;
-use crate::runtime::{Llama, Observer};
+use crate::model::{Checkpoint, LlamaConfig};
+use crate::runtime::Observer;
 
 /// Σ x xᵀ (row-major `[n, n]`) and the number of rows summed, per block and site.
 pub struct Hessians {
@@ -46,9 +46,15 @@ impl Observer for Collector {
 }
 
 impl Hessians {
-    /// Runs `model` over `chunks` and accumulates the matrices.
-    pub fn collect(model: &Llama, chunks: &[Vec<u32>], on_chunk: &dyn Fn()) -> Result<Self> {
-        let c = &model.config;
+    /// Runs the checkpoint's blocks over `chunks` (f32 on `device`, one block in memory at a
+    /// time) and accumulates the matrices.
+    pub fn collect(
+        ck: &Checkpoint,
+        device: &Device,
+        chunks: &[Vec<u32>],
+        on_block: &dyn Fn(),
+    ) -> Result<Self> {
+        let c = &ck.config;
         let need = bytes_needed(c);
         if need > MAX_BYTES {
             return Err(Error::Unsupported(format!(
@@ -67,16 +73,10 @@ impl Hessians {
                 })
                 .collect(),
         };
-        let mut count = 0u64;
-        for ch in chunks {
-            let ids = Tensor::from_slice(ch, (1, ch.len()), &model.device)?;
-            model.forward_from(&ids, None, Some(&mut col), ch.len() - 1)?;
-            count += ch.len() as u64;
-            on_chunk();
-        }
+        crate::runtime::observe_streamed(ck, DType::F32, device, chunks, &mut col, on_block)?;
         Ok(Hessians {
             sums: col.sums,
-            count,
+            count: chunks.iter().map(|c| c.len() as u64).sum(),
         })
     }
 }

@@ -40,9 +40,8 @@ pub fn hessians(
     let src = load_source(o.calib.as_deref())?;
     let tok = Tokenizer::load(&ck.dir)?;
     let chunks = calibration_chunks(&tok, &src, &o.spec)?;
-    let model = crate::runtime::Llama::load(ck, candle_core::DType::F32, device)?;
-    let pb = crate::progress::bar(chunks.len() as u64, "hessians", false);
-    let h = hessian::Hessians::collect(&model, &chunks, &|| pb.inc(1))?;
+    let pb = crate::progress::bar(ck.config.num_hidden_layers as u64, "hessians", false);
+    let h = hessian::Hessians::collect(ck, device, &chunks, &|| pb.inc(1))?;
     pb.finish_and_clear();
     Ok(h)
 }
@@ -60,8 +59,7 @@ pub fn calibrate(
             let src = load_source(o.calib.as_deref())?;
             let tok = Tokenizer::load(&ck.dir)?;
             let chunks = calibration_chunks(&tok, &src, &o.spec)?;
-            let model = crate::runtime::Llama::load(ck, candle_core::DType::F32, device)?;
-            let pb = crate::progress::bar(chunks.len() as u64, "calibrate", false);
+            let pb = crate::progress::bar(ck.config.num_hidden_layers as u64, "calibrate", false);
             let info = CalibInfo {
                 source: src.label.clone(),
                 sha256: src.sha256.clone(),
@@ -71,7 +69,10 @@ pub fn calibrate(
                 shuffle_seed: o.spec.shuffle,
                 wall_s: 0.0,
             };
-            let s = CalibStats::collect(&model, &chunks, info, &|| pb.inc(1))?;
+            let s =
+                CalibStats::collect(ck, candle_core::DType::F32, device, &chunks, info, &|| {
+                    pb.inc(1)
+                })?;
             pb.finish_and_clear();
             s
         }

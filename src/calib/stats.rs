@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -16,8 +16,8 @@ use crate::error::{Error, Result};
 use crate::format::safetensors_out::{write_file, OwnedTensor};
 use crate::model::checkpoint::SafetensorsFile;
 use crate::model::names::InputSite;
-use crate::model::{Dtype, LlamaConfig};
-use crate::runtime::{Llama, Observer};
+use crate::model::{Checkpoint, Dtype, LlamaConfig};
+use crate::runtime::Observer;
 
 /// Statistics of one linear-layer input.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,15 +75,18 @@ impl SiteStats {
 pub struct LayerStats {
     /// Indexed by [`InputSite::index`].
     pub sites: Vec<SiteStats>,
-    /// Up to [`SAMPLE_ROWS`] activation rows of the `attn_in` and `mlp_in` sites (row-major),
-    /// kept in memory for SmoothQuant's α search; not saved.
-    pub samples: [Vec<f32>; 2],
+    /// Up to [`sample_rows`] activation rows of each site (row-major, indexed by
+    /// [`InputSite::index`]), kept in memory for SmoothQuant's α search; not saved.
+    pub samples: [Vec<f32>; 4],
     pub k_absmax: f32,
     pub v_absmax: f32,
 }
 
-/// Activation rows kept per smoothed site: every `SAMPLE_STRIDE`-th row until this many.
-pub const SAMPLE_ROWS: usize = 512;
+/// Activation rows kept per site: every `SAMPLE_STRIDE`-th row, up to 512 rows or 2^21 values
+/// (at least 64 rows), so a 14336-wide MLP activation keeps 146 rows.
+pub fn sample_rows(width: usize) -> usize {
+    ((1usize << 21) / width.max(1)).clamp(64, 512)
+}
 const SAMPLE_STRIDE: usize = 8;
 
 /// Where the statistics came from.
@@ -115,17 +118,11 @@ impl Observer for Collector {
         let s = &mut self.layers[layer].sites[site.index()];
         let (w, seen) = (s.absmax.len(), s.count as usize);
         s.add_rows(&v);
-        let slot = match site {
-            InputSite::AttnIn => Some(0),
-            InputSite::MlpIn => Some(1),
-            _ => None,
-        };
-        if let Some(k) = slot {
-            let buf = &mut self.layers[layer].samples[k];
-            for (i, row) in v.chunks(w).enumerate() {
-                if (seen + i) % SAMPLE_STRIDE == 0 && buf.len() < SAMPLE_ROWS * w {
-                    buf.extend_from_slice(row);
-                }
+        let buf = &mut self.layers[layer].samples[site.index()];
+        let cap = sample_rows(w) * w;
+        for (i, row) in v.chunks(w).enumerate() {
+            if (seen + i) % SAMPLE_STRIDE == 0 && buf.len() < cap {
+                buf.extend_from_slice(row);
             }
         }
         Ok(())
@@ -158,7 +155,7 @@ impl CalibStats {
                         .iter()
                         .map(|s| SiteStats::new(s.width(c)))
                         .collect(),
-                    samples: [Vec::new(), Vec::new()],
+                    samples: Default::default(),
                     k_absmax: 0.0,
                     v_absmax: 0.0,
                 })
@@ -167,24 +164,21 @@ impl CalibStats {
         }
     }
 
-    /// Runs `model` over `chunks` (one forward each, no cache) and records the statistics.
-    /// `on_chunk` is called after each chunk (progress).
+    /// Runs the checkpoint's blocks over `chunks` (`dtype` compute on `device`, one block in
+    /// memory at a time) and records the statistics. `on_block` is called after each block.
     pub fn collect(
-        model: &Llama,
+        ck: &Checkpoint,
+        dtype: DType,
+        device: &Device,
         chunks: &[Vec<u32>],
         mut info: CalibInfo,
-        on_chunk: &dyn Fn(),
+        on_block: &dyn Fn(),
     ) -> Result<Self> {
         let t0 = Instant::now();
         let mut col = Collector {
-            layers: Self::empty(&model.config, info.clone()).layers,
+            layers: Self::empty(&ck.config, info.clone()).layers,
         };
-        for c in chunks {
-            let ids = Tensor::from_slice(c, (1, c.len()), &model.device)?;
-            // Only the hooks matter; the head is skipped by asking for logits of the last row.
-            model.forward_from(&ids, None, Some(&mut col), c.len() - 1)?;
-            on_chunk();
-        }
+        crate::runtime::observe_streamed(ck, dtype, device, chunks, &mut col, on_block)?;
         info.samples = chunks.len();
         info.tokens = chunks.iter().map(Vec::len).sum();
         info.wall_s = t0.elapsed().as_secs_f64();

@@ -48,56 +48,24 @@ struct Block {
     kv_scales: Option<(f32, f32)>,
 }
 
-/// A loaded model.
-pub struct Llama {
-    pub config: LlamaConfig,
-    pub device: Device,
-    pub dtype: DType,
-    embed: Tensor,
-    blocks: Vec<Block>,
-    norm: Tensor,
-    lm_head: Linear,
-    inv_freq: Vec<f64>,
+/// A float vector tensor `name` widened to `dtype` on `device`.
+fn vec1(ck: &Checkpoint, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+    let v = ck.read_f32(name)?;
+    let n = v.len();
+    Ok(Tensor::from_vec(v, n, device)?.to_dtype(dtype)?)
 }
 
-/// Keys and values of the positions seen so far, per block.
-pub struct KvCache {
-    k: Vec<Option<Tensor>>,
-    v: Vec<Option<Tensor>>,
-    /// Number of positions already in the cache.
-    pub len: usize,
-}
-
-impl KvCache {
-    pub fn new(layers: usize) -> Self {
-        KvCache {
-            k: vec![None; layers],
-            v: vec![None; layers],
-            len: 0,
-        }
-    }
-}
-
-impl Llama {
-    /// Loads a bf16/f16/f32 checkpoint, widening weights to `dtype` on `device`.
-    pub fn load(ck: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
-        Self::load_with(ck, dtype, device, LoadOptions::default())
-    }
-
-    /// Loads any checkpoint we read (bf16 or an FP8 artifact) with `opts`.
-    pub fn load_with(
+impl Block {
+    /// Loads block `l` of `ck` (bf16 or any artifact we read).
+    fn load(
         ck: &Checkpoint,
+        l: usize,
         dtype: DType,
         device: &Device,
         opts: LoadOptions,
     ) -> Result<Self> {
         let c = &ck.config;
         let dynamic_default = dynamic_activations(&ck.config_json);
-        let vec1 = |name: &str| -> Result<Tensor> {
-            let v = ck.read_f32(name)?;
-            let n = v.len();
-            Ok(Tensor::from_vec(v, n, device)?.to_dtype(dtype)?)
-        };
         let scalar = |name: &str| -> Result<Option<f32>> {
             if !ck.index.contains_key(name) {
                 return Ok(None);
@@ -195,31 +163,189 @@ impl Llama {
             };
             Ok(Linear::Fp8 { weight, act })
         };
-        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
-        for l in 0..c.num_hidden_layers {
-            blocks.push(Block {
-                input_norm: vec1(&names::hf_input_norm(l))?,
-                post_norm: vec1(&names::hf_post_norm(l))?,
-                q: lin(l, LinearRole::Q)?,
-                k: lin(l, LinearRole::K)?,
-                v: lin(l, LinearRole::V)?,
-                o: lin(l, LinearRole::O)?,
-                gate: lin(l, LinearRole::Gate)?,
-                up: lin(l, LinearRole::Up)?,
-                down: lin(l, LinearRole::Down)?,
-                kv_scales: if opts.weight_only {
-                    None
-                } else {
-                    match (
-                        scalar(&format!("model.layers.{l}.self_attn.k_scale"))?,
-                        scalar(&format!("model.layers.{l}.self_attn.v_scale"))?,
-                    ) {
-                        (Some(k), Some(v)) => Some((k, v)),
-                        _ => None,
-                    }
-                },
-            });
+        Ok(Block {
+            input_norm: vec1(ck, &names::hf_input_norm(l), dtype, device)?,
+            post_norm: vec1(ck, &names::hf_post_norm(l), dtype, device)?,
+            q: lin(l, LinearRole::Q)?,
+            k: lin(l, LinearRole::K)?,
+            v: lin(l, LinearRole::V)?,
+            o: lin(l, LinearRole::O)?,
+            gate: lin(l, LinearRole::Gate)?,
+            up: lin(l, LinearRole::Up)?,
+            down: lin(l, LinearRole::Down)?,
+            kv_scales: if opts.weight_only {
+                None
+            } else {
+                match (
+                    scalar(&format!("model.layers.{l}.self_attn.k_scale"))?,
+                    scalar(&format!("model.layers.{l}.self_attn.v_scale"))?,
+                ) {
+                    (Some(k), Some(v)) => Some((k, v)),
+                    _ => None,
+                }
+            },
+        })
+    }
+}
+
+/// What every block of one forward pass shares.
+struct Pass<'a> {
+    cfg: &'a LlamaConfig,
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    mask: Option<&'a Tensor>,
+    b: usize,
+    t: usize,
+    /// Cached plus new positions.
+    total: usize,
+}
+
+impl Block {
+    /// Runs the block on the residual stream `x` (`[b, t, hidden]`).
+    fn forward(
+        &self,
+        l: usize,
+        x: Tensor,
+        p: &Pass,
+        mut cache: Option<&mut KvCache>,
+        obs: &mut Option<&mut dyn Observer>,
+    ) -> Result<Tensor> {
+        let (b, t, total) = (p.b, p.t, p.total);
+        let c = p.cfg;
+        let eps = c.rms_norm_eps as f32;
+        let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let (cos, sin) = (p.cos, p.sin);
+        let mut x = x;
+        let xn = rms_norm(&x, &self.input_norm, eps)?;
+        if let Some(o) = obs.as_deref_mut() {
+            o.linear_input(l, InputSite::AttnIn, &xn)?;
         }
+        let q = self
+            .q
+            .forward(&xn)?
+            .reshape((b, t, h, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = self
+            .k
+            .forward(&xn)?
+            .reshape((b, t, kvh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = self
+            .v
+            .forward(&xn)?
+            .reshape((b, t, kvh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+        if let Some(o) = obs.as_deref_mut() {
+            o.kv(l, &k, &v)?;
+        }
+        // An FP8 KV cache stores K and V as E4M3 with static scales; attention reads them back.
+        let (k, v) = match self.kv_scales {
+            Some((ks, vs)) => (fp8_static(&k, ks)?, fp8_static(&v, vs)?),
+            None => (k, v),
+        };
+        let (k, v) = match cache.as_deref_mut() {
+            Some(cache) => {
+                let k = match &cache.k[l] {
+                    Some(prev) => Tensor::cat(&[prev, &k], 2)?,
+                    None => k,
+                };
+                let v = match &cache.v[l] {
+                    Some(prev) => Tensor::cat(&[prev, &v], 2)?,
+                    None => v,
+                };
+                cache.k[l] = Some(k.clone());
+                cache.v[l] = Some(v.clone());
+                (k, v)
+            }
+            None => (k, v),
+        };
+        // Grouped-query attention: query heads g*i .. g*(i+1) share KV head i. Folding the
+        // group into the query rows lets one batched matmul serve the whole group.
+        let g = h / kvh;
+        let q = q.reshape((b, kvh, g * t, hd))?;
+        let att = (q.matmul(&k.t()?)? * scale)?.reshape((b, h, t, total))?;
+        let att = match p.mask {
+            Some(m) => att.broadcast_add(m)?,
+            None => att,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.reshape((b, kvh, g * t, total))?.matmul(&v)?;
+        let y = y
+            .reshape((b, h, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * hd))?;
+        if let Some(o) = obs.as_deref_mut() {
+            o.linear_input(l, InputSite::AttnOut, &y)?;
+        }
+        x = (x + self.o.forward(&y)?)?;
+
+        let xn = rms_norm(&x, &self.post_norm, eps)?;
+        if let Some(o) = obs.as_deref_mut() {
+            o.linear_input(l, InputSite::MlpIn, &xn)?;
+        }
+        let act = (candle_nn::ops::silu(&self.gate.forward(&xn)?)? * self.up.forward(&xn)?)?;
+        if let Some(o) = obs.as_deref_mut() {
+            o.linear_input(l, InputSite::MlpAct, &act)?;
+        }
+        x = (x + self.down.forward(&act)?)?;
+        Ok(x)
+    }
+}
+
+/// A loaded model.
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub device: Device,
+    pub dtype: DType,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Linear,
+    inv_freq: Vec<f64>,
+}
+
+/// Keys and values of the positions seen so far, per block.
+pub struct KvCache {
+    k: Vec<Option<Tensor>>,
+    v: Vec<Option<Tensor>>,
+    /// Number of positions already in the cache.
+    pub len: usize,
+}
+
+impl KvCache {
+    pub fn new(layers: usize) -> Self {
+        KvCache {
+            k: vec![None; layers],
+            v: vec![None; layers],
+            len: 0,
+        }
+    }
+}
+
+impl Llama {
+    /// Loads a bf16/f16/f32 checkpoint, widening weights to `dtype` on `device`.
+    pub fn load(ck: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with(ck, dtype, device, LoadOptions::default())
+    }
+
+    /// Loads any checkpoint we read (bf16 or an FP8 artifact) with `opts`.
+    pub fn load_with(
+        ck: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+        opts: LoadOptions,
+    ) -> Result<Self> {
+        let c = &ck.config;
+        let vec1 = |name: &str| vec1(ck, name, dtype, device);
+        let blocks = (0..c.num_hidden_layers)
+            .map(|l| Block::load(ck, l, dtype, device, opts))
+            .collect::<Result<Vec<_>>>()?;
         let embed_vals = ck.read_f32(names::EMBED)?;
         let embed =
             Tensor::from_vec(embed_vals, (c.vocab_size, c.hidden_size), device)?.to_dtype(dtype)?;
@@ -253,23 +379,6 @@ impl Llama {
         KvCache::new(self.blocks.len())
     }
 
-    /// cos and sin tables `[t, head_dim/2]` for positions `start..start+t`.
-    fn rope_tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
-        for p in start..start + t {
-            for &f in &self.inv_freq {
-                let a = p as f64 * f;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
-        let cos = Tensor::from_vec(cos, (t, half), &self.device)?.to_dtype(self.dtype)?;
-        let sin = Tensor::from_vec(sin, (t, half), &self.device)?.to_dtype(self.dtype)?;
-        Ok((cos, sin))
-    }
-
     /// Runs token ids `[b, t]` (positions continue from the cache, if any) and returns f32
     /// logits `[b, t, vocab]`.
     pub fn forward(
@@ -294,110 +403,26 @@ impl Llama {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
         let start = cache.as_ref().map_or(0, |k| k.len);
-        let (cos, sin) = self.rope_tables(start, t)?;
+        let (cos, sin) = rope_tables(&self.inv_freq, start, t, self.dtype, &self.device)?;
         let total = start + t;
-        let mask = if t > 1 {
-            let m: Vec<f32> = (0..t)
-                .flat_map(|i| {
-                    (0..total).map(move |j| {
-                        if j > start + i {
-                            f32::NEG_INFINITY
-                        } else {
-                            0.0
-                        }
-                    })
-                })
-                .collect();
-            Some(Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.dtype)?)
-        } else {
-            None
-        };
+        let mask = causal_mask(start, t, self.dtype, &self.device)?;
         let eps = c.rms_norm_eps as f32;
-        let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let scale = 1.0 / (hd as f64).sqrt();
+        let ctx = Pass {
+            cfg: c,
+            cos: &cos,
+            sin: &sin,
+            mask: mask.as_ref(),
+            b,
+            t,
+            total,
+        };
 
         let mut x =
             self.embed
                 .index_select(&ids.flatten_all()?, 0)?
                 .reshape((b, t, c.hidden_size))?;
         for (l, blk) in self.blocks.iter().enumerate() {
-            let xn = rms_norm(&x, &blk.input_norm, eps)?;
-            if let Some(o) = obs.as_deref_mut() {
-                o.linear_input(l, InputSite::AttnIn, &xn)?;
-            }
-            let q = blk
-                .q
-                .forward(&xn)?
-                .reshape((b, t, h, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let k = blk
-                .k
-                .forward(&xn)?
-                .reshape((b, t, kvh, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let v = blk
-                .v
-                .forward(&xn)?
-                .reshape((b, t, kvh, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
-            if let Some(o) = obs.as_deref_mut() {
-                o.kv(l, &k, &v)?;
-            }
-            // An FP8 KV cache stores K and V as E4M3 with static scales; attention reads them back.
-            let (k, v) = match blk.kv_scales {
-                Some((ks, vs)) => (fp8_static(&k, ks)?, fp8_static(&v, vs)?),
-                None => (k, v),
-            };
-            let (k, v) = match cache.as_deref_mut() {
-                Some(cache) => {
-                    let k = match &cache.k[l] {
-                        Some(prev) => Tensor::cat(&[prev, &k], 2)?,
-                        None => k,
-                    };
-                    let v = match &cache.v[l] {
-                        Some(prev) => Tensor::cat(&[prev, &v], 2)?,
-                        None => v,
-                    };
-                    cache.k[l] = Some(k.clone());
-                    cache.v[l] = Some(v.clone());
-                    (k, v)
-                }
-                None => (k, v),
-            };
-            // Grouped-query attention: query heads g*i .. g*(i+1) share KV head i. Folding the
-            // group into the query rows lets one batched matmul serve the whole group.
-            let g = h / kvh;
-            let q = q.reshape((b, kvh, g * t, hd))?;
-            let att = (q.matmul(&k.t()?)? * scale)?.reshape((b, h, t, total))?;
-            let att = match &mask {
-                Some(m) => att.broadcast_add(m)?,
-                None => att,
-            };
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att.reshape((b, kvh, g * t, total))?.matmul(&v)?;
-            let y = y
-                .reshape((b, h, t, hd))?
-                .transpose(1, 2)?
-                .reshape((b, t, h * hd))?;
-            if let Some(o) = obs.as_deref_mut() {
-                o.linear_input(l, InputSite::AttnOut, &y)?;
-            }
-            x = (x + blk.o.forward(&y)?)?;
-
-            let xn = rms_norm(&x, &blk.post_norm, eps)?;
-            if let Some(o) = obs.as_deref_mut() {
-                o.linear_input(l, InputSite::MlpIn, &xn)?;
-            }
-            let act = (candle_nn::ops::silu(&blk.gate.forward(&xn)?)? * blk.up.forward(&xn)?)?;
-            if let Some(o) = obs.as_deref_mut() {
-                o.linear_input(l, InputSite::MlpAct, &act)?;
-            }
-            x = (x + blk.down.forward(&act)?)?;
+            x = blk.forward(l, x, &ctx, cache.as_deref_mut(), &mut obs)?;
         }
         if let Some(cache) = cache {
             cache.len = total;
@@ -441,6 +466,131 @@ impl Llama {
     pub fn layers(&self) -> usize {
         self.blocks.len()
     }
+}
+
+/// cos and sin tables `[t, head_dim/2]` for positions `start..start+t`.
+fn rope_tables(
+    inv_freq: &[f64],
+    start: usize,
+    t: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let mut cos = Vec::with_capacity(t * half);
+    let mut sin = Vec::with_capacity(t * half);
+    for p in start..start + t {
+        for &f in inv_freq {
+            let a = p as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    let cos = Tensor::from_vec(cos, (t, half), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (t, half), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+/// Additive causal mask `[t, start + t]` for `t > 1` new positions after `start` cached ones.
+fn causal_mask(start: usize, t: usize, dtype: DType, device: &Device) -> Result<Option<Tensor>> {
+    if t <= 1 {
+        return Ok(None);
+    }
+    let total = start + t;
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Some(
+        Tensor::from_vec(m, (t, total), device)?.to_dtype(dtype)?,
+    ))
+}
+
+/// Runs the blocks of `ck` over `chunks` (no cache) one block at a time: every chunk's residual
+/// stream is kept, each block is loaded, applied to all chunks and dropped, so memory holds
+/// one block plus the hidden states instead of the model. `obs` sees exactly what
+/// [`Llama::forward`] would show it, site by site in the same chunk order. `on_block` is called
+/// after each block.
+pub fn observe_streamed(
+    ck: &Checkpoint,
+    dtype: DType,
+    device: &Device,
+    chunks: &[Vec<u32>],
+    obs: &mut dyn Observer,
+    on_block: &dyn Fn(),
+) -> Result<()> {
+    let c = &ck.config;
+    let (bytes, info) = ck.raw(names::EMBED)?;
+    let es = info.dtype.size();
+    let row = c.hidden_size * es;
+    let mut xs = Vec::with_capacity(chunks.len());
+    for ch in chunks {
+        let mut v = Vec::with_capacity(ch.len() * c.hidden_size);
+        for &id in ch {
+            let id = id as usize;
+            let slice = bytes.get(id * row..(id + 1) * row).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "token id {id} is outside the embedding table ({} rows)",
+                    c.vocab_size
+                ))
+            })?;
+            let r = crate::numerics::convert::to_f32(slice, info.dtype).ok_or_else(|| {
+                Error::TensorMismatch {
+                    path: ck.dir.clone(),
+                    tensor: names::EMBED.into(),
+                    expected: "a float dtype".into(),
+                    found: info.dtype.to_string(),
+                }
+            })?;
+            v.extend_from_slice(&r);
+        }
+        let t = Tensor::from_vec(v, (1, ch.len(), c.hidden_size), device)?.to_dtype(dtype)?;
+        xs.push(t);
+    }
+    ck.release(names::EMBED);
+    let inv_freq = c.rope_inv_freq();
+    let mut tables: std::collections::BTreeMap<usize, (Tensor, Tensor, Option<Tensor>)> =
+        Default::default();
+    for ch in chunks {
+        if !tables.contains_key(&ch.len()) {
+            let (cos, sin) = rope_tables(&inv_freq, 0, ch.len(), dtype, device)?;
+            let mask = causal_mask(0, ch.len(), dtype, device)?;
+            tables.insert(ch.len(), (cos, sin, mask));
+        }
+    }
+    let mut obs = Some(obs);
+    for l in 0..c.num_hidden_layers {
+        let blk = Block::load(ck, l, dtype, device, LoadOptions::default())?;
+        for x in xs.iter_mut() {
+            let t = x.dim(1)?;
+            let (cos, sin, mask) = &tables[&t];
+            let p = Pass {
+                cfg: c,
+                cos,
+                sin,
+                mask: mask.as_ref(),
+                b: 1,
+                t,
+                total: t,
+            };
+            *x = blk.forward(l, x.clone(), &p, None, &mut obs)?;
+        }
+        drop(blk);
+        ck.release(&names::hf_input_norm(l));
+        ck.release(&names::hf_post_norm(l));
+        for role in LinearRole::ALL {
+            ck.release(&names::hf_linear(l, role));
+        }
+        on_block();
+    }
+    Ok(())
 }
 
 /// Whether an artifact's config asks for dynamic activation quantization (compressed-tensors

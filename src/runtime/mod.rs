@@ -6,4 +6,4 @@ pub mod llama;
 
 pub use device::pick_device;
 pub use linear::Linear;
-pub use llama::{KvCache, Llama, LoadOptions, Observer};
+pub use llama::{observe_streamed, KvCache, Llama, LoadOptions, Observer};
