@@ -370,12 +370,17 @@ fn convert_loop(
         if let (true, Some(l)) = (want_smooth, layer_of) {
             if smooth.as_ref().map(|s| s.layer) != Some(l) {
                 let st = stats.ok_or_else(|| Error::Invalid("int8 needs calibration".into()))?;
-                let sm =
-                    crate::quant::smoothquant::LayerSmoothing::compute(ck, st, l, o.smooth_alpha)?;
+                let plan = crate::quant::smoothquant::SmoothPlan::from_alpha(o.smooth_alpha);
+                let sm = crate::quant::smoothquant::LayerSmoothing::compute(ck, st, l, plan)?;
+                let mut entry = serde_json::Map::new();
+                entry.insert("layer".into(), json!(l));
+                for site in InputSite::ALL {
+                    if let Some(a) = sm.alpha(site) {
+                        entry.insert(site.name().into(), json!(a));
+                    }
+                }
                 for s in sinks.iter_mut().filter(|s| s.target == Target::Int8) {
-                    s.alphas.push(
-                        json!({"layer": l, "attn_in": sm.alpha_attn, "mlp_in": sm.alpha_mlp}),
-                    );
+                    s.alphas.push(Value::Object(entry.clone()));
                 }
                 smooth = Some(sm);
             }
@@ -407,7 +412,7 @@ fn convert_loop(
                     match s.target {
                         Target::Int8 => {
                             let sm = smooth.as_ref().expect("computed for this layer");
-                            let ws = sm.smooth_weight(r.site(), &w, cols);
+                            let ws = sm.smooth_weight(*r, &w, cols);
                             let m = crate::quant::int8::quantize(&ws, cols, None);
                             s.errors
                                 .insert(name.clone(), fp8::relative_rms(&ws, &m.dequantize(cols)));

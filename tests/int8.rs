@@ -104,7 +104,9 @@ fn smoothing_alone_is_an_identity() {
         shuffle_seed: None,
         wall_s: 0.0,
     };
-    let stats = minitron::calib::CalibStats::collect(&model, &chunks, info, &|| ()).unwrap();
+    let stats =
+        minitron::calib::CalibStats::collect(&ck, DType::F32, &Device::Cpu, &chunks, info, &|| ())
+            .unwrap();
     let mut tensors = BTreeMap::new();
     let f32b = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     for spec in ck.specs() {
@@ -113,28 +115,34 @@ fn smoothing_alone_is_an_identity() {
             (ck.read_f32(&spec.name).unwrap(), spec.shape.clone()),
         );
     }
+    let plan = minitron::quant::smoothquant::SmoothPlan {
+        alpha: Some(0.8),
+        extended: true,
+    };
     for l in 0..ck.config.num_hidden_layers {
-        let sm = minitron::quant::smoothquant::LayerSmoothing::compute(&ck, &stats, l, Some(0.8))
-            .unwrap();
-        assert!(
-            sm.attn.iter().any(|&f| (f - 1.0).abs() > 0.1),
-            "factors should be far from 1 to make this a real test"
-        );
+        let sm =
+            minitron::quant::smoothquant::LayerSmoothing::compute(&ck, &stats, l, plan).unwrap();
+        for site in InputSite::ALL {
+            let f = sm.factors[site.index()].as_ref().unwrap();
+            assert!(
+                f.iter().any(|&f| (f - 1.0).abs() > 0.1),
+                "{}: factors should be far from 1 to make this a real test",
+                site.name()
+            );
+        }
         for (site, norm) in [
             (InputSite::AttnIn, hf_input_norm(l)),
             (InputSite::MlpIn, hf_post_norm(l)),
         ] {
-            let g = tensors[&norm].0.clone();
-            for &r in site.roles() {
-                let name = hf_linear(l, r);
-                let cols = r.shape(&ck.config)[1];
-                let (w, _) = sm.apply_exact(site, &tensors[&name].0, cols, None);
-                tensors.get_mut(&name).unwrap().0 = w;
-            }
-            let (_, g2) = sm.apply_exact(site, &[], site.width(&ck.config), Some(&g));
-            tensors.get_mut(&norm).unwrap().0 = g2.unwrap();
+            let g = sm.apply_exact_norm(site, &tensors[&norm].0);
+            tensors.get_mut(&norm).unwrap().0 = g;
         }
-        let _ = LinearRole::Q;
+        for r in LinearRole::ALL {
+            let name = hf_linear(l, r);
+            let cols = r.shape(&ck.config)[1];
+            let w = sm.apply_exact(r, &tensors[&name].0, cols);
+            tensors.get_mut(&name).unwrap().0 = w;
+        }
     }
     let t = tempdir();
     let dir = t.path().join("smoothed");

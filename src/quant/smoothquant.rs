@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use crate::calib::stats::CalibStats;
 use crate::error::{Error, Result};
-use crate::model::names::{hf_linear, InputSite};
+use crate::model::names::{hf_linear, InputSite, LinearRole};
 use crate::model::Checkpoint;
 use crate::numerics::fp8::round_bf16;
 use crate::quant::int8::{column_absmax, quantize, smooth_factors};
@@ -18,41 +18,105 @@ use crate::quant::int8::{column_absmax, quantize, smooth_factors};
 /// The α grid searched by `--smooth-alpha auto`.
 pub const ALPHA_GRID: [f64; 7] = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
 
-/// Smoothing of one block.
+/// Which migrations to make and how to choose α.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SmoothPlan {
+    /// A fixed α for every smoothed input; `None`: per layer and input, the α of
+    /// [`ALPHA_GRID`] with the smallest quantized output error on the calibration samples.
+    pub alpha: Option<f64>,
+    /// Also smooth the inputs that follow a linear layer rather than a norm: `o_proj`'s input
+    /// into `v_proj`'s rows (shared across the query heads of a KV group) and `down_proj`'s
+    /// input into `up_proj`'s rows. Both are exact re-parametrisations too.
+    pub extended: bool,
+}
+
+impl SmoothPlan {
+    /// The command line's meaning: a fixed α smooths the two norm-fed inputs (llm-compressor's
+    /// mappings); `auto` searches α per input and smooths all four.
+    pub fn from_alpha(alpha: Option<f64>) -> Self {
+        SmoothPlan {
+            alpha,
+            extended: alpha.is_none(),
+        }
+    }
+}
+
+/// Smoothing of one block: factors per input site (indexed by [`InputSite::index`]).
 #[derive(Debug, Clone)]
 pub struct LayerSmoothing {
     pub layer: usize,
-    /// Factors for the attention input (q/k/v) and the MLP input (gate/up).
-    pub attn: Vec<f32>,
-    pub mlp: Vec<f32>,
-    pub alpha_attn: f64,
-    pub alpha_mlp: f64,
+    /// `s` over the columns of the layers reading each site; `None`: not smoothed.
+    pub factors: [Option<Vec<f32>>; 4],
+    /// The α chosen per site.
+    pub alphas: [Option<f64>; 4],
+    /// Factors over `v_proj`'s rows (one per KV channel) that produce the `attn_out` factors.
+    v_rows: Option<Vec<f32>>,
+}
+
+/// What produces a smoothed site's input, and so absorbs `1/s`.
+fn producer(site: InputSite) -> Option<LinearRole> {
+    match site {
+        InputSite::AttnOut => Some(LinearRole::V),
+        InputSite::MlpAct => Some(LinearRole::Up),
+        _ => None,
+    }
 }
 
 impl LayerSmoothing {
-    /// Factors for block `layer` with a fixed α, or (`None`) the α of [`ALPHA_GRID`] that
-    /// minimises the relative output error of the W8A8-quantized layers on the calibration
-    /// samples.
+    /// Factors for block `layer` under `plan`.
     pub fn compute(
         ck: &Checkpoint,
         stats: &CalibStats,
         layer: usize,
-        alpha: Option<f64>,
+        plan: SmoothPlan,
     ) -> Result<Self> {
-        let pick = |site: InputSite, slot: usize| -> Result<(Vec<f32>, f64)> {
-            let cols = site.width(&ck.config);
+        let c = &ck.config;
+        let (hd, g) = (c.head_dim, c.num_attention_heads / c.num_key_value_heads);
+        // `attn_out` column (head h, dim d) is fed by V channel (h / g, d).
+        let kv_of = |col: usize| (col / hd / g) * hd + col % hd;
+        let mut out = LayerSmoothing {
+            layer,
+            factors: [None, None, None, None],
+            alphas: [None; 4],
+            v_rows: None,
+        };
+        for site in InputSite::ALL {
+            if producer(site).is_some() && !plan.extended {
+                continue;
+            }
+            let cols = site.width(c);
             let ws: Vec<Vec<f32>> = site
                 .roles()
                 .iter()
                 .map(|&r| ck.read_f32(&hf_linear(layer, r)))
                 .collect::<Result<_>>()?;
             let refs: Vec<&[f32]> = ws.iter().map(Vec::as_slice).collect();
-            let wmax = column_absmax(&refs, cols);
-            let amax = &stats.site(layer, site).absmax;
-            match alpha {
-                Some(a) => Ok((smooth_factors(amax, &wmax, a), a)),
+            let mut wmax = column_absmax(&refs, cols);
+            let mut amax = stats.site(layer, site).absmax.clone();
+            if site == InputSite::AttnOut {
+                // One factor per KV channel: the maxima over the query heads sharing it.
+                let reduce = |v: &[f32]| {
+                    let mut m = vec![0f32; c.kv_dim()];
+                    for (col, &x) in v.iter().enumerate() {
+                        let k = kv_of(col);
+                        m[k] = m[k].max(x);
+                    }
+                    m
+                };
+                wmax = reduce(&wmax);
+                amax = reduce(&amax);
+            }
+            let expand = |s: Vec<f32>| -> Vec<f32> {
+                if site == InputSite::AttnOut {
+                    (0..cols).map(|col| s[kv_of(col)]).collect()
+                } else {
+                    s
+                }
+            };
+            let (s, a) = match plan.alpha {
+                Some(a) => (smooth_factors(&amax, &wmax, a), a),
                 None => {
-                    let x = &stats.layers[layer].samples[slot];
+                    let x = &stats.layers[layer].samples[site.index()];
                     if x.is_empty() {
                         return Err(Error::Invalid(
                             "--smooth-alpha auto needs activation samples, which saved statistics do not keep: calibrate again instead of --load-calib".into(),
@@ -60,31 +124,38 @@ impl LayerSmoothing {
                     }
                     let mut best = (f64::INFINITY, 0.0, Vec::new());
                     for &a in &ALPHA_GRID {
-                        let s = smooth_factors(amax, &wmax, a);
-                        let e = output_error(x, &refs, cols, &s);
+                        let s = smooth_factors(&amax, &wmax, a);
+                        let e = output_error(x, &refs, cols, &expand(s.clone()));
                         if e < best.0 {
                             best = (e, a, s);
                         }
                     }
-                    Ok((best.2, best.1))
+                    (best.2, best.1)
                 }
+            };
+            if site == InputSite::AttnOut {
+                out.v_rows = Some(s.clone());
             }
-        };
-        let (attn, alpha_attn) = pick(InputSite::AttnIn, 0)?;
-        let (mlp, alpha_mlp) = pick(InputSite::MlpIn, 1)?;
-        Ok(LayerSmoothing {
-            layer,
-            attn,
-            mlp,
-            alpha_attn,
-            alpha_mlp,
-        })
+            out.factors[site.index()] = Some(expand(s));
+            out.alphas[site.index()] = Some(a);
+        }
+        Ok(out)
+    }
+
+    /// α chosen for `site`, if it is smoothed.
+    pub fn alpha(&self, site: InputSite) -> Option<f64> {
+        self.alphas[site.index()]
     }
 
     fn factors(&self, site: InputSite) -> Option<&[f32]> {
-        match site {
-            InputSite::AttnIn => Some(&self.attn),
-            InputSite::MlpIn => Some(&self.mlp),
+        self.factors[site.index()].as_deref()
+    }
+
+    /// Factors dividing the rows of `role`'s weight (it produces a smoothed input).
+    fn row_factors(&self, role: LinearRole) -> Option<&[f32]> {
+        match role {
+            LinearRole::V => self.v_rows.as_deref(),
+            LinearRole::Up => self.factors(InputSite::MlpAct),
             _ => None,
         }
     }
@@ -97,46 +168,45 @@ impl LayerSmoothing {
         }
     }
 
-    /// A weight (`[rows, cols]`) reading `site`, its columns multiplied by the factors.
-    pub fn smooth_weight(&self, site: InputSite, w: &[f32], cols: usize) -> Vec<f32> {
+    /// `role`'s weight (`[rows, cols]`) with its columns multiplied by the factors of the
+    /// input it reads and its rows divided by those of the input it produces, rounded to bf16
+    /// after each step as in-place bf16 updates are.
+    pub fn smooth_weight(&self, role: LinearRole, w: &[f32], cols: usize) -> Vec<f32> {
+        self.transform(role, w, cols, true)
+    }
+
+    /// The same without bf16 rounding: an exact re-parametrisation of the block (used to check
+    /// that smoothing alone leaves the model's function unchanged).
+    pub fn apply_exact(&self, role: LinearRole, w: &[f32], cols: usize) -> Vec<f32> {
+        self.transform(role, w, cols, false)
+    }
+
+    /// Norm weight divided by the factors of `site`, without rounding.
+    pub fn apply_exact_norm(&self, site: InputSite, g: &[f32]) -> Vec<f32> {
         match self.factors(site) {
-            Some(s) => {
-                let mut out = w.to_vec();
-                out.par_chunks_mut(cols).for_each(|row| {
-                    for (v, &f) in row.iter_mut().zip(s) {
-                        *v = round_bf16(*v * f);
-                    }
-                });
-                out
-            }
-            None => w.to_vec(),
+            Some(s) => g.iter().zip(s).map(|(&v, &f)| v / f).collect(),
+            None => g.to_vec(),
         }
     }
-}
 
-impl LayerSmoothing {
-    /// The smoothing applied in f32 without bf16 rounding: an exact re-parametrisation of the
-    /// block (used to check that smoothing alone leaves the model's function unchanged).
-    pub fn apply_exact(
-        &self,
-        site: InputSite,
-        w: &[f32],
-        cols: usize,
-        norm: Option<&[f32]>,
-    ) -> (Vec<f32>, Option<Vec<f32>>) {
-        match self.factors(site) {
-            Some(s) => {
-                let w = w
-                    .chunks(cols)
-                    .flat_map(|r| r.iter().zip(s).map(|(&v, &f)| v * f))
-                    .collect();
-                (
-                    w,
-                    norm.map(|g| g.iter().zip(s).map(|(&v, &f)| v / f).collect()),
-                )
-            }
-            None => (w.to_vec(), norm.map(<[f32]>::to_vec)),
+    fn transform(&self, role: LinearRole, w: &[f32], cols: usize, bf16: bool) -> Vec<f32> {
+        let r = |v: f32| if bf16 { round_bf16(v) } else { v };
+        let mut out = w.to_vec();
+        if let Some(s) = self.factors(role.site()) {
+            out.par_chunks_mut(cols).for_each(|row| {
+                for (v, &f) in row.iter_mut().zip(s) {
+                    *v = r(*v * f);
+                }
+            });
         }
+        if let Some(s) = self.row_factors(role) {
+            out.par_chunks_mut(cols).zip(s).for_each(|(row, &f)| {
+                for v in row.iter_mut() {
+                    *v = r(*v / f);
+                }
+            });
+        }
+        out
     }
 }
 
