@@ -207,7 +207,7 @@ impl Block {
         l: usize,
         x: Tensor,
         p: &Pass,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         obs: &mut Option<&mut dyn Observer>,
     ) -> Result<Tensor> {
         let (b, t, total) = (p.b, p.t, p.total);
@@ -249,7 +249,7 @@ impl Block {
             Some((ks, vs)) => (fp8_static(&k, ks)?, fp8_static(&v, vs)?),
             None => (k, v),
         };
-        let (k, v) = match cache.as_deref_mut() {
+        let (k, v) = match cache {
             Some(cache) => {
                 let k = match &cache.k[l] {
                     Some(prev) => Tensor::cat(&[prev, &k], 2)?,
@@ -559,10 +559,10 @@ pub fn observe_streamed(
     let mut tables: std::collections::BTreeMap<usize, (Tensor, Tensor, Option<Tensor>)> =
         Default::default();
     for ch in chunks {
-        if !tables.contains_key(&ch.len()) {
+        if let std::collections::btree_map::Entry::Vacant(e) = tables.entry(ch.len()) {
             let (cos, sin) = rope_tables(&inv_freq, 0, ch.len(), dtype, device)?;
             let mask = causal_mask(0, ch.len(), dtype, device)?;
-            tables.insert(ch.len(), (cos, sin, mask));
+            e.insert((cos, sin, mask));
         }
     }
     let mut obs = Some(obs);
