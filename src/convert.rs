@@ -82,6 +82,8 @@ pub struct ConvertOptions {
     pub out: PathBuf,
     pub force: bool,
     pub fp8_weights: WeightMode,
+    /// `rtn` or `gptq` (W8A8 weights, after smoothing).
+    pub int8_weights: WeightMode,
     /// SmoothQuant migration strength for `int8` (`None`: choose per layer from a grid).
     pub smooth_alpha: Option<f64>,
     /// Group size for `int8-w8a16` (`None`: one scale per output channel).
@@ -280,7 +282,8 @@ pub fn run(
     } else {
         None
     };
-    let hessians = if has_fp8 && o.fp8_weights == WeightMode::Gptq {
+    let int8_gptq = o.targets.contains(&Target::Int8) && o.int8_weights == WeightMode::Gptq;
+    let hessians = if (has_fp8 && o.fp8_weights == WeightMode::Gptq) || int8_gptq {
         Some(crate::calib::hessians(ck, &o.calib, device)?)
     } else {
         None
@@ -349,6 +352,8 @@ fn convert_loop(
     let items = inputs(ck);
     // GPTQ factor of the last (layer, site): q/k/v and gate/up share one.
     let mut factor: Option<GptqFactor> = None;
+    // The same for the smoothed inputs INT8 weights see.
+    let mut int8_factor: Option<((usize, usize), crate::quant::gptq::GptqPlan)> = None;
     let total: u64 = items
         .iter()
         .map(|(_, s, _)| s.iter().product::<usize>() as u64)
@@ -413,7 +418,28 @@ fn convert_loop(
                         Target::Int8 => {
                             let sm = smooth.as_ref().expect("computed for this layer");
                             let ws = sm.smooth_weight(*r, &w, cols);
-                            let m = crate::quant::int8::quantize(&ws, cols, None);
+                            let m = match (o.int8_weights, hessians) {
+                                (WeightMode::Gptq, Some(h)) => {
+                                    let key = (*layer, r.site().index());
+                                    if int8_factor.as_ref().map(|f| f.0) != Some(key) {
+                                        // Second moments of the smoothed input x/s.
+                                        let n = h.count.max(1) as f64;
+                                        let s = sm.factors[key.1].as_deref();
+                                        let f = |j: usize| s.map_or(1.0, |s| s[j] as f64);
+                                        let mean: Vec<f64> = h.sums[key.0][key.1]
+                                            .iter()
+                                            .enumerate()
+                                            .map(|(ij, v)| v / n / (f(ij / cols) * f(ij % cols)))
+                                            .collect();
+                                        let u =
+                                            crate::quant::gptq::GptqPlan::new(&mean, cols, 0.01)?;
+                                        int8_factor = Some((key, u));
+                                    }
+                                    let (_, u) = int8_factor.as_ref().expect("just set");
+                                    crate::quant::int8::quantize_gptq(&ws, cols, u)
+                                }
+                                _ => crate::quant::int8::quantize(&ws, cols, None),
+                            };
                             s.errors
                                 .insert(name.clone(), fp8::relative_rms(&ws, &m.dequantize(cols)));
                             let bytes: Vec<u8> = m.q.iter().map(|&v| v as u8).collect();
@@ -650,6 +676,7 @@ fn finish_sink(
         "command_line": o.command_line,
         "target": s.target.name(),
         "fp8_weights": o.fp8_weights.name(),
+        "int8_weights": o.int8_weights.name(),
         "input": {"dir": ck.dir.display().to_string(), "sha256": input_hashes.iter().cloned().collect::<BTreeMap<_, _>>()},
         "calibration": stats.map(|st| json!(st.info)),
         "quantization_config": quantization_config(s.target, o.group_size),

@@ -242,3 +242,118 @@ pub fn human_bytes(b: u64) -> String {
         format!("{x:.2} {}", units[u])
     }
 }
+
+/// A metadata value as JSON; arrays longer than 8 shortened to their first values and length
+/// unless `full`.
+fn gguf_value_json(v: &crate::format::gguf::Value, full: bool) -> serde_json::Value {
+    use crate::format::gguf::Value as V;
+    use serde_json::json;
+    match v {
+        V::U8(x) => json!(x),
+        V::I8(x) => json!(x),
+        V::U16(x) => json!(x),
+        V::I16(x) => json!(x),
+        V::U32(x) => json!(x),
+        V::I32(x) => json!(x),
+        V::F32(x) => json!(x),
+        V::Bool(x) => json!(x),
+        V::String(s) => json!(s),
+        V::U64(x) => json!(x),
+        V::I64(x) => json!(x),
+        V::F64(x) => json!(x),
+        V::Array(_, items) if !full && items.len() > 8 => json!({
+            "len": items.len(),
+            "first": items[..8].iter().map(|i| gguf_value_json(i, full)).collect::<Vec<_>>(),
+        }),
+        V::Array(_, items) => json!(items
+            .iter()
+            .map(|i| gguf_value_json(i, full))
+            .collect::<Vec<_>>()),
+    }
+}
+
+fn gguf_type_name(v: &crate::format::gguf::Value) -> String {
+    use crate::format::gguf::Value as V;
+    match v {
+        V::U8(_) => "u8".into(),
+        V::I8(_) => "i8".into(),
+        V::U16(_) => "u16".into(),
+        V::I16(_) => "i16".into(),
+        V::U32(_) => "u32".into(),
+        V::I32(_) => "i32".into(),
+        V::F32(_) => "f32".into(),
+        V::Bool(_) => "bool".into(),
+        V::String(_) => "str".into(),
+        V::U64(_) => "u64".into(),
+        V::I64(_) => "i64".into(),
+        V::F64(_) => "f64".into(),
+        V::Array(_, items) => format!(
+            "{}[{}]",
+            items.first().map_or("?".into(), gguf_type_name),
+            items.len()
+        ),
+    }
+}
+
+/// `minitron-convert dump --json`: header, metadata (with types) and tensor table.
+pub fn gguf_json(g: &crate::format::gguf::GgufFile, full: bool) -> serde_json::Value {
+    serde_json::json!({
+        "file": g.path.display().to_string(),
+        "version": g.version,
+        "alignment": g.alignment,
+        "metadata": g.metadata.iter().map(|(k, v)| serde_json::json!({
+            "key": k, "type": gguf_type_name(v), "value": gguf_value_json(v, full)
+        })).collect::<Vec<_>>(),
+        "tensors": g.tensors.iter().map(|t| serde_json::json!({
+            "name": t.name, "type": t.ty.name, "dims": t.dims, "offset": t.offset, "bytes": t.nbytes()
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `minitron-convert dump`: the same as text, one line per key and per tensor.
+pub fn gguf_text(g: &crate::format::gguf::GgufFile, full: bool) -> String {
+    let mut s = format!(
+        "{}: GGUF v{}, {} metadata keys, {} tensors, alignment {}\n\n",
+        g.path.display(),
+        g.version,
+        g.metadata.len(),
+        g.tensors.len(),
+        g.alignment
+    );
+    for (i, (k, v)) in g.metadata.iter().enumerate() {
+        let val = match v {
+            crate::format::gguf::Value::String(t) if !full && t.len() > 80 => {
+                format!(
+                    "{:?}… ({} bytes)",
+                    t.chars().take(60).collect::<String>(),
+                    t.len()
+                )
+            }
+            _ => gguf_value_json(v, full).to_string(),
+        };
+        s.push_str(&format!(
+            "{:>4}  {:<44} {:<12} {}\n",
+            i + 1,
+            k,
+            gguf_type_name(v),
+            val
+        ));
+    }
+    s.push('\n');
+    s.push_str(&format!(
+        "{:>4}  {:<34} {:<6} {:<22} {:>12}\n",
+        "#", "tensor", "type", "dims", "bytes"
+    ));
+    for (i, t) in g.tensors.iter().enumerate() {
+        let dims: Vec<String> = t.dims.iter().map(u64::to_string).collect();
+        s.push_str(&format!(
+            "{:>4}  {:<34} {:<6} {:<22} {:>12}\n",
+            i + 1,
+            t.name,
+            t.ty.name,
+            dims.join(" × "),
+            t.nbytes()
+        ));
+    }
+    s
+}

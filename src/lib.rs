@@ -11,6 +11,7 @@ pub mod calib;
 pub mod convert;
 pub mod error;
 pub mod format;
+pub mod gguf_export;
 pub mod inspect;
 pub mod model;
 pub mod numerics;

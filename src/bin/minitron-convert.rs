@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use minitron::model::synth::{write_checkpoint, Preset};
+use minitron::model::synth::{write_checkpoint_with, Preset};
 use minitron::model::Checkpoint;
 
 /// Turn a bf16 Llama-3.x checkpoint into quantized artifacts.
@@ -37,6 +37,10 @@ struct Cli {
     /// through the calibration inputs' second moments).
     #[arg(long, default_value = "rtn", value_parser = ["rtn", "search", "gptq"])]
     fp8_weights: String,
+    /// How W8A8 weights are rounded after smoothing: `rtn` (nearest), or `gptq` (error feedback
+    /// through the smoothed calibration inputs' second moments).
+    #[arg(long, default_value = "rtn", value_parser = ["rtn", "gptq"])]
+    int8_weights: String,
     /// SmoothQuant migration strength for --to int8: a number in (0, 1), or `auto` to choose it
     /// per layer from 0.3 … 0.9 by the calibrated output error.
     #[arg(long, default_value = "0.8")]
@@ -44,6 +48,21 @@ struct Cli {
     /// Scales per this many input columns for --to int8-w8a16 (default: one per output channel).
     #[arg(long)]
     group_size: Option<usize>,
+    /// GGUF: importance matrix (llama.cpp's GGUF or legacy .dat format) for the quantizers.
+    #[arg(long, value_name = "FILE")]
+    imatrix: Option<PathBuf>,
+    /// GGUF: override the type of tensors whose name matches REGEX (repeatable; last match wins).
+    #[arg(long, value_name = "REGEX=TYPE")]
+    tensor_type: Vec<String>,
+    /// GGUF: type of output.weight (or of the tied token embedding).
+    #[arg(long, value_name = "TYPE")]
+    output_type: Option<String>,
+    /// GGUF: type of token_embd.weight.
+    #[arg(long, value_name = "TYPE")]
+    embedding_type: Option<String>,
+    /// GGUF: tokenizer.ggml.pre when it cannot be detected from tokenizer.json.
+    #[arg(long, value_name = "NAME")]
+    gguf_pre: Option<String>,
     #[command(flatten)]
     calib: CalibArgs,
     /// Worker threads (default: all logical CPUs).
@@ -85,6 +104,20 @@ enum Cmd {
         /// Replace an existing output folder.
         #[arg(long)]
         force: bool,
+        /// Copy tokenizer.json and tokenizer_config.json from this folder instead of building
+        /// the synthetic tokenizer (e.g. the real Llama-3 tokenizer).
+        #[arg(long, value_name = "DIR")]
+        tokenizer: Option<PathBuf>,
+    },
+    /// Print a GGUF file's metadata and tensor table.
+    Dump {
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Print long arrays whole instead of their first values.
+        #[arg(long)]
+        full: bool,
     },
 }
 
@@ -163,18 +196,38 @@ fn main() -> std::process::ExitCode {
                 );
                 Ok(())
             }
+            Some(Cmd::Dump { file, json, full }) => {
+                let g = minitron::format::gguf::GgufFile::open(&file)?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&minitron::inspect::gguf_json(&g, full))?
+                    );
+                } else {
+                    print!("{}", minitron::inspect::gguf_text(&g, full));
+                }
+                Ok(())
+            }
             Some(Cmd::Synth {
                 preset,
                 seed,
                 out,
                 force,
+                tokenizer,
             }) => {
                 let preset = Preset::parse(&preset)?;
                 let pb = minitron::progress::bar(0, "synth", true);
-                let s = write_checkpoint(preset, seed, &out, force, &|done, total| {
-                    pb.set_length(total);
-                    pb.set_position(done);
-                })
+                let s = write_checkpoint_with(
+                    preset,
+                    seed,
+                    &out,
+                    force,
+                    tokenizer.as_deref(),
+                    &|done, total| {
+                        pb.set_length(total);
+                        pb.set_position(done);
+                    },
+                )
                 .with_context(|| format!("writing {}", out.display()))?;
                 pb.finish_and_clear();
                 println!(
@@ -188,25 +241,40 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             None => {
-                let Some(model) = cli.model else {
+                let Some(model) = cli.model.clone() else {
                     bail!("give a MODEL folder with --to TARGET --out PATH, or a subcommand (see --help)");
                 };
-                let Some(to) = cli.to else {
+                let Some(to) = cli.to.clone() else {
                     bail!("--to TARGET is required");
                 };
-                let Some(out) = cli.out else {
+                let Some(out) = cli.out.clone() else {
                     bail!("--out PATH is required");
                 };
-                let targets = to
-                    .split(',')
-                    .map(|t| minitron::convert::Target::parse(t.trim()))
+                let all: Vec<&str> = to.split(',').map(str::trim).collect();
+                let ggufs = all
+                    .iter()
+                    .filter_map(|t| t.strip_prefix("gguf:"))
+                    .map(minitron::gguf_export::Mix::parse)
+                    .collect::<Result<Vec<_>, _>>()?;
+                let targets = all
+                    .iter()
+                    .filter(|t| !t.starts_with("gguf:"))
+                    .map(|t| minitron::convert::Target::parse(t))
                     .collect::<Result<Vec<_>, _>>()?;
                 let ck = Checkpoint::open(&model)?;
+                if !ggufs.is_empty() {
+                    let single = all.len() == 1;
+                    export_ggufs(&cli, &ck, &ggufs, &out, single)?;
+                    if targets.is_empty() {
+                        return Ok(());
+                    }
+                }
                 let opts = minitron::convert::ConvertOptions {
                     targets,
-                    out,
+                    out: out.clone(),
                     force: cli.force,
                     fp8_weights: minitron::quant::fp8::WeightMode::parse(&cli.fp8_weights)?,
+                    int8_weights: minitron::quant::fp8::WeightMode::parse(&cli.int8_weights)?,
                     smooth_alpha: match cli.smooth_alpha.as_str() {
                         "auto" => None,
                         a => {
@@ -250,4 +318,86 @@ fn main() -> std::process::ExitCode {
             }
         }
     })
+}
+
+/// Writes one GGUF file per mix: `out` itself for a single target, else `out/<mix>.gguf`.
+fn export_ggufs(
+    cli: &Cli,
+    ck: &Checkpoint,
+    mixes: &[minitron::gguf_export::Mix],
+    out: &std::path::Path,
+    single: bool,
+) -> anyhow::Result<()> {
+    use minitron::format::gguf::GgmlType;
+    let parse_ty = |s: &str| -> anyhow::Result<GgmlType> {
+        GgmlType::from_name(s).ok_or_else(|| anyhow::anyhow!("unknown ggml type `{s}`"))
+    };
+    let overrides = cli
+        .tensor_type
+        .iter()
+        .map(|o| {
+            let (re, t) = o.rsplit_once('=').ok_or_else(|| {
+                anyhow::anyhow!("--tensor-type: expected REGEX=TYPE, found `{o}`")
+            })?;
+            Ok((re.to_string(), parse_ty(t)?))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let imatrix = match (&cli.imatrix, &cli.calib.calib) {
+        (Some(p), _) => Some(minitron::gguf_export::ImatrixUse {
+            imatrix: minitron::calib::Imatrix::read(p)?,
+            file: p.display().to_string(),
+        }),
+        (None, Some(text)) => {
+            let stats =
+                minitron::calib::calibrate(ck, &cli.calib.options(), &candle_core::Device::Cpu)?;
+            let mut im = minitron::calib::Imatrix::from_stats(&stats);
+            if im.datasets.is_empty() {
+                im.datasets.push(text.display().to_string());
+            }
+            Some(minitron::gguf_export::ImatrixUse {
+                imatrix: im,
+                file: format!("(computed from {})", text.display()),
+            })
+        }
+        _ => None,
+    };
+    for &mix in mixes {
+        let path = if single {
+            out.to_path_buf()
+        } else {
+            out.join(format!("{}.gguf", mix.name()))
+        };
+        let o = minitron::gguf_export::GgufOptions {
+            mix,
+            overrides: overrides.clone(),
+            output_type: cli.output_type.as_deref().map(parse_ty).transpose()?,
+            embedding_type: cli.embedding_type.as_deref().map(parse_ty).transpose()?,
+            imatrix: imatrix.clone(),
+            pre: cli.gguf_pre.clone(),
+            force: cli.force,
+            command_line: common::command_line(),
+        };
+        let pb = minitron::progress::bar(0, "gguf", false);
+        let r = minitron::gguf_export::export(ck, &o, &path, &|d, t| {
+            pb.set_length(t);
+            pb.set_position(d);
+        })
+        .with_context(|| format!("writing {}", path.display()))?;
+        pb.finish_and_clear();
+        let mut counts = std::collections::BTreeMap::new();
+        for (_, t) in &r.tensors {
+            *counts.entry(t.clone()).or_insert(0usize) += 1;
+        }
+        let mix_desc: Vec<String> = counts.iter().map(|(t, n)| format!("{n} {t}")).collect();
+        println!(
+            "wrote {} (gguf:{}, {}, {} tensors: {}; {:.1} s)",
+            path.display(),
+            mix.name(),
+            minitron::inspect::human_bytes(r.bytes),
+            r.tensors.len(),
+            mix_desc.join(", "),
+            r.wall_s
+        );
+    }
+    Ok(())
 }

@@ -135,8 +135,46 @@ pub fn write_checkpoint(
     force: bool,
     progress: &dyn Fn(u64, u64),
 ) -> Result<SynthSummary> {
+    write_checkpoint_with(preset, seed, out, force, None, progress)
+}
+
+/// As [`write_checkpoint`], with the tokenizer (tokenizer.json and tokenizer_config.json)
+/// copied from `tokenizer_dir` instead of the built-in one. Its vocabulary must fit the
+/// preset's embedding rows.
+pub fn write_checkpoint_with(
+    preset: Preset,
+    seed: u64,
+    out: &Path,
+    force: bool,
+    tokenizer_dir: Option<&Path>,
+    progress: &dyn Fn(u64, u64),
+) -> Result<SynthSummary> {
+    if let Some(td) = tokenizer_dir {
+        let tok = crate::model::Tokenizer::load(td)?;
+        let rows =
+            LlamaConfig::from_json_str(&preset.config_json().to_string(), Path::new("<preset>"))
+                .expect("presets are valid configs")
+                .vocab_size;
+        if tok.vocab_size() > rows {
+            return Err(crate::error::Error::Invalid(format!(
+                "{}: {} tokens do not fit the preset's {rows} embedding rows",
+                td.join("tokenizer.json").display(),
+                tok.vocab_size()
+            )));
+        }
+    }
     let summary = crate::format::safetensors_out::build_dir(out, force, |tmp| {
-        write_into(preset, seed, tmp, progress)
+        let s = write_into(preset, seed, tmp, progress)?;
+        if let Some(td) = tokenizer_dir {
+            for f in ["tokenizer.json", "tokenizer_config.json"] {
+                let src = td.join(f);
+                if src.exists() {
+                    std::fs::copy(&src, tmp.join(f))
+                        .map_err(|e| crate::error::Error::io(&src, e))?;
+                }
+            }
+        }
+        Ok(s)
     })?;
     Ok(SynthSummary {
         files: summary

@@ -46,6 +46,25 @@ pub fn quantize(w: &[f32], cols: usize, group: Option<usize>) -> Int8Matrix {
     Int8Matrix { q, scales, groups }
 }
 
+/// Per-channel INT8 with GPTQ error feedback: the scales of [`quantize`] (per output channel),
+/// the codes rounded column by column in `plan`'s order, each rounding error pushed onto the
+/// columns not yet rounded through the factor of the input's second moments.
+pub fn quantize_gptq(w: &[f32], cols: usize, plan: &crate::quant::gptq::GptqPlan) -> Int8Matrix {
+    let scales = quantize(w, cols, None).scales;
+    let codes = plan.quantize_rows(w, cols, |r, v| {
+        let s = scales[r];
+        let q = round_bf16((v as f32) / s)
+            .round_ties_even()
+            .clamp(-128.0, 127.0);
+        ((q * s) as f64, q as i8 as u8)
+    });
+    Int8Matrix {
+        q: codes.into_iter().map(|c| c as i8).collect(),
+        scales,
+        groups: 1,
+    }
+}
+
 impl Int8Matrix {
     /// `q · scale` per element.
     pub fn dequantize(&self, cols: usize) -> Vec<f32> {

@@ -1,0 +1,858 @@
+//! Hugging Face Llama checkpoint → GGUF for llama.cpp (formats/gguf.md#export).
+//!
+//! Float targets (`f32`, `f16`, `bf16`) are laid out as llama.cpp's converter lays them out
+//! (extra tensors first, then the checkpoint's tensors in name order, metadata in its order).
+//! Quantized targets are laid out as llama-quantize rewrites such a file: tensors sorted
+//! (non-block tensors by name, then block by block), `general.quantization_version` and
+//! `general.file_type` moved to the end, followed by the `quantize.imatrix.*` keys when an
+//! importance matrix was used. Per-tensor types follow llama-quantize's mixes, including its
+//! fallbacks for rows that are not a multiple of a k-quant's 256-value super-block.
+//!
+//! One tensor is in memory at a time; the file is written under a temporary name and renamed
+//! when complete.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{json, Value as Json};
+
+use crate::calib::Imatrix;
+use crate::error::{Error, Result};
+use crate::format::gguf::{GgmlType, GgufWriter, PlannedTensor, Value};
+use crate::model::config::RopeScaling;
+use crate::model::names::{self, LinearRole};
+use crate::model::Checkpoint;
+
+/// A whole-file recipe (llama-quantize's `ftype`, or a float outtype).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mix {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+    Q6K,
+    Q5KM,
+    Q5KS,
+    Q4KM,
+    Q4KS,
+    Q4_0,
+    Q3KM,
+}
+
+impl Mix {
+    pub const ALL: [Mix; 11] = [
+        Mix::F32,
+        Mix::F16,
+        Mix::BF16,
+        Mix::Q8_0,
+        Mix::Q6K,
+        Mix::Q5KM,
+        Mix::Q5KS,
+        Mix::Q4KM,
+        Mix::Q4KS,
+        Mix::Q4_0,
+        Mix::Q3KM,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mix::F32 => "f32",
+            Mix::F16 => "f16",
+            Mix::BF16 => "bf16",
+            Mix::Q8_0 => "q8_0",
+            Mix::Q6K => "q6_k",
+            Mix::Q5KM => "q5_k_m",
+            Mix::Q5KS => "q5_k_s",
+            Mix::Q4KM => "q4_k_m",
+            Mix::Q4KS => "q4_k_s",
+            Mix::Q4_0 => "q4_0",
+            Mix::Q3KM => "q3_k_m",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        let l = s.to_ascii_lowercase();
+        Mix::ALL.into_iter().find(|m| m.name() == l).ok_or_else(|| {
+            Error::Invalid(format!(
+                "unknown GGUF type `{s}` (available: {})",
+                Mix::ALL.map(|m| m.name()).join(", ")
+            ))
+        })
+    }
+
+    /// llama.cpp's `llama_ftype` value (`general.file_type`).
+    pub fn file_type(self) -> u32 {
+        match self {
+            Mix::F32 => 0,
+            Mix::F16 => 1,
+            Mix::Q4_0 => 2,
+            Mix::Q8_0 => 7,
+            Mix::Q3KM => 12,
+            Mix::Q4KS => 14,
+            Mix::Q4KM => 15,
+            Mix::Q5KS => 16,
+            Mix::Q5KM => 17,
+            Mix::Q6K => 18,
+            Mix::BF16 => 32,
+        }
+    }
+
+    /// The type most tensors get.
+    fn base(self) -> GgmlType {
+        ty(match self {
+            Mix::F32 => "F32",
+            Mix::F16 => "F16",
+            Mix::BF16 => "BF16",
+            Mix::Q8_0 => "Q8_0",
+            Mix::Q6K => "Q6_K",
+            Mix::Q5KM | Mix::Q5KS => "Q5_K",
+            Mix::Q4KM | Mix::Q4KS => "Q4_K",
+            Mix::Q4_0 => "Q4_0",
+            Mix::Q3KM => "Q3_K",
+        })
+    }
+
+    /// Float targets are what the converter writes; the others what llama-quantize writes.
+    fn is_float(self) -> bool {
+        matches!(self, Mix::F32 | Mix::F16 | Mix::BF16)
+    }
+}
+
+fn ty(name: &str) -> GgmlType {
+    GgmlType::from_name(name).expect("type in formats/ggml-types.tsv")
+}
+
+/// Where an importance matrix came from (written as `quantize.imatrix.*`).
+#[derive(Debug, Clone)]
+pub struct ImatrixUse {
+    pub imatrix: Imatrix,
+    /// `--imatrix` path, or a label for one computed from `--calib`.
+    pub file: String,
+}
+
+/// Everything one GGUF export needs.
+#[derive(Debug, Clone)]
+pub struct GgufOptions {
+    pub mix: Mix,
+    /// `--tensor-type REGEX=TYPE`, applied in order after the mix (the last match wins).
+    pub overrides: Vec<(String, GgmlType)>,
+    pub output_type: Option<GgmlType>,
+    pub embedding_type: Option<GgmlType>,
+    pub imatrix: Option<ImatrixUse>,
+    /// `tokenizer.ggml.pre` when it cannot be detected.
+    pub pre: Option<String>,
+    pub force: bool,
+    pub command_line: String,
+}
+
+/// One tensor of the output: GGUF name, source, dims (innermost first), type.
+#[derive(Debug, Clone)]
+pub struct TensorPlan {
+    pub name: String,
+    source: Source,
+    pub dims: Vec<u64>,
+    pub ty: GgmlType,
+}
+
+#[derive(Debug, Clone)]
+enum Source {
+    /// A checkpoint tensor; `permute_heads`: Q/K rows reordered for `n` heads.
+    Hf {
+        name: String,
+        permute_heads: Option<usize>,
+    },
+    RopeFreqs(Vec<f32>),
+}
+
+/// The `rope_freqs.weight` divisors of llama3 RoPE scaling (one per dimension pair), computed
+/// with f32 base frequencies as llama.cpp's converter does.
+pub fn rope_freq_factors(c: &crate::model::LlamaConfig) -> Option<Vec<f32>> {
+    let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings,
+    } = c.rope_scaling
+    else {
+        return None;
+    };
+    let d = c.head_dim;
+    let old = original_max_position_embeddings as f64;
+    let (low_wl, high_wl) = (old / low_freq_factor, old / high_freq_factor);
+    Some(
+        (0..d / 2)
+            .map(|i| {
+                let f = 1.0f32 / (c.rope_theta as f32).powf((2 * i) as f32 / d as f32);
+                let wavelen = 2.0 * std::f64::consts::PI / f as f64;
+                if wavelen < high_wl {
+                    1.0
+                } else if wavelen > low_wl {
+                    factor as f32
+                } else {
+                    let smooth =
+                        (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+                }
+            })
+            .collect(),
+    )
+}
+
+/// GGUF name of a checkpoint tensor, and the head count its rows are permuted for.
+fn gguf_name(c: &crate::model::LlamaConfig, hf: &str) -> Option<(String, Option<usize>)> {
+    match hf {
+        names::EMBED => return Some(("token_embd.weight".into(), None)),
+        names::FINAL_NORM => return Some(("output_norm.weight".into(), None)),
+        names::LM_HEAD => return Some(("output.weight".into(), None)),
+        _ => {}
+    }
+    for l in 0..c.num_hidden_layers {
+        if hf == names::hf_input_norm(l) {
+            return Some((format!("blk.{l}.attn_norm.weight"), None));
+        }
+        if hf == names::hf_post_norm(l) {
+            return Some((format!("blk.{l}.ffn_norm.weight"), None));
+        }
+        for r in LinearRole::ALL {
+            if hf == names::hf_linear(l, r) {
+                let heads = match r {
+                    LinearRole::Q => Some(c.num_attention_heads),
+                    LinearRole::K => Some(c.num_key_value_heads),
+                    _ => None,
+                };
+                return Some((names::gguf_linear(l, r), heads));
+            }
+        }
+    }
+    None
+}
+
+/// `blk.N.` → N.
+fn block_of(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
+/// llama-quantize's `use_more_bits`.
+fn use_more_bits(i: usize, n: usize) -> bool {
+    i < n / 8 || i >= 7 * n / 8 || (i as i64 - (n / 8) as i64) % 3 == 2
+}
+
+/// The type of tensor `name` (`ne0` values per row, `dims` of it) under `o`.
+fn choose_type(
+    o: &GgufOptions,
+    name: &str,
+    dims: &[u64],
+    layers: usize,
+    has_output: bool,
+) -> Result<GgmlType> {
+    let f32t = ty("F32");
+    // 1-D tensors, norms and generated tensors stay F32.
+    if dims.len() < 2 || name.ends_with("_norm.weight") || name == "rope_freqs.weight" {
+        return Ok(f32t);
+    }
+    let mix = o.mix;
+    let ne0 = dims[0] as usize;
+    if mix.is_float() {
+        let mut t = mix.base();
+        for (re, over) in &o.overrides {
+            if regex_match(re, name)? {
+                t = *over;
+            }
+        }
+        return Ok(fallback(t, ne0));
+    }
+    let base = mix.base();
+    let mut t = base;
+    let is_output = name == "output.weight" || (!has_output && name == "token_embd.weight");
+    if is_output {
+        t = match o.output_type {
+            Some(t) => t,
+            None if ne0 % base.block_size != 0 => ty("Q8_0"),
+            None if base.name != "Q8_0" => ty("Q6_K"),
+            None => base,
+        };
+    } else if name == "token_embd.weight" {
+        if let Some(e) = o.embedding_type {
+            t = e;
+        }
+    } else if let Some(layer) = block_of(name) {
+        let n = layers;
+        if name.contains("attn_v.weight") {
+            match mix {
+                Mix::Q3KM => t = ty(if layer < 2 { "Q5_K" } else { "Q4_K" }),
+                Mix::Q4KM | Mix::Q5KM if use_more_bits(layer, n) => t = ty("Q6_K"),
+                Mix::Q4KS if layer < 4 => t = ty("Q5_K"),
+                _ => {}
+            }
+        } else if name.contains("ffn_down") {
+            match mix {
+                Mix::Q3KM => t = ty(if layer < n / 16 { "Q5_K" } else { "Q4_K" }),
+                Mix::Q4KM | Mix::Q5KM if use_more_bits(layer, n) => t = ty("Q6_K"),
+                Mix::Q4KS if layer < n / 8 => t = ty("Q5_K"),
+                Mix::Q4_0 if o.imatrix.is_some() && layer < n / 8 => t = ty("Q4_1"),
+                _ => {}
+            }
+        } else if name.contains("attn_output.weight") && mix == Mix::Q3KM {
+            t = ty("Q4_K");
+        }
+    }
+    for (re, over) in &o.overrides {
+        if regex_match(re, name)? {
+            t = *over;
+        }
+    }
+    Ok(fallback(t, ne0))
+}
+
+/// llama-quantize's replacement for a type whose block does not divide the row.
+fn fallback(t: GgmlType, ne0: usize) -> GgmlType {
+    if ne0 % t.block_size == 0 {
+        return t;
+    }
+    let alt = match t.name {
+        "Q4_K" => ty("Q5_0"),
+        "Q5_K" => ty("Q5_1"),
+        "Q6_K" => ty("Q8_0"),
+        "Q2_K" | "Q3_K" => ty("Q4_0"),
+        _ => ty("F16"),
+    };
+    if ne0 % alt.block_size == 0 {
+        alt
+    } else {
+        ty("F16")
+    }
+}
+
+fn regex_match(re: &str, name: &str) -> Result<bool> {
+    let r = regex::Regex::new(re)
+        .map_err(|e| Error::Invalid(format!("--tensor-type pattern `{re}`: {e}")))?;
+    Ok(r.is_match(name))
+}
+
+/// The output's tensors in file order with their types.
+pub fn plan(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<TensorPlan>> {
+    let c = &ck.config;
+    let mut hf: Vec<&String> = ck.index.keys().collect();
+    hf.sort();
+    let has_output = ck.index.contains_key(names::LM_HEAD);
+    let mut out = Vec::new();
+    if let Some(f) = rope_freq_factors(c) {
+        out.push(TensorPlan {
+            name: "rope_freqs.weight".into(),
+            dims: vec![f.len() as u64],
+            source: Source::RopeFreqs(f),
+            ty: ty("F32"),
+        });
+    }
+    for h in hf {
+        let Some((name, permute_heads)) = gguf_name(c, h) else {
+            continue;
+        };
+        let (_, info) = ck.info(h).expect("indexed");
+        let dims: Vec<u64> = info.shape.iter().rev().map(|&d| d as u64).collect();
+        out.push(TensorPlan {
+            name,
+            source: Source::Hf {
+                name: h.clone(),
+                permute_heads,
+            },
+            dims,
+            ty: ty("F32"),
+        });
+    }
+    for t in out.iter_mut() {
+        t.ty = choose_type(o, &t.name, &t.dims, c.num_hidden_layers, has_output)?;
+    }
+    if !o.mix.is_float() {
+        out.sort_by(|a, b| {
+            let ka = (block_of(&a.name).map_or(-1, |v| v as i64), a.name.as_str());
+            let kb = (block_of(&b.name).map_or(-1, |v| v as i64), b.name.as_str());
+            ka.cmp(&kb)
+        });
+    }
+    Ok(out)
+}
+
+/// Reorders the rows of a Q or K weight (`[heads·d, cols]`) from the Hugging Face layout (the
+/// two rotated halves of each head apart) to llama.cpp's (rotated pairs adjacent): new row
+/// `h·d + 2i + j` is old row `h·d + j·d/2 + i`.
+pub fn permute_rows(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let d = rows / heads;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..heads {
+        for i in 0..d / 2 {
+            for j in 0..2 {
+                let new = h * d + 2 * i + j;
+                let old = h * d + j * (d / 2) + i;
+                out[new * cols..(new + 1) * cols].copy_from_slice(&w[old * cols..(old + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`permute_rows`], on whole rows of raw bytes (quantized rows included: blocks
+/// never cross rows).
+pub fn unpermute_row_bytes(b: &[u8], rows: usize, heads: usize) -> Vec<u8> {
+    let rb = b.len() / rows;
+    let d = rows / heads;
+    let mut out = vec![0u8; b.len()];
+    for h in 0..heads {
+        for i in 0..d / 2 {
+            for j in 0..2 {
+                let gg = h * d + 2 * i + j;
+                let hf = h * d + j * (d / 2) + i;
+                out[hf * rb..(hf + 1) * rb].copy_from_slice(&b[gg * rb..(gg + 1) * rb]);
+            }
+        }
+    }
+    out
+}
+
+/// Detects llama.cpp's pre-tokenizer name from tokenizer.json's `pre_tokenizer`.
+pub fn detect_pre(tokenizer: &Json) -> Option<&'static str> {
+    let pre = tokenizer.get("pre_tokenizer")?;
+    let parts: Vec<&Json> = match pre.get("type")?.as_str()? {
+        "Sequence" => pre.get("pretokenizers")?.as_array()?.iter().collect(),
+        _ => vec![pre],
+    };
+    let kinds: Vec<&str> = parts
+        .iter()
+        .filter_map(|p| p.get("type")?.as_str())
+        .collect();
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    match kinds.as_slice() {
+        ["Split", "ByteLevel"] => {
+            let re = parts[0].get("pattern")?.get("Regex")?.as_str()?;
+            (re == LLAMA3).then_some("llama-bpe")
+        }
+        ["Digits", "ByteLevel"] => {
+            let individual = parts[0].get("individual_digits")?.as_bool()?;
+            let byte_regex = parts[1].get("use_regex")?.as_bool()?;
+            (individual && byte_regex).then_some("smollm")
+        }
+        _ => None,
+    }
+}
+
+fn read_json(p: &Path) -> Result<Option<Json>> {
+    if !p.exists() {
+        return Ok(None);
+    }
+    let t = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+    serde_json::from_str(&t)
+        .map(Some)
+        .map_err(|e| Error::format(p, format!("not valid JSON: {e}")))
+}
+
+/// Tokenizer metadata (`tokenizer.*` keys) in llama.cpp's order.
+fn tokenizer_metadata(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<(String, Value)>> {
+    let tpath = ck.dir.join("tokenizer.json");
+    let tj = read_json(&tpath)?
+        .ok_or_else(|| Error::format(&ck.dir, "no tokenizer.json in this folder"))?;
+    let tc = read_json(&ck.dir.join("tokenizer_config.json"))?.unwrap_or(json!({}));
+    let model = tj
+        .get("model")
+        .ok_or_else(|| Error::format(&tpath, "no `model` section"))?;
+    if model.get("type").and_then(|t| t.as_str()) != Some("BPE") {
+        return Err(Error::Unsupported(format!(
+            "{}: only byte-level BPE tokenizers are exported to GGUF",
+            tpath.display()
+        )));
+    }
+    let n_vocab = ck.config.vocab_size;
+    let mut tokens: Vec<Option<String>> = vec![None; n_vocab];
+    let mut kinds = vec![1i32; n_vocab];
+    let vocab = model
+        .get("vocab")
+        .and_then(|v| v.as_object())
+        .ok_or_else(|| Error::format(&tpath, "no BPE vocab"))?;
+    let mut by_text = std::collections::HashMap::new();
+    for (t, id) in vocab {
+        if let Some(i) = id.as_u64().map(|v| v as usize).filter(|&i| i < n_vocab) {
+            tokens[i] = Some(t.clone());
+            by_text.insert(t.clone(), i as u32);
+        }
+    }
+    for a in tj
+        .get("added_tokens")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let (Some(i), Some(t)) = (
+            a.get("id").and_then(|v| v.as_u64()),
+            a.get("content").and_then(|v| v.as_str()),
+        ) else {
+            continue;
+        };
+        let i = i as usize;
+        if i >= n_vocab {
+            continue;
+        }
+        tokens[i] = Some(t.to_string());
+        by_text.insert(t.to_string(), i as u32);
+        let special = a.get("special").and_then(|v| v.as_bool()).unwrap_or(false);
+        let looks = (t.starts_with("<|") && t.ends_with("|>"))
+            || ["<pad>", "<mask>", "<2mass>", "[@BOS@]"].contains(&t)
+            || (t.starts_with("<unused") && t.ends_with('>'));
+        kinds[i] = if special || looks { 3 } else { 4 };
+    }
+    let mut names = Vec::with_capacity(n_vocab);
+    for (i, t) in tokens.into_iter().enumerate() {
+        match t {
+            Some(t) => names.push(t),
+            None => {
+                names.push(format!("[PAD{i}]"));
+                kinds[i] = 5;
+            }
+        }
+    }
+    let merges: Vec<String> = model
+        .get("merges")
+        .and_then(|m| m.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|m| match m {
+            Json::String(s) => Some(s.clone()),
+            Json::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
+            _ => None,
+        })
+        .collect();
+    let pre = match (&o.pre, detect_pre(&tj)) {
+        (Some(p), _) => p.clone(),
+        (None, Some(p)) => p.to_string(),
+        (None, None) => {
+            return Err(Error::Unsupported(format!(
+                "{}: the pre-tokenizer is not one llama.cpp knows by structure (Llama-3's split pattern or SmolLM's digit split); name it with --gguf-pre (e.g. llama-bpe)",
+                tpath.display()
+            )))
+        }
+    };
+    let mut md: Vec<(String, Value)> = Vec::new();
+    if let Some(b) = tc.get("add_prefix_space").and_then(|v| v.as_bool()) {
+        md.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(b)));
+    }
+    md.push(("tokenizer.ggml.model".into(), Value::String("gpt2".into())));
+    md.push(("tokenizer.ggml.pre".into(), Value::String(pre)));
+    md.push(("tokenizer.ggml.tokens".into(), Value::strings(names)));
+    md.push((
+        "tokenizer.ggml.token_type".into(),
+        Value::Array(5, kinds.into_iter().map(Value::I32).collect()),
+    ));
+    md.push(("tokenizer.ggml.merges".into(), Value::strings(merges)));
+    // Special ids: tokenizer_config.json's tokens first, then config.json's ids for the rest.
+    let kinds = [
+        ("bos", "bos_token_id"),
+        ("eos", "eos_token_id"),
+        ("unk", "unknown_token_id"),
+        ("sep", "seperator_token_id"),
+        ("pad", "padding_token_id"),
+        ("cls", "cls_token_id"),
+        ("mask", "mask_token_id"),
+    ];
+    let mut found: Vec<(usize, u32)> = Vec::new();
+    for (k, (typ, _)) in kinds.iter().enumerate() {
+        let id = match tc.get(format!("{typ}_token")) {
+            Some(Json::String(s)) => by_text.get(s).copied(),
+            Some(Json::Object(m)) => m
+                .get("content")
+                .and_then(|c| c.as_str())
+                .and_then(|s| by_text.get(s).copied()),
+            _ => None,
+        };
+        if let Some(id) = id {
+            found.push((k, id));
+        }
+    }
+    for (k, (typ, _)) in kinds.iter().enumerate() {
+        if found.iter().any(|(f, _)| *f == k) {
+            continue;
+        }
+        let v = ck.config_json.get(format!("{typ}_token_id"));
+        let id = match v {
+            Some(Json::Number(n)) => n.as_u64(),
+            Some(Json::Array(a)) => a.first().and_then(|x| x.as_u64()),
+            _ => None,
+        };
+        if let Some(id) = id.filter(|&i| (i as usize) < n_vocab) {
+            found.push((k, id as u32));
+        }
+    }
+    for (k, id) in found {
+        md.push((format!("tokenizer.ggml.{}", kinds[k].1), Value::U32(id)));
+    }
+    // add_bos/add_eos: tokenizer_config.json's flags, else the post-processor's template.
+    let (mut add_bos, mut add_eos) = (
+        tc.get("add_bos_token").and_then(|v| v.as_bool()),
+        tc.get("add_eos_token").and_then(|v| v.as_bool()),
+    );
+    if add_bos.is_none() && add_eos.is_none() {
+        if let Some(single) = template_single(&tj) {
+            let specials: Vec<bool> = single
+                .iter()
+                .map(|p| p.get("SpecialToken").is_some())
+                .collect();
+            add_bos = Some(specials.first().copied().unwrap_or(false));
+            add_eos = Some(specials.len() > 1 && specials.last().copied().unwrap_or(false));
+        }
+    }
+    if let Some(b) = add_bos {
+        md.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(b)));
+    }
+    if let Some(e) = add_eos {
+        md.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(e)));
+    }
+    if let Some(t) = tc.get("chat_template").and_then(|v| v.as_str()) {
+        md.push(("tokenizer.chat_template".into(), Value::String(t.into())));
+    }
+    Ok(md)
+}
+
+/// The `single` template of a TemplateProcessing post-processor (alone or in a Sequence).
+fn template_single(tj: &Json) -> Option<&Vec<Json>> {
+    let pp = tj.get("post_processor")?;
+    let procs: Vec<&Json> = match pp.get("type")?.as_str()? {
+        "Sequence" => pp.get("processors")?.as_array()?.iter().collect(),
+        _ => vec![pp],
+    };
+    procs
+        .into_iter()
+        .find(|p| p.get("type").and_then(|t| t.as_str()) == Some("TemplateProcessing"))?
+        .get("single")?
+        .as_array()
+}
+
+/// `135M`, `4.5B`: llama.cpp-style size label from a parameter count.
+fn size_label(n: u64) -> String {
+    let (v, u) = if n >= 1_000_000_000 {
+        (n as f64 / 1e9, "B")
+    } else if n >= 1_000_000 {
+        (n as f64 / 1e6, "M")
+    } else {
+        (n as f64 / 1e3, "K")
+    };
+    if v >= 100.0 {
+        format!("{v:.0}{u}")
+    } else {
+        format!("{:.1}{u}", v).replace(".0", "")
+    }
+}
+
+/// All metadata in file order.
+fn metadata(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<(String, Value)>> {
+    let c = &ck.config;
+    let u = |v: usize| Value::U32(v as u32);
+    let params: u64 = ck
+        .index
+        .keys()
+        .filter_map(|n| {
+            ck.info(n)
+                .map(|(_, t)| t.shape.iter().product::<usize>() as u64)
+        })
+        .sum();
+    let folder = ck
+        .dir
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".into());
+    let mut md: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String("llama".into())),
+        ("general.type".into(), Value::String("model".into())),
+        ("general.name".into(), Value::String(folder)),
+        (
+            "general.size_label".into(),
+            Value::String(size_label(params)),
+        ),
+        ("llama.block_count".into(), u(c.num_hidden_layers)),
+        ("llama.context_length".into(), u(c.max_position_embeddings)),
+        ("llama.embedding_length".into(), u(c.hidden_size)),
+        ("llama.feed_forward_length".into(), u(c.intermediate_size)),
+        (
+            "llama.attention.head_count".into(),
+            u(c.num_attention_heads),
+        ),
+        (
+            "llama.attention.head_count_kv".into(),
+            u(c.num_key_value_heads),
+        ),
+        (
+            "llama.rope.freq_base".into(),
+            Value::F32(c.rope_theta as f32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(c.rms_norm_eps as f32),
+        ),
+    ];
+    if ck.config_json.get("head_dim").is_some() {
+        md.push(("llama.attention.key_length".into(), u(c.head_dim)));
+        md.push(("llama.attention.value_length".into(), u(c.head_dim)));
+    }
+    let file_type = (
+        "general.file_type".to_string(),
+        Value::U32(o.mix.file_type()),
+    );
+    let qv = ("general.quantization_version".to_string(), Value::U32(2));
+    if o.mix.is_float() {
+        md.push(file_type.clone());
+    }
+    md.push(("llama.vocab_size".into(), u(c.vocab_size)));
+    md.push(("llama.rope.dimension_count".into(), u(c.head_dim)));
+    if o.mix.is_float() {
+        md.push(qv.clone());
+    }
+    md.extend(tokenizer_metadata(ck, o)?);
+    if !o.mix.is_float() {
+        md.push(qv);
+        md.push(file_type);
+        if let Some(im) = &o.imatrix {
+            md.push((
+                "quantize.imatrix.file".into(),
+                Value::String(im.file.clone()),
+            ));
+            md.push((
+                "quantize.imatrix.dataset".into(),
+                Value::String(im.imatrix.datasets.first().cloned().unwrap_or_default()),
+            ));
+            md.push((
+                "quantize.imatrix.entries_count".into(),
+                Value::I32(im.imatrix.entries.len() as i32),
+            ));
+            md.push((
+                "quantize.imatrix.chunks_count".into(),
+                Value::I32(im.imatrix.chunk_count as i32),
+            ));
+        }
+    }
+    Ok(md)
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone)]
+pub struct GgufReport {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub tensors: Vec<(String, String)>,
+    pub wall_s: f64,
+}
+
+/// Writes `ck` as GGUF to `out` (a file). `progress(done, total)` in elements.
+pub fn export(
+    ck: &Checkpoint,
+    o: &GgufOptions,
+    out: &Path,
+    progress: &dyn Fn(u64, u64),
+) -> Result<GgufReport> {
+    let t0 = Instant::now();
+    if out.exists() && !o.force {
+        return Err(Error::Invalid(format!(
+            "{} exists; pass --force to replace it",
+            out.display()
+        )));
+    }
+    if let Some(im) = &o.imatrix {
+        im.imatrix.check_against(&ck.config, Path::new(&im.file))?;
+    }
+    let md = metadata(ck, o)?;
+    let plan = plan(ck, o)?;
+    let planned: Vec<PlannedTensor> = plan
+        .iter()
+        .map(|t| PlannedTensor {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ty: t.ty,
+        })
+        .collect();
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let mut w = GgufWriter::create(out, &md, &planned)?;
+    let total: u64 = plan.iter().map(|t| t.dims.iter().product::<u64>()).sum();
+    let mut done = 0u64;
+    for t in &plan {
+        let ne0 = t.dims[0] as usize;
+        let values = match &t.source {
+            Source::RopeFreqs(f) => f.clone(),
+            Source::Hf {
+                name,
+                permute_heads,
+            } => {
+                let v = ck.read_f32(name)?;
+                ck.release(name);
+                match permute_heads {
+                    Some(h) => permute_rows(&v, v.len() / ne0, ne0, *h),
+                    None => v,
+                }
+            }
+        };
+        let importance = match (&o.imatrix, t.ty.name) {
+            (_, "F32" | "F16" | "BF16" | "Q8_0") => None,
+            (Some(im), _) => im.imatrix.entries.get(&t.name).map(|e| e.mean()),
+            _ => None,
+        };
+        if let Some(imp) = &importance {
+            if imp.len() != ne0 {
+                return Err(Error::TensorMismatch {
+                    path: PathBuf::from(&o.imatrix.as_ref().expect("present").file),
+                    tensor: t.name.clone(),
+                    expected: format!("{ne0} values"),
+                    found: format!("{} values", imp.len()),
+                });
+            }
+        }
+        let bytes = crate::quant::ggml::quantize(&t.ty, &values, ne0, importance.as_deref())?;
+        drop(values);
+        w.write_tensor(&bytes)?;
+        done += t.dims.iter().product::<u64>();
+        progress(done, total);
+    }
+    w.finish()?;
+    let bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
+    Ok(GgufReport {
+        path: out.to_owned(),
+        bytes,
+        tensors: plan
+            .iter()
+            .map(|t| (t.name.clone(), t.ty.name.to_string()))
+            .collect(),
+        wall_s: t0.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn more_bits_layers_for_16_blocks() {
+        let v: Vec<usize> = (0..16).filter(|&i| use_more_bits(i, 16)).collect();
+        assert_eq!(v, vec![0, 1, 4, 7, 10, 13, 14, 15]);
+    }
+
+    #[test]
+    fn permutation_round_trips() {
+        let (rows, cols, heads) = (8, 3, 2);
+        let w: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+        let p = permute_rows(&w, rows, cols, heads);
+        // Head 0 (d = 4): new rows 0,1,2,3 = old rows 0,2,1,3.
+        assert_eq!(
+            &p[..12],
+            &[0., 1., 2., 6., 7., 8., 3., 4., 5., 9., 10., 11.]
+        );
+        let bytes: Vec<u8> = p.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let back = unpermute_row_bytes(&bytes, rows, heads);
+        let back: Vec<f32> = back
+            .chunks(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        assert_eq!(back, w);
+    }
+
+    #[test]
+    fn size_labels() {
+        assert_eq!(size_label(134_515_008), "135M");
+        assert_eq!(size_label(4_540_469_248), "4.5B");
+    }
+}
