@@ -96,6 +96,41 @@ impl Tokenizer {
         })
     }
 
+    /// The tokenizer a GGUF file describes (`tokenizer.ggml.*`), rebuilt by candle's GGUF
+    /// tokenizer reader; BOS/EOS from the same keys.
+    pub fn from_gguf(path: &Path) -> Result<Self> {
+        use candle_core::quantized::gguf_file;
+        use candle_core::quantized::tokenizer::TokenizerFromGguf;
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let ct =
+            gguf_file::Content::read(&mut f).map_err(|e| Error::format(path, e.to_string()))?;
+        let inner = tokenizers::Tokenizer::from_gguf(&ct).map_err(|e| Error::Tokenizer {
+            path: path.to_owned(),
+            msg: e.to_string(),
+        })?;
+        let num = |k: &str| -> Option<u32> {
+            match ct.metadata.get(k)? {
+                gguf_file::Value::U32(v) => Some(*v),
+                gguf_file::Value::I32(v) => Some(*v as u32),
+                gguf_file::Value::U64(v) => Some(*v as u32),
+                _ => None,
+            }
+        };
+        let adds_bos = matches!(
+            ct.metadata.get("tokenizer.ggml.add_bos_token"),
+            Some(gguf_file::Value::Bool(true))
+        );
+        Ok(Tokenizer {
+            path: path.to_owned(),
+            inner,
+            adds_bos,
+            bos_id: num("tokenizer.ggml.bos_token_id"),
+            eos_ids: num("tokenizer.ggml.eos_token_id").into_iter().collect(),
+            tokenizer_config: None,
+            generation_config: None,
+        })
+    }
+
     /// Token ids of `text`; with `special`, BOS (and any other template tokens) are added the
     /// way the tokenizer's post-processor says.
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {

@@ -34,6 +34,11 @@ pub enum Linear {
         dequantized: Tensor,
         dynamic: bool,
     },
+    /// A ggml block-quantized weight run by candle's quantized matmul (what llama.cpp computes:
+    /// activations quantized to the weight type's dot-product format, e.g. Q8_K / Q8_0).
+    Ggml {
+        w: std::sync::Arc<candle_core::quantized::QMatMul>,
+    },
 }
 
 /// Smallest per-token scale vLLM uses for dynamic FP8 activations (1 / (448 · 512)).
@@ -111,6 +116,15 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Dense { weight } => Self::matmul(x, weight),
+            Linear::Ggml { w } => {
+                let dt = x.dtype();
+                let xf = if dt == DType::F32 {
+                    x.clone()
+                } else {
+                    x.to_dtype(DType::F32)?
+                };
+                Ok(candle_core::Module::forward(w.as_ref(), &xf)?.to_dtype(dt)?)
+            }
             Linear::Fp8 { weight, act } => {
                 let xq = match act {
                     ActQuant::None => x.clone(),
@@ -185,6 +199,17 @@ impl Linear {
                 let d = weight.dims();
                 (d[0], d[1])
             }
+            Linear::Ggml { w } => match w.as_ref() {
+                candle_core::quantized::QMatMul::QTensor(q) => {
+                    let d = q.shape().dims();
+                    (d[0], d[1])
+                }
+                candle_core::quantized::QMatMul::Tensor(t)
+                | candle_core::quantized::QMatMul::TensorF16(t) => {
+                    let d = t.dims();
+                    (d[0], d[1])
+                }
+            },
         }
     }
 }

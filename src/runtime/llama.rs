@@ -374,6 +374,106 @@ impl Llama {
         })
     }
 
+    /// Loads a GGUF file written by us or by llama.cpp. Q and K rows are put back into the
+    /// Hugging Face order (so the same RoPE code runs), `rope_freqs.weight` divides the
+    /// frequencies, quantized weights run through candle's quantized matmul and the token
+    /// embedding is dequantized.
+    pub fn load_gguf(path: &std::path::Path, dtype: DType, device: &Device) -> Result<Self> {
+        use crate::format::gguf::GgufFile;
+        let g = GgufFile::open(path)?;
+        let c = gguf_config(&g)?;
+        let tensor = |name: &str| {
+            g.tensor(name).ok_or_else(|| Error::MissingTensor {
+                path: path.to_owned(),
+                tensor: name.into(),
+                expected: "present".into(),
+            })
+        };
+        let vec1 = |name: &str| -> Result<Tensor> {
+            let t = tensor(name)?;
+            let v = crate::quant::ggml::dequantize(&t.ty, g.data(t), t.dims[0] as usize)?;
+            let n = v.len();
+            Ok(Tensor::from_vec(v, n, device)?.to_dtype(dtype)?)
+        };
+        let lin = |name: &str, rows: usize, cols: usize, heads: Option<usize>| -> Result<Linear> {
+            let t = tensor(name)?;
+            let found = (
+                t.dims.len(),
+                t.dims[0] as usize,
+                t.dims.get(1).copied().unwrap_or(1) as usize,
+            );
+            if found != (2, cols, rows) {
+                return Err(Error::TensorMismatch {
+                    path: path.to_owned(),
+                    tensor: name.into(),
+                    expected: format!("dims [{cols}, {rows}]"),
+                    found: format!("dims {:?}", t.dims),
+                });
+            }
+            let raw = g.data(t);
+            let bytes = match heads {
+                Some(h) => {
+                    std::borrow::Cow::Owned(crate::gguf_export::unpermute_row_bytes(raw, rows, h))
+                }
+                None => std::borrow::Cow::Borrowed(raw),
+            };
+            ggml_linear(&t.ty, bytes, rows, cols, dtype, device)
+        };
+        let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let n = |s: &str| format!("blk.{l}.{s}.weight");
+            blocks.push(Block {
+                input_norm: vec1(&n("attn_norm"))?,
+                post_norm: vec1(&n("ffn_norm"))?,
+                q: lin(&n("attn_q"), h * hd, c.hidden_size, Some(h))?,
+                k: lin(&n("attn_k"), kvh * hd, c.hidden_size, Some(kvh))?,
+                v: lin(&n("attn_v"), kvh * hd, c.hidden_size, None)?,
+                o: lin(&n("attn_output"), c.hidden_size, h * hd, None)?,
+                gate: lin(&n("ffn_gate"), c.intermediate_size, c.hidden_size, None)?,
+                up: lin(&n("ffn_up"), c.intermediate_size, c.hidden_size, None)?,
+                down: lin(&n("ffn_down"), c.hidden_size, c.intermediate_size, None)?,
+                kv_scales: None,
+            });
+        }
+        let te = tensor("token_embd.weight")?;
+        let emb = crate::quant::ggml::dequantize(&te.ty, g.data(te), te.dims[0] as usize)?;
+        let embed =
+            Tensor::from_vec(emb, (c.vocab_size, c.hidden_size), device)?.to_dtype(dtype)?;
+        let lm_head = if g.tensor("output.weight").is_some() {
+            lin("output.weight", c.vocab_size, c.hidden_size, None)?
+        } else {
+            lin("token_embd.weight", c.vocab_size, c.hidden_size, None)?
+        };
+        let mut inv_freq: Vec<f64> = (0..hd / 2)
+            .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f64 / hd as f64))
+            .collect();
+        if g.tensor("rope_freqs.weight").is_some() {
+            let f = g.f32_values("rope_freqs.weight")?;
+            if f.len() != inv_freq.len() {
+                return Err(Error::TensorMismatch {
+                    path: path.to_owned(),
+                    tensor: "rope_freqs.weight".into(),
+                    expected: format!("{} values", inv_freq.len()),
+                    found: format!("{} values", f.len()),
+                });
+            }
+            for (v, d) in inv_freq.iter_mut().zip(f) {
+                *v /= d as f64;
+            }
+        }
+        Ok(Llama {
+            config: c,
+            device: device.clone(),
+            dtype,
+            embed,
+            blocks,
+            norm: vec1("output_norm.weight")?,
+            lm_head,
+            inv_freq,
+        })
+    }
+
     /// A fresh KV cache for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.blocks.len())
@@ -466,6 +566,105 @@ impl Llama {
     pub fn layers(&self) -> usize {
         self.blocks.len()
     }
+}
+
+/// A GGUF weight `[rows, cols]` of type `ty` as a linear layer: float types dense, block types
+/// through candle's quantized matmul.
+fn ggml_linear(
+    ty: &crate::format::gguf::GgmlType,
+    bytes: std::borrow::Cow<'_, [u8]>,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Linear> {
+    if matches!(ty.name, "F32" | "F16" | "BF16") {
+        let v = crate::quant::ggml::dequantize(ty, &bytes, cols)?;
+        return Linear::dense(v, rows, cols, dtype, device);
+    }
+    use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+    let dt = match ty.name {
+        "Q8_0" => GgmlDType::Q8_0,
+        "Q4_0" => GgmlDType::Q4_0,
+        "Q4_1" => GgmlDType::Q4_1,
+        "Q5_0" => GgmlDType::Q5_0,
+        "Q5_1" => GgmlDType::Q5_1,
+        "Q2_K" => GgmlDType::Q2K,
+        "Q3_K" => GgmlDType::Q3K,
+        "Q4_K" => GgmlDType::Q4K,
+        "Q5_K" => GgmlDType::Q5K,
+        "Q6_K" => GgmlDType::Q6K,
+        other => {
+            return Err(Error::Unsupported(format!(
+                "running ggml type {other} is not implemented"
+            )))
+        }
+    };
+    let storage = QStorage::from_data(bytes, device, dt)?;
+    let q = QTensor::new(storage, (rows, cols))?;
+    Ok(Linear::Ggml {
+        w: std::sync::Arc::new(QMatMul::from_qtensor(q)?),
+    })
+}
+
+/// A Llama configuration from a GGUF file's `llama.*` and `tokenizer.*` keys.
+fn gguf_config(g: &crate::format::gguf::GgufFile) -> Result<LlamaConfig> {
+    use crate::format::gguf::Value;
+    let arch = g.get("general.architecture").and_then(Value::as_str);
+    if arch != Some("llama") {
+        return Err(Error::format(
+            &g.path,
+            format!("general.architecture is {arch:?}, expected \"llama\""),
+        ));
+    }
+    let num = |k: &str| -> Option<u64> { g.get(k).and_then(Value::as_u64) };
+    let need = |k: &str| -> Result<usize> {
+        num(k)
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::format(&g.path, format!("missing integer key {k}")))
+    };
+    let float = |k: &str| -> Option<f64> {
+        match g.get(k)? {
+            Value::F32(v) => Some(*v as f64),
+            Value::F64(v) => Some(*v),
+            _ => None,
+        }
+    };
+    let hidden = need("llama.embedding_length")?;
+    let heads = need("llama.attention.head_count")?;
+    let head_dim = num("llama.attention.key_length")
+        .or(num("llama.rope.dimension_count"))
+        .map(|v| v as usize)
+        .unwrap_or(hidden / heads.max(1));
+    let vocab = match num("llama.vocab_size") {
+        Some(v) => v as usize,
+        None => g
+            .tensor("token_embd.weight")
+            .and_then(|t| t.dims.get(1).copied())
+            .ok_or_else(|| Error::format(&g.path, "no llama.vocab_size and no token_embd.weight"))?
+            as usize,
+    };
+    let eos: Vec<u32> = num("tokenizer.ggml.eos_token_id")
+        .map(|v| v as u32)
+        .into_iter()
+        .collect();
+    Ok(LlamaConfig {
+        hidden_size: hidden,
+        intermediate_size: need("llama.feed_forward_length")?,
+        num_hidden_layers: need("llama.block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: num("llama.attention.head_count_kv").map_or(heads, |v| v as usize),
+        head_dim,
+        vocab_size: vocab,
+        rms_norm_eps: float("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        rope_theta: float("llama.rope.freq_base").unwrap_or(10000.0),
+        rope_scaling: crate::model::config::RopeScaling::None,
+        tie_word_embeddings: g.tensor("output.weight").is_none(),
+        bos_token_id: num("tokenizer.ggml.bos_token_id").map(|v| v as u32),
+        eos_token_ids: eos,
+        max_position_embeddings: num("llama.context_length").map_or(2048, |v| v as usize),
+        torch_dtype: None,
+    })
 }
 
 /// cos and sin tables `[t, head_dim/2]` for positions `start..start+t`.

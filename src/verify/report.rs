@@ -48,25 +48,38 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
         ));
     }
     let t0 = Instant::now();
-    let cand_ck = Checkpoint::open(&o.candidate)?;
-    let tok = Tokenizer::load(&o.candidate).or_else(|e| match &o.reference {
-        Some(r) => Tokenizer::load(r),
-        None => Err(e),
-    })?;
     let dtype = DType::F32;
-    let cand = Llama::load_with(
-        &cand_ck,
-        dtype,
-        &o.device,
-        crate::runtime::LoadOptions {
-            weight_only: o.weight_only,
-        },
-    )?;
+    let is_gguf = o.candidate.is_file();
+    let (cand, tok, cand_hashes) = if is_gguf {
+        // A GGUF file runs with the tokenizer rebuilt from its own metadata, as llama.cpp would.
+        let tok = Tokenizer::from_gguf(&o.candidate)?;
+        let cand = Llama::load_gguf(&o.candidate, dtype, &o.device)?;
+        let name = o
+            .candidate
+            .file_name()
+            .map_or("model.gguf".into(), |f| f.to_string_lossy().into_owned());
+        (cand, tok, vec![(name, sha256_file(&o.candidate)?)])
+    } else {
+        let cand_ck = Checkpoint::open(&o.candidate)?;
+        let tok = Tokenizer::load(&o.candidate).or_else(|e| match &o.reference {
+            Some(r) => Tokenizer::load(r),
+            None => Err(e),
+        })?;
+        let cand = Llama::load_with(
+            &cand_ck,
+            dtype,
+            &o.device,
+            crate::runtime::LoadOptions {
+                weight_only: o.weight_only,
+            },
+        )?;
+        (cand, tok, cand_ck.input_hashes()?)
+    };
     let need_ref = o.reference.is_some() && (o.kld || o.gen.is_some());
     let (ref_ck, reference) = if need_ref {
         let dir = o.reference.as_ref().expect("checked");
         let ck = Checkpoint::open(dir)?;
-        check_same_vocab(&cand_ck, &ck)?;
+        check_same_vocab(cand.config.vocab_size, &ck)?;
         let m = Llama::load(&ck, dtype, &o.device)?;
         (Some(ck), Some(m))
     } else {
@@ -75,7 +88,7 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
     let load_s = t0.elapsed().as_secs_f64();
 
     let mut inputs = serde_json::Map::new();
-    for (k, v) in cand_ck.input_hashes()? {
+    for (k, v) in cand_hashes {
         inputs.insert(format!("candidate/{k}"), json!(v));
     }
     if let Some(ck) = &ref_ck {
@@ -200,12 +213,12 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
     Ok(report)
 }
 
-fn check_same_vocab(a: &Checkpoint, b: &Checkpoint) -> Result<()> {
-    if a.config.vocab_size != b.config.vocab_size {
+fn check_same_vocab(candidate_vocab: usize, b: &Checkpoint) -> Result<()> {
+    if candidate_vocab != b.config.vocab_size {
         return Err(Error::TensorMismatch {
             path: b.dir.join("config.json"),
             tensor: "vocab_size".into(),
-            expected: format!("{} (the candidate's)", a.config.vocab_size),
+            expected: format!("{candidate_vocab} (the candidate's)"),
             found: b.config.vocab_size.to_string(),
         });
     }
