@@ -237,8 +237,9 @@ fn use_more_bits(i: usize, n: usize) -> bool {
     i < n / 8 || i >= 7 * n / 8 || (i as i64 - (n / 8) as i64) % 3 == 2
 }
 
-/// The type of tensor `name` (`ne0` values per row, `dims` of it) under `o`.
-fn choose_type(
+/// The type of tensor `name` (dims innermost first) under `o`, for a model of `layers` blocks
+/// that has (`has_output`) or ties its output matrix.
+pub fn tensor_type(
     o: &GgufOptions,
     name: &str,
     dims: &[u64],
@@ -361,7 +362,7 @@ pub fn plan(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<TensorPlan>> {
         });
     }
     for t in out.iter_mut() {
-        t.ty = choose_type(o, &t.name, &t.dims, c.num_hidden_layers, has_output)?;
+        t.ty = tensor_type(o, &t.name, &t.dims, c.num_hidden_layers, has_output)?;
     }
     if !o.mix.is_float() {
         out.sort_by(|a, b| {

@@ -102,12 +102,38 @@ impl Tokenizer {
         use candle_core::quantized::gguf_file;
         use candle_core::quantized::tokenizer::TokenizerFromGguf;
         let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let ct =
+        let mut ct =
             gguf_file::Content::read(&mut f).map_err(|e| Error::format(path, e.to_string()))?;
-        let inner = tokenizers::Tokenizer::from_gguf(&ct).map_err(|e| Error::Tokenizer {
+        // candle knows Llama-3's pre-tokenizer as `llama3`; llama.cpp names it `llama-bpe` and
+        // implies BPE's ignore_merges for it.
+        let pre = match ct.metadata.get("tokenizer.ggml.pre") {
+            Some(gguf_file::Value::String(p)) => p.clone(),
+            _ => String::new(),
+        };
+        if pre == "llama-bpe" {
+            ct.metadata.insert(
+                "tokenizer.ggml.pre".into(),
+                gguf_file::Value::String("llama3".into()),
+            );
+            ct.metadata
+                .entry("tokenizer.ggml.ignore_merges".into())
+                .or_insert(gguf_file::Value::Bool(true));
+        }
+        let mut inner = tokenizers::Tokenizer::from_gguf(&ct).map_err(|e| Error::Tokenizer {
             path: path.to_owned(),
             msg: e.to_string(),
         })?;
+        if pre == "smollm" {
+            // SmolLM's pre-tokenizer: single digits, then GPT-2's byte-level split (candle has
+            // no entry for it and would skip the digit split).
+            use tokenizers::pre_tokenizers::{
+                byte_level::ByteLevel, digits::Digits, sequence::Sequence,
+            };
+            inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ])));
+        }
         let num = |k: &str| -> Option<u32> {
             match ct.metadata.get(k)? {
                 gguf_file::Value::U32(v) => Some(*v),
