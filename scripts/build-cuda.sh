@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Builds minitron-verify with CUDA on a machine without a GPU or a CUDA toolkit, and the CPU
+# minitron-convert beside it, both in the `dist` profile (stripped), ready to carry to a GPU host.
+#
+#   scripts/build-cuda.sh [OUT_DIR]        (default: target/gpu-bundle)
+#
+# Steps: CUDA 13.0.x wheels from pip into .cuda/venv (13.0 matches the GPU hosts' driver; a newer
+# nvcc emits PTX that driver cannot load); .cuda/root with bin/include links and lib64 links to
+# the versioned libraries; a link-only libcuda stub generated from the driver symbols cudarc
+# references (used by the linker only: it is never copied to OUT_DIR nor put on a run-time
+# library path); then cargo with CUDA_COMPUTE_CAP=90 (H100/H200).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT_DIR=$PWD
+OUT=${1:-target/gpu-bundle}
+CUDA_DIR=$ROOT_DIR/.cuda
+VENV=$CUDA_DIR/venv
+CROOT=$CUDA_DIR/root
+TARGET_DIR=$ROOT_DIR/target/cuda
+start=$(date +%s)
+
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install -q "cuda-toolkit[nvcc,cudart,cublas,curand,nvrtc,cccl,crt,nvvm]==13.0.2"
+CU=$("$VENV/bin/python" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')
+[ -x "$CU/bin/nvcc" ] || { echo "build-cuda: nvcc not found under $CU/bin" >&2; exit 1; }
+
+rm -rf "$CROOT"
+mkdir -p "$CROOT/lib64/stubs"
+ln -s "$CU/bin" "$CROOT/bin"
+ln -s "$CU/include" "$CROOT/include"
+for lib in cudart cublas cublasLt curand nvrtc; do
+  f=$(ls "$CU/lib/lib$lib.so."* 2>/dev/null | sort | head -n 1 || true)
+  [ -n "$f" ] || { echo "build-cuda: lib$lib.so.* not found in $CU/lib" >&2; exit 1; }
+  ln -s "$f" "$CROOT/lib64/lib$lib.so"
+done
+
+export PATH=$CU/bin:$PATH
+export CUDA_HOME=$CROOT CUDA_PATH=$CROOT CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000
+
+# The stub needs the list of driver symbols cudarc uses: build cudarc first, read its rlib.
+cargo build --locked --profile dist --features cuda --target-dir "$TARGET_DIR" -p cudarc
+rlib=$(ls -t "$TARGET_DIR"/dist/deps/libcudarc-*.rlib | head -n 1)
+nm "$rlib" 2>/dev/null | awk '$1=="U"{print $2}' | grep '^cu[A-Z]' | sort -u \
+  | awk '{print "int " $1 "(void){return 999;}"}' > "$CUDA_DIR/libcuda-stub.c"
+[ -s "$CUDA_DIR/libcuda-stub.c" ] || { echo "build-cuda: no driver symbols found in $rlib" >&2; exit 1; }
+gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$CROOT/lib64/stubs/libcuda.so" "$CUDA_DIR/libcuda-stub.c"
+
+cargo build --locked --profile dist --features cuda --target-dir "$TARGET_DIR" --bin minitron-verify
+cargo build --locked --profile dist --bin minitron-convert
+
+mkdir -p "$OUT"
+cp "$TARGET_DIR/dist/minitron-verify" "$OUT/minitron-verify"
+cp target/dist/minitron-convert "$OUT/minitron-convert"
+cp scripts/gpu-check.sh "$OUT/" 2>/dev/null || true
+end=$(date +%s)
+echo "built in $((end - start)) s:"
+for b in "$OUT/minitron-verify" "$OUT/minitron-convert"; do
+  printf '  %s  %s bytes (%s MiB)\n' "$b" "$(stat -c %s "$b")" "$(( $(stat -c %s "$b") / 1048576 ))"
+done
+total=$(( $(stat -c %s "$OUT/minitron-verify") + $(stat -c %s "$OUT/minitron-convert") ))
+echo "  together $((total / 1048576)) MiB (limit for the GPU host: 60 MiB)"
