@@ -48,6 +48,9 @@ struct Args {
     /// kernels such as FP8 Marlin on Ampere compute).
     #[arg(long)]
     weight_only: bool,
+    /// Write the candidate's logits of the first --ppl chunk to FILE (raw f32, [ctx, vocab]).
+    #[arg(long, value_name = "FILE")]
+    dump_logits: Option<PathBuf>,
     /// Print the JSON report on stdout instead of the table.
     #[arg(long)]
     json: bool,
@@ -71,6 +74,7 @@ fn main() -> std::process::ExitCode {
             device,
             command_line: common::command_line(),
             weight_only: a.weight_only,
+            dump_logits: a.dump_logits.clone(),
         };
         let report = minitron::verify::report::run(&opts)?;
         let text = serde_json::to_string_pretty(&report).context("serialising the report")?;

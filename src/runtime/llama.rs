@@ -545,13 +545,32 @@ impl Llama {
 
     /// Greedy continuation of `prompt` by `n` tokens using the KV cache.
     pub fn greedy(&self, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
+        Ok(self.greedy_timed(prompt, n)?.0)
+    }
+
+    /// [`Llama::greedy`] with its prefill (prompt forward and first token) and decode (the
+    /// remaining tokens) wall times in seconds, each ended by a device synchronisation.
+    pub fn greedy_timed(&self, prompt: &[u32], n: usize) -> Result<(Vec<u32>, f64, f64)> {
         let mut cache = self.new_cache();
         let mut out = Vec::with_capacity(n);
+        let t0 = std::time::Instant::now();
         let ids = Tensor::from_slice(prompt, (1, prompt.len()), &self.device)?;
         let mut logits = self.forward(&ids, Some(&mut cache), None)?;
-        for _ in 0..n {
+        let mut prefill_s = 0.0;
+        let mut t1 = t0;
+        for step in 0..n {
             let last = logits.squeeze(0)?.get(logits.dim(1)? - 1)?;
-            let next = argmax(&last.to_vec1::<f32>()?);
+            let next = if self.device.is_cpu() {
+                argmax(&last.to_vec1::<f32>()?)
+            } else {
+                // On a GPU only the index crosses to the host (first maximum, as on the CPU).
+                last.argmax(0)?.to_scalar::<u32>()?
+            };
+            if step == 0 {
+                self.device.synchronize()?;
+                prefill_s = t0.elapsed().as_secs_f64();
+                t1 = std::time::Instant::now();
+            }
             out.push(next);
             if out.len() == n {
                 break;
@@ -559,7 +578,8 @@ impl Llama {
             let ids = Tensor::from_slice(&[next], (1, 1), &self.device)?;
             logits = self.forward(&ids, Some(&mut cache), None)?;
         }
-        Ok(out)
+        self.device.synchronize()?;
+        Ok((out, prefill_s, t1.elapsed().as_secs_f64()))
     }
 
     /// Number of blocks.

@@ -30,6 +30,9 @@ pub struct VerifyOptions {
     pub command_line: String,
     /// Run the candidate's quantized weights with unquantized activations.
     pub weight_only: bool,
+    /// Write the candidate's logits of the first perplexity chunk here (raw little-endian f32,
+    /// `[ctx, vocab]`), for comparing devices.
+    pub dump_logits: Option<PathBuf>,
 }
 
 /// Runs every requested measurement and returns the report.
@@ -48,7 +51,13 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
         ));
     }
     let t0 = Instant::now();
-    let dtype = DType::F32;
+    // f32 on the CPU (exact comparisons); bf16 weights and compute on a GPU (cuBLAS), as
+    // serving runtimes run there.
+    let dtype = if o.device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    };
     let is_gguf = o.candidate.is_file();
     let (cand, tok, cand_hashes) = if is_gguf {
         // A GGUF file runs with the tokenizer rebuilt from its own metadata, as llama.cpp would.
@@ -105,7 +114,7 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
         "reference": o.reference.as_ref().map(|p| p.display().to_string()),
         "settings": {
             "ctx": o.ctx, "chunks": o.chunks, "threads": o.threads,
-            "device": format!("{:?}", o.device), "compute_dtype": "f32",
+            "device": format!("{:?}", o.device), "compute_dtype": format!("{dtype:?}").to_lowercase(),
             "gen_tokens": o.gen_tokens,
             "weight_only": o.weight_only,
         },
@@ -125,6 +134,15 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
             bos: if tok.adds_bos { tok.bos_id } else { None },
         };
         let chunks = plan.chunks(&tokens)?;
+        if let (Some(path), Some(first)) = (&o.dump_logits, chunks.first()) {
+            let ids = candle_core::Tensor::from_slice(first, (1, first.len()), &o.device)?;
+            let l = cand
+                .forward(&ids, None, None)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let bytes: Vec<u8> = l.iter().flat_map(|v| v.to_le_bytes()).collect();
+            std::fs::write(path, bytes).map_err(|e| Error::io(path, e))?;
+        }
         let pb = crate::progress::bar(chunks.len() as u64, "perplexity", false);
         let t_eval = Instant::now();
         let mut nll = Vec::new();
@@ -174,12 +192,18 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
         let t_gen = Instant::now();
         let pb = crate::progress::bar(prompts.len() as u64, "generate", false);
         let mut results = Vec::new();
+        let (mut prefill_tokens, mut prefill_s, mut decode_tokens, mut decode_s) =
+            (0usize, 0f64, 0usize, 0f64);
         for p in prompts {
             let ids = tok.encode(&p, true)?;
             if ids.is_empty() {
                 return Err(Error::Invalid(format!("prompt {p:?} tokenizes to nothing")));
             }
-            let candidate = cand.greedy(&ids, o.gen_tokens)?;
+            let (candidate, pf, dc) = cand.greedy_timed(&ids, o.gen_tokens)?;
+            prefill_tokens += ids.len();
+            prefill_s += pf;
+            decode_tokens += candidate.len().saturating_sub(1);
+            decode_s += dc;
             let reference = reference
                 .as_ref()
                 .map(|m| m.greedy(&ids, o.gen_tokens))
@@ -206,6 +230,8 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
             "exact_match": if with_ref.is_empty() { Value::Null } else { json!(exact) },
             "exact_match_rate": if with_ref.is_empty() { Value::Null } else { json!(exact as f64 / with_ref.len() as f64) },
             "gen_s": gen_s,
+            "prefill_tokens_per_s": prefill_tokens as f64 / prefill_s.max(1e-12),
+            "decode_tokens_per_s": decode_tokens as f64 / decode_s.max(1e-12),
         });
     }
     report["inputs_sha256"] = Value::Object(inputs);
@@ -315,6 +341,12 @@ pub fn table(r: &Value) -> String {
                 g["exact_match"], n
             );
         }
+        let _ = writeln!(
+            s,
+            "speed       prefill {:.1} tokens/s, decode {:.1} tokens/s (candidate, batch 1)",
+            g["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
+            g["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
+        );
     }
     let _ = writeln!(
         s,

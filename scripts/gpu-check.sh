@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# One prepared check for a bare GPU host (CUDA 13.0 driver, nvcc and PyTorch installed, no
+# network, no Rust): runs the binaries built by scripts/build-cuda.sh.
+#
+#   scripts/gpu-check.sh OUT_DIR [BIN_DIR]      (BIN_DIR default: target/gpu-bundle)
+#
+# (a) the tiny fixture on CPU and on CUDA: perplexity and the first chunk's logits;
+# (b) a synthetic minitron-4b-depth checkpoint generated here, bf16 on CUDA;
+# (c) its fp8, int8 and gguf:q4_k_m artifacts made here, on CUDA.
+# Prints one table (ppl, prefill and decode tokens/s, peak GPU memory) and writes it, the
+# JSON reports and the logs into OUT_DIR.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: scripts/gpu-check.sh OUT_DIR [BIN_DIR]}
+BIN=${2:-target/gpu-bundle}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+LOG=$OUT/gpu-check.log
+exec > >(tee -a "$LOG") 2>&1
+T0=$(date +%s)
+say() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+
+# --- CUDA libraries: ldconfig, /usr/local/cuda*, the Python environment's nvidia packages.
+dirs=()
+for lib in libcublas.so.13 libcurand.so.10 libcudart.so.13 libcublasLt.so.13; do
+  p=$(ldconfig -p 2>/dev/null | awk -v l="$lib" '$1==l {print $NF; exit}')
+  [ -n "$p" ] && dirs+=("$(dirname "$p")")
+done
+for d in /usr/local/cuda/lib64 /usr/local/cuda-13*/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [ -d "$d" ] && dirs+=("$d")
+done
+py=$(command -v python3 || true)
+if [ -n "$py" ]; then
+  while IFS= read -r d; do [ -n "$d" ] && dirs+=("$d"); done < <("$py" - <<'PY' 2>/dev/null
+import glob, os
+try:
+    import nvidia
+    for base in list(nvidia.__path__):
+        for d in sorted(set(os.path.dirname(p) for p in glob.glob(os.path.join(base, "**", "lib*.so*"), recursive=True))):
+            print(d)
+except Exception:
+    pass
+PY
+)
+fi
+LD=$(printf '%s\n' "${dirs[@]}" | awk '!seen[$0]++' | paste -sd: -)
+export LD_LIBRARY_PATH=${LD}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+say "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+missing=$(ldd "$BIN/minitron-verify" | grep "not found" || true)
+if [ -n "$missing" ]; then
+  say "minitron-verify cannot find: $missing"
+  exit 1
+fi
+V=$BIN/minitron-verify
+C=$BIN/minitron-convert
+TEXT=src/calib/default_corpus.txt
+PROMPTS=fixtures/prompts.txt
+W=${GPU_CHECK_WORK:-/tmp/minitron-gpu-check}
+mkdir -p "$W"
+
+# Peak GPU memory of one command, sampled every 100 ms.
+peak_mem() {
+  local f=$W/mem.$$; : > "$f"
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$f" 2>/dev/null &
+  local s=$!
+  "$@"; local rc=$?
+  kill $s 2>/dev/null; wait $s 2>/dev/null
+  PEAK=$(sort -n "$f" | tail -n 1); PEAK=${PEAK:-?}
+  return $rc
+}
+
+ROWS=()
+row() { # name report.json peak
+  local r=$2
+  local line
+  line=$("${py:-python3}" - "$r" "$1" "$3" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+p = r.get("ppl", {}).get("perplexity", {}).get("ppl", float("nan"))
+g = r.get("gen", {})
+print(f"| {sys.argv[2]} | {p:.4f} | {g.get('prefill_tokens_per_s', float('nan')):.0f} | {g.get('decode_tokens_per_s', float('nan')):.1f} | {sys.argv[3]} MiB |")
+PY
+)
+  ROWS+=("$line"); echo "$line"
+}
+
+# --- (a) tiny fixture, CPU vs CUDA.
+say "tiny fixture: CPU"
+"$V" fixtures/tiny-llama3 --ppl "$TEXT" --ctx 64 --chunks 8 --gen "$PROMPTS" --tokens 16 \
+  --device cpu --dump-logits "$W/tiny-cpu.f32" --report "$OUT/tiny-cpu.json" > "$OUT/tiny-cpu.txt"
+say "tiny fixture: CUDA"
+peak_mem "$V" fixtures/tiny-llama3 --ppl "$TEXT" --ctx 64 --chunks 8 --gen "$PROMPTS" --tokens 16 \
+  --device cuda --dump-logits "$W/tiny-cuda.f32" --report "$OUT/tiny-cuda.json" > "$OUT/tiny-cuda.txt"
+row "tiny, CPU f32" "$OUT/tiny-cpu.json" "-"
+row "tiny, CUDA bf16" "$OUT/tiny-cuda.json" "$PEAK"
+"${py:-python3}" - "$W/tiny-cpu.f32" "$W/tiny-cuda.f32" "$OUT/tiny-cpu.json" "$OUT/tiny-cuda.json" <<'PY' | tee "$OUT/tiny-compare.txt"
+import json, sys, numpy as np
+a = np.fromfile(sys.argv[1], dtype="<f4"); b = np.fromfile(sys.argv[2], dtype="<f4")
+pa = json.load(open(sys.argv[3]))["ppl"]["perplexity"]["ppl"]; pb = json.load(open(sys.argv[4]))["ppl"]["perplexity"]["ppl"]
+d = float(np.abs(a - b).max())
+rel = 100 * abs(pb / pa - 1)
+print(f"tiny CPU vs CUDA: max |Δlogit| {d:.3e} (bound 2e-2), ppl {pa:.4f} vs {pb:.4f} ({rel:.3f} %, bound 0.2 %)")
+print("PASS" if d < 2e-2 and rel < 0.2 else "FAIL")
+PY
+
+# --- (b) synthetic 4.5 B checkpoint, bf16 on CUDA.
+say "synth minitron-4b-depth"
+"$C" synth --preset minitron-4b-depth --seed 1 --out "$W/big" --force > "$OUT/synth.txt"
+say "bf16 on CUDA"
+peak_mem "$V" "$W/big" --ppl "$TEXT" --ctx 512 --chunks 4 --gen "$PROMPTS" --tokens 128 --device cuda --report "$OUT/big-bf16.json" > "$OUT/big-bf16.txt"
+row "4.5B bf16" "$OUT/big-bf16.json" "$PEAK"
+
+# --- (c) artifacts made here.
+say "convert fp8"
+"$C" "$W/big" --to fp8 --out "$W/big-fp8" --force > "$OUT/convert-fp8.txt"
+peak_mem "$V" "$W/big-fp8" --ppl "$TEXT" --ctx 512 --chunks 4 --gen "$PROMPTS" --tokens 128 --device cuda --report "$OUT/big-fp8.json" > "$OUT/big-fp8.txt"
+row "4.5B fp8" "$OUT/big-fp8.json" "$PEAK"
+rm -rf "$W/big-fp8"
+say "convert int8"
+"$C" "$W/big" --to int8 --calib-samples 2 --calib-seq 256 --out "$W/big-int8" --force > "$OUT/convert-int8.txt"
+peak_mem "$V" "$W/big-int8" --ppl "$TEXT" --ctx 512 --chunks 4 --gen "$PROMPTS" --tokens 128 --device cuda --report "$OUT/big-int8.json" > "$OUT/big-int8.txt"
+row "4.5B int8" "$OUT/big-int8.json" "$PEAK"
+rm -rf "$W/big-int8"
+say "convert gguf:q4_k_m"
+"$C" "$W/big" --to gguf:q4_k_m --out "$W/big-q4_k_m.gguf" --force > "$OUT/convert-q4km.txt"
+peak_mem "$V" "$W/big-q4_k_m.gguf" --ppl "$TEXT" --ctx 512 --chunks 4 --gen "$PROMPTS" --tokens 128 --device cuda --report "$OUT/big-q4km.json" > "$OUT/big-q4km.txt"
+row "4.5B gguf:q4_k_m" "$OUT/big-q4km.json" "$PEAK"
+
+{
+  echo "| run | ppl | prefill tokens/s | decode tokens/s | peak GPU memory |"
+  echo "|---|---|---|---|---|"
+  printf '%s\n' "${ROWS[@]}"
+  cat "$OUT/tiny-compare.txt"
+} > "$OUT/table.md"
+say "done"
+cat "$OUT/table.md"
