@@ -39,8 +39,9 @@ done
 export PATH=$CU/bin:$PATH
 export CUDA_HOME=$CROOT CUDA_PATH=$CROOT CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000
 
-# The stub needs the list of driver symbols cudarc uses: build cudarc first, read its rlib.
-cargo build --locked --profile dist --features cuda --target-dir "$TARGET_DIR" -p cudarc
+# The stub needs the list of driver symbols cudarc uses: build the library first (nothing is
+# linked yet), then read cudarc's rlib.
+cargo build --locked --profile dist --features cuda --target-dir "$TARGET_DIR" --lib
 rlib=$(ls -t "$TARGET_DIR"/dist/deps/libcudarc-*.rlib | head -n 1)
 nm "$rlib" 2>/dev/null | awk '$1=="U"{print $2}' | grep '^cu[A-Z]' | sort -u \
   | awk '{print "int " $1 "(void){return 999;}"}' > "$CUDA_DIR/libcuda-stub.c"
