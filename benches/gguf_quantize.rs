@@ -11,7 +11,10 @@ fn main() {
         .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.05)
         .collect();
     let qw: Vec<f32> = (0..cols).map(|j| 1.0 + (j % 17) as f32).collect();
-    println!("gguf_quantize: {rows} × {cols}, {} threads", rayon::current_num_threads());
+    println!(
+        "gguf_quantize: {rows} × {cols}, {} threads",
+        rayon::current_num_threads()
+    );
     for name in ["BF16", "Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"] {
         let ty = GgmlType::from_name(name).expect("type");
         for imp in [None, Some(&qw[..])] {

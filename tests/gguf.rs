@@ -502,17 +502,37 @@ fn runner_reproduces_llama_cpp_perplexity_on_its_q8_0_file() {
     let out = t.path().join("q8_0.gguf");
     run_ok(
         "minitron-convert",
-        &[s(&a.join("smollm2-135m")), "--to", "gguf:q8_0", "--out", s(&out)],
+        &[
+            s(&a.join("smollm2-135m")),
+            "--to",
+            "gguf:q8_0",
+            "--out",
+            s(&out),
+        ],
     );
     let text = shared().join("data/wikitext2-valid.txt");
     let j = run_ok(
         "minitron-verify",
-        &[s(&out), "--ppl", s(&text), "--ctx", "512", "--chunks", "40", "--json"],
+        &[
+            s(&out),
+            "--ppl",
+            s(&text),
+            "--ctx",
+            "512",
+            "--chunks",
+            "40",
+            "--json",
+        ],
     );
     let r: serde_json::Value = serde_json::from_str(&j).unwrap();
     let ppl = r["ppl"]["perplexity"]["ppl"].as_f64().unwrap();
-    let want = known_answers()["llama_cpp"]["Q8_0"]["ppl"].as_f64().unwrap();
+    let want = known_answers()["llama_cpp"]["Q8_0"]["ppl"]
+        .as_f64()
+        .unwrap();
     let rel = (ppl / want - 1.0).abs();
-    println!("q8_0: ours {ppl:.4} vs llama.cpp {want:.4} ({:.3} %)", 100.0 * rel);
+    println!(
+        "q8_0: ours {ppl:.4} vs llama.cpp {want:.4} ({:.3} %)",
+        100.0 * rel
+    );
     assert!(rel < 0.005, "{ppl} vs {want}");
 }

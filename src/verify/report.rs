@@ -33,6 +33,8 @@ pub struct VerifyOptions {
     /// Write the candidate's logits of the first perplexity chunk here (raw little-endian f32,
     /// `[ctx, vocab]`), for comparing devices.
     pub dump_logits: Option<PathBuf>,
+    /// GGUF candidates: dequantize block-quantized weights at load (dense matmuls).
+    pub gguf_dense: bool,
 }
 
 /// Runs every requested measurement and returns the report.
@@ -62,7 +64,7 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
     let (cand, tok, cand_hashes) = if is_gguf {
         // A GGUF file runs with the tokenizer rebuilt from its own metadata, as llama.cpp would.
         let tok = Tokenizer::from_gguf(&o.candidate)?;
-        let cand = Llama::load_gguf(&o.candidate, dtype, &o.device)?;
+        let cand = Llama::load_gguf_with(&o.candidate, dtype, &o.device, o.gguf_dense)?;
         let name = o
             .candidate
             .file_name()
@@ -117,6 +119,7 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
             "device": format!("{:?}", o.device), "compute_dtype": format!("{dtype:?}").to_lowercase(),
             "gen_tokens": o.gen_tokens,
             "weight_only": o.weight_only,
+            "gguf_dense": o.gguf_dense,
         },
         "machine": machine_info(),
         "timings": {"load_s": load_s},
