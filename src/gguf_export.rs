@@ -730,6 +730,9 @@ fn metadata(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<(String, Value)>> {
     Ok(md)
 }
 
+/// Values converted and quantized at a time when a tensor is streamed in row chunks.
+const CHUNK_VALUES: usize = 1 << 24;
+
 /// What an export wrote.
 #[derive(Debug, Clone)]
 pub struct GgufReport {
@@ -774,20 +777,6 @@ pub fn export(
     let mut done = 0u64;
     for t in &plan {
         let ne0 = t.dims[0] as usize;
-        let values = match &t.source {
-            Source::RopeFreqs(f) => f.clone(),
-            Source::Hf {
-                name,
-                permute_heads,
-            } => {
-                let v = ck.read_f32(name)?;
-                ck.release(name);
-                match permute_heads {
-                    Some(h) => permute_rows(&v, v.len() / ne0, ne0, *h),
-                    None => v,
-                }
-            }
-        };
         let importance = match (&o.imatrix, t.ty.name) {
             (_, "F32" | "F16" | "BF16" | "Q8_0") => None,
             (Some(im), _) => im.imatrix.entries.get(&t.name).map(|e| e.mean()),
@@ -803,8 +792,44 @@ pub fn export(
                 });
             }
         }
-        let bytes = crate::quant::ggml::quantize(&t.ty, &values, ne0, importance.as_deref())?;
-        drop(values);
+        let quantize =
+            |v: &[f32]| crate::quant::ggml::quantize(&t.ty, v, ne0, importance.as_deref());
+        let bytes = match &t.source {
+            Source::RopeFreqs(f) => quantize(f)?,
+            Source::Hf {
+                name,
+                permute_heads: Some(h),
+            } => {
+                let v = ck.read_f32(name)?;
+                ck.release(name);
+                quantize(&permute_rows(&v, v.len() / ne0, ne0, *h))?
+            }
+            Source::Hf {
+                name,
+                permute_heads: None,
+            } => {
+                // Row chunks of about 16M values straight from the mapped file, its pages
+                // released after each chunk: a 128k-row embedding never exists in f32 at once.
+                let (raw, info) = ck.raw(name)?;
+                let es = info.dtype.size();
+                let rows_per = (CHUNK_VALUES / ne0).max(1);
+                let mut out = Vec::new();
+                for part in raw.chunks(rows_per * ne0 * es) {
+                    let v =
+                        crate::numerics::convert::to_f32(part, info.dtype).ok_or_else(|| {
+                            Error::TensorMismatch {
+                                path: ck.dir.clone(),
+                                tensor: name.clone(),
+                                expected: "a float dtype".into(),
+                                found: info.dtype.to_string(),
+                            }
+                        })?;
+                    out.extend_from_slice(&quantize(&v)?);
+                    ck.release(name);
+                }
+                out
+            }
+        };
         w.write_tensor(&bytes)?;
         done += t.dims.iter().product::<u64>();
         progress(done, total);

@@ -563,7 +563,7 @@ fn k_row<T: CandleBlock>(x: &[f32], out: &mut [u8], qw: Option<&[f32]>, sigma: S
     let mut ggml = vec![T::zeros(); nb];
     T::from_float_imatrix(x, &mut ggml, target, x.len());
     cands.push(ggml);
-    if let Sigma::TwoOver256 = sigma {
+    if let (Sigma::TwoOver256, Some(_)) = (sigma, qw) {
         let mut direct_w = vec![0f32; x.len()];
         for (b, (xs, ws)) in x.chunks(256).zip(target.chunks(256)).enumerate() {
             let s2 = 2.0 * xs.iter().map(|v| v * v).sum::<f32>() / 256.0;
