@@ -28,6 +28,18 @@ fn nearest(x: f32) -> i32 {
 
 const GROUP_MAX_EPS: f32 = 1e-15;
 
+/// The largest magnitude of `x` and the (signed) value holding it, the first one on ties.
+fn signed_absmax(x: &[f32]) -> (f32, f32) {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    (amax, max)
+}
+
 /// The block formats we can write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -209,13 +221,7 @@ fn legacy_row(k: Kind, x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
 fn legacy_reference(lg: Legacy, x: &[f32]) -> BlockQ {
     let mut l = [0u8; 32];
     if !lg.offset {
-        let (mut amax, mut max) = (0f32, 0f32);
-        for &v in x {
-            if amax < v.abs() {
-                amax = v.abs();
-                max = v;
-            }
-        }
+        let (_, max) = signed_absmax(x);
         let d = max / -(lg.nmax as f32);
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let top = (2 * lg.nmax - 1) as i8;
@@ -303,13 +309,7 @@ fn legacy_weighted(lg: Legacy, x: &[f32], qw: &[f32], sigma2: f32) -> BlockQ {
 /// Scales from a finer sweep around `nmax/max` (81 steps of 0.025 instead of ggml's 19 of
 /// 0.1), each refit by weighted least squares.
 fn scale_sweep(x: &[f32], nmax: i32, w: &[f32]) -> Vec<f32> {
-    let (mut amax, mut max) = (0f32, 0f32);
-    for &v in x {
-        if amax < v.abs() {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    let (amax, max) = signed_absmax(x);
     if amax < GROUP_MAX_EPS {
         return vec![];
     }
@@ -385,13 +385,7 @@ fn pack_legacy(lg: Legacy, b: &BlockQ, out: &mut [u8]) {
 /// offset by `nmax`.
 pub fn make_qx_quants(x: &[f32], nmax: i32, w: &[f32]) -> (f32, [u8; 32]) {
     let mut l = [0u8; 32];
-    let (mut amax, mut max) = (0f32, 0f32);
-    for &v in x {
-        if amax < v.abs() {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    let (amax, max) = signed_absmax(x);
     if amax < GROUP_MAX_EPS {
         return (0.0, l);
     }
@@ -605,10 +599,10 @@ fn k_row<T: CandleBlock>(x: &[f32], out: &mut [u8], qw: Option<&[f32]>, sigma: S
     }
 }
 
-/// Dequantizes `bytes` of type `ty` (rows of `ne0`) to f32.
-pub fn dequantize(ty: &GgmlType, bytes: &[u8], ne0: usize) -> Result<Vec<f32>> {
-    use candle_core::quantized::{GgmlDType, QTensor};
-    let dt = match ty.name {
+/// candle's dtype for a ggml type we read and run.
+pub fn candle_dtype(ty: &GgmlType) -> Result<candle_core::quantized::GgmlDType> {
+    use candle_core::quantized::GgmlDType;
+    Ok(match ty.name {
         "F32" => GgmlDType::F32,
         "F16" => GgmlDType::F16,
         "BF16" => GgmlDType::BF16,
@@ -624,10 +618,16 @@ pub fn dequantize(ty: &GgmlType, bytes: &[u8], ne0: usize) -> Result<Vec<f32>> {
         "Q6_K" => GgmlDType::Q6K,
         other => {
             return Err(Error::Unsupported(format!(
-                "dequantizing ggml type {other} is not implemented"
+                "ggml type {other} is not implemented"
             )))
         }
-    };
+    })
+}
+
+/// Dequantizes `bytes` of type `ty` (rows of `ne0`) to f32.
+pub fn dequantize(ty: &GgmlType, bytes: &[u8], ne0: usize) -> Result<Vec<f32>> {
+    use candle_core::quantized::QTensor;
+    let dt = candle_dtype(ty)?;
     let row = ty
         .nbytes(ne0, 1)
         .ok_or_else(|| Error::Invalid(format!("rows of {ne0} do not fit {}", ty.name)))?;

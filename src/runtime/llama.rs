@@ -618,24 +618,8 @@ fn ggml_linear(
         let v = crate::quant::ggml::dequantize(ty, &bytes, cols)?;
         return Linear::dense(v, rows, cols, dtype, device);
     }
-    use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-    let dt = match ty.name {
-        "Q8_0" => GgmlDType::Q8_0,
-        "Q4_0" => GgmlDType::Q4_0,
-        "Q4_1" => GgmlDType::Q4_1,
-        "Q5_0" => GgmlDType::Q5_0,
-        "Q5_1" => GgmlDType::Q5_1,
-        "Q2_K" => GgmlDType::Q2K,
-        "Q3_K" => GgmlDType::Q3K,
-        "Q4_K" => GgmlDType::Q4K,
-        "Q5_K" => GgmlDType::Q5K,
-        "Q6_K" => GgmlDType::Q6K,
-        other => {
-            return Err(Error::Unsupported(format!(
-                "running ggml type {other} is not implemented"
-            )))
-        }
-    };
+    use candle_core::quantized::{QMatMul, QStorage, QTensor};
+    let dt = crate::quant::ggml::candle_dtype(ty)?;
     let storage = QStorage::from_data(bytes, device, dt)?;
     let q = QTensor::new(storage, (rows, cols))?;
     Ok(Linear::Ggml {
