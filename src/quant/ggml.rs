@@ -269,7 +269,7 @@ fn legacy_weighted(lg: Legacy, x: &[f32], qw: &[f32], sigma2: f32) -> BlockQ {
         cands.extend(scale_sweep(x, lg.nmax, qw).into_iter().map(|d| (d, 0.0)));
     } else {
         for w in [&ggml_w[..], qw] {
-            let (d, min) = make_qkx3_quants(x, lg.nmax, w, -0.9, 0.05, 36);
+            let (d, min, _) = qkx3(x, lg.nmax, w, -0.9, 0.05, 36);
             cands.push((d, -min));
         }
     }
@@ -284,8 +284,7 @@ fn legacy_weighted(lg: Legacy, x: &[f32], qw: &[f32], sigma2: f32) -> BlockQ {
     // The ggml candidate with ggml's own levels (no re-rounding) is also a candidate, so the
     // result is never worse than llama.cpp's block.
     let g = if lg.offset {
-        let (d, min) = make_qkx3_quants(x, lg.nmax, &ggml_w, -0.9, 0.05, 36);
-        let l = make_qkx3_levels(x, lg.nmax, &ggml_w, -0.9, 0.05, 36);
+        let (d, min, l) = qkx3(x, lg.nmax, &ggml_w, -0.9, 0.05, 36);
         BlockQ {
             d: f16r(d),
             m: f16r(-min),
@@ -423,31 +422,8 @@ pub fn make_qx_quants(x: &[f32], nmax: i32, w: &[f32]) -> (f32, [u8; 32]) {
     (scale, l)
 }
 
-/// ggml's `make_qkx3_quants` (squared error): returns the scale and the (positive) negated
-/// minimum.
-pub fn make_qkx3_quants(
-    x: &[f32],
-    nmax: i32,
-    w: &[f32],
-    rmin: f32,
-    rdelta: f32,
-    nstep: i32,
-) -> (f32, f32) {
-    let r = qkx3(x, nmax, w, rmin, rdelta, nstep);
-    (r.0, r.1)
-}
-
-fn make_qkx3_levels(
-    x: &[f32],
-    nmax: i32,
-    w: &[f32],
-    rmin: f32,
-    rdelta: f32,
-    nstep: i32,
-) -> [u8; 32] {
-    qkx3(x, nmax, w, rmin, rdelta, nstep).2
-}
-
+/// ggml's `make_qkx3_quants` (squared error): returns the scale, the (positive) negated
+/// minimum and the levels.
 fn qkx3(
     x: &[f32],
     nmax: i32,
