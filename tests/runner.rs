@@ -183,3 +183,38 @@ fn inspect_reports_the_fixture() {
     assert_eq!(r["tensors"].as_array().unwrap().len(), 21);
     assert_eq!(r["tokenizer"]["adds_bos"], true);
 }
+
+#[test]
+fn batched_device_statistics_equal_chunk_by_chunk_host_statistics() {
+    use minitron::verify::ppl::{score_batch, score_chunk, StatsOn};
+    let ck = Checkpoint::open(&tiny()).unwrap();
+    let cand = Llama::load(&ck, DType::BF16, &Device::Cpu).unwrap();
+    let reference = Llama::load(&ck, DType::F32, &Device::Cpu).unwrap();
+    let ids = tiny_ids(4 * 48);
+    let chunks: Vec<&[u32]> = ids.chunks(48).collect();
+    let first = 24;
+    let batched = score_batch(&cand, Some(&reference), &chunks, first, StatsOn::Device).unwrap();
+    assert_eq!(batched.len(), 4);
+    let mut worst = (0f64, 0f64);
+    let mut kld_sum = 0f64;
+    for (c, b) in chunks.iter().zip(&batched) {
+        let h = score_chunk(&cand, Some(&reference), c, first).unwrap();
+        assert_eq!(h.nll.len(), 48 - 1 - first);
+        assert_eq!(h.same_top1, b.same_top1);
+        for i in 0..h.nll.len() {
+            worst.0 = worst.0.max((h.nll[i] - b.nll[i]).abs());
+            worst.1 = worst.1.max((h.kld[i] - b.kld[i]).abs());
+            kld_sum += h.kld[i];
+        }
+    }
+    // bf16 against f32 weights gives a real divergence to compare (not a trivial zero).
+    assert!(kld_sum > 1e-5, "divergence too small to test: {kld_sum}");
+    // The device path reduces in f32: a log-softmax of logits of magnitude ≤ ~10 carries
+    // ~1e-6 absolute rounding, so NLL and KLD (a p-weighted mean of log-prob differences) agree
+    // with the f64 host path to ~2e-6; 1e-5 leaves headroom yet catches a wrong row or target
+    // (errors of order 0.1 or more).
+    assert!(
+        worst.0 < 1e-5 && worst.1 < 1e-5,
+        "max |Δnll|, |Δkld| = {worst:?}"
+    );
+}

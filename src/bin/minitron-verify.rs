@@ -55,6 +55,9 @@ struct Args {
     /// (as llama.cpp's dequantize + GEMM paths do); much faster on a CPU than quantized dot products.
     #[arg(long)]
     gguf_dense: bool,
+    /// Perplexity chunks per forward pass (default: 1 on a CPU, 4,096 tokens' worth on a GPU).
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
+    batch: usize,
     /// Print the JSON report on stdout instead of the table.
     #[arg(long)]
     json: bool,
@@ -80,6 +83,7 @@ fn main() -> std::process::ExitCode {
             weight_only: a.weight_only,
             dump_logits: a.dump_logits.clone(),
             gguf_dense: a.gguf_dense,
+            batch: a.batch,
         };
         let report = minitron::verify::report::run(&opts)?;
         let text = serde_json::to_string_pretty(&report).context("serialising the report")?;

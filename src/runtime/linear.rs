@@ -34,6 +34,17 @@ pub enum Linear {
         dequantized: Tensor,
         dynamic: bool,
     },
+    /// INT8 for GPU devices, kept in bf16 (integers up to ±256 are exact there): the matmul of
+    /// integer-valued activations (per-token dynamic `absmax/127`, round half to even, ±127;
+    /// or the activations as they are, weight-only) and integer weights runs in cuBLAS with f32
+    /// accumulation; its bf16 output is scaled by the per-token and per-channel scales. Differs
+    /// from the exact CPU sum only by that final bf16 rounding, as serving kernels' bf16
+    /// outputs do.
+    Int8Bf16 {
+        q: Tensor,
+        scale: Tensor,
+        dynamic: bool,
+    },
     /// A ggml block-quantized weight run by candle's quantized matmul (what llama.cpp computes:
     /// activations quantized to the weight type's dot-product format, e.g. Q8_K / Q8_0).
     Ggml {
@@ -46,6 +57,10 @@ pub const FP8_MIN_TOKEN_SCALE: f32 = 1.0 / (448.0 * 512.0);
 
 /// Quantizes `x` to E4M3 with scale `s` (per row when `s` is `[.., 1]`) and back.
 fn fp8_round_trip(x: &Tensor, s: &Tensor) -> Result<Tensor> {
+    // In f32 whatever the compute dtype: dividing in bf16 would round once before the E4M3
+    // rounding.
+    let dt = x.dtype();
+    let (x, s) = (&x.to_dtype(DType::F32)?, &s.to_dtype(DType::F32)?);
     let q = x
         .broadcast_div(s)?
         .clamp(
@@ -53,8 +68,16 @@ fn fp8_round_trip(x: &Tensor, s: &Tensor) -> Result<Tensor> {
             crate::numerics::fp8::E4M3_MAX,
         )?
         .to_dtype(DType::F8E4M3)?
-        .to_dtype(x.dtype())?;
-    Ok(q.broadcast_mul(s)?)
+        .to_dtype(DType::F32)?;
+    Ok(q.broadcast_mul(s)?.to_dtype(dt)?)
+}
+
+/// Rounds f32 values of magnitude below 2^22 to the nearest integer, ties to even, with
+/// tensor ops only (so on any device): adding and subtracting 1.5 · 2^23 leaves the f32 sum
+/// with no fraction bits, and IEEE addition rounds half to even.
+pub fn round_half_even(v: &Tensor) -> Result<Tensor> {
+    const MAGIC: f64 = 12_582_912.0;
+    Ok(((v + MAGIC)? - MAGIC)?)
 }
 
 /// Per-token dynamic FP8 fake quantization of `x` (`[.., in]`).
@@ -112,6 +135,23 @@ impl Linear {
         })
     }
 
+    /// The GPU form of [`Linear::int8`] (see [`Linear::Int8Bf16`]); any device.
+    pub fn int8_bf16(
+        q: &[i8],
+        scales: Vec<f32>,
+        out: usize,
+        inp: usize,
+        dynamic: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        let qf: Vec<half::bf16> = q.iter().map(|&v| half::bf16::from(v)).collect();
+        Ok(Linear::Int8Bf16 {
+            q: Tensor::from_vec(qf, (out, inp), device)?,
+            scale: Tensor::from_vec(scales, (1, out), device)?,
+            dynamic,
+        })
+    }
+
     /// Applies the layer to `x` of shape `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -132,6 +172,9 @@ impl Linear {
                     ActQuant::Static(s) => fp8_static(x, *s)?,
                 };
                 Self::matmul(&xq, weight)
+            }
+            Linear::Int8Bf16 { q, scale, dynamic } => {
+                Self::int8_bf16_forward(x, q, scale, *dynamic)
             }
             Linear::Int8 {
                 q,
@@ -173,6 +216,25 @@ impl Linear {
         }
     }
 
+    fn int8_bf16_forward(x: &Tensor, q: &Tensor, scale: &Tensor, dynamic: bool) -> Result<Tensor> {
+        let xf = x.to_dtype(DType::F32)?;
+        let (xq, xs) = if dynamic {
+            let amax = xf.abs()?.max_keepdim(candle_core::D::Minus1)?;
+            // An all-zero row quantizes to zeros whatever its scale; the floor avoids 0/0.
+            let s = (amax / 127.0)?.maximum(f32::MIN_POSITIVE as f64)?;
+            let v = xf.broadcast_div(&s)?.clamp(-127f32, 127f32)?;
+            (round_half_even(&v)?, Some(s))
+        } else {
+            (xf, None)
+        };
+        let y = Self::matmul(&xq.to_dtype(DType::BF16)?, q)?.to_dtype(DType::F32)?;
+        let y = match xs {
+            Some(s) => y.broadcast_mul(&s)?,
+            None => y,
+        };
+        Ok(y.broadcast_mul(scale)?.to_dtype(x.dtype())?)
+    }
+
     fn matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         {
             {
@@ -192,6 +254,7 @@ impl Linear {
         match self {
             Linear::Dense { weight }
             | Linear::Fp8 { weight, .. }
+            | Linear::Int8Bf16 { q: weight, .. }
             | Linear::Int8 {
                 dequantized: weight,
                 ..
@@ -210,6 +273,79 @@ impl Linear {
                     (d[0], d[1])
                 }
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_half_even_matches_the_host_rule_on_ties_and_neighbours() {
+        let mut v: Vec<f32> = (-254..=254).map(|k| k as f32 * 0.5).collect();
+        v.extend([0.49999997, -0.49999997, 126.50001, -126.49999, 3.0e6 + 0.5]);
+        let t = Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
+        let got: Vec<f32> = round_half_even(&t).unwrap().to_vec1().unwrap();
+        for (x, g) in v.iter().zip(&got) {
+            assert_eq!(*g, x.round_ties_even(), "round({x})");
+        }
+    }
+
+    /// The GPU INT8 form (bf16 integers, f32 accumulation, bf16 output) against the exact CPU
+    /// form on the same codes, per-token dynamic and weight-only.
+    #[test]
+    fn int8_bf16_form_agrees_with_the_exact_form() {
+        let (out, inp, rows) = (24usize, 96usize, 5usize);
+        let mut rng = crate::numerics::rng::SplitMix64::new(7);
+        let mut uni = || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        let q: Vec<i8> = (0..out * inp).map(|_| (uni() * 254.0) as i8).collect();
+        let scales: Vec<f32> = (0..out).map(|i| 1e-3 * (1.0 + i as f32)).collect();
+        let x: Vec<f32> = (0..rows * inp).map(|_| uni() * 4.0).collect();
+        let x = Tensor::from_vec(x, (rows, inp), &Device::Cpu).unwrap();
+        // Σ_j |x_j| |W_oj|: the bound for errors made per term.
+        let qa: Vec<i8> = q.iter().map(|v| v.saturating_abs()).collect();
+        let abs_layer = Linear::int8(
+            &qa,
+            scales.clone(),
+            out,
+            inp,
+            false,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let abs_sum: Vec<Vec<f32>> = abs_layer
+            .forward(&x.abs().unwrap())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for dynamic in [true, false] {
+            let exact = Linear::int8(
+                &q,
+                scales.clone(),
+                out,
+                inp,
+                dynamic,
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
+            let gpu =
+                Linear::int8_bf16(&q, scales.clone(), out, inp, dynamic, &Device::Cpu).unwrap();
+            assert_eq!(gpu.shape(), (out, inp));
+            let a: Vec<Vec<f32>> = exact.forward(&x).unwrap().to_vec2().unwrap();
+            let b: Vec<Vec<f32>> = gpu.forward(&x).unwrap().to_vec2().unwrap();
+            for ((ra, rb), rs) in a.iter().zip(&b).zip(&abs_sum) {
+                for ((va, vb), vs) in ra.iter().zip(rb).zip(rs) {
+                    // Dynamic: codes and integer products are exact in both forms, so only the
+                    // bf16 rounding of the output (unit roundoff 2^-8) separates them.
+                    // Weight-only: each activation is also rounded to bf16 (2^-8 per term).
+                    let u = 2f32.powi(-8);
+                    let tol = u * va.abs() + if dynamic { 0.0 } else { u * vs } + 1e-6;
+                    assert!((va - vb).abs() <= tol, "dynamic {dynamic}: {va} vs {vb}");
+                }
+            }
         }
     }
 }

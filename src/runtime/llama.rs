@@ -121,15 +121,11 @@ impl Block {
                     });
                 }
                 let q: Vec<i8> = bytes.iter().map(|&b| b as i8).collect();
-                return Linear::int8(
-                    &q,
-                    scales,
-                    out,
-                    inp,
-                    dynamic_default && !opts.weight_only,
-                    dtype,
-                    device,
-                );
+                let dynamic = dynamic_default && !opts.weight_only;
+                if !device.is_cpu() {
+                    return Linear::int8_bf16(&q, scales, out, inp, dynamic, device);
+                }
+                return Linear::int8(&q, scales, out, inp, dynamic, dtype, device);
             }
             if info.dtype != Dtype::F8E4M3 {
                 return Linear::dense(ck.read_f32(&name)?, out, inp, dtype, device);
@@ -544,7 +540,7 @@ impl Llama {
             cache.len = total;
         }
         let x = if logits_from > 0 {
-            x.narrow(1, logits_from, t - logits_from)?
+            x.narrow(1, logits_from, t - logits_from)?.contiguous()?
         } else {
             x
         };

@@ -29,6 +29,27 @@ pub struct ChunkResult {
 /// Candidate NLL and, with a reference, (reference NLL, KLD, same top-1) of one position.
 type PositionScore = (f64, Option<(f64, f64, bool)>);
 
+/// Where the per-position statistics (log-softmax, NLL, KLD, top-1) are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatsOn {
+    /// Logits copied to the host and reduced in f64 (exact; the CPU default).
+    Host,
+    /// Reduced in f32 on the model's device, only per-position results copied back: on a GPU
+    /// the `[positions, vocab]` logits never cross the bus.
+    Device,
+}
+
+impl StatsOn {
+    /// Host statistics on the CPU, device statistics elsewhere.
+    pub fn for_device(d: &candle_core::Device) -> Self {
+        if d.is_cpu() {
+            StatsOn::Host
+        } else {
+            StatsOn::Device
+        }
+    }
+}
+
 /// Scores one chunk with the candidate and, optionally, the reference.
 pub fn score_chunk(
     cand: &Llama,
@@ -36,16 +57,64 @@ pub fn score_chunk(
     chunk: &[u32],
     first: usize,
 ) -> Result<ChunkResult> {
-    let rows = |m: &Llama| -> Result<Vec<Vec<f32>>> {
-        let ids = Tensor::from_slice(chunk, (1, chunk.len()), &m.device)?;
-        let logits = m.forward_from(&ids, None, None, first)?;
-        let n = chunk.len() - 1 - first;
-        Ok(logits.squeeze(0)?.narrow(0, 0, n)?.to_vec2::<f32>()?)
+    let mut r = score_batch(cand, reference, &[chunk], first, StatsOn::Host)?;
+    Ok(r.pop().unwrap_or_default())
+}
+
+/// Scores equally long chunks in one batched forward per model (`[chunks, ctx]` token ids).
+pub fn score_batch(
+    cand: &Llama,
+    reference: Option<&Llama>,
+    chunks: &[&[u32]],
+    first: usize,
+    on: StatsOn,
+) -> Result<Vec<ChunkResult>> {
+    let Some(len) = chunks.first().map(|c| c.len()) else {
+        return Ok(Vec::new());
     };
-    let cand_rows = rows(cand)?;
-    let ref_rows = reference.map(rows).transpose()?;
-    let targets = &chunk[first + 1..];
-    let per_pos: Vec<PositionScore> = cand_rows
+    if chunks.iter().any(|c| c.len() != len) || len < first + 2 {
+        return Err(crate::error::Error::Invalid(format!(
+            "perplexity chunks must share one length above {} tokens",
+            first + 1
+        )));
+    }
+    let n = len - 1 - first;
+    let flat: Vec<u32> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+    // Logits `[b, n, vocab]` of the scored positions.
+    let logits = |m: &Llama| -> Result<Tensor> {
+        let ids = Tensor::from_vec(flat.clone(), (chunks.len(), len), &m.device)?;
+        Ok(m.forward_from(&ids, None, None, first)?.narrow(1, 0, n)?)
+    };
+    let cand_l = logits(cand)?;
+    let ref_l = reference.map(logits).transpose()?;
+    let mut out = Vec::with_capacity(chunks.len());
+    for (i, chunk) in chunks.iter().enumerate() {
+        let targets = &chunk[first + 1..];
+        let q = cand_l.get(i)?.contiguous()?;
+        let p = ref_l.as_ref().map(|r| r.get(i)?.contiguous()).transpose()?;
+        let per_pos = match on {
+            StatsOn::Host => host_stats(&q, p.as_ref(), targets)?,
+            StatsOn::Device => device_stats(&q, p.as_ref(), targets)?,
+        };
+        let mut r = ChunkResult::default();
+        for (nll, cmp) in per_pos {
+            r.nll.push(nll);
+            if let Some((rn, k, s)) = cmp {
+                r.ref_nll.push(rn);
+                r.kld.push(k);
+                r.same_top1.push(s);
+            }
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// f64 statistics of `[n, vocab]` logits on the host.
+fn host_stats(q: &Tensor, p: Option<&Tensor>, targets: &[u32]) -> Result<Vec<PositionScore>> {
+    let cand_rows = q.to_vec2::<f32>()?;
+    let ref_rows = p.map(|p| p.to_vec2::<f32>()).transpose()?;
+    Ok(cand_rows
         .par_iter()
         .enumerate()
         .map(|(i, row)| {
@@ -61,17 +130,36 @@ pub fn score_chunk(
             });
             (nll, cmp)
         })
-        .collect();
-    let mut out = ChunkResult::default();
-    for (nll, cmp) in per_pos {
-        out.nll.push(nll);
-        if let Some((r, k, s)) = cmp {
-            out.ref_nll.push(r);
-            out.kld.push(k);
-            out.same_top1.push(s);
+        .collect())
+}
+
+/// f32 statistics of `[n, vocab]` logits on their device; only `n`-long vectors come back.
+fn device_stats(q: &Tensor, p: Option<&Tensor>, targets: &[u32]) -> Result<Vec<PositionScore>> {
+    use candle_core::D;
+    let idx = Tensor::from_slice(targets, (targets.len(), 1), q.device())?;
+    let lq = candle_nn::ops::log_softmax(q, D::Minus1)?;
+    let nll: Vec<f32> = lq.gather(&idx, 1)?.neg()?.flatten_all()?.to_vec1()?;
+    let cmp = match p {
+        Some(p) => {
+            let lp = candle_nn::ops::log_softmax(p, D::Minus1)?;
+            let ref_nll: Vec<f32> = lp.gather(&idx, 1)?.neg()?.flatten_all()?.to_vec1()?;
+            let kld: Vec<f32> = (lp.exp()? * (&lp - &lq)?)?.sum(D::Minus1)?.to_vec1()?;
+            let top_p: Vec<u32> = p.argmax(D::Minus1)?.to_vec1()?;
+            let top_q: Vec<u32> = q.argmax(D::Minus1)?.to_vec1()?;
+            Some((ref_nll, kld, top_p, top_q))
         }
-    }
-    Ok(out)
+        None => None,
+    };
+    Ok(nll
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let c = cmp
+                .as_ref()
+                .map(|(rn, k, tp, tq)| (rn[i] as f64, k[i] as f64, tp[i] == tq[i]));
+            (v as f64, c)
+        })
+        .collect())
 }
 
 /// Perplexity with llama-perplexity's uncertainty estimate.

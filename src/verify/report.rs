@@ -12,7 +12,7 @@ use crate::model::checkpoint::sha256_file;
 use crate::model::{Checkpoint, Tokenizer};
 use crate::runtime::Llama;
 use crate::verify::gen::{first_difference, read_prompts, GenResult};
-use crate::verify::ppl::{score_chunk, ChunkPlan, Divergence, Perplexity};
+use crate::verify::ppl::{score_batch, ChunkPlan, Divergence, Perplexity, StatsOn};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -35,6 +35,20 @@ pub struct VerifyOptions {
     pub dump_logits: Option<PathBuf>,
     /// GGUF candidates: dequantize block-quantized weights at load (dense matmuls).
     pub gguf_dense: bool,
+    /// Perplexity chunks per forward pass; 0 picks one on a CPU and up to 4,096 tokens per
+    /// batch on a GPU.
+    pub batch: usize,
+}
+
+impl VerifyOptions {
+    /// The perplexity batch size in chunks.
+    pub fn chunks_per_batch(&self) -> usize {
+        match self.batch {
+            0 if self.device.is_cpu() => 1,
+            0 => (4096 / self.ctx.max(1)).max(1),
+            b => b,
+        }
+    }
 }
 
 /// Runs every requested measurement and returns the report.
@@ -120,6 +134,7 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
             "gen_tokens": o.gen_tokens,
             "weight_only": o.weight_only,
             "gguf_dense": o.gguf_dense,
+            "ppl_batch": o.chunks_per_batch(),
         },
         "machine": machine_info(),
         "timings": {"load_s": load_s},
@@ -154,16 +169,21 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
         let mut same = Vec::new();
         let mut per_chunk = Vec::new();
         let ref_for_kld = if o.kld { reference.as_ref() } else { None };
-        for c in &chunks {
-            let r = score_chunk(&cand, ref_for_kld, c, plan.first_scored())?;
-            per_chunk.push(Perplexity::from_nll(&r.nll).ppl);
-            nll.extend(r.nll);
-            ref_nll.extend(r.ref_nll);
-            kld.extend(r.kld);
-            same.extend(r.same_top1);
-            pb.inc(1);
+        let batch = o.chunks_per_batch();
+        let on = StatsOn::for_device(&o.device);
+        for group in chunks.chunks(batch) {
+            let group: Vec<&[u32]> = group.iter().map(|c| c.as_slice()).collect();
+            for r in score_batch(&cand, ref_for_kld, &group, plan.first_scored(), on)? {
+                per_chunk.push(Perplexity::from_nll(&r.nll).ppl);
+                nll.extend(r.nll);
+                ref_nll.extend(r.ref_nll);
+                kld.extend(r.kld);
+                same.extend(r.same_top1);
+            }
+            pb.inc(group.len() as u64);
         }
         pb.finish_and_clear();
+        o.device.synchronize()?;
         let eval_s = t_eval.elapsed().as_secs_f64();
         let evaluated = chunks.len() * o.ctx * if ref_for_kld.is_some() { 2 } else { 1 };
         let p = Perplexity::from_nll(&nll);
