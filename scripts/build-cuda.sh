@@ -64,7 +64,6 @@ cargo build --locked --profile dist --bin minitron-convert
 mkdir -p "$OUT"
 cp "$TARGET_DIR/dist/minitron-verify" "$OUT/minitron-verify"
 cp target/dist/minitron-convert "$OUT/minitron-convert"
-cp scripts/gpu-check.sh "$OUT/" 2>/dev/null || true
 end=$(date +%s)
 echo "built in $((end - start)) s:"
 for b in "$OUT/minitron-verify" "$OUT/minitron-convert"; do

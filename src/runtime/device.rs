@@ -22,9 +22,14 @@ pub fn pick_device(name: &str) -> Result<Device> {
                     "--device cuda: this minitron was built without CUDA (rebuild with `--features cuda`, see scripts/build-cuda.sh)".into(),
                 ));
             }
+            // The CUDA libraries themselves (libcuda.so.1 from the driver, libcublas.so.13,
+            // libcurand.so.10, libcudart.so.13) are linked: when one is missing the loader stops
+            // before main and names it. What can fail here is the driver or the device.
             Device::new_cuda(ordinal).map_err(|e| {
                 Error::Unsupported(format!(
-                    "--device {s}: no usable CUDA device or library: {e}"
+                    "--device {s}: CUDA initialisation failed: {e}. Check that the GPU is visible \
+                     (`nvidia-smi`) and that libcuda.so.1 on the library path is the driver's \
+                     (a link-time stub answers every call with CUDA_ERROR_UNKNOWN)"
                 ))
             })
         }
