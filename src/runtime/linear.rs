@@ -152,6 +152,34 @@ impl Linear {
         })
     }
 
+    /// Applies layers that read the same input `x` (q/k/v, gate/up), quantizing the
+    /// activations once when they are all FP8 layers with the same activation rule: what a
+    /// runtime's fused projection does, and identical to applying each layer alone.
+    pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let act = match layers.first() {
+            Some(Linear::Fp8 { act, .. }) if *act != ActQuant::None => *act,
+            _ => return layers.iter().map(|l| l.forward(x)).collect(),
+        };
+        let shared = layers
+            .iter()
+            .all(|l| matches!(l, Linear::Fp8 { act: a, .. } if *a == act));
+        if !shared {
+            return layers.iter().map(|l| l.forward(x)).collect();
+        }
+        let xq = match act {
+            ActQuant::DynamicToken => fp8_dynamic_token(x)?,
+            ActQuant::Static(s) => fp8_static(x, s)?,
+            ActQuant::None => x.clone(),
+        };
+        layers
+            .iter()
+            .map(|l| match l {
+                Linear::Fp8 { weight, .. } => Self::matmul(&xq, weight),
+                other => other.forward(x),
+            })
+            .collect()
+    }
+
     /// Applies the layer to `x` of shape `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {

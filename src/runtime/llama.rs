@@ -217,24 +217,14 @@ impl Block {
         if let Some(o) = obs.as_deref_mut() {
             o.linear_input(l, InputSite::AttnIn, &xn)?;
         }
-        let q = self
-            .q
-            .forward(&xn)?
-            .reshape((b, t, h, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = self
-            .k
-            .forward(&xn)?
-            .reshape((b, t, kvh, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = self
-            .v
-            .forward(&xn)?
-            .reshape((b, t, kvh, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let mut qkv = Linear::forward_shared(&[&self.q, &self.k, &self.v], &xn)?.into_iter();
+        let mut heads = |n: usize| -> Result<Tensor> {
+            let t_ = qkv.next().expect("three projections");
+            Ok(t_.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(h)?;
+        let k = heads(kvh)?;
+        let v = heads(kvh)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         if let Some(o) = obs.as_deref_mut() {
@@ -285,7 +275,8 @@ impl Block {
         if let Some(o) = obs.as_deref_mut() {
             o.linear_input(l, InputSite::MlpIn, &xn)?;
         }
-        let act = (candle_nn::ops::silu(&self.gate.forward(&xn)?)? * self.up.forward(&xn)?)?;
+        let gu = Linear::forward_shared(&[&self.gate, &self.up], &xn)?;
+        let act = (candle_nn::ops::silu(&gu[0])? * &gu[1])?;
         if let Some(o) = obs.as_deref_mut() {
             o.linear_input(l, InputSite::MlpAct, &act)?;
         }
