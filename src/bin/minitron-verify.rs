@@ -58,6 +58,10 @@ struct Args {
     /// Perplexity chunks per forward pass (default: 1 on a CPU, 4,096 tokens' worth on a GPU).
     #[arg(long, default_value_t = 0, hide_default_value = true)]
     batch: usize,
+    /// Weight and matmul dtype: f32 or bf16 (default: f32 on a CPU, bf16 on a GPU; `bf16` on a
+    /// CPU reproduces the GPU's numerics).
+    #[arg(long, value_parser = ["f32", "bf16"])]
+    dtype: Option<String>,
     /// Print the JSON report on stdout instead of the table.
     #[arg(long)]
     json: bool,
@@ -84,6 +88,10 @@ fn main() -> std::process::ExitCode {
             dump_logits: a.dump_logits.clone(),
             gguf_dense: a.gguf_dense,
             batch: a.batch,
+            dtype: a.dtype.as_deref().map(|d| match d {
+                "bf16" => candle_core::DType::BF16,
+                _ => candle_core::DType::F32,
+            }),
         };
         let report = minitron::verify::report::run(&opts)?;
         let text = serde_json::to_string_pretty(&report).context("serialising the report")?;

@@ -263,7 +263,10 @@ impl Linear {
         Ok(y.broadcast_mul(scale)?.to_dtype(x.dtype())?)
     }
 
+    /// `x Wᵀ` with `x` rounded to the weight's dtype first (bf16 weights take bf16 inputs; the
+    /// product is in the weight's dtype).
     fn matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let x = &x.to_dtype(weight.dtype())?;
         {
             {
                 let dims = x.dims().to_vec();

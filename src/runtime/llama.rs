@@ -48,6 +48,16 @@ struct Block {
     kv_scales: Option<(f32, f32)>,
 }
 
+/// The dtype of everything but the linear layers' weights and inputs: with bf16 or f16 weights
+/// the residual stream, norms, RoPE, attention, softmax and logits stay in f32 (as llama.cpp's
+/// GPU backends keep activations), so only the matmul inputs are rounded to the weight dtype.
+pub fn stream_dtype(weights: DType) -> DType {
+    match weights {
+        DType::BF16 | DType::F16 => DType::F32,
+        d => d,
+    }
+}
+
 /// A float vector tensor `name` widened to `dtype` on `device`.
 fn vec1(ck: &Checkpoint, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
     let v = ck.read_f32(name)?;
@@ -160,8 +170,8 @@ impl Block {
             Ok(Linear::Fp8 { weight, act })
         };
         Ok(Block {
-            input_norm: vec1(ck, &names::hf_input_norm(l), dtype, device)?,
-            post_norm: vec1(ck, &names::hf_post_norm(l), dtype, device)?,
+            input_norm: vec1(ck, &names::hf_input_norm(l), stream_dtype(dtype), device)?,
+            post_norm: vec1(ck, &names::hf_post_norm(l), stream_dtype(dtype), device)?,
             q: lin(l, LinearRole::Q)?,
             k: lin(l, LinearRole::K)?,
             v: lin(l, LinearRole::V)?,
@@ -217,9 +227,10 @@ impl Block {
         if let Some(o) = obs.as_deref_mut() {
             o.linear_input(l, InputSite::AttnIn, &xn)?;
         }
+        let sd = x.dtype();
         let mut qkv = Linear::forward_shared(&[&self.q, &self.k, &self.v], &xn)?.into_iter();
         let mut heads = |n: usize| -> Result<Tensor> {
-            let t_ = qkv.next().expect("three projections");
+            let t_ = qkv.next().expect("three projections").to_dtype(sd)?;
             Ok(t_.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
         let q = heads(h)?;
@@ -269,18 +280,19 @@ impl Block {
         if let Some(o) = obs.as_deref_mut() {
             o.linear_input(l, InputSite::AttnOut, &y)?;
         }
-        x = (x + self.o.forward(&y)?)?;
+        x = (x + self.o.forward(&y)?.to_dtype(sd)?)?;
 
         let xn = rms_norm(&x, &self.post_norm, eps)?;
         if let Some(o) = obs.as_deref_mut() {
             o.linear_input(l, InputSite::MlpIn, &xn)?;
         }
         let gu = Linear::forward_shared(&[&self.gate, &self.up], &xn)?;
-        let act = (candle_nn::ops::silu(&gu[0])? * &gu[1])?;
+        let (g_, u_) = (gu[0].to_dtype(sd)?, gu[1].to_dtype(sd)?);
+        let act = (candle_nn::ops::silu(&g_)? * u_)?;
         if let Some(o) = obs.as_deref_mut() {
             o.linear_input(l, InputSite::MlpAct, &act)?;
         }
-        x = (x + self.down.forward(&act)?)?;
+        x = (x + self.down.forward(&act)?.to_dtype(sd)?)?;
         Ok(x)
     }
 }
@@ -329,24 +341,25 @@ impl Llama {
         opts: LoadOptions,
     ) -> Result<Self> {
         let c = &ck.config;
-        let vec1 = |name: &str| vec1(ck, name, dtype, device);
+        let vec1 = |name: &str| vec1(ck, name, stream_dtype(dtype), device);
         let blocks = (0..c.num_hidden_layers)
             .map(|l| Block::load(ck, l, dtype, device, opts))
             .collect::<Result<Vec<_>>>()?;
         let embed_vals = ck.read_f32(names::EMBED)?;
         let embed =
             Tensor::from_vec(embed_vals, (c.vocab_size, c.hidden_size), device)?.to_dtype(dtype)?;
+        // The head multiplies in the stream dtype, so logits are never rounded to bf16.
         let lm_head = if ck.index.contains_key(names::LM_HEAD) {
             Linear::dense(
                 ck.read_f32(names::LM_HEAD)?,
                 c.vocab_size,
                 c.hidden_size,
-                dtype,
+                stream_dtype(dtype),
                 device,
             )?
         } else {
             Linear::Dense {
-                weight: embed.clone(),
+                weight: embed.to_dtype(stream_dtype(dtype))?,
             }
         };
         Ok(Llama {
@@ -392,7 +405,7 @@ impl Llama {
             let t = tensor(name)?;
             let v = crate::quant::ggml::dequantize(&t.ty, g.data(t), t.dims[0] as usize)?;
             let n = v.len();
-            Ok(Tensor::from_vec(v, n, device)?.to_dtype(dtype)?)
+            Ok(Tensor::from_vec(v, n, device)?.to_dtype(stream_dtype(dtype))?)
         };
         let lin = |name: &str, rows: usize, cols: usize, heads: Option<usize>| -> Result<Linear> {
             let t = tensor(name)?;
@@ -443,10 +456,31 @@ impl Llama {
         let emb = crate::quant::ggml::dequantize(&te.ty, g.data(te), te.dims[0] as usize)?;
         let embed =
             Tensor::from_vec(emb, (c.vocab_size, c.hidden_size), device)?.to_dtype(dtype)?;
+        let head = |name: &str| -> Result<Linear> {
+            // A float or dequantized head multiplies in the stream dtype (f32 logits);
+            // a block-quantized one runs through the quantized matmul with f32 output.
+            let t = tensor(name)?;
+            if t.dims.len() != 2
+                || t.dims[0] as usize != c.hidden_size
+                || t.dims[1] as usize != c.vocab_size
+            {
+                return Err(Error::TensorMismatch {
+                    path: path.to_owned(),
+                    tensor: name.into(),
+                    expected: format!("dims [{}, {}]", c.hidden_size, c.vocab_size),
+                    found: format!("dims {:?}", t.dims),
+                });
+            }
+            if dense || matches!(t.ty.name, "F32" | "F16" | "BF16") {
+                let v = crate::quant::ggml::dequantize(&t.ty, g.data(t), c.hidden_size)?;
+                return Linear::dense(v, c.vocab_size, c.hidden_size, stream_dtype(dtype), device);
+            }
+            lin(name, c.vocab_size, c.hidden_size, None)
+        };
         let lm_head = if g.tensor("output.weight").is_some() {
-            lin("output.weight", c.vocab_size, c.hidden_size, None)?
+            head("output.weight")?
         } else {
-            lin("token_embd.weight", c.vocab_size, c.hidden_size, None)?
+            head("token_embd.weight")?
         };
         let mut inv_freq: Vec<f64> = (0..hd / 2)
             .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f64 / hd as f64))
@@ -506,9 +540,10 @@ impl Llama {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
         let start = cache.as_ref().map_or(0, |k| k.len);
-        let (cos, sin) = rope_tables(&self.inv_freq, start, t, self.dtype, &self.device)?;
+        let sd = stream_dtype(self.dtype);
+        let (cos, sin) = rope_tables(&self.inv_freq, start, t, sd, &self.device)?;
         let total = start + t;
-        let mask = causal_mask(start, t, self.dtype, &self.device)?;
+        let mask = causal_mask(start, t, sd, &self.device)?;
         let eps = c.rms_norm_eps as f32;
         let ctx = Pass {
             cfg: c,
@@ -520,10 +555,11 @@ impl Llama {
             total,
         };
 
-        let mut x =
-            self.embed
-                .index_select(&ids.flatten_all()?, 0)?
-                .reshape((b, t, c.hidden_size))?;
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, c.hidden_size))?
+            .to_dtype(sd)?;
         for (l, blk) in self.blocks.iter().enumerate() {
             x = blk.forward(l, x, &ctx, cache.as_deref_mut(), &mut obs)?;
         }
@@ -757,7 +793,8 @@ pub fn observe_streamed(
             })?;
             v.extend_from_slice(&r);
         }
-        let t = Tensor::from_vec(v, (1, ch.len(), c.hidden_size), device)?.to_dtype(dtype)?;
+        let t = Tensor::from_vec(v, (1, ch.len(), c.hidden_size), device)?
+            .to_dtype(stream_dtype(dtype))?;
         xs.push(t);
     }
     ck.release(names::EMBED);
@@ -766,8 +803,8 @@ pub fn observe_streamed(
         Default::default();
     for ch in chunks {
         if let std::collections::btree_map::Entry::Vacant(e) = tables.entry(ch.len()) {
-            let (cos, sin) = rope_tables(&inv_freq, 0, ch.len(), dtype, device)?;
-            let mask = causal_mask(0, ch.len(), dtype, device)?;
+            let (cos, sin) = rope_tables(&inv_freq, 0, ch.len(), stream_dtype(dtype), device)?;
+            let mask = causal_mask(0, ch.len(), stream_dtype(dtype), device)?;
             e.insert((cos, sin, mask));
         }
     }

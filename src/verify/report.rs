@@ -38,6 +38,8 @@ pub struct VerifyOptions {
     /// Perplexity chunks per forward pass; 0 picks one on a CPU and up to 4,096 tokens per
     /// batch on a GPU.
     pub batch: usize,
+    /// Weight and matmul dtype (f32 or bf16); default f32 on a CPU, bf16 on a GPU.
+    pub dtype: Option<DType>,
 }
 
 impl VerifyOptions {
@@ -69,10 +71,10 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
     let t0 = Instant::now();
     // f32 on the CPU (exact comparisons); bf16 weights and compute on a GPU (cuBLAS), as
     // serving runtimes run there.
-    let dtype = if o.device.is_cpu() {
-        DType::F32
-    } else {
-        DType::BF16
+    let dtype = match o.dtype {
+        Some(d) => d,
+        None if o.device.is_cpu() => DType::F32,
+        None => DType::BF16,
     };
     let is_gguf = o.candidate.is_file();
     let (cand, tok, cand_hashes) = if is_gguf {
