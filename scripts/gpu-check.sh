@@ -93,14 +93,21 @@ PY
 say "tiny fixture: CPU"
 "$V" fixtures/tiny-llama3 --ppl "$TEXT" --ctx 64 --chunks 8 --gen "$PROMPTS" --tokens 16 \
   --device cpu --dump-logits "$W/tiny-cpu.f32" --report "$OUT/tiny-cpu.json" > "$OUT/tiny-cpu.txt"
+say "tiny fixture: CPU, bf16 numerics"
+"$V" fixtures/tiny-llama3 --ppl "$TEXT" --ctx 64 --chunks 8 --device cpu --dtype bf16 \
+  --dump-logits "$W/tiny-cpu-bf16.f32" --report "$OUT/tiny-cpu-bf16.json" > "$OUT/tiny-cpu-bf16.txt"
 say "tiny fixture: CUDA"
 peak_mem "$V" fixtures/tiny-llama3 --ppl "$TEXT" --ctx 64 --chunks 8 --gen "$PROMPTS" --tokens 16 \
   --device cuda --dump-logits "$W/tiny-cuda.f32" --report "$OUT/tiny-cuda.json" > "$OUT/tiny-cuda.txt"
 row "tiny, CPU f32" "$OUT/tiny-cpu.json" "-"
 row "tiny, CUDA bf16" "$OUT/tiny-cuda.json" "$PEAK"
-"${py:-python3}" - "$W/tiny-cpu.f32" "$W/tiny-cuda.f32" "$OUT/tiny-cpu.json" "$OUT/tiny-cuda.json" <<'PY' | tee "$OUT/tiny-compare.txt"
+"${py:-python3}" - "$W/tiny-cpu.f32" "$W/tiny-cuda.f32" "$OUT/tiny-cpu.json" "$OUT/tiny-cuda.json" "$W/tiny-cpu-bf16.f32" <<'PY' | tee "$OUT/tiny-compare.txt"
 import json, sys, numpy as np
 a = np.fromfile(sys.argv[1], dtype="<f4"); b = np.fromfile(sys.argv[2], dtype="<f4")
+c = np.fromfile(sys.argv[5], dtype="<f4")
+# The same bf16 numerics on the CPU: separates bf16 rounding from device differences.
+print(f"tiny CUDA vs CPU --dtype bf16: max |Δlogit| {float(np.abs(c - b).max()):.3e}; "
+      f"CPU bf16 vs CPU f32: {float(np.abs(c - a).max()):.3e}")
 pa = json.load(open(sys.argv[3]))["ppl"]["perplexity"]["ppl"]; pb = json.load(open(sys.argv[4]))["ppl"]["perplexity"]["ppl"]
 d = float(np.abs(a - b).max())
 rel = 100 * abs(pb / pa - 1)
