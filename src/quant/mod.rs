@@ -3,4 +3,5 @@ pub mod fp8;
 pub mod ggml;
 pub mod gptq;
 pub mod int8;
+mod kfast;
 pub mod smoothquant;
