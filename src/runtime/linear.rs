@@ -93,6 +93,60 @@ pub fn fp8_static(x: &Tensor, scale: f32) -> Result<Tensor> {
     fp8_round_trip(x, &s)
 }
 
+/// Per-token INT8 codes of `x` on its device (`absmax/127`, ties to even, ±127) as f32 values
+/// `[.., in]`, with the scales `[.., 1]`.
+fn int8_device_codes(x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    let xf = x.to_dtype(DType::F32)?;
+    let amax = xf.abs()?.max_keepdim(candle_core::D::Minus1)?;
+    // An all-zero row quantizes to zeros whatever its scale; the floor avoids 0/0.
+    let s = (amax / 127.0)?.maximum(f32::MIN_POSITIVE as f64)?;
+    let v = xf.broadcast_div(&s)?.clamp(-127f32, 127f32)?;
+    Ok((round_half_even(&v)?, Some(s)))
+}
+
+/// Per-token INT8 codes of `x` computed on the host, as f64 `[rows, in]` with f64 scales
+/// `[rows, 1]` (for the exact integer sum).
+fn int8_host_codes(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dims = x.dims().to_vec();
+    let inp = *dims.last().expect("rank ≥ 1");
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let xv = x
+        .to_dtype(DType::F32)?
+        .reshape((rows, inp))?
+        .to_vec2::<f32>()?;
+    let mut xq = Vec::with_capacity(rows * inp);
+    let mut xs = Vec::with_capacity(rows);
+    for r in &xv {
+        let amax = r.iter().fold(0f32, |m, &v| m.max(v.abs()));
+        let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+        xs.push(s as f64);
+        xq.extend(
+            r.iter()
+                .map(|&v| (v / s).round_ties_even().clamp(-127.0, 127.0) as f64),
+        );
+    }
+    Ok((
+        Tensor::from_vec(xq, (rows, inp), x.device())?,
+        Tensor::from_vec(xs, (rows, 1), x.device())?,
+    ))
+}
+
+/// The exact integer product of host codes with f64 weights `q`, scaled, shaped like `x`.
+fn int8_host_apply(
+    x: &Tensor,
+    (xq, xs): &(Tensor, Tensor),
+    q: &Tensor,
+    scale: &Tensor,
+) -> Result<Tensor> {
+    let y = xq
+        .matmul(&q.t()?)?
+        .broadcast_mul(xs)?
+        .broadcast_mul(scale)?;
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("rank ≥ 1") = q.dim(0)?;
+    Ok(y.to_dtype(x.dtype())?.reshape(out_dims)?)
+}
+
 impl Linear {
     /// A dense layer from row-major f32 values of shape `[out, in]`.
     pub fn dense(
@@ -153,9 +207,37 @@ impl Linear {
     }
 
     /// Applies layers that read the same input `x` (q/k/v, gate/up), quantizing the
-    /// activations once when they are all FP8 layers with the same activation rule: what a
-    /// runtime's fused projection does, and identical to applying each layer alone.
+    /// activations once when they are all FP8 layers with the same activation rule or all
+    /// dynamic INT8 layers: what a runtime's fused projection does, and identical to applying
+    /// each layer alone.
     pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let all_dynamic_int8 = |bf16: bool| {
+            layers.iter().all(|l| match l {
+                Linear::Int8Bf16 { dynamic, .. } => bf16 && *dynamic,
+                Linear::Int8 { dynamic, .. } => !bf16 && *dynamic,
+                _ => false,
+            })
+        };
+        if layers.len() > 1 && all_dynamic_int8(true) {
+            let codes = int8_device_codes(x)?;
+            return layers
+                .iter()
+                .map(|l| match l {
+                    Linear::Int8Bf16 { q, scale, .. } => Self::int8_bf16_apply(x, &codes, q, scale),
+                    other => other.forward(x),
+                })
+                .collect();
+        }
+        if layers.len() > 1 && all_dynamic_int8(false) {
+            let codes = int8_host_codes(x)?;
+            return layers
+                .iter()
+                .map(|l| match l {
+                    Linear::Int8 { q, scale, .. } => int8_host_apply(x, &codes, q, scale),
+                    other => other.forward(x),
+                })
+                .collect();
+        }
         let act = match layers.first() {
             Some(Linear::Fp8 { act, .. }) if *act != ActQuant::None => *act,
             _ => return layers.iter().map(|l| l.forward(x)).collect(),
@@ -213,51 +295,31 @@ impl Linear {
                 if !dynamic {
                     return Self::matmul(x, dequantized);
                 }
-                let dims = x.dims().to_vec();
-                let inp = *dims.last().expect("rank ≥ 1");
-                let rows: usize = dims[..dims.len() - 1].iter().product();
-                let xv = x
-                    .to_dtype(DType::F32)?
-                    .reshape((rows, inp))?
-                    .to_vec2::<f32>()?;
-                let mut xq = Vec::with_capacity(rows * inp);
-                let mut xs = Vec::with_capacity(rows);
-                for r in &xv {
-                    let amax = r.iter().fold(0f32, |m, &v| m.max(v.abs()));
-                    let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
-                    xs.push(s as f64);
-                    xq.extend(
-                        r.iter()
-                            .map(|&v| (v / s).round_ties_even().clamp(-127.0, 127.0) as f64),
-                    );
-                }
-                let xq = Tensor::from_vec(xq, (rows, inp), x.device())?;
-                let xs = Tensor::from_vec(xs, (rows, 1), x.device())?;
-                let y = xq
-                    .matmul(&q.t()?)?
-                    .broadcast_mul(&xs)?
-                    .broadcast_mul(scale)?;
-                let mut out_dims = dims;
-                *out_dims.last_mut().expect("rank ≥ 1") = q.dim(0)?;
-                Ok(y.to_dtype(x.dtype())?.reshape(out_dims)?)
+                let codes = int8_host_codes(x)?;
+                int8_host_apply(x, &codes, q, scale)
             }
         }
     }
 
     fn int8_bf16_forward(x: &Tensor, q: &Tensor, scale: &Tensor, dynamic: bool) -> Result<Tensor> {
-        let xf = x.to_dtype(DType::F32)?;
-        let (xq, xs) = if dynamic {
-            let amax = xf.abs()?.max_keepdim(candle_core::D::Minus1)?;
-            // An all-zero row quantizes to zeros whatever its scale; the floor avoids 0/0.
-            let s = (amax / 127.0)?.maximum(f32::MIN_POSITIVE as f64)?;
-            let v = xf.broadcast_div(&s)?.clamp(-127f32, 127f32)?;
-            (round_half_even(&v)?, Some(s))
+        let codes = if dynamic {
+            int8_device_codes(x)?
         } else {
-            (xf, None)
+            (x.to_dtype(DType::F32)?, None)
         };
+        Self::int8_bf16_apply(x, &codes, q, scale)
+    }
+
+    /// The bf16 integer matmul of prepared activations, scaled per token and per channel.
+    fn int8_bf16_apply(
+        x: &Tensor,
+        (xq, xs): &(Tensor, Option<Tensor>),
+        q: &Tensor,
+        scale: &Tensor,
+    ) -> Result<Tensor> {
         let y = Self::matmul(&xq.to_dtype(DType::BF16)?, q)?.to_dtype(DType::F32)?;
         let y = match xs {
-            Some(s) => y.broadcast_mul(&s)?,
+            Some(s) => y.broadcast_mul(s)?,
             None => y,
         };
         Ok(y.broadcast_mul(scale)?.to_dtype(x.dtype())?)
@@ -311,6 +373,41 @@ impl Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_int8_activations_equal_separate_layers() {
+        let (out, inp, rows) = (16usize, 64usize, 3usize);
+        let mut rng = crate::numerics::rng::SplitMix64::new(3);
+        let mut uni = || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        let x: Vec<f32> = (0..rows * inp).map(|_| uni() * 3.0).collect();
+        let x = Tensor::from_vec(x, (1, rows, inp), &Device::Cpu).unwrap();
+        for bf16 in [false, true] {
+            let layers: Vec<Linear> = (0..3)
+                .map(|_| {
+                    let q: Vec<i8> = (0..out * inp).map(|_| (uni() * 254.0) as i8).collect();
+                    let sc: Vec<f32> = (0..out).map(|i| 1e-2 / (1.0 + i as f32)).collect();
+                    if bf16 {
+                        Linear::int8_bf16(&q, sc, out, inp, true, &Device::Cpu).unwrap()
+                    } else {
+                        Linear::int8(&q, sc, out, inp, true, DType::F32, &Device::Cpu).unwrap()
+                    }
+                })
+                .collect();
+            let refs: Vec<&Linear> = layers.iter().collect();
+            let shared = Linear::forward_shared(&refs, &x).unwrap();
+            for (l, y) in layers.iter().zip(&shared) {
+                let a: Vec<f32> = l
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let b: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(a, b, "bf16 form: {bf16}");
+            }
+        }
+    }
 
     #[test]
     fn round_half_even_matches_the_host_rule_on_ties_and_neighbours() {
