@@ -3,9 +3,8 @@
 //!
 //! The searches are the same (a 37-step scale/min grid per 32-value sub-block, then the 6-bit
 //! sub-block scales and mins), with every f32 operation in the same order, so the bytes are
-//! identical (tested on random and degenerate blocks). The speed comes from fixed-size arrays
-//! and an inline rounding: candle rounds through `f32::round`, a libm call on baseline x86-64,
-//! once per value per grid step.
+//! identical (tested on random and degenerate blocks). The speed comes from running the eight
+//! sub-blocks' grid searches in lockstep, one SIMD lane each, instead of one after another.
 
 use half::f16;
 
@@ -276,29 +275,40 @@ fn superblock(nmax: i32, x: &[f32], qw: &[f32]) -> (f16, f16, [u8; 12], [u8; 256
     (d, dmin, packed, lv)
 }
 
-/// Q4_K blocks (144 bytes per 256 values) of `x` with importance `qw` (same length).
-pub fn q4k(x: &[f32], qw: &[f32], out: &mut [u8]) {
-    for ((xs, ws), o) in x.chunks(256).zip(qw.chunks(256)).zip(out.chunks_mut(144)) {
-        let (d, dmin, sc, lv) = superblock(15, xs, ws);
+/// Quantizes each 256-value super-block of `x` and writes its 144-byte Q4_K (`nmax` 15) or
+/// 176-byte Q5_K (`nmax` 31) block: d, dmin, packed scales, then `levels` packs the rest.
+fn blocks(
+    nmax: i32,
+    bytes: usize,
+    x: &[f32],
+    qw: &[f32],
+    out: &mut [u8],
+    levels: impl Fn(&[u8; 256], &mut [u8]),
+) {
+    for ((xs, ws), o) in x.chunks(256).zip(qw.chunks(256)).zip(out.chunks_mut(bytes)) {
+        let (d, dmin, sc, lv) = superblock(nmax, xs, ws);
         o[0..2].copy_from_slice(&d.to_le_bytes());
         o[2..4].copy_from_slice(&dmin.to_le_bytes());
         o[4..16].copy_from_slice(&sc);
+        levels(&lv, &mut o[16..]);
+    }
+}
+
+/// Q4_K blocks (144 bytes per 256 values) of `x` with importance `qw` (same length).
+pub fn q4k(x: &[f32], qw: &[f32], out: &mut [u8]) {
+    blocks(15, 144, x, qw, out, |lv, qs| {
         for j in (0..256).step_by(64) {
             for l in 0..32 {
-                o[16 + (j / 64) * 32 + l] = lv[j + l] | (lv[j + l + 32] << 4);
+                qs[(j / 64) * 32 + l] = lv[j + l] | (lv[j + l + 32] << 4);
             }
         }
-    }
+    });
 }
 
 /// Q5_K blocks (176 bytes per 256 values) of `x` with importance `qw` (same length).
 pub fn q5k(x: &[f32], qw: &[f32], out: &mut [u8]) {
-    for ((xs, ws), o) in x.chunks(256).zip(qw.chunks(256)).zip(out.chunks_mut(176)) {
-        let (d, dmin, sc, lv) = superblock(31, xs, ws);
-        o[0..2].copy_from_slice(&d.to_le_bytes());
-        o[2..4].copy_from_slice(&dmin.to_le_bytes());
-        o[4..16].copy_from_slice(&sc);
-        let (qh, ql) = o[16..176].split_at_mut(32);
+    blocks(31, 176, x, qw, out, |lv, rest| {
+        let (qh, ql) = rest.split_at_mut(32);
         qh.fill(0);
         let (mut m1, mut m2) = (1u8, 2u8);
         for n in (0..256).step_by(64) {
@@ -319,7 +329,7 @@ pub fn q5k(x: &[f32], qw: &[f32], out: &mut [u8]) {
             m1 <<= 2;
             m2 <<= 2;
         }
-    }
+    });
 }
 
 #[cfg(test)]

@@ -95,13 +95,13 @@ pub fn fp8_static(x: &Tensor, scale: f32) -> Result<Tensor> {
 
 /// Per-token INT8 codes of `x` on its device (`absmax/127`, ties to even, ±127) as f32 values
 /// `[.., in]`, with the scales `[.., 1]`.
-fn int8_device_codes(x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+fn int8_device_codes(x: &Tensor) -> Result<(Tensor, Tensor)> {
     let xf = x.to_dtype(DType::F32)?;
     let amax = xf.abs()?.max_keepdim(candle_core::D::Minus1)?;
     // An all-zero row quantizes to zeros whatever its scale; the floor avoids 0/0.
     let s = (amax / 127.0)?.maximum(f32::MIN_POSITIVE as f64)?;
     let v = xf.broadcast_div(&s)?.clamp(-127f32, 127f32)?;
-    Ok((round_half_even(&v)?, Some(s)))
+    Ok((round_half_even(&v)?, s))
 }
 
 /// Per-token INT8 codes of `x` computed on the host, as f64 `[rows, in]` with f64 scales
@@ -131,20 +131,24 @@ fn int8_host_codes(x: &Tensor) -> Result<(Tensor, Tensor)> {
     ))
 }
 
-/// The exact integer product of host codes with f64 weights `q`, scaled, shaped like `x`.
-fn int8_host_apply(
-    x: &Tensor,
-    (xq, xs): &(Tensor, Tensor),
-    q: &Tensor,
-    scale: &Tensor,
-) -> Result<Tensor> {
-    let y = xq
-        .matmul(&q.t()?)?
-        .broadcast_mul(xs)?
-        .broadcast_mul(scale)?;
-    let mut out_dims = x.dims().to_vec();
-    *out_dims.last_mut().expect("rank ≥ 1") = q.dim(0)?;
-    Ok(y.to_dtype(x.dtype())?.reshape(out_dims)?)
+/// How a layer prepares its input (see [`Linear::forward_shared`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum InputRule {
+    /// Converted to this dtype.
+    Cast(DType),
+    /// FP8-rounded as the runtime does, then converted to the weight dtype.
+    Fp8(ActQuant, DType),
+    /// Per-token INT8 codes on the host (f64, for the exact sum).
+    Int8Exact,
+    /// bf16 INT8 codes on the device (or bf16 activations, weight-only).
+    Int8Bf16 { dynamic: bool },
+}
+
+/// A prepared input.
+enum Prepared {
+    Plain(Tensor),
+    Int8Exact(Tensor, Tensor),
+    Int8Bf16(Tensor, Option<Tensor>),
 }
 
 impl Linear {
@@ -206,123 +210,109 @@ impl Linear {
         })
     }
 
-    /// Applies layers that read the same input `x` (q/k/v, gate/up), quantizing the
-    /// activations once when they are all FP8 layers with the same activation rule or all
-    /// dynamic INT8 layers: what a runtime's fused projection does, and identical to applying
-    /// each layer alone.
-    pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-        let all_dynamic_int8 = |bf16: bool| {
-            layers.iter().all(|l| match l {
-                Linear::Int8Bf16 { dynamic, .. } => bf16 && *dynamic,
-                Linear::Int8 { dynamic, .. } => !bf16 && *dynamic,
-                _ => false,
-            })
-        };
-        if layers.len() > 1 && all_dynamic_int8(true) {
-            let codes = int8_device_codes(x)?;
-            return layers
-                .iter()
-                .map(|l| match l {
-                    Linear::Int8Bf16 { q, scale, .. } => Self::int8_bf16_apply(x, &codes, q, scale),
-                    other => other.forward(x),
-                })
-                .collect();
+    /// How this layer turns its input into what its matmul reads; layers with equal rules
+    /// can share one preparation.
+    fn input_rule(&self) -> InputRule {
+        match self {
+            Linear::Dense { weight }
+            | Linear::Fp8 {
+                weight,
+                act: ActQuant::None,
+            }
+            | Linear::Int8 {
+                dequantized: weight,
+                dynamic: false,
+                ..
+            } => InputRule::Cast(weight.dtype()),
+            Linear::Fp8 { weight, act } => InputRule::Fp8(*act, weight.dtype()),
+            Linear::Int8 { dynamic: true, .. } => InputRule::Int8Exact,
+            Linear::Int8Bf16 { dynamic, .. } => InputRule::Int8Bf16 { dynamic: *dynamic },
+            Linear::Ggml { .. } => InputRule::Cast(DType::F32),
         }
-        if layers.len() > 1 && all_dynamic_int8(false) {
-            let codes = int8_host_codes(x)?;
-            return layers
-                .iter()
-                .map(|l| match l {
-                    Linear::Int8 { q, scale, .. } => int8_host_apply(x, &codes, q, scale),
-                    other => other.forward(x),
-                })
-                .collect();
+    }
+
+    fn prepare(&self, x: &Tensor) -> Result<Prepared> {
+        Ok(match self.input_rule() {
+            InputRule::Cast(dt) => Prepared::Plain(x.to_dtype(dt)?),
+            InputRule::Fp8(act, dt) => {
+                let xq = match act {
+                    ActQuant::DynamicToken => fp8_dynamic_token(x)?,
+                    ActQuant::Static(s) => fp8_static(x, s)?,
+                    ActQuant::None => x.clone(),
+                };
+                Prepared::Plain(xq.to_dtype(dt)?)
+            }
+            InputRule::Int8Exact => {
+                let (xq, xs) = int8_host_codes(x)?;
+                Prepared::Int8Exact(xq, xs)
+            }
+            InputRule::Int8Bf16 { dynamic: true } => {
+                let (xq, xs) = int8_device_codes(x)?;
+                Prepared::Int8Bf16(xq.to_dtype(DType::BF16)?, Some(xs))
+            }
+            InputRule::Int8Bf16 { dynamic: false } => {
+                Prepared::Int8Bf16(x.to_dtype(DType::BF16)?, None)
+            }
+        })
+    }
+
+    /// The layer applied to `p`, this layer's preparation of `x` (whose shape and dtype the
+    /// INT8 and ggml outputs take; dense outputs are in the weight's dtype).
+    fn apply(&self, x: &Tensor, p: &Prepared) -> Result<Tensor> {
+        match (self, p) {
+            (Linear::Dense { weight } | Linear::Fp8 { weight, .. }, Prepared::Plain(xp))
+            | (
+                Linear::Int8 {
+                    dequantized: weight,
+                    ..
+                },
+                Prepared::Plain(xp),
+            ) => Self::matmul(xp, weight),
+            (Linear::Ggml { w }, Prepared::Plain(xf)) => {
+                Ok(candle_core::Module::forward(w.as_ref(), xf)?.to_dtype(x.dtype())?)
+            }
+            (Linear::Int8 { q, scale, .. }, Prepared::Int8Exact(xq, xs)) => {
+                let y = xq
+                    .matmul(&q.t()?)?
+                    .broadcast_mul(xs)?
+                    .broadcast_mul(scale)?;
+                let mut out_dims = x.dims().to_vec();
+                *out_dims.last_mut().expect("rank ≥ 1") = q.dim(0)?;
+                Ok(y.to_dtype(x.dtype())?.reshape(out_dims)?)
+            }
+            (Linear::Int8Bf16 { q, scale, .. }, Prepared::Int8Bf16(xq, xs)) => {
+                let y = Self::matmul(xq, q)?.to_dtype(DType::F32)?;
+                let y = match xs {
+                    Some(s) => y.broadcast_mul(s)?,
+                    None => y,
+                };
+                Ok(y.broadcast_mul(scale)?.to_dtype(x.dtype())?)
+            }
+            _ => Err(crate::error::Error::Invalid(
+                "internal: a linear layer was given another layer's input preparation".into(),
+            )),
         }
-        let act = match layers.first() {
-            Some(Linear::Fp8 { act, .. }) if *act != ActQuant::None => *act,
-            _ => return layers.iter().map(|l| l.forward(x)).collect(),
-        };
-        let shared = layers
-            .iter()
-            .all(|l| matches!(l, Linear::Fp8 { act: a, .. } if *a == act));
-        if !shared {
-            return layers.iter().map(|l| l.forward(x)).collect();
-        }
-        let xq = match act {
-            ActQuant::DynamicToken => fp8_dynamic_token(x)?,
-            ActQuant::Static(s) => fp8_static(x, s)?,
-            ActQuant::None => x.clone(),
-        };
-        layers
-            .iter()
-            .map(|l| match l {
-                Linear::Fp8 { weight, .. } => Self::matmul(&xq, weight),
-                other => other.forward(x),
-            })
-            .collect()
     }
 
     /// Applies the layer to `x` of shape `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Linear::Dense { weight } => Self::matmul(x, weight),
-            Linear::Ggml { w } => {
-                let dt = x.dtype();
-                let xf = if dt == DType::F32 {
-                    x.clone()
-                } else {
-                    x.to_dtype(DType::F32)?
-                };
-                Ok(candle_core::Module::forward(w.as_ref(), &xf)?.to_dtype(dt)?)
-            }
-            Linear::Fp8 { weight, act } => {
-                let xq = match act {
-                    ActQuant::None => x.clone(),
-                    ActQuant::DynamicToken => fp8_dynamic_token(x)?,
-                    ActQuant::Static(s) => fp8_static(x, *s)?,
-                };
-                Self::matmul(&xq, weight)
-            }
-            Linear::Int8Bf16 { q, scale, dynamic } => {
-                Self::int8_bf16_forward(x, q, scale, *dynamic)
-            }
-            Linear::Int8 {
-                q,
-                scale,
-                dequantized,
-                dynamic,
-            } => {
-                if !dynamic {
-                    return Self::matmul(x, dequantized);
-                }
-                let codes = int8_host_codes(x)?;
-                int8_host_apply(x, &codes, q, scale)
-            }
-        }
+        self.apply(x, &self.prepare(x)?)
     }
 
-    fn int8_bf16_forward(x: &Tensor, q: &Tensor, scale: &Tensor, dynamic: bool) -> Result<Tensor> {
-        let codes = if dynamic {
-            int8_device_codes(x)?
+    /// Applies layers that read the same input `x` (q/k/v, gate/up), preparing it (dtype
+    /// conversion, FP8 or INT8 activation quantization) once when their rules agree: what a
+    /// runtime's fused projection does, and identical to applying each layer alone.
+    pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let Some(first) = layers.first() else {
+            return Ok(Vec::new());
+        };
+        let rule = first.input_rule();
+        if layers.iter().all(|l| l.input_rule() == rule) {
+            let p = first.prepare(x)?;
+            layers.iter().map(|l| l.apply(x, &p)).collect()
         } else {
-            (x.to_dtype(DType::F32)?, None)
-        };
-        Self::int8_bf16_apply(x, &codes, q, scale)
-    }
-
-    /// The bf16 integer matmul of prepared activations, scaled per token and per channel.
-    fn int8_bf16_apply(
-        x: &Tensor,
-        (xq, xs): &(Tensor, Option<Tensor>),
-        q: &Tensor,
-        scale: &Tensor,
-    ) -> Result<Tensor> {
-        let y = Self::matmul(&xq.to_dtype(DType::BF16)?, q)?.to_dtype(DType::F32)?;
-        let y = match xs {
-            Some(s) => y.broadcast_mul(s)?,
-            None => y,
-        };
-        Ok(y.broadcast_mul(scale)?.to_dtype(x.dtype())?)
+            layers.iter().map(|l| l.forward(x)).collect()
+        }
     }
 
     /// `x Wᵀ` with `x` rounded to the weight's dtype first (bf16 weights take bf16 inputs; the
