@@ -1,6 +1,7 @@
 //! Our own Llama-3.x forward pass on candle: every position's logits, a KV cache for generation,
 //! and hooks through which calibration observes each linear layer's input.
 pub mod device;
+pub mod gemm;
 pub mod linear;
 pub mod llama;
 

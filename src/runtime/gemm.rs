@@ -1,0 +1,542 @@
+//! CPU matrix products for the runner: `C = A · Wᵀ` with bf16 inputs and f32 accumulation.
+//!
+//! The weight is packed once into panels of [`NR`] output channels, each panel holding, for every
+//! pair of input positions, the 32 channels' two values side by side (`[k/2][32][2]`): the layout
+//! that the AVX-512 BF16 pair dot product (`vdpbf16ps`) reads. A row of `A` contributes one
+//! broadcast pair per step, so the microkernel keeps `MR × 2` accumulators in registers and
+//! streams the panel from L1.
+//!
+//! Arithmetic (identical on both paths, so outputs never depend on the CPU or the thread count):
+//! every output starts at +0 and, for each input pair `(k, k+1)` in order, becomes
+//! `(acc + a[k+1]·w[k+1]) + a[k]·w[k]`. The products of two bf16 values are exact (no rounding,
+//! no exponent limit); each addition rounds to nearest even in f32; subnormal inputs and sums are
+//! flushed to zero.
+//! That is what `vdpbf16ps` computes (checked against this module's portable path by the tests
+//! on every CPU that has the instruction), and the portable path spells it out in scalar code.
+//! Work is split over rayon by output tiles only, never along `k`, so every output is one
+//! unbroken chain of the same operations whatever the number of threads.
+
+use rayon::prelude::*;
+
+/// Output channels per packed panel.
+pub const NR: usize = 32;
+/// Rows per microkernel call.
+const MR: usize = 12;
+/// Input pairs per cache block (512 inputs: a panel slice of 32 KiB).
+const KC_PAIRS: usize = 256;
+/// Rows per task.
+const MC: usize = 8 * MR;
+
+/// Which code computes the products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512 F + BF16 (`vdpbf16ps`).
+    Avx512Bf16,
+    /// Scalar code with the same arithmetic; any CPU.
+    Portable,
+}
+
+impl Isa {
+    /// The best kernel this CPU runs, unless `MINITRON_KERNEL=portable` asks for the fallback.
+    pub fn detect() -> Isa {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            if std::env::var("MINITRON_KERNEL").is_ok_and(|v| v == "portable") {
+                return Isa::Portable;
+            }
+            if Isa::Avx512Bf16.available() {
+                Isa::Avx512Bf16
+            } else {
+                Isa::Portable
+            }
+        })
+    }
+
+    /// Whether this CPU can run `self`.
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bf16")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx512Bf16 => false,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512Bf16 => "avx512-bf16",
+            Isa::Portable => "portable",
+        }
+    }
+}
+
+/// A weight `[n, k]` as bf16 panels (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct PackedBf16 {
+    n: usize,
+    k: usize,
+    /// Input pairs: `ceil(k / 2)`.
+    kp: usize,
+    /// `ceil(n / NR)` panels of `kp × NR` pairs (two bf16 in one u32, the lower input first);
+    /// channels past `n` and the input past `k` are zero.
+    data: Vec<u32>,
+}
+
+impl PackedBf16 {
+    /// Packs a weight whose row `r` (`k` bf16 bit patterns) `row(r, dst)` writes into `dst`.
+    pub fn from_rows<F>(n: usize, k: usize, row: F) -> Self
+    where
+        F: Fn(usize, &mut [u16]) + Sync,
+    {
+        let kp = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0u32; panels * kp * NR];
+        data.par_chunks_mut(kp * NR)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let mut buf = vec![0u16; 2 * kp];
+                for j in 0..NR {
+                    let r = p * NR + j;
+                    if r >= n {
+                        break;
+                    }
+                    row(r, &mut buf[..k]);
+                    for q in 0..kp {
+                        panel[q * NR + j] = buf[2 * q] as u32 | (buf[2 * q + 1] as u32) << 16;
+                    }
+                }
+            });
+        PackedBf16 { n, k, kp, data }
+    }
+
+    /// Packs bf16 values given as little-endian bytes `[n, k]` (a safetensors BF16 tensor).
+    pub fn from_bf16_bytes(bytes: &[u8], n: usize, k: usize) -> Self {
+        debug_assert_eq!(bytes.len(), n * k * 2);
+        Self::from_rows(n, k, |r, dst| {
+            let src = &bytes[r * k * 2..(r + 1) * k * 2];
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = u16::from_le_bytes([s[0], s[1]]);
+            }
+        })
+    }
+
+    /// Packs f32 values `[n, k]`, rounding each to bf16 (nearest, ties to even).
+    pub fn from_f32(values: &[f32], n: usize, k: usize) -> Self {
+        debug_assert_eq!(values.len(), n * k);
+        Self::from_rows(n, k, |r, dst| {
+            for (d, &v) in dst.iter_mut().zip(&values[r * k..(r + 1) * k]) {
+                *d = half::bf16::from_f32(v).to_bits();
+            }
+        })
+    }
+
+    /// `[n, k]`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
+    /// Inputs per row of `A` as [`gemm`] reads it (`k` rounded up to even).
+    pub fn lda(&self) -> usize {
+        2 * self.kp
+    }
+}
+
+/// Rounds f32 activations `[m, k]` to bf16 rows of [`PackedBf16::lda`] values (zero-padded).
+pub fn to_bf16_rows(x: &[f32], k: usize, lda: usize) -> Vec<u16> {
+    let m = x.len() / k.max(1);
+    let mut out = vec![0u16; m * lda];
+    out.par_chunks_mut(lda)
+        .zip(x.par_chunks(k))
+        .for_each(|(o, r)| {
+            for (d, &v) in o.iter_mut().zip(r) {
+                *d = half::bf16::from_f32(v).to_bits();
+            }
+        });
+    out
+}
+
+/// `C[m, n] = A[m, k] · Wᵀ` (bf16 `A` rows of `w.lda()` values), then each output multiplied by
+/// `row_scale[i]` and by `col_scale[j]` when given (in that order, in f32).
+pub fn gemm(
+    isa: Isa,
+    a: &[u16],
+    m: usize,
+    w: &PackedBf16,
+    row_scale: Option<&[f32]>,
+    col_scale: Option<&[f32]>,
+) -> Vec<f32> {
+    let (n, lda) = (w.n, w.lda());
+    assert!(
+        a.len() >= m * lda,
+        "A holds {} values, {m} rows need {}",
+        a.len(),
+        m * lda
+    );
+    assert!(isa.available(), "{} kernel on a CPU without it", isa.name());
+    let mut c = vec![0f32; m * n];
+    let panels = n.div_ceil(NR);
+    // Enough tasks for every thread even for one row (decode), few enough to keep panels hot.
+    let threads = rayon::current_num_threads().max(1);
+    let row_blocks = m.div_ceil(MC);
+    let want_col_blocks = (4 * threads).div_ceil(row_blocks).clamp(1, panels);
+    let panels_per_task = panels.div_ceil(want_col_blocks);
+    let col_blocks = panels.div_ceil(panels_per_task);
+    let cp = SendPtr(c.as_mut_ptr());
+    (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
+        let (rb, cb) = (t / col_blocks, t % col_blocks);
+        let rows = rb * MC..(rb * MC + MC).min(m);
+        let pan = cb * panels_per_task..(cb * panels_per_task + panels_per_task).min(panels);
+        let cp = &cp;
+        // SAFETY: tasks write disjoint rectangles of `c` (rows × panel columns).
+        unsafe { tile(isa, a, lda, w, cp.0, n, rows, pan) };
+    });
+    if row_scale.is_some() || col_scale.is_some() {
+        c.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, r)| {
+            if let Some(rs) = row_scale {
+                let s = rs[i];
+                r.iter_mut().for_each(|v| *v *= s);
+            }
+            if let Some(cs) = col_scale {
+                r.iter_mut().zip(cs).for_each(|(v, s)| *v *= s);
+            }
+        });
+    }
+    c
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint output tiles to rayon tasks.
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+
+/// Computes rows `rows` × panels `pan` of `C` (row stride `ldc`).
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile(
+    isa: Isa,
+    a: &[u16],
+    lda: usize,
+    w: &PackedBf16,
+    c: *mut f32,
+    ldc: usize,
+    rows: std::ops::Range<usize>,
+    pan: std::ops::Range<usize>,
+) {
+    let kp = w.kp;
+    let mut q0 = 0;
+    while q0 < kp {
+        let q1 = (q0 + KC_PAIRS).min(kp);
+        for p in pan.clone() {
+            let cols = NR.min(w.n - p * NR);
+            let wp = w.data.as_ptr().add(p * kp * NR + q0 * NR);
+            let mut i = rows.start;
+            while i < rows.end {
+                let mr = MR.min(rows.end - i);
+                let ap = a.as_ptr().add(i * lda + 2 * q0);
+                let cp = c.add(i * ldc + p * NR);
+                let first = q0 == 0;
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512Bf16 => {
+                        avx512::micro(mr, q1 - q0, ap, lda, wp, cp, ldc, cols, first)
+                    }
+                    _ => portable_micro(mr, q1 - q0, ap, lda, wp, cp, ldc, cols, first),
+                }
+                i += mr;
+            }
+        }
+        q0 = q1;
+    }
+}
+
+/// f32 value of bf16 bits, subnormals read as zero.
+#[inline(always)]
+fn bf16_daz(b: u16) -> f32 {
+    let b = if b & 0x7f80 == 0 { b & 0x8000 } else { b };
+    f32::from_bits((b as u32) << 16)
+}
+
+/// Flushes a subnormal result to zero of the same sign.
+#[inline(always)]
+fn ftz(x: f32) -> f32 {
+    if x.to_bits() & 0x7f80_0000 == 0 {
+        f32::from_bits(x.to_bits() & 0x8000_0000)
+    } else {
+        x
+    }
+}
+
+/// One accumulation step of the module's arithmetic: `(acc + a1·w1) + a0·w0`, each product
+/// exact (f64 holds it, including products below f32's normal range), each sum rounded once to
+/// f32 and flushed to zero when subnormal.
+#[inline(always)]
+pub fn pair_step(acc: f32, a: u32, w: u32) -> f32 {
+    let p1 = bf16_daz((a >> 16) as u16) as f64 * bf16_daz((w >> 16) as u16) as f64;
+    let p0 = bf16_daz(a as u16) as f64 * bf16_daz(w as u16) as f64;
+    let s = ftz((acc as f64 + p1) as f32);
+    ftz((s as f64 + p0) as f32)
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn portable_micro(
+    mr: usize,
+    kp: usize,
+    a: *const u16,
+    lda: usize,
+    w: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    first: bool,
+) {
+    for r in 0..mr {
+        let mut acc = [0f32; NR];
+        if !first {
+            for (j, v) in acc.iter_mut().enumerate().take(cols) {
+                *v = ftz(*c.add(r * ldc + j));
+            }
+        }
+        let ar = a.add(r * lda) as *const u32;
+        for q in 0..kp {
+            let av = std::ptr::read_unaligned(ar.add(q));
+            let wq = std::slice::from_raw_parts(w.add(q * NR), NR);
+            for (v, &wv) in acc.iter_mut().zip(wq) {
+                *v = pair_step(*v, av, wv);
+            }
+        }
+        for (j, v) in acc.iter().enumerate().take(cols) {
+            *c.add(r * ldc + j) = *v;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::NR;
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub(super) unsafe fn micro(
+        mr: usize,
+        kp: usize,
+        a: *const u16,
+        lda: usize,
+        w: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        first: bool,
+    ) {
+        macro_rules! dispatch {
+            ($($n:literal)*) => {
+                match mr {
+                    $($n => kernel::<$n>(kp, a, lda, w, c, ldc, cols, first),)*
+                    _ => unreachable!("MR is 12"),
+                }
+            };
+        }
+        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn kernel<const R: usize>(
+        kp: usize,
+        a: *const u16,
+        lda: usize,
+        w: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        first: bool,
+    ) {
+        let m0: __mmask16 = if cols >= 16 {
+            0xffff
+        } else {
+            (1u32 << cols) as u16 - 1
+        };
+        let m1: __mmask16 = if cols >= 32 {
+            0xffff
+        } else if cols > 16 {
+            (1u32 << (cols - 16)) as u16 - 1
+        } else {
+            0
+        };
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        if !first {
+            for (r, a2) in acc.iter_mut().enumerate() {
+                let cr = c.add(r * ldc);
+                a2[0] = _mm512_maskz_loadu_ps(m0, cr);
+                a2[1] = _mm512_maskz_loadu_ps(m1, cr.add(16));
+            }
+        }
+        for q in 0..kp {
+            let wq = w.add(q * NR) as *const __m512i;
+            let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(wq));
+            let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(wq.add(1)));
+            for (r, a2) in acc.iter_mut().enumerate() {
+                let pair = std::ptr::read_unaligned(a.add(r * lda + 2 * q) as *const i32);
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                a2[0] = _mm512_dpbf16_ps(a2[0], av, w0);
+                a2[1] = _mm512_dpbf16_ps(a2[1], av, w1);
+            }
+        }
+        for (r, a2) in acc.iter().enumerate() {
+            let cr = c.add(r * ldc);
+            _mm512_mask_storeu_ps(cr, m0, a2[0]);
+            _mm512_mask_storeu_ps(cr.add(16), m1, a2[1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::numerics::rng::SplitMix64;
+
+    fn bits(x: f32) -> u16 {
+        half::bf16::from_f32(x).to_bits()
+    }
+
+    fn random(n: usize, seed: u64, spread: i32) -> Vec<f32> {
+        let mut r = SplitMix64::new(seed);
+        (0..n)
+            .map(|_| {
+                let u = (r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                let e = (r.next_u64() % (2 * spread as u64 + 1)) as i32 - spread;
+                u * 2f32.powi(e)
+            })
+            .collect()
+    }
+
+    /// The definition written out: f32 sums of exact bf16 products, pair by pair.
+    fn reference(a: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0f32;
+                for q in 0..k.div_ceil(2) {
+                    let pa = |t: usize| if t < k { bits(a[i * k + t]) as u32 } else { 0 };
+                    let pw = |t: usize| if t < k { bits(w[j * k + t]) as u32 } else { 0 };
+                    acc = pair_step(
+                        acc,
+                        pa(2 * q) | pa(2 * q + 1) << 16,
+                        pw(2 * q) | pw(2 * q + 1) << 16,
+                    );
+                }
+                c[i * n + j] = acc;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn both_paths_equal_the_definition_bit_for_bit() {
+        // Shapes with every remainder: rows past MR/MC, channels past a panel, k odd and past
+        // a cache block.
+        for &(m, n, k) in &[(1, 1, 2), (13, 45, 7), (30, 64, 600), (97, 33, 1030)] {
+            let a = random(m * k, 1 + m as u64, 6);
+            let w = random(n * k, 2 + n as u64, 6);
+            let want = reference(&a, &w, m, n, k);
+            let pw = PackedBf16::from_f32(&w, n, k);
+            let ab = to_bf16_rows(&a, k, pw.lda());
+            for isa in [Isa::Portable, Isa::Avx512Bf16] {
+                if !isa.available() {
+                    eprintln!("SKIPPED {}: this CPU lacks it", isa.name());
+                    continue;
+                }
+                let got = gemm(isa, &ab, m, &pw, None, None);
+                for (g, e) in got.iter().zip(&want) {
+                    assert_eq!(g.to_bits(), e.to_bits(), "{} {m}x{n}x{k}", isa.name());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn subnormal_and_extreme_values_follow_the_flush_rules() {
+        // Values around the bottom of f32's normal range: products and sums that would be
+        // subnormal, subnormal bf16 inputs, both signs.
+        let (m, n, k) = (5, 40, 64);
+        let mut r = SplitMix64::new(9);
+        let mut pick = || {
+            let e = (r.next_u64() % 60) as i32 - 100;
+            let s = if r.next_u64() & 1 == 0 { 1.0 } else { -1.0 };
+            let v = s * (1.0 + (r.next_u64() % 128) as f32 / 128.0) * 2f32.powi(e);
+            if r.next_u64() % 7 == 0 {
+                f32::from_bits((r.next_u64() as u32 & 0x007f_0000) | (s < 0.0) as u32 * 0x8000_0000)
+            } else {
+                v
+            }
+        };
+        let a: Vec<f32> = (0..m * k).map(|_| pick()).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| pick()).collect();
+        let want = reference(&a, &w, m, n, k);
+        let pw = PackedBf16::from_f32(&w, n, k);
+        let ab = to_bf16_rows(&a, k, pw.lda());
+        for isa in [Isa::Portable, Isa::Avx512Bf16] {
+            if !isa.available() {
+                eprintln!("SKIPPED {}: this CPU lacks it", isa.name());
+                continue;
+            }
+            let got = gemm(isa, &ab, m, &pw, None, None);
+            for (g, e) in got.iter().zip(&want) {
+                assert_eq!(g.to_bits(), e.to_bits(), "{}: {g:e} vs {e:e}", isa.name());
+            }
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let (m, n, k) = (50, 130, 96);
+        let a = random(m * k, 5, 3);
+        let w = random(n * k, 6, 3);
+        let pw = PackedBf16::from_f32(&w, n, k);
+        let ab = to_bf16_rows(&a, k, pw.lda());
+        let run = |t: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+                .install(|| gemm(Isa::detect(), &ab, m, &pw, None, None))
+        };
+        let one = run(1);
+        for t in [2, 3, 7] {
+            assert_eq!(run(t), one, "{t} threads");
+        }
+    }
+
+    #[test]
+    fn close_to_the_f64_product() {
+        // Against an f64 product of the bf16-rounded inputs: the f32 accumulation error bound
+        // k · u · Σ|a·w| (u = 2^-24).
+        let (m, n, k) = (7, 19, 300);
+        let a = random(m * k, 11, 2);
+        let w = random(n * k, 12, 2);
+        let pw = PackedBf16::from_f32(&w, n, k);
+        let ab = to_bf16_rows(&a, k, pw.lda());
+        let got = gemm(Isa::detect(), &ab, m, &pw, Some(&[2.0; 7]), None);
+        let r = |v: f32| half::bf16::from_f32(v).to_f64();
+        for i in 0..m {
+            for j in 0..n {
+                let (mut s, mut abs) = (0f64, 0f64);
+                for t in 0..k {
+                    s += r(a[i * k + t]) * r(w[j * k + t]);
+                    abs += (r(a[i * k + t]) * r(w[j * k + t])).abs();
+                }
+                let bound = 2.0 * k as f64 * 2f64.powi(-24) * abs;
+                assert!((got[i * n + j] as f64 - 2.0 * s).abs() <= bound + 1e-30);
+            }
+        }
+    }
+}
