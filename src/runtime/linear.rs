@@ -1,5 +1,6 @@
-//! The linear layer of every block. One enum so that each artifact kind (dense now; FP8, INT8
-//! and GGML kinds later) runs through the same model code.
+//! The linear layer of every block: one enum so that every artifact kind (bf16, FP8, INT8, ggml
+//! blocks) runs through the same model code. Loaders (`runtime::load`) describe what they read
+//! as [`WeightData`] and [`Linear::build`] picks the form that runs it on the device and dtype.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -44,6 +45,17 @@ pub enum Linear {
         q: Tensor,
         scale: Tensor,
         dynamic: bool,
+    },
+    /// bf16 panels multiplied by the runner's CPU GEMM (`runtime::gemm`): bf16 weights as
+    /// stored, or FP8 E4M3 codes (exact in bf16) whose per-channel scale multiplies the f32 sum.
+    /// Activations enter as bf16, or as E4M3 codes with their per-token or static scale: then
+    /// every product is exact and the sum is what an FP8 tensor-core GEMM accumulates.
+    Packed {
+        w: std::sync::Arc<crate::runtime::gemm::PackedBf16>,
+        col_scale: Option<Vec<f32>>,
+        act: ActQuant,
+        /// Whether the activations are FP8 codes (`act` then says which scale); otherwise bf16.
+        fp8_act: bool,
     },
     /// A ggml block-quantized weight run by candle's quantized matmul (what llama.cpp computes:
     /// activations quantized to the weight type's dot-product format, e.g. Q8_K / Q8_0).
@@ -131,6 +143,137 @@ fn int8_host_codes(x: &Tensor) -> Result<(Tensor, Tensor)> {
     ))
 }
 
+/// E4M3 codes of activation rows as bf16 bit patterns (exact: every E4M3 value is a bf16 value)
+/// `[rows, lda]`, with each row's scale: per-token `max(absmax / 448, FP8_MIN_TOKEN_SCALE)`, or
+/// the static scale. The codes are those of `fp8_dynamic_token` / `fp8_static`: `x / s` clamped
+/// to ±448 and rounded to nearest even, all in f32.
+fn fp8_code_rows(x: &[f32], inp: usize, lda: usize, act: ActQuant) -> (Vec<u16>, Vec<f32>) {
+    use rayon::prelude::*;
+    let rows = x.len() / inp.max(1);
+    let mut codes = vec![0u16; rows * lda];
+    let mut scales = vec![0f32; rows];
+    let table = crate::numerics::fp8::e4m3_table();
+    codes
+        .par_chunks_mut(lda)
+        .zip(scales.par_iter_mut())
+        .zip(x.par_chunks(inp))
+        .for_each(|((c, s), r)| {
+            *s = match act {
+                ActQuant::Static(v) => v,
+                _ => {
+                    let amax = r.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    (amax / crate::numerics::fp8::E4M3_MAX).max(FP8_MIN_TOKEN_SCALE)
+                }
+            };
+            for (d, &v) in c.iter_mut().zip(r) {
+                let q = (v / *s).clamp(
+                    -crate::numerics::fp8::E4M3_MAX,
+                    crate::numerics::fp8::E4M3_MAX,
+                );
+                let code = crate::numerics::fp8::f32_to_e4m3(q);
+                *d = half::bf16::from_f32(table[code as usize]).to_bits();
+            }
+        });
+    (codes, scales)
+}
+
+/// What a loader read for one linear layer `[out, in]`, in its stored form.
+pub enum WeightData<'a> {
+    /// Little-endian bf16 values.
+    Bf16Bytes(&'a [u8]),
+    /// Float values (f32 or f16 checkpoints, dequantized W8A16 or ggml float types).
+    F32(Vec<f32>),
+    /// E4M3 codes with per-channel (`out`) or per-tensor (1) scales, and the runtime's
+    /// activation rule.
+    Fp8 {
+        codes: &'a [u8],
+        scales: Vec<f32>,
+        act: ActQuant,
+    },
+    /// INT8 values with per-channel scales; `dynamic`: per-token INT8 activations (W8A8).
+    Int8 {
+        q: Vec<i8>,
+        scales: Vec<f32>,
+        dynamic: bool,
+    },
+}
+
+impl Linear {
+    /// The form that runs `data` with matmul dtype `dtype` on `device`: on a CPU with bf16,
+    /// float and FP8 weights become bf16 panels for the runner's GEMM (the stored bytes, never an
+    /// f32 copy); otherwise candle tensors in `dtype` as before.
+    pub fn build(
+        data: WeightData<'_>,
+        out: usize,
+        inp: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        use crate::runtime::gemm::PackedBf16;
+        use std::sync::Arc;
+        let packed = device.is_cpu() && dtype == DType::BF16;
+        Ok(match data {
+            WeightData::Bf16Bytes(b) if packed => Linear::Packed {
+                w: Arc::new(PackedBf16::from_bf16_bytes(b, out, inp)),
+                col_scale: None,
+                act: ActQuant::None,
+                fp8_act: false,
+            },
+            WeightData::Bf16Bytes(b) => Linear::Dense {
+                weight: Tensor::from_raw_buffer(b, DType::BF16, &[out, inp], device)?
+                    .to_dtype(dtype)?,
+            },
+            WeightData::F32(v) if packed => Linear::Packed {
+                w: Arc::new(PackedBf16::from_f32(&v, out, inp)),
+                col_scale: None,
+                act: ActQuant::None,
+                fp8_act: false,
+            },
+            WeightData::F32(v) => Linear::dense(v, out, inp, dtype, device)?,
+            WeightData::Fp8 { codes, scales, act } if packed => {
+                let table = crate::numerics::fp8::e4m3_table();
+                let bits: Vec<u16> = table
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect();
+                let w = PackedBf16::from_rows(out, inp, |r, dst| {
+                    for (d, &c) in dst.iter_mut().zip(&codes[r * inp..(r + 1) * inp]) {
+                        *d = bits[c as usize];
+                    }
+                });
+                let col_scale = if scales.len() == 1 {
+                    vec![scales[0]; out]
+                } else {
+                    scales
+                };
+                Linear::Packed {
+                    w: Arc::new(w),
+                    col_scale: Some(col_scale),
+                    act,
+                    fp8_act: act != ActQuant::None,
+                }
+            }
+            WeightData::Fp8 { codes, scales, act } => {
+                let table = crate::numerics::fp8::e4m3_table();
+                let per = if scales.len() == 1 { 0 } else { 1 };
+                let w: Vec<f32> = codes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &q)| table[q as usize] * scales[per * (i / inp)])
+                    .collect();
+                let weight = Tensor::from_vec(w, (out, inp), device)?.to_dtype(dtype)?;
+                Linear::Fp8 { weight, act }
+            }
+            WeightData::Int8 { q, scales, dynamic } if !device.is_cpu() => {
+                Linear::int8_bf16(&q, scales, out, inp, dynamic, device)?
+            }
+            WeightData::Int8 { q, scales, dynamic } => {
+                Linear::int8(&q, scales, out, inp, dynamic, dtype, device)?
+            }
+        })
+    }
+}
+
 /// How a layer prepares its input (see [`Linear::forward_shared`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum InputRule {
@@ -142,6 +285,8 @@ enum InputRule {
     Int8Exact,
     /// bf16 INT8 codes on the device (or bf16 activations, weight-only).
     Int8Bf16 { dynamic: bool },
+    /// bf16 rows for the CPU GEMM (lda, FP8 activation rule when the codes are FP8).
+    Packed(usize, Option<ActQuant>),
 }
 
 /// A prepared input.
@@ -149,6 +294,8 @@ enum Prepared {
     Plain(Tensor),
     Int8Exact(Tensor, Tensor),
     Int8Bf16(Tensor, Option<Tensor>),
+    /// bf16 bit patterns `[rows, lda]`, the per-row scales of FP8 codes, the row count.
+    Packed(Vec<u16>, Option<Vec<f32>>, usize),
 }
 
 impl Linear {
@@ -228,6 +375,9 @@ impl Linear {
             Linear::Int8 { dynamic: true, .. } => InputRule::Int8Exact,
             Linear::Int8Bf16 { dynamic, .. } => InputRule::Int8Bf16 { dynamic: *dynamic },
             Linear::Ggml { .. } => InputRule::Cast(DType::F32),
+            Linear::Packed {
+                w, act, fp8_act, ..
+            } => InputRule::Packed(w.lda(), fp8_act.then_some(*act)),
         }
     }
 
@@ -252,6 +402,18 @@ impl Linear {
             }
             InputRule::Int8Bf16 { dynamic: false } => {
                 Prepared::Int8Bf16(x.to_dtype(DType::BF16)?, None)
+            }
+            InputRule::Packed(lda, fp8) => {
+                let inp = x.dim(candle_core::D::Minus1)?;
+                let v: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let rows = v.len() / inp.max(1);
+                match fp8 {
+                    None => Prepared::Packed(crate::runtime::gemm::to_bf16_rows(&v, inp, lda), None, rows),
+                    Some(act) => {
+                        let (codes, scales) = fp8_code_rows(&v, inp, lda, act);
+                        Prepared::Packed(codes, Some(scales), rows)
+                    }
+                }
             }
         })
     }
@@ -287,6 +449,22 @@ impl Linear {
                     None => y,
                 };
                 Ok(y.broadcast_mul(scale)?.to_dtype(x.dtype())?)
+            }
+            (
+                Linear::Packed { w, col_scale, .. },
+                Prepared::Packed(a, row_scale, rows),
+            ) => {
+                let y = crate::runtime::gemm::gemm(
+                    crate::runtime::gemm::Isa::detect(),
+                    a,
+                    *rows,
+                    w,
+                    row_scale.as_deref(),
+                    col_scale.as_deref(),
+                );
+                let mut out_dims = x.dims().to_vec();
+                *out_dims.last_mut().expect("rank ≥ 1") = w.shape().0;
+                Ok(Tensor::from_vec(y, out_dims, x.device())?.to_dtype(x.dtype())?)
             }
             _ => Err(crate::error::Error::Invalid(
                 "internal: a linear layer was given another layer's input preparation".into(),
@@ -345,6 +523,7 @@ impl Linear {
                 let d = weight.dims();
                 (d[0], d[1])
             }
+            Linear::Packed { w, .. } => w.shape(),
             Linear::Ggml { w } => match w.as_ref() {
                 candle_core::quantized::QMatMul::QTensor(q) => {
                     let d = q.shape().dims();

@@ -4,7 +4,9 @@ pub mod device;
 pub mod gemm;
 pub mod linear;
 pub mod llama;
+pub mod load;
 
 pub use device::pick_device;
 pub use linear::Linear;
-pub use llama::{observe_streamed, KvCache, Llama, LoadOptions, Observer};
+pub use llama::{observe_streamed, Block, KvCache, Llama, LoadOptions, Observer, Streamed};
+pub use load::Source;

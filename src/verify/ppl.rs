@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 pub use crate::calib::dataset::ChunkPlan;
 use crate::error::Result;
-use crate::runtime::Llama;
+use crate::runtime::{Llama, LoadOptions, Source, Streamed};
 use crate::verify::stats::{argmax_f64, kl_divergence, log_softmax, mean_stderr, quantile};
 
 /// Per-position results of one chunk.
@@ -106,6 +106,93 @@ pub fn score_batch(
             }
         }
         out.push(r);
+    }
+    Ok(out)
+}
+
+/// How [`score_streamed`] runs.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamPlan {
+    /// Matmul dtype.
+    pub dtype: candle_core::DType,
+    /// Chunks per batched forward.
+    pub batch: usize,
+    /// Chunks whose hidden states are held at once (the weights are streamed once per pass).
+    pub pass_chunks: usize,
+    pub on: StatsOn,
+}
+
+/// Scores `chunks` (all `first + 2` or more tokens long) with the candidate and, optionally, the
+/// reference, streaming both models block by block in lockstep (see [`Streamed`]): memory holds
+/// one block of each model, the hidden states of one pass of chunks, and at the end both heads.
+/// Results equal [`score_batch`]'s on a whole model with the same weights and dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn score_streamed(
+    cand: &dyn Source,
+    cand_opts: LoadOptions,
+    reference: Option<&dyn Source>,
+    device: &candle_core::Device,
+    chunks: &[Vec<u32>],
+    first: usize,
+    plan: StreamPlan,
+    on_progress: &dyn Fn(u64),
+) -> Result<Vec<ChunkResult>> {
+    let Some(len) = chunks.first().map(|c| c.len()) else {
+        return Ok(Vec::new());
+    };
+    if chunks.iter().any(|c| c.len() != len) || len < first + 2 {
+        return Err(crate::error::Error::Invalid(format!(
+            "perplexity chunks must share one length above {} tokens",
+            first + 1
+        )));
+    }
+    let n = len - 1 - first;
+    let mut out = Vec::with_capacity(chunks.len());
+    for pass in chunks.chunks(plan.pass_chunks.max(1)) {
+        let refs: Vec<&[u32]> = pass.iter().map(Vec::as_slice).collect();
+        let mut c = Streamed::new(cand, plan.dtype, device, cand_opts, &refs, plan.batch)?;
+        let mut r = reference
+            .map(|m| Streamed::new(m, plan.dtype, device, LoadOptions::default(), &refs, plan.batch))
+            .transpose()?;
+        while !c.done() {
+            c.step(None)?;
+            if let Some(r) = r.as_mut() {
+                r.step(None)?;
+            }
+            on_progress(1);
+        }
+        c.keep_from(first)?;
+        if let Some(r) = r.as_mut() {
+            r.keep_from(first)?;
+        }
+        let ch = c.head()?;
+        let rh = r.as_ref().map(|r| r.head()).transpose()?;
+        let mut k = 0;
+        for gi in 0..c.groups.len() {
+            for j in 0..c.groups[gi].dim(0)? {
+                let targets = &pass[k][first + 1..];
+                k += 1;
+                let q = c.logits(&ch, gi, j)?.narrow(0, 0, n)?.contiguous()?;
+                let p = match (&r, &rh) {
+                    (Some(r), Some(h)) => Some(r.logits(h, gi, j)?.narrow(0, 0, n)?.contiguous()?),
+                    _ => None,
+                };
+                let per_pos = match plan.on {
+                    StatsOn::Host => host_stats(&q, p.as_ref(), targets)?,
+                    StatsOn::Device => device_stats(&q, p.as_ref(), targets)?,
+                };
+                let mut res = ChunkResult::default();
+                for (nll, cmp) in per_pos {
+                    res.nll.push(nll);
+                    if let Some((rn, kl, s)) = cmp {
+                        res.ref_nll.push(rn);
+                        res.kld.push(kl);
+                        res.same_top1.push(s);
+                    }
+                }
+                out.push(res);
+            }
+        }
     }
     Ok(out)
 }

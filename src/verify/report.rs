@@ -10,9 +10,10 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::model::checkpoint::sha256_file;
 use crate::model::{Checkpoint, Tokenizer};
-use crate::runtime::Llama;
+use crate::runtime::load::{gguf::GgufSource, safetensors::SafetensorsSource, Source};
+use crate::runtime::{Llama, LoadOptions};
 use crate::verify::gen::{first_difference, read_prompts, GenResult};
-use crate::verify::ppl::{score_batch, ChunkPlan, Divergence, Perplexity, StatsOn};
+use crate::verify::ppl::{score_streamed, ChunkPlan, Divergence, Perplexity, StatsOn, StreamPlan};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -35,20 +36,51 @@ pub struct VerifyOptions {
     pub dump_logits: Option<PathBuf>,
     /// GGUF candidates: dequantize block-quantized weights at load (dense matmuls).
     pub gguf_dense: bool,
-    /// Perplexity chunks per forward pass; 0 picks one on a CPU and up to 4,096 tokens per
-    /// batch on a GPU.
+    /// Perplexity chunks per forward pass; 0 picks by the model's size (about 512 MB of
+    /// activations on a CPU) and up to 4,096 tokens per batch on a GPU.
     pub batch: usize,
-    /// Weight and matmul dtype (f32 or bf16); default f32 on a CPU, bf16 on a GPU.
+    /// Weight and matmul dtype (f32 or bf16); default bf16 (f32 on a CPU without AVX-512 BF16).
     pub dtype: Option<DType>,
 }
 
+/// Hidden states held per model and pass of chunks (f32 residual streams).
+const PASS_BYTES: usize = 1 << 30;
+/// Activation memory one batched CPU forward may use.
+const BATCH_BYTES: usize = 512 << 20;
+
 impl VerifyOptions {
-    /// The perplexity batch size in chunks.
-    pub fn chunks_per_batch(&self) -> usize {
+    /// The perplexity batch size in chunks for a model of this shape: on a CPU as many chunks
+    /// as keep a block's largest activations (about six `[rows, max(hidden, mlp)]` f32 tensors)
+    /// under 512 MB.
+    pub fn chunks_per_batch(&self, c: &crate::model::LlamaConfig) -> usize {
+        let ctx = self.ctx.max(1);
         match self.batch {
-            0 if self.device.is_cpu() => 1,
-            0 => (4096 / self.ctx.max(1)).max(1),
+            0 if self.device.is_cpu() => {
+                let row = 6 * 4 * c.intermediate_size.max(c.hidden_size);
+                (BATCH_BYTES / (row * ctx)).max(1)
+            }
+            0 => (4096 / ctx).max(1),
             b => b,
+        }
+    }
+
+    /// Chunks per streamed pass: hidden states of at most 1 GiB per model.
+    pub fn chunks_per_pass(&self, c: &crate::model::LlamaConfig) -> usize {
+        (PASS_BYTES / (4 * c.hidden_size * self.ctx.max(1))).max(1)
+    }
+
+    /// The matmul dtype: as asked, else bf16 (f32 on a CPU whose bf16 kernel would be the
+    /// slow portable one).
+    pub fn compute_dtype(&self) -> DType {
+        match self.dtype {
+            Some(d) => d,
+            None if self.device.is_cpu()
+                && crate::runtime::gemm::Isa::detect()
+                    == crate::runtime::gemm::Isa::Portable =>
+            {
+                DType::F32
+            }
+            None => DType::BF16,
         }
     }
 }
@@ -69,57 +101,60 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
         ));
     }
     let t0 = Instant::now();
-    // f32 on the CPU (exact comparisons); bf16 weights and compute on a GPU (cuBLAS), as
-    // serving runtimes run there.
-    let dtype = match o.dtype {
-        Some(d) => d,
-        None if o.device.is_cpu() => DType::F32,
-        None => DType::BF16,
+    let dtype = o.compute_dtype();
+    let opts = LoadOptions {
+        weight_only: o.weight_only,
+        gguf_dense: o.gguf_dense,
     };
     let is_gguf = o.candidate.is_file();
-    let (cand, tok, cand_hashes) = if is_gguf {
-        // A GGUF file runs with the tokenizer rebuilt from its own metadata, as llama.cpp would.
-        let tok = Tokenizer::from_gguf(&o.candidate)?;
-        let cand = Llama::load_gguf_with(&o.candidate, dtype, &o.device, o.gguf_dense)?;
-        let name = o
-            .candidate
-            .file_name()
-            .map_or("model.gguf".into(), |f| f.to_string_lossy().into_owned());
-        (cand, tok, vec![(name, sha256_file(&o.candidate)?)])
-    } else {
-        let cand_ck = Checkpoint::open(&o.candidate)?;
-        let tok = Tokenizer::load(&o.candidate).or_else(|e| match &o.reference {
-            Some(r) => Tokenizer::load(r),
-            None => Err(e),
-        })?;
-        let cand = Llama::load_with(
-            &cand_ck,
-            dtype,
-            &o.device,
-            crate::runtime::LoadOptions {
-                weight_only: o.weight_only,
-            },
-        )?;
-        (cand, tok, cand_ck.input_hashes()?)
-    };
+    let (cand_src, tok, cand_hashes): (Box<dyn Source>, Tokenizer, Vec<(String, String)>) =
+        if is_gguf {
+            // A GGUF file runs with the tokenizer rebuilt from its own metadata, as llama.cpp
+            // would.
+            let tok = Tokenizer::from_gguf(&o.candidate)?;
+            let name = o
+                .candidate
+                .file_name()
+                .map_or("model.gguf".into(), |f| f.to_string_lossy().into_owned());
+            let hashes = vec![(name, sha256_file(&o.candidate)?)];
+            (Box::new(GgufSource::open(&o.candidate)?), tok, hashes)
+        } else {
+            let ck = std::sync::Arc::new(Checkpoint::open(&o.candidate)?);
+            let tok = Tokenizer::load(&o.candidate).or_else(|e| match &o.reference {
+                Some(r) => Tokenizer::load(r),
+                None => Err(e),
+            })?;
+            let hashes = ck.input_hashes()?;
+            (Box::new(SafetensorsSource::new(ck)), tok, hashes)
+        };
+    let cand_cfg = cand_src.config().clone();
     let need_ref = o.reference.is_some() && (o.kld || o.gen.is_some());
-    let (ref_ck, reference) = if need_ref {
+    let ref_ck = if need_ref {
         let dir = o.reference.as_ref().expect("checked");
-        let ck = Checkpoint::open(dir)?;
-        check_same_vocab(cand.config.vocab_size, &ck)?;
-        let m = Llama::load(&ck, dtype, &o.device)?;
-        (Some(ck), Some(m))
+        let ck = std::sync::Arc::new(Checkpoint::open(dir)?);
+        check_same_vocab(cand_cfg.vocab_size, &ck)?;
+        Some(ck)
     } else {
-        (None, None)
+        None
+    };
+    let ref_src = ref_ck.clone().map(SafetensorsSource::new);
+    // Generation (and the logits dump) run the whole model, resident in stored precision;
+    // perplexity and KL-divergence stream it block by block.
+    let whole = o.gen.is_some() || o.dump_logits.is_some();
+    let cand = whole
+        .then(|| Llama::from_source(cand_src.as_ref(), dtype, &o.device, opts))
+        .transpose()?;
+    let reference = match (&ref_src, o.gen.is_some()) {
+        (Some(r), true) => Some(Llama::from_source(r, dtype, &o.device, LoadOptions::default())?),
+        _ => None,
     };
     let load_s = t0.elapsed().as_secs_f64();
     if !o.device.is_cpu() {
         // The first kernel launches JIT-compile candle's PTX and create the cuBLAS handles;
         // a short untimed prefill and decode keeps that out of the measured throughput.
         let warm: Vec<u32> = (0..16u32).collect();
-        cand.greedy(&warm, 2)?;
-        if let Some(r) = &reference {
-            r.greedy(&warm, 2)?;
+        for m in cand.iter().chain(reference.iter()) {
+            m.greedy(&warm, 2)?;
         }
         o.device.synchronize()?;
     }
@@ -146,7 +181,9 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
             "gen_tokens": o.gen_tokens,
             "weight_only": o.weight_only,
             "gguf_dense": o.gguf_dense,
-            "ppl_batch": o.chunks_per_batch(),
+            "ppl_batch": o.chunks_per_batch(&cand_cfg),
+            "ppl_pass_chunks": o.chunks_per_pass(&cand_cfg),
+            "kernel": crate::runtime::gemm::Isa::detect().name(),
         },
         "machine": machine_info(),
         "timings": {"load_s": load_s},
@@ -164,7 +201,7 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
             bos: if tok.adds_bos { tok.bos_id } else { None },
         };
         let chunks = plan.chunks(&tokens)?;
-        if let (Some(path), Some(first)) = (&o.dump_logits, chunks.first()) {
+        if let (Some(path), Some(first), Some(cand)) = (&o.dump_logits, chunks.first(), &cand) {
             let ids = candle_core::Tensor::from_slice(first, (1, first.len()), &o.device)?;
             let l = cand
                 .forward(&ids, None, None)?
@@ -173,26 +210,45 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
             let bytes: Vec<u8> = l.iter().flat_map(|v| v.to_le_bytes()).collect();
             std::fs::write(path, bytes).map_err(|e| Error::io(path, e))?;
         }
-        let pb = crate::progress::bar(chunks.len() as u64, "perplexity", false);
+        let plan_s = StreamPlan {
+            dtype,
+            batch: o.chunks_per_batch(&cand_cfg),
+            pass_chunks: o.chunks_per_pass(&cand_cfg),
+            on: StatsOn::for_device(&o.device),
+        };
+        let passes = chunks.len().div_ceil(plan_s.pass_chunks.max(1)).max(1);
+        let pb = crate::progress::bar(
+            (passes * cand_cfg.num_hidden_layers) as u64,
+            "perplexity (blocks)",
+            false,
+        );
         let t_eval = Instant::now();
         let mut nll = Vec::new();
         let mut ref_nll = Vec::new();
         let mut kld = Vec::new();
         let mut same = Vec::new();
         let mut per_chunk = Vec::new();
-        let ref_for_kld = if o.kld { reference.as_ref() } else { None };
-        let batch = o.chunks_per_batch();
-        let on = StatsOn::for_device(&o.device);
-        for group in chunks.chunks(batch) {
-            let group: Vec<&[u32]> = group.iter().map(|c| c.as_slice()).collect();
-            for r in score_batch(&cand, ref_for_kld, &group, plan.first_scored(), on)? {
-                per_chunk.push(Perplexity::from_nll(&r.nll).ppl);
-                nll.extend(r.nll);
-                ref_nll.extend(r.ref_nll);
-                kld.extend(r.kld);
-                same.extend(r.same_top1);
-            }
-            pb.inc(group.len() as u64);
+        let ref_for_kld: Option<&dyn Source> = if o.kld {
+            ref_src.as_ref().map(|r| r as &dyn Source)
+        } else {
+            None
+        };
+        let results = score_streamed(
+            cand_src.as_ref(),
+            opts,
+            ref_for_kld,
+            &o.device,
+            &chunks,
+            plan.first_scored(),
+            plan_s,
+            &|n| pb.inc(n),
+        )?;
+        for r in results {
+            per_chunk.push(Perplexity::from_nll(&r.nll).ppl);
+            nll.extend(r.nll);
+            ref_nll.extend(r.ref_nll);
+            kld.extend(r.kld);
+            same.extend(r.same_top1);
         }
         pb.finish_and_clear();
         o.device.synchronize()?;
@@ -234,6 +290,7 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
             if ids.is_empty() {
                 return Err(Error::Invalid(format!("prompt {p:?} tokenizes to nothing")));
             }
+            let cand = cand.as_ref().expect("loaded for generation");
             let (candidate, pf, dc) = cand.greedy_timed(&ids, o.gen_tokens)?;
             prefill_tokens += ids.len();
             prefill_s += pf;

@@ -1,0 +1,280 @@
+//! GGUF files written by us or by llama.cpp (formats/gguf.md). Q and K rows are put back into
+//! the Hugging Face order (so the same RoPE code runs), `rope_freqs.weight` divides the
+//! frequencies, block-quantized weights stay in their blocks and run through candle's quantized
+//! matmul (or are dequantized with [`LoadOptions::gguf_dense`]), float weights run like a
+//! safetensors checkpoint's.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::{stream_dtype, vector, LoadOptions, Source};
+use crate::error::{Error, Result};
+use crate::format::gguf::{GgmlType, GgufFile, TensorInfo, Value};
+use crate::model::LlamaConfig;
+use crate::runtime::linear::{Linear, WeightData};
+use crate::runtime::llama::Block;
+
+/// A GGUF file as a runner [`Source`].
+pub struct GgufSource {
+    g: GgufFile,
+    config: LlamaConfig,
+}
+
+impl GgufSource {
+    pub fn open(path: &Path) -> Result<Self> {
+        let g = GgufFile::open(path)?;
+        let config = gguf_config(&g)?;
+        Ok(GgufSource { g, config })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.g.path.clone()
+    }
+
+    fn tensor(&self, name: &str) -> Result<&TensorInfo> {
+        self.g.tensor(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path(),
+            tensor: name.into(),
+            expected: "present".into(),
+        })
+    }
+
+    fn vec1(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let t = self.tensor(name)?;
+        let v = crate::quant::ggml::dequantize(&t.ty, self.g.data(t), t.dims[0] as usize)?;
+        vector(v, dtype, device)
+    }
+
+    /// Weight `name` as a linear layer `[rows, cols]`; `heads`: undo llama.cpp's Q/K row order.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        heads: Option<usize>,
+        dtype: DType,
+        device: &Device,
+        opts: LoadOptions,
+    ) -> Result<Linear> {
+        let t = self.tensor(name)?;
+        let found = (
+            t.dims.len(),
+            t.dims[0] as usize,
+            t.dims.get(1).copied().unwrap_or(1) as usize,
+        );
+        if found != (2, cols, rows) {
+            return Err(Error::TensorMismatch {
+                path: self.path(),
+                tensor: name.into(),
+                expected: format!("dims [{cols}, {rows}]"),
+                found: format!("dims {:?}", t.dims),
+            });
+        }
+        let raw = self.g.data(t);
+        let bytes = match heads {
+            Some(h) => Cow::Owned(crate::format::gguf::unpermute_row_bytes(raw, rows, h)),
+            None => Cow::Borrowed(raw),
+        };
+        if is_float(&t.ty) || opts.gguf_dense {
+            let data = if t.ty.name == "BF16" {
+                WeightData::Bf16Bytes(&bytes)
+            } else {
+                WeightData::F32(crate::quant::ggml::dequantize(&t.ty, &bytes, cols)?)
+            };
+            return Linear::build(data, rows, cols, dtype, device);
+        }
+        ggml_linear(&t.ty, bytes, rows, cols, device)
+    }
+}
+
+fn is_float(ty: &GgmlType) -> bool {
+    matches!(ty.name, "F32" | "F16" | "BF16")
+}
+
+impl Source for GgufSource {
+    fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    fn label(&self) -> String {
+        self.g.path.display().to_string()
+    }
+
+    fn inv_freq(&self) -> Result<Vec<f64>> {
+        let c = &self.config;
+        let hd = c.head_dim;
+        let mut inv_freq: Vec<f64> = (0..hd / 2)
+            .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f64 / hd as f64))
+            .collect();
+        if self.g.tensor("rope_freqs.weight").is_some() {
+            let f = self.g.f32_values("rope_freqs.weight")?;
+            if f.len() != inv_freq.len() {
+                return Err(Error::TensorMismatch {
+                    path: self.path(),
+                    tensor: "rope_freqs.weight".into(),
+                    expected: format!("{} values", inv_freq.len()),
+                    found: format!("{} values", f.len()),
+                });
+            }
+            for (v, d) in inv_freq.iter_mut().zip(f) {
+                *v /= d as f64;
+            }
+        }
+        Ok(inv_freq)
+    }
+
+    fn block(&self, l: usize, dtype: DType, device: &Device, opts: LoadOptions) -> Result<Block> {
+        let c = &self.config;
+        let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let n = |s: &str| format!("blk.{l}.{s}.weight");
+        let lin = |s: &str, rows, cols, heads| {
+            self.linear(&n(s), rows, cols, heads, dtype, device, opts)
+        };
+        let sd = stream_dtype(dtype);
+        Ok(Block {
+            input_norm: self.vec1(&n("attn_norm"), sd, device)?,
+            post_norm: self.vec1(&n("ffn_norm"), sd, device)?,
+            q: lin("attn_q", h * hd, c.hidden_size, Some(h))?,
+            k: lin("attn_k", kvh * hd, c.hidden_size, Some(kvh))?,
+            v: lin("attn_v", kvh * hd, c.hidden_size, None)?,
+            o: lin("attn_output", c.hidden_size, h * hd, None)?,
+            gate: lin("ffn_gate", c.intermediate_size, c.hidden_size, None)?,
+            up: lin("ffn_up", c.intermediate_size, c.hidden_size, None)?,
+            down: lin("ffn_down", c.hidden_size, c.intermediate_size, None)?,
+            kv_scales: None,
+        })
+    }
+
+    fn embed_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let te = self.tensor("token_embd.weight")?;
+        let data = self.g.data(te);
+        let row = data.len() / c.vocab_size.max(1);
+        let mut out = Vec::with_capacity(ids.len() * c.hidden_size);
+        for &id in ids {
+            let id = id as usize;
+            let r = data.get(id * row..(id + 1) * row).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "token id {id} is outside the embedding table ({} rows)",
+                    c.vocab_size
+                ))
+            })?;
+            out.extend(crate::quant::ggml::dequantize(&te.ty, r, c.hidden_size)?);
+        }
+        Ok(out)
+    }
+
+    fn embedding(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        let c = &self.config;
+        let te = self.tensor("token_embd.weight")?;
+        let emb = crate::quant::ggml::dequantize(&te.ty, self.g.data(te), te.dims[0] as usize)?;
+        Ok(Tensor::from_vec(emb, (c.vocab_size, c.hidden_size), device)?.to_dtype(dtype)?)
+    }
+
+    fn head(&self, dtype: DType, device: &Device, opts: LoadOptions) -> Result<(Tensor, Linear)> {
+        let c = &self.config;
+        let name = if self.g.tensor("output.weight").is_some() {
+            "output.weight"
+        } else {
+            "token_embd.weight"
+        };
+        let t = self.tensor(name)?;
+        if t.dims.len() != 2
+            || t.dims[0] as usize != c.hidden_size
+            || t.dims[1] as usize != c.vocab_size
+        {
+            return Err(Error::TensorMismatch {
+                path: self.path(),
+                tensor: name.into(),
+                expected: format!("dims [{}, {}]", c.hidden_size, c.vocab_size),
+                found: format!("dims {:?}", t.dims),
+            });
+        }
+        let norm = self.vec1("output_norm.weight", stream_dtype(dtype), device)?;
+        // A float head multiplies like the safetensors head (bf16 GEMM on a CPU with bf16, the
+        // stream dtype elsewhere); a block-quantized one runs through the quantized matmul.
+        let packed = device.is_cpu() && dtype == DType::BF16;
+        let head_dtype = if packed { dtype } else { stream_dtype(dtype) };
+        let head = self.linear(name, c.vocab_size, c.hidden_size, None, head_dtype, device, opts)?;
+        Ok((norm, head))
+    }
+}
+
+/// A GGUF weight `[rows, cols]` of block type `ty` through candle's quantized matmul.
+fn ggml_linear(
+    ty: &GgmlType,
+    bytes: Cow<'_, [u8]>,
+    rows: usize,
+    cols: usize,
+    device: &Device,
+) -> Result<Linear> {
+    use candle_core::quantized::{QMatMul, QStorage, QTensor};
+    let dt = crate::quant::ggml::candle_dtype(ty)?;
+    let storage = QStorage::from_data(bytes, device, dt)?;
+    let q = QTensor::new(storage, (rows, cols))?;
+    Ok(Linear::Ggml {
+        w: std::sync::Arc::new(QMatMul::from_qtensor(q)?),
+    })
+}
+
+/// A Llama configuration from a GGUF file's `llama.*` and `tokenizer.*` keys.
+fn gguf_config(g: &GgufFile) -> Result<LlamaConfig> {
+    let arch = g.get("general.architecture").and_then(Value::as_str);
+    if arch != Some("llama") {
+        return Err(Error::format(
+            &g.path,
+            format!("general.architecture is {arch:?}, expected \"llama\""),
+        ));
+    }
+    let num = |k: &str| -> Option<u64> { g.get(k).and_then(Value::as_u64) };
+    let need = |k: &str| -> Result<usize> {
+        num(k)
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::format(&g.path, format!("missing integer key {k}")))
+    };
+    let float = |k: &str| -> Option<f64> {
+        match g.get(k)? {
+            Value::F32(v) => Some(*v as f64),
+            Value::F64(v) => Some(*v),
+            _ => None,
+        }
+    };
+    let hidden = need("llama.embedding_length")?;
+    let heads = need("llama.attention.head_count")?;
+    let head_dim = num("llama.attention.key_length")
+        .or(num("llama.rope.dimension_count"))
+        .map(|v| v as usize)
+        .unwrap_or(hidden / heads.max(1));
+    let vocab = match num("llama.vocab_size") {
+        Some(v) => v as usize,
+        None => g
+            .tensor("token_embd.weight")
+            .and_then(|t| t.dims.get(1).copied())
+            .ok_or_else(|| Error::format(&g.path, "no llama.vocab_size and no token_embd.weight"))?
+            as usize,
+    };
+    let eos: Vec<u32> = num("tokenizer.ggml.eos_token_id")
+        .map(|v| v as u32)
+        .into_iter()
+        .collect();
+    Ok(LlamaConfig {
+        hidden_size: hidden,
+        intermediate_size: need("llama.feed_forward_length")?,
+        num_hidden_layers: need("llama.block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: num("llama.attention.head_count_kv").map_or(heads, |v| v as usize),
+        head_dim,
+        vocab_size: vocab,
+        rms_norm_eps: float("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        rope_theta: float("llama.rope.freq_base").unwrap_or(10000.0),
+        rope_scaling: crate::model::config::RopeScaling::None,
+        tie_word_embeddings: g.tensor("output.weight").is_none(),
+        bos_token_id: num("tokenizer.ggml.bos_token_id").map(|v| v as u32),
+        eos_token_ids: eos,
+        max_position_embeddings: num("llama.context_length").map_or(2048, |v| v as usize),
+        torch_dtype: None,
+    })
+}
