@@ -7,6 +7,9 @@
 //! [`verify`] measures perplexity, KL-divergence, top-1 agreement and greedy parity.
 //! The formats we read and write are specified in the repository's `formats/` folder.
 
+#[macro_use]
+pub mod simd;
+
 pub mod calib;
 pub mod convert;
 pub mod error;

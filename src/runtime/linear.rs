@@ -493,6 +493,42 @@ impl Linear {
         }
     }
 
+    /// Layers on the bf16 GEMM applied to the same f32 rows `x` (`[rows, inp]`), the input
+    /// prepared once; row-major f32 outputs.
+    pub(crate) fn packed_rows(layers: &[&Linear], x: &[f32], inp: usize) -> Result<Vec<Vec<f32>>> {
+        let rule = layers.first().map(|l| l.input_rule());
+        let (Some(InputRule::Packed(lda, fp8)), true) =
+            (rule, layers.iter().all(|l| Some(l.input_rule()) == rule))
+        else {
+            return Err(crate::error::Error::Invalid(
+                "internal: packed_rows on layers that are not bf16 panels with one input rule"
+                    .into(),
+            ));
+        };
+        let rows = x.len() / inp.max(1);
+        let (a, row_scale) = match fp8 {
+            None => (crate::runtime::gemm::to_bf16_rows(x, inp, lda), None),
+            Some(act) => {
+                let (c, s) = fp8_code_rows(x, inp, lda, act);
+                (c, Some(s))
+            }
+        };
+        Ok(layers
+            .iter()
+            .map(|l| match l {
+                Linear::Packed { w, col_scale, .. } => crate::runtime::gemm::gemm(
+                    crate::runtime::gemm::Isa::detect(),
+                    &a,
+                    rows,
+                    w,
+                    row_scale.as_deref(),
+                    col_scale.as_deref(),
+                ),
+                _ => unreachable!("checked above"),
+            })
+            .collect())
+    }
+
     /// `x Wᵀ` with `x` rounded to the weight's dtype first (bf16 weights take bf16 inputs; the
     /// product is in the weight's dtype).
     fn matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {

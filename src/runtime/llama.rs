@@ -65,6 +65,19 @@ impl Block {
     ) -> Result<Tensor> {
         let (b, t, total) = (p.b, p.t, p.total);
         let c = p.cfg;
+        if cache.is_none()
+            && obs.is_none()
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && crate::runtime::cpu::eligible(self)
+        {
+            // Every layer on the bf16 GEMM: the fused CPU block (same operations, no tensors).
+            let mut xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let cos: Vec<f32> = p.cos.flatten_all()?.to_vec1()?;
+            let sin: Vec<f32> = p.sin.flatten_all()?.to_vec1()?;
+            crate::runtime::cpu::block_forward(self, c, &mut xv, b, t, &cos, &sin)?;
+            return Ok(Tensor::from_vec(xv, (b, t, c.hidden_size), x.device())?);
+        }
         let eps = c.rms_norm_eps as f32;
         let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let scale = 1.0 / (hd as f64).sqrt();

@@ -1,6 +1,7 @@
 //! Our own Llama-3.x forward pass on candle: every position's logits, a KV cache for generation,
 //! and hooks through which calibration observes each linear layer's input.
 pub mod device;
+pub mod cpu;
 pub mod gemm;
 pub mod linear;
 pub mod llama;
@@ -10,3 +11,20 @@ pub use device::pick_device;
 pub use linear::Linear;
 pub use llama::{observe_streamed, Block, KvCache, Llama, LoadOptions, Observer, Streamed};
 pub use load::Source;
+
+/// Keeps freed buffers in the process heap instead of returning them to the system after every
+/// block: the runner allocates and frees the same few hundred-megabyte activations once per
+/// layer, and glibc's defaults would map, zero-fill and unmap each of them every time.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only changes allocator thresholds; called before heavy use.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            }
+        });
+    }
+}

@@ -100,6 +100,7 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
             "--kld is measured on the --ppl text: give --ppl FILE".into(),
         ));
     }
+    crate::runtime::tune_allocator();
     let t0 = Instant::now();
     let dtype = o.compute_dtype();
     let opts = LoadOptions {
