@@ -248,3 +248,118 @@ fn bf16_compute_tracks_f32_perplexity() {
     assert!(a != b, "bf16 run identical to f32: dtype not applied");
     assert!((b / a - 1.0).abs() < 2e-3, "f32 {a} vs bf16 {b}");
 }
+
+/// Per-position results of `score_streamed` (both models streamed block by block) for `dtype`.
+fn streamed(
+    dtype: DType,
+    chunks: &[Vec<u32>],
+    first: usize,
+) -> Vec<minitron::verify::ppl::ChunkResult> {
+    use minitron::runtime::load::{safetensors::SafetensorsSource, Source};
+    use minitron::verify::ppl::{score_streamed, StatsOn, StreamPlan};
+    let ck = Checkpoint::open(&tiny()).unwrap();
+    let src = SafetensorsSource::borrowed(&ck);
+    let plan = StreamPlan {
+        dtype,
+        batch: 2,
+        pass_chunks: 3,
+        on: StatsOn::Host,
+    };
+    score_streamed(
+        &src,
+        Default::default(),
+        Some(&src as &dyn Source),
+        &Device::Cpu,
+        chunks,
+        first,
+        plan,
+        &|_| {},
+    )
+    .unwrap()
+}
+
+#[test]
+fn streamed_evaluation_equals_the_whole_model_bit_for_bit() {
+    use minitron::verify::ppl::{score_batch, StatsOn};
+    let ck = Checkpoint::open(&tiny()).unwrap();
+    let ids = tiny_ids(5 * 48);
+    let chunks: Vec<Vec<u32>> = ids.chunks(48).map(|c| c.to_vec()).collect();
+    let first = 24;
+    for dtype in [DType::BF16, DType::F32] {
+        let whole = Llama::load(&ck, dtype, &Device::Cpu).unwrap();
+        let s = streamed(dtype, &chunks, first);
+        assert_eq!(s.len(), 5);
+        for (c, r) in chunks.iter().zip(&s) {
+            let w = score_batch(&whole, Some(&whole), &[c.as_slice()], first, StatsOn::Host)
+                .unwrap()
+                .pop()
+                .unwrap();
+            // Same weights, same operations in the same order: identical bits.
+            assert_eq!(w.nll, r.nll, "{dtype:?}");
+            assert_eq!(w.kld, r.kld, "{dtype:?}");
+            assert_eq!(w.same_top1, r.same_top1, "{dtype:?}");
+        }
+    }
+}
+
+#[test]
+fn streamed_results_do_not_depend_on_the_thread_count() {
+    let ids = tiny_ids(4 * 40);
+    let chunks: Vec<Vec<u32>> = ids.chunks(40).map(|c| c.to_vec()).collect();
+    let run = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| streamed(DType::BF16, &chunks, 20))
+    };
+    let one = run(1);
+    for t in [2, 3] {
+        let other = run(t);
+        for (a, b) in one.iter().zip(&other) {
+            assert_eq!(a.nll, b.nll, "{t} threads");
+        }
+    }
+}
+
+/// The AVX-512 kernels (bf16 GEMM, attention, norms, exp) against the portable build of the
+/// same functions, through the whole binary: identical perplexity and KLD bits.
+#[test]
+fn portable_kernels_give_the_same_numbers_as_the_avx512_ones() {
+    let fast = std::arch::is_x86_feature_detected!("avx512bf16")
+        && std::arch::is_x86_feature_detected!("avx512f");
+    if !fast {
+        eprintln!("SKIPPED portable_kernels_give_the_same_numbers: this CPU has no AVX-512 BF16, only the portable path runs");
+        return;
+    }
+    let text = root().join("src/calib/default_corpus.txt");
+    let run_with = |kernel: Option<&str>| -> serde_json::Value {
+        let mut cmd = std::process::Command::new(bin("minitron-verify"));
+        cmd.args([
+            s(&tiny()),
+            "--reference",
+            s(&tiny()),
+            "--kld",
+            "--ppl",
+            s(&text),
+            "--ctx",
+            "64",
+            "--chunks",
+            "6",
+            "--dtype",
+            "bf16",
+            "--json",
+        ]);
+        if let Some(k) = kernel {
+            cmd.env("MINITRON_KERNEL", k);
+        }
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let (a, b) = (run_with(None), run_with(Some("portable")));
+    assert_eq!(a["settings"]["kernel"], "avx512-bf16");
+    assert_eq!(b["settings"]["kernel"], "portable");
+    assert_eq!(a["ppl"]["per_chunk_ppl"], b["ppl"]["per_chunk_ppl"]);
+    assert_eq!(a["ppl"]["perplexity"], b["ppl"]["perplexity"]);
+}
