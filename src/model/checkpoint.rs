@@ -136,12 +136,21 @@ impl SafetensorsFile {
     /// conversions call it after each tensor so that resident memory stays at one tensor's worth
     /// instead of growing to the size of the checkpoint.
     pub fn release(&self, name: &str) {
+        if let Some(t) = self.tensors.get(name) {
+            self.release_range(name, 0..t.end - t.start);
+        }
+    }
+
+    /// [`SafetensorsFile::release`] for bytes `range` of tensor `name` (whole pages inside it).
+    pub fn release_range(&self, name: &str, range: std::ops::Range<usize>) {
         let Some(t) = self.tensors.get(name) else {
             return;
         };
         let page = 4096;
-        let start = (self.data_start + t.start).div_ceil(page) * page;
-        let end = (self.data_start + t.end) / page * page;
+        let lo = (t.start + range.start).min(t.end);
+        let hi = (t.start + range.end).min(t.end);
+        let start = (self.data_start + lo).div_ceil(page) * page;
+        let end = (self.data_start + hi) / page * page;
         if end > start {
             // SAFETY: DONTNEED on a read-only file mapping only discards our page-table entries;
             // later reads fault the unchanged file contents back in.
@@ -423,6 +432,13 @@ impl Checkpoint {
     pub fn release(&self, name: &str) {
         if let Some((f, _)) = self.info(name) {
             f.release(name);
+        }
+    }
+
+    /// See [`SafetensorsFile::release_range`].
+    pub fn release_range(&self, name: &str, range: std::ops::Range<usize>) {
+        if let Some((f, _)) = self.info(name) {
+            f.release_range(name, range);
         }
     }
 

@@ -115,13 +115,52 @@ impl PackedBf16 {
 
     /// Packs bf16 values given as little-endian bytes `[n, k]` (a safetensors BF16 tensor).
     pub fn from_bf16_bytes(bytes: &[u8], n: usize, k: usize) -> Self {
+        Self::from_bf16_bytes_releasing(bytes, n, k, &|_| {})
+    }
+
+    /// [`PackedBf16::from_bf16_bytes`] in slices of rows, calling `done(byte_range)` after each
+    /// slice so that a mapped source can drop the pages already packed: a large head is then
+    /// never resident twice.
+    pub fn from_bf16_bytes_releasing(
+        bytes: &[u8],
+        n: usize,
+        k: usize,
+        done: &(dyn Fn(std::ops::Range<usize>) + Sync),
+    ) -> Self {
         debug_assert_eq!(bytes.len(), n * k * 2);
-        Self::from_rows(n, k, |r, dst| {
-            let src = &bytes[r * k * 2..(r + 1) * k * 2];
-            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                *d = u16::from_le_bytes([s[0], s[1]]);
-            }
-        })
+        let kp = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0u32; panels * kp * NR];
+        // 64 panels (2,048 rows) per slice, the panels of a slice packed in parallel.
+        const SLICE: usize = 64;
+        for (si, slice) in data.chunks_mut(SLICE * kp * NR).enumerate() {
+            slice
+                .par_chunks_mut(kp * NR)
+                .enumerate()
+                .for_each(|(pi, panel)| {
+                    let p = si * SLICE + pi;
+                    for j in 0..NR {
+                        let r = p * NR + j;
+                        if r >= n {
+                            break;
+                        }
+                        let src = &bytes[r * k * 2..(r + 1) * k * 2];
+                        let half = |t: usize| -> u32 {
+                            if t < k {
+                                u16::from_le_bytes([src[2 * t], src[2 * t + 1]]) as u32
+                            } else {
+                                0
+                            }
+                        };
+                        for q in 0..kp {
+                            panel[q * NR + j] = half(2 * q) | half(2 * q + 1) << 16;
+                        }
+                    }
+                });
+            let rows = (si * SLICE * NR).min(n)..((si + 1) * SLICE * NR).min(n);
+            done(rows.start * k * 2..rows.end * k * 2);
+        }
+        PackedBf16 { n, k, kp, data }
     }
 
     /// Packs f32 values `[n, k]`, rounding each to bf16 (nearest, ties to even).

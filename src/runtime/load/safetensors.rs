@@ -162,7 +162,12 @@ impl<'a> SafetensorsSource<'a> {
                 _ => WeightData::F32(ck.read_f32(&name)?),
             }
         };
-        Linear::build(data, out, inp, dtype, device)
+        let lin = Linear::build(data, out, inp, dtype, device)?;
+        // What was built owns its values: the mapped pages can go now rather than with the block.
+        for n in [&name, &packed] {
+            ck.release(n);
+        }
+        Ok(lin)
     }
 
     /// Every tensor name of block `l` (weights, scales, norms).
@@ -294,12 +299,29 @@ impl Source for SafetensorsSource<'_> {
         // multiplies in the stream dtype, so logits are never rounded to bf16.
         let packed = device.is_cpu() && dtype == DType::BF16;
         let head_dtype = if packed { dtype } else { stream_dtype(dtype) };
-        let data = if info.dtype == Dtype::BF16 {
-            WeightData::Bf16Bytes(bytes)
+        let head = if packed && info.dtype == Dtype::BF16 {
+            // Packed slice by slice, each slice's mapped pages dropped once packed.
+            let w = crate::runtime::gemm::PackedBf16::from_bf16_bytes_releasing(
+                bytes,
+                c.vocab_size,
+                c.hidden_size,
+                &|r| ck.release_range(name, r),
+            );
+            Linear::Packed {
+                w: std::sync::Arc::new(w),
+                col_scale: None,
+                act: crate::runtime::linear::ActQuant::None,
+                fp8_act: false,
+            }
         } else {
-            WeightData::F32(ck.read_f32(name)?)
+            let data = if info.dtype == Dtype::BF16 {
+                WeightData::Bf16Bytes(bytes)
+            } else {
+                WeightData::F32(ck.read_f32(name)?)
+            };
+            Linear::build(data, c.vocab_size, c.hidden_size, head_dtype, device)?
         };
-        let head = Linear::build(data, c.vocab_size, c.hidden_size, head_dtype, device)?;
+        ck.release(name);
         Ok((norm, head))
     }
 
