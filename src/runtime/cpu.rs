@@ -98,10 +98,19 @@ const KC: usize = 32;
 /// Scores of a tile of query rows against keys `j0 .. j0 + KC`: `acc[r][c] = Σ_d q[r][d] ·
 /// kt[d][j0 + c]`, `d` in order.
 #[inline(always)]
-fn score_tile(q: &[f32], qs: usize, kt: &[f32], tp: usize, hd: usize, j0: usize) -> [[f32; KC]; QR] {
+fn score_tile(
+    q: &[f32],
+    qs: usize,
+    kt: &[f32],
+    tp: usize,
+    hd: usize,
+    j0: usize,
+) -> [[f32; KC]; QR] {
     let mut acc = [[0f32; KC]; QR];
     for d in 0..hd {
-        let kv: &[f32; KC] = kt[d * tp + j0..d * tp + j0 + KC].try_into().expect("KC keys");
+        let kv: &[f32; KC] = kt[d * tp + j0..d * tp + j0 + KC]
+            .try_into()
+            .expect("KC keys");
         for (r, a) in acc.iter_mut().enumerate() {
             let qv = q[r * qs + d];
             for c in 0..KC {
@@ -138,7 +147,16 @@ fn pv_rows<const R: usize, const HD: usize>(
 }
 
 /// [`pv_rows`] for any head size.
-fn pv_rows_dyn(p: &[f32], ps: usize, v: &[f32], n: usize, hd: usize, rows: usize, out: &mut [f32], os: usize) {
+fn pv_rows_dyn(
+    p: &[f32],
+    ps: usize,
+    v: &[f32],
+    n: usize,
+    hd: usize,
+    rows: usize,
+    out: &mut [f32],
+    os: usize,
+) {
     for r in 0..rows {
         let o = &mut out[r * os..r * os + hd];
         o.iter_mut().for_each(|x| *x = 0.0);
@@ -315,7 +333,7 @@ pub fn eligible(blk: &Block) -> bool {
     let all = [
         &blk.q, &blk.k, &blk.v, &blk.o, &blk.gate, &blk.up, &blk.down,
     ];
-    all.iter().all(|l| matches!(l, Linear::Packed { .. })) && blk.kv_scales.is_none()
+    all.iter().all(|l| l.is_packed()) && blk.kv_scales.is_none()
 }
 
 /// The block on `b` chunks of `t` positions with no cache, residual stream `x` `[b·t, hidden]`
@@ -349,15 +367,27 @@ pub fn block_forward(
     );
     q.par_chunks_mut(h * hd).enumerate().for_each(|(r, row)| {
         let p = r % t;
-        rope_row(row, hd, &cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+        rope_row(
+            row,
+            hd,
+            &cos[p * half..(p + 1) * half],
+            &sin[p * half..(p + 1) * half],
+        );
     });
     k.par_chunks_mut(kvh * hd).enumerate().for_each(|(r, row)| {
         let p = r % t;
-        rope_row(row, hd, &cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+        rope_row(
+            row,
+            hd,
+            &cos[p * half..(p + 1) * half],
+            &sin[p * half..(p + 1) * half],
+        );
     });
     let y = attention(&q, &k, &v, b, t, h, kvh, hd);
     drop((q, k, v));
-    let o = Linear::packed_rows(&[&blk.o], &y, h * hd)?.pop().expect("o");
+    let o = Linear::packed_rows(&[&blk.o], &y, h * hd)?
+        .pop()
+        .expect("o");
     x.par_iter_mut().zip(&o).for_each(|(a, &d)| *a += d);
     let xn = rms_norm(x, &w_post, eps);
     let mut gu = Linear::packed_rows(&[&blk.gate, &blk.up], &xn, hs)?.into_iter();
@@ -367,7 +397,9 @@ pub fn block_forward(
         .zip(u.par_chunks(inter))
         .for_each(|(a, b)| swiglu(a, b));
     drop(u);
-    let d = Linear::packed_rows(&[&blk.down], &g, inter)?.pop().expect("down");
+    let d = Linear::packed_rows(&[&blk.down], &g, inter)?
+        .pop()
+        .expect("down");
     x.par_iter_mut().zip(&d).for_each(|(a, &v)| *a += v);
     Ok(())
 }
@@ -413,7 +445,10 @@ mod tests {
                     let s: Vec<f64> = (0..=i)
                         .map(|j| {
                             let kj = &k[(c * t + j) * kvh * hd + kh * hd..][..hd];
-                            qi.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+                            qi.iter()
+                                .zip(kj)
+                                .map(|(a, b)| *a as f64 * *b as f64)
+                                .sum::<f64>()
                                 / (hd as f64).sqrt()
                         })
                         .collect();

@@ -57,6 +57,13 @@ pub enum Linear {
         /// Whether the activations are FP8 codes (`act` then says which scale); otherwise bf16.
         fp8_act: bool,
     },
+    /// INT8 W8A8 on the runner's exact integer GEMM (`runtime::gemm_i8`): per-token INT8
+    /// activation codes times the weight codes summed exactly in i32, then scaled as
+    /// [`Linear::Int8`] scales (same numbers, i8 weights held as i8).
+    Int8Packed {
+        w: std::sync::Arc<crate::runtime::gemm_i8::PackedI8>,
+        scale: Vec<f32>,
+    },
     /// A ggml block-quantized weight run by candle's quantized matmul (what llama.cpp computes:
     /// activations quantized to the weight type's dot-product format, e.g. Q8_K / Q8_0).
     Ggml {
@@ -177,6 +184,29 @@ fn fp8_code_rows(x: &[f32], inp: usize, lda: usize, act: ActQuant) -> (Vec<u16>,
     (codes, scales)
 }
 
+/// The exact INT8 sums scaled as [`Linear::Int8`] does: `f32((S · s_token) · s_channel)` in f64.
+fn int8_apply(
+    w: &crate::runtime::gemm_i8::PackedI8,
+    scale: &[f32],
+    a: &[u8],
+    xs: &[f32],
+    rows: usize,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let n = w.shape().0;
+    let acc = crate::runtime::gemm_i8::gemm_i8(a, rows, w, crate::runtime::gemm_i8::vnni());
+    let mut y = vec![0f32; acc.len()];
+    y.par_chunks_mut(n.max(1))
+        .zip(acc.par_chunks(n.max(1)))
+        .zip(xs.par_iter())
+        .for_each(|((o, r), &s)| {
+            for ((v, &q), &c) in o.iter_mut().zip(r).zip(scale) {
+                *v = ((q as f64 * s as f64) * c as f64) as f32;
+            }
+        });
+    y
+}
+
 /// What a loader read for one linear layer `[out, in]`, in its stored form.
 pub enum WeightData<'a> {
     /// Little-endian bf16 values.
@@ -264,6 +294,32 @@ impl Linear {
                 let weight = Tensor::from_vec(w, (out, inp), device)?.to_dtype(dtype)?;
                 Linear::Fp8 { weight, act }
             }
+            WeightData::Int8 {
+                q,
+                scales,
+                dynamic: true,
+            } if packed => Linear::Int8Packed {
+                w: Arc::new(crate::runtime::gemm_i8::PackedI8::new(&q, out, inp)),
+                scale: scales,
+            },
+            WeightData::Int8 {
+                q,
+                scales,
+                dynamic: false,
+            } if packed => {
+                // Weight-only: codes are exact in bf16; the channel scale multiplies the sum.
+                let w = PackedBf16::from_rows(out, inp, |r, dst| {
+                    for (d, &c) in dst.iter_mut().zip(&q[r * inp..(r + 1) * inp]) {
+                        *d = half::bf16::from_f32(c as f32).to_bits();
+                    }
+                });
+                Linear::Packed {
+                    w: Arc::new(w),
+                    col_scale: Some(scales),
+                    act: ActQuant::None,
+                    fp8_act: false,
+                }
+            }
             WeightData::Int8 { q, scales, dynamic } if !device.is_cpu() => {
                 Linear::int8_bf16(&q, scales, out, inp, dynamic, device)?
             }
@@ -287,6 +343,8 @@ enum InputRule {
     Int8Bf16 { dynamic: bool },
     /// bf16 rows for the CPU GEMM (lda, FP8 activation rule when the codes are FP8).
     Packed(usize, Option<ActQuant>),
+    /// INT8 codes for the integer GEMM (lda).
+    PackedI8(usize),
 }
 
 /// A prepared input.
@@ -296,6 +354,8 @@ enum Prepared {
     Int8Bf16(Tensor, Option<Tensor>),
     /// bf16 bit patterns `[rows, lda]`, the per-row scales of FP8 codes, the row count.
     Packed(Vec<u16>, Option<Vec<f32>>, usize),
+    /// `code + 128` bytes `[rows, lda]`, per-row scales, the row count.
+    PackedI8(Vec<u8>, Vec<f32>, usize),
 }
 
 impl Linear {
@@ -378,6 +438,7 @@ impl Linear {
             Linear::Packed {
                 w, act, fp8_act, ..
             } => InputRule::Packed(w.lda(), fp8_act.then_some(*act)),
+            Linear::Int8Packed { w, .. } => InputRule::PackedI8(w.lda()),
         }
     }
 
@@ -408,12 +469,23 @@ impl Linear {
                 let v: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                 let rows = v.len() / inp.max(1);
                 match fp8 {
-                    None => Prepared::Packed(crate::runtime::gemm::to_bf16_rows(&v, inp, lda), None, rows),
+                    None => Prepared::Packed(
+                        crate::runtime::gemm::to_bf16_rows(&v, inp, lda),
+                        None,
+                        rows,
+                    ),
                     Some(act) => {
                         let (codes, scales) = fp8_code_rows(&v, inp, lda, act);
                         Prepared::Packed(codes, Some(scales), rows)
                     }
                 }
+            }
+            InputRule::PackedI8(lda) => {
+                let inp = x.dim(candle_core::D::Minus1)?;
+                let v: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let rows = v.len() / inp.max(1);
+                let (a, s) = crate::runtime::gemm_i8::quantize_rows(&v, inp, lda);
+                Prepared::PackedI8(a, s, rows)
             }
         })
     }
@@ -450,10 +522,7 @@ impl Linear {
                 };
                 Ok(y.broadcast_mul(scale)?.to_dtype(x.dtype())?)
             }
-            (
-                Linear::Packed { w, col_scale, .. },
-                Prepared::Packed(a, row_scale, rows),
-            ) => {
+            (Linear::Packed { w, col_scale, .. }, Prepared::Packed(a, row_scale, rows)) => {
                 let y = crate::runtime::gemm::gemm(
                     crate::runtime::gemm::Isa::detect(),
                     a,
@@ -462,6 +531,12 @@ impl Linear {
                     row_scale.as_deref(),
                     col_scale.as_deref(),
                 );
+                let mut out_dims = x.dims().to_vec();
+                *out_dims.last_mut().expect("rank ≥ 1") = w.shape().0;
+                Ok(Tensor::from_vec(y, out_dims, x.device())?.to_dtype(x.dtype())?)
+            }
+            (Linear::Int8Packed { w, scale }, Prepared::PackedI8(a, xs, rows)) => {
+                let y = int8_apply(w, scale, a, xs, *rows);
                 let mut out_dims = x.dims().to_vec();
                 *out_dims.last_mut().expect("rank ≥ 1") = w.shape().0;
                 Ok(Tensor::from_vec(y, out_dims, x.device())?.to_dtype(x.dtype())?)
@@ -497,36 +572,52 @@ impl Linear {
     /// prepared once; row-major f32 outputs.
     pub(crate) fn packed_rows(layers: &[&Linear], x: &[f32], inp: usize) -> Result<Vec<Vec<f32>>> {
         let rule = layers.first().map(|l| l.input_rule());
-        let (Some(InputRule::Packed(lda, fp8)), true) =
-            (rule, layers.iter().all(|l| Some(l.input_rule()) == rule))
-        else {
-            return Err(crate::error::Error::Invalid(
-                "internal: packed_rows on layers that are not bf16 panels with one input rule"
-                    .into(),
-            ));
-        };
+        let same = layers.iter().all(|l| Some(l.input_rule()) == rule);
         let rows = x.len() / inp.max(1);
-        let (a, row_scale) = match fp8 {
-            None => (crate::runtime::gemm::to_bf16_rows(x, inp, lda), None),
-            Some(act) => {
+        let prepared = match rule {
+            Some(InputRule::Packed(lda, None)) if same => {
+                Prepared::Packed(crate::runtime::gemm::to_bf16_rows(x, inp, lda), None, rows)
+            }
+            Some(InputRule::Packed(lda, Some(act))) if same => {
                 let (c, s) = fp8_code_rows(x, inp, lda, act);
-                (c, Some(s))
+                Prepared::Packed(c, Some(s), rows)
+            }
+            Some(InputRule::PackedI8(lda)) if same => {
+                let (a, s) = crate::runtime::gemm_i8::quantize_rows(x, inp, lda);
+                Prepared::PackedI8(a, s, rows)
+            }
+            _ => {
+                return Err(crate::error::Error::Invalid(
+                    "internal: packed_rows on layers without one packed input rule".into(),
+                ))
             }
         };
-        Ok(layers
+        layers
             .iter()
-            .map(|l| match l {
-                Linear::Packed { w, col_scale, .. } => crate::runtime::gemm::gemm(
-                    crate::runtime::gemm::Isa::detect(),
-                    &a,
-                    rows,
-                    w,
-                    row_scale.as_deref(),
-                    col_scale.as_deref(),
-                ),
-                _ => unreachable!("checked above"),
+            .map(|l| match (l, &prepared) {
+                (Linear::Packed { w, col_scale, .. }, Prepared::Packed(a, rs, rows)) => {
+                    Ok(crate::runtime::gemm::gemm(
+                        crate::runtime::gemm::Isa::detect(),
+                        a,
+                        *rows,
+                        w,
+                        rs.as_deref(),
+                        col_scale.as_deref(),
+                    ))
+                }
+                (Linear::Int8Packed { w, scale }, Prepared::PackedI8(a, xs, rows)) => {
+                    Ok(int8_apply(w, scale, a, xs, *rows))
+                }
+                _ => Err(crate::error::Error::Invalid(
+                    "internal: packed_rows layer and preparation disagree".into(),
+                )),
             })
-            .collect())
+            .collect()
+    }
+
+    /// Whether this layer runs on one of the runner's own CPU GEMMs.
+    pub(crate) fn is_packed(&self) -> bool {
+        matches!(self, Linear::Packed { .. } | Linear::Int8Packed { .. })
     }
 
     /// `x Wᵀ` with `x` rounded to the weight's dtype first (bf16 weights take bf16 inputs; the
@@ -560,6 +651,7 @@ impl Linear {
                 (d[0], d[1])
             }
             Linear::Packed { w, .. } => w.shape(),
+            Linear::Int8Packed { w, .. } => w.shape(),
             Linear::Ggml { w } => match w.as_ref() {
                 candle_core::quantized::QMatMul::QTensor(q) => {
                     let d = q.shape().dims();
@@ -612,6 +704,42 @@ mod tests {
                 assert_eq!(a, b, "bf16 form: {bf16}");
             }
         }
+    }
+
+    /// The integer GEMM form of W8A8 against the f64 exact form: identical bits (both sums are
+    /// exact and the scaling is the same), per-token dynamic.
+    #[test]
+    fn packed_int8_equals_the_exact_f64_form() {
+        let (out, inp, rows) = (40usize, 200usize, 9usize);
+        let mut rng = crate::numerics::rng::SplitMix64::new(17);
+        let mut uni = || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        let q: Vec<i8> = (0..out * inp).map(|_| (uni() * 254.0) as i8).collect();
+        let sc: Vec<f32> = (0..out).map(|i| 1e-3 * (1.0 + i as f32)).collect();
+        let x: Vec<f32> = (0..rows * inp).map(|_| uni() * 6.0).collect();
+        let x = Tensor::from_vec(x, (1, rows, inp), &Device::Cpu).unwrap();
+        let exact = Linear::int8(&q, sc.clone(), out, inp, true, DType::F32, &Device::Cpu).unwrap();
+        let data = WeightData::Int8 {
+            q: q.clone(),
+            scales: sc,
+            dynamic: true,
+        };
+        let packed = Linear::build(data, out, inp, DType::BF16, &Device::Cpu).unwrap();
+        assert!(matches!(packed, Linear::Int8Packed { .. }));
+        let a: Vec<f32> = exact
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = packed
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a, b);
     }
 
     #[test]

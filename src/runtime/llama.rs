@@ -11,8 +11,8 @@ use crate::error::Result;
 use crate::model::names::InputSite;
 use crate::model::{Checkpoint, LlamaConfig};
 use crate::runtime::linear::{fp8_static, Linear};
-pub use crate::runtime::load::{stream_dtype, LoadOptions};
 use crate::runtime::load::{safetensors::SafetensorsSource, Source};
+pub use crate::runtime::load::{stream_dtype, LoadOptions};
 
 /// Receives what calibration needs while the model runs. The model's numerics never depend on
 /// what an observer does.
@@ -450,7 +450,10 @@ impl<'a> Streamed<'a> {
             while j < chunks.len() && j - i < batch.max(1) && chunks[j].len() == t {
                 j += 1;
             }
-            let ids: Vec<u32> = chunks[i..j].iter().flat_map(|c| c.iter().copied()).collect();
+            let ids: Vec<u32> = chunks[i..j]
+                .iter()
+                .flat_map(|c| c.iter().copied())
+                .collect();
             let v = src.embed_rows(&ids)?;
             groups.push(Tensor::from_vec(v, (j - i, t, c.hidden_size), device)?.to_dtype(sd)?);
             if let std::collections::btree_map::Entry::Vacant(e) = tables.entry(t) {

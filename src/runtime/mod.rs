@@ -1,8 +1,9 @@
 //! Our own Llama-3.x forward pass on candle: every position's logits, a KV cache for generation,
 //! and hooks through which calibration observes each linear layer's input.
-pub mod device;
 pub mod cpu;
+pub mod device;
 pub mod gemm;
+pub mod gemm_i8;
 pub mod linear;
 pub mod llama;
 pub mod load;

@@ -152,7 +152,16 @@ pub fn score_streamed(
         let refs: Vec<&[u32]> = pass.iter().map(Vec::as_slice).collect();
         let mut c = Streamed::new(cand, plan.dtype, device, cand_opts, &refs, plan.batch)?;
         let mut r = reference
-            .map(|m| Streamed::new(m, plan.dtype, device, LoadOptions::default(), &refs, plan.batch))
+            .map(|m| {
+                Streamed::new(
+                    m,
+                    plan.dtype,
+                    device,
+                    LoadOptions::default(),
+                    &refs,
+                    plan.batch,
+                )
+            })
             .transpose()?;
         while !c.done() {
             c.step(None)?;

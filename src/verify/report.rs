@@ -75,8 +75,7 @@ impl VerifyOptions {
         match self.dtype {
             Some(d) => d,
             None if self.device.is_cpu()
-                && crate::runtime::gemm::Isa::detect()
-                    == crate::runtime::gemm::Isa::Portable =>
+                && crate::runtime::gemm::Isa::detect() == crate::runtime::gemm::Isa::Portable =>
             {
                 DType::F32
             }
@@ -146,7 +145,12 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
         .then(|| Llama::from_source(cand_src.as_ref(), dtype, &o.device, opts))
         .transpose()?;
     let reference = match (&ref_src, o.gen.is_some()) {
-        (Some(r), true) => Some(Llama::from_source(r, dtype, &o.device, LoadOptions::default())?),
+        (Some(r), true) => Some(Llama::from_source(
+            r,
+            dtype,
+            &o.device,
+            LoadOptions::default(),
+        )?),
         _ => None,
     };
     let load_s = t0.elapsed().as_secs_f64();

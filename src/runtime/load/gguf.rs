@@ -130,9 +130,8 @@ impl Source for GgufSource {
         let c = &self.config;
         let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let n = |s: &str| format!("blk.{l}.{s}.weight");
-        let lin = |s: &str, rows, cols, heads| {
-            self.linear(&n(s), rows, cols, heads, dtype, device, opts)
-        };
+        let lin =
+            |s: &str, rows, cols, heads| self.linear(&n(s), rows, cols, heads, dtype, device, opts);
         let sd = stream_dtype(dtype);
         Ok(Block {
             input_norm: self.vec1(&n("attn_norm"), sd, device)?,
@@ -198,7 +197,15 @@ impl Source for GgufSource {
         // stream dtype elsewhere); a block-quantized one runs through the quantized matmul.
         let packed = device.is_cpu() && dtype == DType::BF16;
         let head_dtype = if packed { dtype } else { stream_dtype(dtype) };
-        let head = self.linear(name, c.vocab_size, c.hidden_size, None, head_dtype, device, opts)?;
+        let head = self.linear(
+            name,
+            c.vocab_size,
+            c.hidden_size,
+            None,
+            head_dtype,
+            device,
+            opts,
+        )?;
         Ok((norm, head))
     }
 }
