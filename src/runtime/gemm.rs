@@ -22,10 +22,16 @@ use rayon::prelude::*;
 pub const NR: usize = 32;
 /// Rows per microkernel call.
 const MR: usize = 12;
-/// Input pairs per cache block (512 inputs: a panel slice of 32 KiB).
-const KC_PAIRS: usize = 256;
-/// Rows per task.
-const MC: usize = 8 * MR;
+/// Input pairs per cache block (256 inputs: a panel slice of 16 KiB, half of L1).
+const KC_PAIRS: usize = 128;
+/// Rows per task: more for long rows, whose panels are the larger share of memory traffic.
+fn mc(k: usize) -> usize {
+    if k >= 2048 {
+        16 * MR
+    } else {
+        8 * MR
+    }
+}
 
 /// Which code computes the products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,9 +189,16 @@ impl PackedBf16 {
         self.data.len() * 4
     }
 
-    /// Inputs per row of `A` as [`gemm`] reads it (`k` rounded up to even).
+    /// Inputs per row of `A` as [`gemm`] reads it: `k` rounded up to even, plus one cache line
+    /// when a row would span a multiple of 4 KiB (rows that far apart share L1 sets, and the
+    /// microkernel reads twelve of them at once).
     pub fn lda(&self) -> usize {
-        2 * self.kp
+        let v = 2 * self.kp;
+        if (2 * v) % 4096 == 0 {
+            v + 32
+        } else {
+            v
+        }
     }
 }
 
@@ -225,14 +238,15 @@ pub fn gemm(
     let panels = n.div_ceil(NR);
     // Enough tasks for every thread even for one row (decode), few enough to keep panels hot.
     let threads = rayon::current_num_threads().max(1);
-    let row_blocks = m.div_ceil(MC);
+    let mc = mc(w.k);
+    let row_blocks = m.div_ceil(mc);
     let want_col_blocks = (4 * threads).div_ceil(row_blocks).clamp(1, panels);
     let panels_per_task = panels.div_ceil(want_col_blocks);
     let col_blocks = panels.div_ceil(panels_per_task);
     let cp = SendPtr(c.as_mut_ptr());
     (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
         let (rb, cb) = (t / col_blocks, t % col_blocks);
-        let rows = rb * MC..(rb * MC + MC).min(m);
+        let rows = rb * mc..(rb * mc + mc).min(m);
         let pan = cb * panels_per_task..(cb * panels_per_task + panels_per_task).min(panels);
         let cp = &cp;
         // SAFETY: tasks write disjoint rectangles of `c` (rows × panel columns).

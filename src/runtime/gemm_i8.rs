@@ -88,8 +88,14 @@ impl PackedI8 {
     }
 
     /// Bytes per row of `A` as [`gemm_i8`] reads it (`k` rounded up to a multiple of 4).
+    /// (Plus one cache line when a row would span a multiple of 4 KiB, see `gemm::PackedBf16::lda`.)
     pub fn lda(&self) -> usize {
-        4 * self.kq
+        let v = 4 * self.kq;
+        if v % 4096 == 0 {
+            v + 64
+        } else {
+            v
+        }
     }
 }
 
