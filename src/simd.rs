@@ -40,3 +40,87 @@ pub fn avx512() -> bool {
             && std::arch::is_x86_feature_detected!("fma")
     })
 }
+
+/// Sum of `v` in a fixed order that vectorises: sixteen running partial sums (element `i` into
+/// lane `i % 16`), then the lanes folded pairwise. The same order on every instruction set.
+#[inline(always)]
+pub fn sum_f32(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut it = v.chunks_exact(16);
+    for c in &mut it {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(it.remainder()) {
+        *a += x;
+    }
+    fold16(acc)
+}
+
+/// Σ v², in the order of [`sum_f32`], each term fused into its lane (`mul_add`).
+#[inline(always)]
+pub fn sum_sq_f32(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut it = v.chunks_exact(16);
+    for c in &mut it {
+        for i in 0..16 {
+            acc[i] = c[i].mul_add(c[i], acc[i]);
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(it.remainder()) {
+        *a = x.mul_add(x, *a);
+    }
+    fold16(acc)
+}
+
+#[inline(always)]
+fn fold16(mut acc: [f32; 16]) -> f32 {
+    let mut w = 8;
+    while w > 0 {
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+/// Largest value of `v` (−∞ when empty); order-independent, written to vectorise.
+#[inline(always)]
+pub fn max_f32(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let mut it = v.chunks_exact(16);
+    for c in &mut it {
+        for i in 0..16 {
+            acc[i] = acc[i].max(c[i]);
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(it.remainder()) {
+        *a = a.max(x);
+    }
+    acc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+/// Sum of `v` in f64 with eight partial sums (lane `i % 8`), folded pairwise.
+#[inline(always)]
+pub fn sum_f64(v: &[f64]) -> f64 {
+    let mut acc = [0f64; 8];
+    let mut it = v.chunks_exact(8);
+    for c in &mut it {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(it.remainder()) {
+        *a += x;
+    }
+    let mut w = 4;
+    while w > 0 {
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}

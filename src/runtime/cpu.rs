@@ -45,10 +45,7 @@ pub fn exp(x: f32) -> f32 {
 multiversion! {
     /// RMSNorm of one row into `out`.
     fn rms_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-        let mut ss = 0f32;
-        for &v in x {
-            ss = v.mul_add(v, ss);
-        }
+        let ss = crate::simd::sum_sq_f32(x);
         let s = 1.0 / (ss / x.len() as f32 + eps).sqrt();
         for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
             *o = v * s * g;
@@ -204,14 +201,11 @@ multiversion! {
         for r in 0..rows {
             let n = i0 + r + 1;
             let sr = &mut s[r * tp..r * tp + end];
-            let m = sr[..n].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let m = crate::simd::max_f32(&sr[..n]);
             for x in sr[..n].iter_mut() {
                 *x = exp(*x - m);
             }
-            let mut sum = 0f32;
-            for &x in sr[..n].iter() {
-                sum += x;
-            }
+            let sum = crate::simd::sum_f32(&sr[..n]);
             let inv = 1.0 / sum;
             for x in sr[..n].iter_mut() {
                 *x *= inv;

@@ -56,12 +56,47 @@ multiversion! {
     }
 }
 
-/// Natural-log softmax of one row, accumulated in f64 (terms summed in index order).
+multiversion! {
+    fn sum_of(v: &[f64]) -> f64 {
+        crate::simd::sum_f64(v)
+    }
+}
+
+multiversion! {
+    fn max_of(v: &[f32]) -> f32 {
+        crate::simd::max_f32(v)
+    }
+}
+
+multiversion! {
+    /// `Σ e_i · (lp_i − lq_i)` over terms with `lp_i > −∞`, in [`crate::simd::sum_f64`]'s order.
+    fn kl_terms(e: &[f64], lp: &[f64], lq: &[f64]) -> f64 {
+        let mut acc = [0f64; 8];
+        let n = e.len();
+        let mut i = 0;
+        while i + 8 <= n {
+            for l in 0..8 {
+                let a = lp[i + l];
+                let t = if a == f64::NEG_INFINITY { 0.0 } else { e[i + l] * (a - lq[i + l]) };
+                acc[l] += t;
+            }
+            i += 8;
+        }
+        for l in 0..n - i {
+            let a = lp[i + l];
+            acc[l] += if a == f64::NEG_INFINITY { 0.0 } else { e[i + l] * (a - lq[i + l]) };
+        }
+        crate::simd::sum_f64(&acc)
+    }
+}
+
+/// Natural-log softmax of one row, accumulated in f64 (eight interleaved partial sums, folded
+/// in a fixed order).
 pub fn log_softmax(row: &[f32]) -> Vec<f64> {
-    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let max = max_of(row) as f64;
     let mut e = vec![0f64; row.len()];
     exp_shifted(row, max, &mut e);
-    let sum: f64 = e.iter().sum();
+    let sum: f64 = sum_of(&e);
     let lse = max + sum.ln();
     row.iter().map(|&x| x as f64 - lse).collect()
 }
@@ -70,18 +105,7 @@ pub fn log_softmax(row: &[f32]) -> Vec<f64> {
 pub fn kl_divergence(lp: &[f64], lq: &[f64]) -> f64 {
     let mut p = vec![0f64; lp.len()];
     exp_all(lp, &mut p);
-    lp.iter()
-        .zip(lq)
-        .zip(&p)
-        .map(|((&a, &b), &e)| {
-            if a == f64::NEG_INFINITY {
-                0.0
-            } else {
-                e * (a - b)
-            }
-        })
-        .sum::<f64>()
-        .max(0.0)
+    kl_terms(&p, lp, lq).max(0.0)
 }
 
 /// Index of the largest value (first on ties).
