@@ -35,7 +35,8 @@ pub enum Linear {
         dequantized: Tensor,
         dynamic: bool,
     },
-    /// INT8 for GPU devices, kept in bf16 (integers up to ±256 are exact there): the matmul of
+    /// INT8 for GPU devices, held as one byte per weight (`code + 128`) and widened to bf16 per
+    /// matmul (integers up to ±256 are exact there): the matmul of
     /// integer-valued activations (per-token dynamic `absmax/127`, round half to even, ±127;
     /// or the activations as they are, weight-only) and integer weights runs in cuBLAS with f32
     /// accumulation; its bf16 output is scaled by the per-token and per-channel scales. Differs
@@ -56,6 +57,14 @@ pub enum Linear {
         act: ActQuant,
         /// Whether the activations are FP8 codes (`act` then says which scale); otherwise bf16.
         fp8_act: bool,
+    },
+    /// FP8 for GPU devices: the E4M3 codes held as one byte per weight and widened to bf16 per
+    /// matmul (exact), activations as E4M3 codes in bf16 (per-token or static scale) or as
+    /// bf16 (weight-only); the bf16 product is scaled by the row and channel scales in f32.
+    Fp8Codes {
+        codes: Tensor,
+        scale: Tensor,
+        act: ActQuant,
     },
     /// INT8 W8A8 on the runner's exact integer GEMM (`runtime::gemm_i8`): per-token INT8
     /// activation codes times the weight codes summed exactly in i32, then scaled as
@@ -283,6 +292,18 @@ impl Linear {
                     fp8_act: act != ActQuant::None,
                 }
             }
+            WeightData::Fp8 { codes, scales, act } if !device.is_cpu() => {
+                let col = if scales.len() == 1 {
+                    vec![scales[0]; out]
+                } else {
+                    scales
+                };
+                Linear::Fp8Codes {
+                    codes: Tensor::from_raw_buffer(codes, DType::F8E4M3, &[out, inp], device)?,
+                    scale: Tensor::from_vec(col, (1, out), device)?,
+                    act,
+                }
+            }
             WeightData::Fp8 { codes, scales, act } => {
                 let table = crate::numerics::fp8::e4m3_table();
                 let per = if scales.len() == 1 { 0 } else { 1 };
@@ -345,6 +366,8 @@ enum InputRule {
     Packed(usize, Option<ActQuant>),
     /// INT8 codes for the integer GEMM (lda).
     PackedI8(usize),
+    /// E4M3 activation codes (or bf16 activations) on the device.
+    Fp8Codes(ActQuant),
 }
 
 /// A prepared input.
@@ -356,6 +379,8 @@ enum Prepared {
     Packed(Vec<u16>, Option<Vec<f32>>, usize),
     /// `code + 128` bytes `[rows, lda]`, per-row scales, the row count.
     PackedI8(Vec<u8>, Vec<f32>, usize),
+    /// bf16 activation codes and their per-row scales `[.., 1]` (none: plain bf16).
+    Fp8Codes(Tensor, Option<Tensor>),
 }
 
 impl Linear {
@@ -409,9 +434,10 @@ impl Linear {
         dynamic: bool,
         device: &Device,
     ) -> Result<Self> {
-        let qf: Vec<half::bf16> = q.iter().map(|&v| half::bf16::from(v)).collect();
+        // One byte per weight on the device (`code + 128`), widened to bf16 per matmul.
+        let qb: Vec<u8> = q.iter().map(|&v| (v as i16 + 128) as u8).collect();
         Ok(Linear::Int8Bf16 {
-            q: Tensor::from_vec(qf, (out, inp), device)?,
+            q: Tensor::from_vec(qb, (out, inp), device)?,
             scale: Tensor::from_vec(scales, (1, out), device)?,
             dynamic,
         })
@@ -439,6 +465,7 @@ impl Linear {
                 w, act, fp8_act, ..
             } => InputRule::Packed(w.lda(), fp8_act.then_some(*act)),
             Linear::Int8Packed { w, .. } => InputRule::PackedI8(w.lda()),
+            Linear::Fp8Codes { act, .. } => InputRule::Fp8Codes(*act),
         }
     }
 
@@ -480,6 +507,32 @@ impl Linear {
                     }
                 }
             }
+            InputRule::Fp8Codes(act) => {
+                let xf = x.to_dtype(DType::F32)?;
+                let s = match act {
+                    ActQuant::None => None,
+                    ActQuant::Static(v) => Some(Tensor::new(&[[v]], x.device())?),
+                    ActQuant::DynamicToken => {
+                        let amax = xf.abs()?.max_keepdim(candle_core::D::Minus1)?;
+                        Some(
+                            (amax / crate::numerics::fp8::E4M3_MAX as f64)?
+                                .maximum(FP8_MIN_TOKEN_SCALE as f64)?,
+                        )
+                    }
+                };
+                match s {
+                    None => Prepared::Fp8Codes(x.to_dtype(DType::BF16)?, None),
+                    Some(s) => {
+                        let m = crate::numerics::fp8::E4M3_MAX;
+                        let q = xf
+                            .broadcast_div(&s)?
+                            .clamp(-m, m)?
+                            .to_dtype(DType::F8E4M3)?
+                            .to_dtype(DType::BF16)?;
+                        Prepared::Fp8Codes(q, Some(s))
+                    }
+                }
+            }
             InputRule::PackedI8(lda) => {
                 let inp = x.dim(candle_core::D::Minus1)?;
                 let v: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
@@ -515,7 +568,9 @@ impl Linear {
                 Ok(y.to_dtype(x.dtype())?.reshape(out_dims)?)
             }
             (Linear::Int8Bf16 { q, scale, .. }, Prepared::Int8Bf16(xq, xs)) => {
-                let y = Self::matmul(xq, q)?.to_dtype(DType::F32)?;
+                // Codes 1..=255 and 128 are exact in bf16, so is their difference.
+                let w = (q.to_dtype(DType::BF16)? - 128.0)?;
+                let y = Self::matmul(xq, &w)?.to_dtype(DType::F32)?;
                 let y = match xs {
                     Some(s) => y.broadcast_mul(s)?,
                     None => y,
@@ -534,6 +589,15 @@ impl Linear {
                 let mut out_dims = x.dims().to_vec();
                 *out_dims.last_mut().expect("rank ≥ 1") = w.shape().0;
                 Ok(Tensor::from_vec(y, out_dims, x.device())?.to_dtype(x.dtype())?)
+            }
+            (Linear::Fp8Codes { codes, scale, .. }, Prepared::Fp8Codes(xq, xs)) => {
+                let w = codes.to_dtype(DType::BF16)?;
+                let y = Self::matmul(xq, &w)?.to_dtype(DType::F32)?;
+                let y = match xs {
+                    Some(s) => y.broadcast_mul(s)?,
+                    None => y,
+                };
+                Ok(y.broadcast_mul(scale)?.to_dtype(x.dtype())?)
             }
             (Linear::Int8Packed { w, scale }, Prepared::PackedI8(a, xs, rows)) => {
                 let y = int8_apply(w, scale, a, xs, *rows);
@@ -652,6 +716,10 @@ impl Linear {
             }
             Linear::Packed { w, .. } => w.shape(),
             Linear::Int8Packed { w, .. } => w.shape(),
+            Linear::Fp8Codes { codes, .. } => {
+                let d = codes.dims();
+                (d[0], d[1])
+            }
             Linear::Ggml { w } => match w.as_ref() {
                 candle_core::quantized::QMatMul::QTensor(q) => {
                     let d = q.shape().dims();
@@ -740,6 +808,52 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert_eq!(a, b);
+    }
+
+    /// The GPU FP8 form (codes held as bytes, bf16 matmul of exact codes, scales after) against
+    /// the CPU packed form on the same layer: equal up to the bf16 rounding of the GPU form's
+    /// output (unit roundoff 2^-8), per-token dynamic, static and weight-only.
+    #[test]
+    fn fp8_code_form_agrees_with_the_packed_form() {
+        let (out, inp, rows) = (24usize, 96usize, 5usize);
+        let mut rng = crate::numerics::rng::SplitMix64::new(29);
+        let codes: Vec<u8> = (0..out * inp)
+            .map(|_| {
+                let c = (rng.next_u64() % 256) as u8;
+                if c & 0x7f == 0x7f {
+                    0
+                } else {
+                    c
+                }
+            })
+            .collect();
+        let sc: Vec<f32> = (0..out).map(|i| 1e-2 * (1.0 + i as f32)).collect();
+        let mut uni = || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        let x: Vec<f32> = (0..rows * inp).map(|_| uni() * 8.0).collect();
+        let x = Tensor::from_vec(x, (rows, inp), &Device::Cpu).unwrap();
+        for act in [ActQuant::DynamicToken, ActQuant::Static(0.02), ActQuant::None] {
+            let data = WeightData::Fp8 {
+                codes: &codes,
+                scales: sc.clone(),
+                act,
+            };
+            let packed = Linear::build(data, out, inp, DType::BF16, &Device::Cpu).unwrap();
+            let gpu = Linear::Fp8Codes {
+                codes: Tensor::from_raw_buffer(&codes, DType::F8E4M3, &[out, inp], &Device::Cpu)
+                    .unwrap(),
+                scale: Tensor::from_vec(sc.clone(), (1, out), &Device::Cpu).unwrap(),
+                act,
+            };
+            assert_eq!(gpu.shape(), (out, inp));
+            let a: Vec<Vec<f32>> = packed.forward(&x).unwrap().to_vec2().unwrap();
+            let b: Vec<Vec<f32>> = gpu.forward(&x).unwrap().to_vec2().unwrap();
+            for (ra, rb) in a.iter().zip(&b) {
+                for (va, vb) in ra.iter().zip(rb) {
+                    let tol = 2f32.powi(-8) * va.abs() + 1e-5;
+                    assert!((va - vb).abs() <= tol, "{act:?}: {va} vs {vb}");
+                }
+            }
+        }
     }
 
     #[test]
