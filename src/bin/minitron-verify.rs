@@ -65,6 +65,10 @@ struct Args {
     /// Print the JSON report on stdout instead of the table.
     #[arg(long)]
     json: bool,
+    /// Measure --ppl/--kld with both models resident instead of streamed block by block (a
+    /// cross-check: same numbers, much more memory).
+    #[arg(long)]
+    whole_model: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -87,6 +91,7 @@ fn main() -> std::process::ExitCode {
             weight_only: a.weight_only,
             dump_logits: a.dump_logits.clone(),
             gguf_dense: a.gguf_dense,
+            whole_model: a.whole_model,
             batch: a.batch,
             dtype: a.dtype.as_deref().map(|d| match d {
                 "bf16" => candle_core::DType::BF16,

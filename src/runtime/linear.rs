@@ -831,7 +831,11 @@ mod tests {
         let mut uni = || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
         let x: Vec<f32> = (0..rows * inp).map(|_| uni() * 8.0).collect();
         let x = Tensor::from_vec(x, (rows, inp), &Device::Cpu).unwrap();
-        for act in [ActQuant::DynamicToken, ActQuant::Static(0.02), ActQuant::None] {
+        for act in [
+            ActQuant::DynamicToken,
+            ActQuant::Static(0.02),
+            ActQuant::None,
+        ] {
             let data = WeightData::Fp8 {
                 codes: &codes,
                 scales: sc.clone(),

@@ -107,19 +107,9 @@ impl Block {
             None => (k, v),
         };
         let (k, v) = match cache {
-            Some(cache) => {
-                let k = match &cache.k[l] {
-                    Some(prev) => Tensor::cat(&[prev, &k], 2)?,
-                    None => k,
-                };
-                let v = match &cache.v[l] {
-                    Some(prev) => Tensor::cat(&[prev, &v], 2)?,
-                    None => v,
-                };
-                cache.k[l] = Some(k.clone());
-                cache.v[l] = Some(v.clone());
-                (k, v)
-            }
+            // Written in place into the block's preallocated cache (grown by its capacity when
+            // full); attention reads the filled prefix.
+            Some(cache) => cache.blocks[l].append(&k.contiguous()?, &v.contiguous()?)?,
             None => (k, v),
         };
         // Grouped-query attention: query heads g*i .. g*(i+1) share KV head i. Folding the
@@ -169,19 +159,25 @@ pub struct Llama {
     inv_freq: Vec<f64>,
 }
 
-/// Keys and values of the positions seen so far, per block.
+/// Keys and values of the positions seen so far, per block, in buffers allocated once for
+/// `capacity` positions.
 pub struct KvCache {
-    k: Vec<Option<Tensor>>,
-    v: Vec<Option<Tensor>>,
+    blocks: Vec<candle_nn::kv_cache::KvCache>,
     /// Number of positions already in the cache.
     pub len: usize,
 }
 
 impl KvCache {
     pub fn new(layers: usize) -> Self {
+        Self::with_capacity(layers, 512)
+    }
+
+    /// A cache for `capacity` positions before it has to grow.
+    pub fn with_capacity(layers: usize, capacity: usize) -> Self {
         KvCache {
-            k: vec![None; layers],
-            v: vec![None; layers],
+            blocks: (0..layers)
+                .map(|_| candle_nn::kv_cache::KvCache::new(2, capacity.max(1)))
+                .collect(),
             len: 0,
         }
     }
@@ -329,7 +325,7 @@ impl Llama {
     /// [`Llama::greedy`] with its prefill (prompt forward and first token) and decode (the
     /// remaining tokens) wall times in seconds, each ended by a device synchronisation.
     pub fn greedy_timed(&self, prompt: &[u32], n: usize) -> Result<(Vec<u32>, f64, f64)> {
-        let mut cache = self.new_cache();
+        let mut cache = KvCache::with_capacity(self.blocks.len(), prompt.len() + n);
         let mut out = Vec::with_capacity(n);
         let t0 = std::time::Instant::now();
         let ids = Tensor::from_slice(prompt, (1, prompt.len()), &self.device)?;

@@ -41,6 +41,8 @@ pub struct VerifyOptions {
     pub batch: usize,
     /// Weight and matmul dtype (f32 or bf16); default bf16 (f32 on a CPU without AVX-512 BF16).
     pub dtype: Option<DType>,
+    /// Perplexity and KLD with both models resident (the pre-streaming path), for cross-checks.
+    pub whole_model: bool,
 }
 
 /// Hidden states held per model and pass of chunks (f32 residual streams).
@@ -140,11 +142,11 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
     let ref_src = ref_ck.clone().map(SafetensorsSource::new);
     // Generation (and the logits dump) run the whole model, resident in stored precision;
     // perplexity and KL-divergence stream it block by block.
-    let whole = o.gen.is_some() || o.dump_logits.is_some();
+    let whole = o.gen.is_some() || o.dump_logits.is_some() || o.whole_model;
     let cand = whole
         .then(|| Llama::from_source(cand_src.as_ref(), dtype, &o.device, opts))
         .transpose()?;
-    let reference = match (&ref_src, o.gen.is_some()) {
+    let reference = match (&ref_src, o.gen.is_some() || (o.whole_model && o.kld)) {
         (Some(r), true) => Some(Llama::from_source(
             r,
             dtype,
@@ -188,6 +190,7 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
             "gguf_dense": o.gguf_dense,
             "ppl_batch": o.chunks_per_batch(&cand_cfg),
             "ppl_pass_chunks": o.chunks_per_pass(&cand_cfg),
+            "whole_model": o.whole_model,
             "kernel": crate::runtime::gemm::Isa::detect().name(),
         },
         "machine": machine_info(),
@@ -238,16 +241,33 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
         } else {
             None
         };
-        let results = score_streamed(
-            cand_src.as_ref(),
-            opts,
-            ref_for_kld,
-            &o.device,
-            &chunks,
-            plan.first_scored(),
-            plan_s,
-            &|n| pb.inc(n),
-        )?;
+        let results = match (&cand, o.whole_model) {
+            (Some(c), true) => {
+                let r = if o.kld { reference.as_ref() } else { None };
+                let mut all = Vec::new();
+                for group in chunks.chunks(plan_s.batch.max(1)) {
+                    let g: Vec<&[u32]> = group.iter().map(|c| c.as_slice()).collect();
+                    all.extend(crate::verify::ppl::score_batch(
+                        c,
+                        r,
+                        &g,
+                        plan.first_scored(),
+                        plan_s.on,
+                    )?);
+                }
+                all
+            }
+            _ => score_streamed(
+                cand_src.as_ref(),
+                opts,
+                ref_for_kld,
+                &o.device,
+                &chunks,
+                plan.first_scored(),
+                plan_s,
+                &|n| pb.inc(n),
+            )?,
+        };
         for r in results {
             per_chunk.push(Perplexity::from_nll(&r.nll).ppl);
             nll.extend(r.nll);
