@@ -268,7 +268,7 @@ pub fn tensor_type(
     if is_output {
         t = match o.output_type {
             Some(t) => t,
-            None if ne0 % base.block_size != 0 => ty("Q8_0"),
+            None if !ne0.is_multiple_of(base.block_size) => ty("Q8_0"),
             None if base.name != "Q8_0" => ty("Q6_K"),
             None => base,
         };
@@ -307,7 +307,7 @@ pub fn tensor_type(
 
 /// llama-quantize's replacement for a type whose block does not divide the row.
 fn fallback(t: GgmlType, ne0: usize) -> GgmlType {
-    if ne0 % t.block_size == 0 {
+    if ne0.is_multiple_of(t.block_size) {
         return t;
     }
     let alt = match t.name {
@@ -317,7 +317,7 @@ fn fallback(t: GgmlType, ne0: usize) -> GgmlType {
         "Q2_K" | "Q3_K" => ty("Q4_0"),
         _ => ty("F16"),
     };
-    if ne0 % alt.block_size == 0 {
+    if ne0.is_multiple_of(alt.block_size) {
         alt
     } else {
         ty("F16")

@@ -10,6 +10,7 @@ pub fn env_usize(key: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+#[allow(dead_code)] // not every bench sets threads in-process
 /// Fixes rayon's and candle's thread count from MINITRON_BENCH_THREADS (default 2).
 pub fn set_threads() -> usize {
     let threads = env_usize("MINITRON_BENCH_THREADS", 2);

@@ -63,7 +63,8 @@ impl GgmlType {
     /// Bytes of a tensor with `ne0` elements per row and `rows` rows, or `None` when `ne0` is not
     /// a multiple of the block size.
     pub fn nbytes(&self, ne0: usize, rows: usize) -> Option<usize> {
-        (ne0 % self.block_size == 0).then(|| ne0 / self.block_size * self.type_size * rows)
+        ne0.is_multiple_of(self.block_size)
+            .then(|| ne0 / self.block_size * self.type_size * rows)
     }
 }
 
@@ -331,7 +332,7 @@ impl GgufFile {
         let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
         for t in &tensors {
             let ne0 = t.dims.first().copied().unwrap_or(1) as usize;
-            if ne0 % t.ty.block_size != 0 {
+            if !ne0.is_multiple_of(t.ty.block_size) {
                 return Err(Error::format(
                     path,
                     format!(
@@ -449,7 +450,7 @@ impl GgufWriter {
                 offset: off,
             };
             let ne0 = t.dims.first().copied().unwrap_or(1) as usize;
-            if ne0 % t.ty.block_size != 0 {
+            if !ne0.is_multiple_of(t.ty.block_size) {
                 return Err(Error::Invalid(format!(
                     "tensor `{}`: row length {ne0} is not a multiple of {}'s block size",
                     t.name, t.ty.name

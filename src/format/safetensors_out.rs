@@ -54,7 +54,7 @@ pub fn write_file(
         off += t.data.len();
     }
     let mut hb = serde_json::to_vec(&serde_json::Value::Object(header)).expect("header serialises");
-    while hb.len() % 8 != 0 {
+    while !hb.len().is_multiple_of(8) {
         hb.push(b' ');
     }
     let tmp = temp_path(dest);
@@ -160,7 +160,7 @@ impl ShardedWriter {
         }
         let mut hb =
             serde_json::to_vec(&serde_json::Value::Object(header)).expect("header serialises");
-        while hb.len() % 8 != 0 {
+        while !hb.len().is_multiple_of(8) {
             hb.push(b' ');
         }
         let path = self.dir.join(name);

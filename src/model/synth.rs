@@ -295,7 +295,7 @@ fn write_shard(
         off += b;
     }
     let mut hbytes = serde_json::to_vec(&Value::Object(header)).expect("header serialises");
-    while hbytes.len() % 8 != 0 {
+    while !hbytes.len().is_multiple_of(8) {
         hbytes.push(b' ');
     }
     let f = File::create(path).map_err(|e| Error::io(path, e))?;

@@ -98,7 +98,7 @@ pub fn quantize(
     importance: Option<&[f32]>,
 ) -> Result<Vec<u8>> {
     let k = kind(ty)?;
-    if ne0 == 0 || x.len() % ne0 != 0 || ne0 % ty.block_size != 0 {
+    if ne0 == 0 || !x.len().is_multiple_of(ne0) || !ne0.is_multiple_of(ty.block_size) {
         return Err(Error::Invalid(format!(
             "cannot quantize rows of {ne0} values to {} (block size {})",
             ty.name, ty.block_size

@@ -144,6 +144,7 @@ fn pv_rows<const R: usize, const HD: usize>(
 }
 
 /// [`pv_rows`] for any head size.
+#[allow(clippy::too_many_arguments)]
 fn pv_rows_dyn(
     p: &[f32],
     ps: usize,

@@ -194,7 +194,7 @@ impl PackedBf16 {
     /// microkernel reads twelve of them at once).
     pub fn lda(&self) -> usize {
         let v = 2 * self.kp;
-        if (2 * v) % 4096 == 0 {
+        if (2 * v).is_multiple_of(4096) {
             v + 32
         } else {
             v
@@ -526,8 +526,10 @@ mod tests {
             let e = (r.next_u64() % 60) as i32 - 100;
             let s = if r.next_u64() & 1 == 0 { 1.0 } else { -1.0 };
             let v = s * (1.0 + (r.next_u64() % 128) as f32 / 128.0) * 2f32.powi(e);
-            if r.next_u64() % 7 == 0 {
-                f32::from_bits((r.next_u64() as u32 & 0x007f_0000) | (s < 0.0) as u32 * 0x8000_0000)
+            if r.next_u64().is_multiple_of(7) {
+                f32::from_bits(
+                    (r.next_u64() as u32 & 0x007f_0000) | ((s < 0.0) as u32 * 0x8000_0000),
+                )
             } else {
                 v
             }

@@ -91,7 +91,7 @@ impl PackedI8 {
     /// (Plus one cache line when a row would span a multiple of 4 KiB, see `gemm::PackedBf16::lda`.)
     pub fn lda(&self) -> usize {
         let v = 4 * self.kq;
-        if v % 4096 == 0 {
+        if v.is_multiple_of(4096) {
             v + 64
         } else {
             v
