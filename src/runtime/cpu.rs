@@ -87,6 +87,21 @@ multiversion! {
     }
 }
 
+/// RoPE on rows of `width` values (`b` chunks of `t` positions each, row `r` at position
+/// `r % t`); `cos`/`sin` are `[t, hd/2]`.
+fn rope_rows(x: &mut [f32], width: usize, hd: usize, t: usize, cos: &[f32], sin: &[f32]) {
+    let half = hd / 2;
+    x.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
+        let p = r % t;
+        rope_row(
+            row,
+            hd,
+            &cos[p * half..(p + 1) * half],
+            &sin[p * half..(p + 1) * half],
+        );
+    });
+}
+
 /// Query rows per attention tile.
 const QR: usize = 8;
 /// Key columns per score tile.
@@ -350,7 +365,6 @@ pub fn block_forward(
         c.hidden_size,
     );
     let eps = c.rms_norm_eps as f32;
-    let half = hd / 2;
     let w_in: Vec<f32> = blk.input_norm.to_vec1()?;
     let w_post: Vec<f32> = blk.post_norm.to_vec1()?;
     let xn = rms_norm(x, &w_in, eps);
@@ -360,24 +374,8 @@ pub fn block_forward(
         qkv.next().expect("k"),
         qkv.next().expect("v"),
     );
-    q.par_chunks_mut(h * hd).enumerate().for_each(|(r, row)| {
-        let p = r % t;
-        rope_row(
-            row,
-            hd,
-            &cos[p * half..(p + 1) * half],
-            &sin[p * half..(p + 1) * half],
-        );
-    });
-    k.par_chunks_mut(kvh * hd).enumerate().for_each(|(r, row)| {
-        let p = r % t;
-        rope_row(
-            row,
-            hd,
-            &cos[p * half..(p + 1) * half],
-            &sin[p * half..(p + 1) * half],
-        );
-    });
+    rope_rows(&mut q, h * hd, hd, t, cos, sin);
+    rope_rows(&mut k, kvh * hd, hd, t, cos, sin);
     let y = attention(&q, &k, &v, b, t, h, kvh, hd);
     drop((q, k, v));
     let o = Linear::packed_rows(&[&blk.o], &y, h * hd)?

@@ -216,6 +216,30 @@ fn int8_apply(
     y
 }
 
+/// Prepares f32 host rows `x` (`[rows, inp]`) for the runner's own GEMMs: bf16 rows, FP8
+/// codes with per-row scales, or INT8 codes with per-row scales.
+fn prepare_rows(rule: InputRule, x: &[f32], inp: usize) -> Result<Prepared> {
+    let rows = x.len() / inp.max(1);
+    Ok(match rule {
+        InputRule::Packed(lda, None) => {
+            Prepared::Packed(crate::runtime::gemm::to_bf16_rows(x, inp, lda), None, rows)
+        }
+        InputRule::Packed(lda, Some(act)) => {
+            let (c, s) = fp8_code_rows(x, inp, lda, act);
+            Prepared::Packed(c, Some(s), rows)
+        }
+        InputRule::PackedI8(lda) => {
+            let (a, s) = crate::runtime::gemm_i8::quantize_rows(x, inp, lda);
+            Prepared::PackedI8(a, s, rows)
+        }
+        _ => {
+            return Err(crate::error::Error::Invalid(
+                "internal: host-row preparation for a layer that is not on the CPU GEMM".into(),
+            ))
+        }
+    })
+}
+
 /// What a loader read for one linear layer `[out, in]`, in its stored form.
 pub enum WeightData<'a> {
     /// Little-endian bf16 values.
@@ -491,21 +515,10 @@ impl Linear {
             InputRule::Int8Bf16 { dynamic: false } => {
                 Prepared::Int8Bf16(x.to_dtype(DType::BF16)?, None)
             }
-            InputRule::Packed(lda, fp8) => {
+            rule @ (InputRule::Packed(..) | InputRule::PackedI8(_)) => {
                 let inp = x.dim(candle_core::D::Minus1)?;
                 let v: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                let rows = v.len() / inp.max(1);
-                match fp8 {
-                    None => Prepared::Packed(
-                        crate::runtime::gemm::to_bf16_rows(&v, inp, lda),
-                        None,
-                        rows,
-                    ),
-                    Some(act) => {
-                        let (codes, scales) = fp8_code_rows(&v, inp, lda, act);
-                        Prepared::Packed(codes, Some(scales), rows)
-                    }
-                }
+                prepare_rows(rule, &v, inp)?
             }
             InputRule::Fp8Codes(act) => {
                 let xf = x.to_dtype(DType::F32)?;
@@ -532,13 +545,6 @@ impl Linear {
                         Prepared::Fp8Codes(q, Some(s))
                     }
                 }
-            }
-            InputRule::PackedI8(lda) => {
-                let inp = x.dim(candle_core::D::Minus1)?;
-                let v: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                let rows = v.len() / inp.max(1);
-                let (a, s) = crate::runtime::gemm_i8::quantize_rows(&v, inp, lda);
-                Prepared::PackedI8(a, s, rows)
             }
         })
     }
@@ -637,19 +643,8 @@ impl Linear {
     pub(crate) fn packed_rows(layers: &[&Linear], x: &[f32], inp: usize) -> Result<Vec<Vec<f32>>> {
         let rule = layers.first().map(|l| l.input_rule());
         let same = layers.iter().all(|l| Some(l.input_rule()) == rule);
-        let rows = x.len() / inp.max(1);
         let prepared = match rule {
-            Some(InputRule::Packed(lda, None)) if same => {
-                Prepared::Packed(crate::runtime::gemm::to_bf16_rows(x, inp, lda), None, rows)
-            }
-            Some(InputRule::Packed(lda, Some(act))) if same => {
-                let (c, s) = fp8_code_rows(x, inp, lda, act);
-                Prepared::Packed(c, Some(s), rows)
-            }
-            Some(InputRule::PackedI8(lda)) if same => {
-                let (a, s) = crate::runtime::gemm_i8::quantize_rows(x, inp, lda);
-                Prepared::PackedI8(a, s, rows)
-            }
+            Some(r) if same => prepare_rows(r, x, inp)?,
             _ => {
                 return Err(crate::error::Error::Invalid(
                     "internal: packed_rows on layers without one packed input rule".into(),

@@ -29,6 +29,22 @@ pub struct ChunkResult {
 /// Candidate NLL and, with a reference, (reference NLL, KLD, same top-1) of one position.
 type PositionScore = (f64, Option<(f64, f64, bool)>);
 
+impl ChunkResult {
+    /// Collects per-position scores into the per-chunk vectors.
+    fn from_positions(per_pos: Vec<PositionScore>) -> Self {
+        let mut r = ChunkResult::default();
+        for (nll, cmp) in per_pos {
+            r.nll.push(nll);
+            if let Some((rn, k, s)) = cmp {
+                r.ref_nll.push(rn);
+                r.kld.push(k);
+                r.same_top1.push(s);
+            }
+        }
+        r
+    }
+}
+
 /// Where the per-position statistics (log-softmax, NLL, KLD, top-1) are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatsOn {
@@ -96,16 +112,7 @@ pub fn score_batch(
             StatsOn::Host => host_stats(&q, p.as_ref(), targets)?,
             StatsOn::Device => device_stats(&q, p.as_ref(), targets)?,
         };
-        let mut r = ChunkResult::default();
-        for (nll, cmp) in per_pos {
-            r.nll.push(nll);
-            if let Some((rn, k, s)) = cmp {
-                r.ref_nll.push(rn);
-                r.kld.push(k);
-                r.same_top1.push(s);
-            }
-        }
-        out.push(r);
+        out.push(ChunkResult::from_positions(per_pos));
     }
     Ok(out)
 }
@@ -190,16 +197,7 @@ pub fn score_streamed(
                     StatsOn::Host => host_stats(&q, p.as_ref(), targets)?,
                     StatsOn::Device => device_stats(&q, p.as_ref(), targets)?,
                 };
-                let mut res = ChunkResult::default();
-                for (nll, cmp) in per_pos {
-                    res.nll.push(nll);
-                    if let Some((rn, kl, s)) = cmp {
-                        res.ref_nll.push(rn);
-                        res.kld.push(kl);
-                        res.same_top1.push(s);
-                    }
-                }
-                out.push(res);
+                out.push(ChunkResult::from_positions(per_pos));
             }
         }
     }
