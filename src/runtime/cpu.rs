@@ -118,6 +118,25 @@ fn score_tile(
     hd: usize,
     j0: usize,
 ) -> [[f32; KC]; QR] {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx512() {
+        assert!(q.len() >= (QR - 1) * qs + hd && kt.len() >= (hd - 1) * tp + j0 + KC);
+        // SAFETY: the CPU has AVX-512F, and the bounds above cover every load.
+        return unsafe { x86::score_tile(q, qs, kt, tp, hd, j0) };
+    }
+    score_tile_portable(q, qs, kt, tp, hd, j0)
+}
+
+/// [`score_tile`] in plain Rust.
+#[inline(always)]
+fn score_tile_portable(
+    q: &[f32],
+    qs: usize,
+    kt: &[f32],
+    tp: usize,
+    hd: usize,
+    j0: usize,
+) -> [[f32; KC]; QR] {
     let mut acc = [[0f32; KC]; QR];
     for d in 0..hd {
         let kv: &[f32; KC] = kt[d * tp + j0..d * tp + j0 + KC]
@@ -143,6 +162,27 @@ fn pv_rows<const R: usize, const HD: usize>(
     out: &mut [f32],
     os: usize,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx512() && HD % 16 == 0 {
+        assert!(n == 0 || (p.len() >= (R - 1) * ps + n && v.len() >= n * HD));
+        assert!(out.len() >= (R - 1) * os + HD);
+        // SAFETY: the CPU has AVX-512F, and the bounds above cover every load and store.
+        unsafe { x86::pv_rows::<R, HD>(p, ps, v, n, out, os) };
+        return;
+    }
+    pv_rows_portable::<R, HD>(p, ps, v, n, out, os)
+}
+
+/// [`pv_rows`] in plain Rust.
+#[inline(always)]
+fn pv_rows_portable<const R: usize, const HD: usize>(
+    p: &[f32],
+    ps: usize,
+    v: &[f32],
+    n: usize,
+    out: &mut [f32],
+    os: usize,
+) {
     let mut acc = [[0f32; HD]; R];
     for j in 0..n {
         let vr: &[f32; HD] = v[j * HD..(j + 1) * HD].try_into().expect("HD values");
@@ -155,6 +195,76 @@ fn pv_rows<const R: usize, const HD: usize>(
     }
     for (r, a) in acc.iter().enumerate() {
         out[r * os..r * os + HD].copy_from_slice(a);
+    }
+}
+
+/// The attention tiles with AVX-512 registers held explicitly: the key (or value) vectors are
+/// loaded once per step and reused by every row, which the compiler's own schedule does not do
+/// (it re-reads them per row and runs out of load ports). Each lane does the same
+/// `fma(q, k, acc)` sequence as the portable loops, so the results are bit-identical.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{KC, QR};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn score_tile(
+        q: &[f32],
+        qs: usize,
+        kt: &[f32],
+        tp: usize,
+        hd: usize,
+        j0: usize,
+    ) -> [[f32; KC]; QR] {
+        let mut acc = [[_mm512_setzero_ps(); 2]; QR];
+        let (qp, kp) = (q.as_ptr(), kt.as_ptr());
+        for d in 0..hd {
+            let k0 = _mm512_loadu_ps(kp.add(d * tp + j0));
+            let k1 = _mm512_loadu_ps(kp.add(d * tp + j0 + 16));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let qv = _mm512_set1_ps(*qp.add(r * qs + d));
+                a[0] = _mm512_fmadd_ps(qv, k0, a[0]);
+                a[1] = _mm512_fmadd_ps(qv, k1, a[1]);
+            }
+        }
+        let mut out = [[0f32; KC]; QR];
+        for (o, a) in out.iter_mut().zip(&acc) {
+            _mm512_storeu_ps(o.as_mut_ptr(), a[0]);
+            _mm512_storeu_ps(o.as_mut_ptr().add(16), a[1]);
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn pv_rows<const R: usize, const HD: usize>(
+        p: &[f32],
+        ps: usize,
+        v: &[f32],
+        n: usize,
+        out: &mut [f32],
+        os: usize,
+    ) {
+        const { assert!(HD % 16 == 0 && HD <= 128) };
+        let mut acc = [[_mm512_setzero_ps(); 8]; R];
+        let (pp, vp) = (p.as_ptr(), v.as_ptr());
+        let w = HD / 16;
+        for j in 0..n {
+            let mut vr = [_mm512_setzero_ps(); 8];
+            for (x, vx) in vr.iter_mut().enumerate().take(w) {
+                *vx = _mm512_loadu_ps(vp.add(j * HD + x * 16));
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let pv = _mm512_set1_ps(*pp.add(r * ps + j));
+                for x in 0..w {
+                    a[x] = _mm512_fmadd_ps(pv, vr[x], a[x]);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (x, ax) in a.iter().enumerate().take(w) {
+                _mm512_storeu_ps(out.as_mut_ptr().add(r * os + x * 16), *ax);
+            }
+        }
     }
 }
 
@@ -381,7 +491,7 @@ pub fn block_forward(
     let o = Linear::packed_rows(&[&blk.o], &y, h * hd)?
         .pop()
         .expect("o");
-    x.par_iter_mut().zip(&o).for_each(|(a, &d)| *a += d);
+    add_into(x, &o);
     let xn = rms_norm(x, &w_post, eps);
     let mut gu = Linear::packed_rows(&[&blk.gate, &blk.up], &xn, hs)?.into_iter();
     let (mut g, u) = (gu.next().expect("gate"), gu.next().expect("up"));
@@ -393,8 +503,15 @@ pub fn block_forward(
     let d = Linear::packed_rows(&[&blk.down], &g, inter)?
         .pop()
         .expect("down");
-    x.par_iter_mut().zip(&d).for_each(|(a, &v)| *a += v);
+    add_into(x, &d);
     Ok(())
+}
+
+/// `x += d`, in parallel over large slices (one rayon task per element costs more than the add).
+fn add_into(x: &mut [f32], d: &[f32]) {
+    x.par_chunks_mut(1 << 14)
+        .zip(d.par_chunks(1 << 14))
+        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, &b)| *a += b));
 }
 
 #[cfg(test)]
@@ -416,6 +533,41 @@ mod tests {
     }
 
     /// Attention against a direct f64 evaluation of softmax(QKᵀ/√d + causal mask)·V.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn intrinsic_attention_tiles_equal_the_portable_loops() {
+        if !crate::simd::avx512() {
+            eprintln!("SKIPPED: this CPU has no AVX-512; only the portable tiles exist here");
+            return;
+        }
+        let mut rng = crate::numerics::rng::SplitMix64::new(7);
+        let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.unit_f32() * 2.0 - 1.0).collect() };
+        let (hd, tp, qs) = (64, 96, 64);
+        let (q, kt) = (r(QR * qs), r(hd * tp));
+        for j0 in [0, 32, 64] {
+            let a = score_tile_portable(&q, qs, &kt, tp, hd, j0);
+            // SAFETY: AVX-512F is present (checked above); the slices cover every load.
+            let b = unsafe { x86::score_tile(&q, qs, &kt, tp, hd, j0) };
+            for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+                assert_eq!(x.to_bits(), y.to_bits());
+            }
+        }
+        fn pv<const R: usize, const HD: usize>(p: &[f32], v: &[f32], n: usize) {
+            let (mut a, mut b) = (vec![0f32; R * HD], vec![0f32; R * HD]);
+            pv_rows_portable::<R, HD>(p, n, v, n, &mut a, HD);
+            // SAFETY: AVX-512F is present; `p` has R rows of `n`, `v` n rows of HD.
+            unsafe { x86::pv_rows::<R, HD>(p, n, v, n, &mut b, HD) };
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
+        for n in [1, 17, 95] {
+            let (p, v) = (r(4 * n), r(n * 128));
+            pv::<4, 64>(&p, &v, n);
+            pv::<1, 64>(&p, &v, n);
+            pv::<2, 128>(&p, &v, n);
+            pv::<1, 128>(&p, &v, n);
+        }
+    }
+
     #[test]
     fn attention_matches_an_f64_reference() {
         let (b, t, h, kvh, hd) = (2, 37, 4, 2, 16);

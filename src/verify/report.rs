@@ -39,7 +39,8 @@ pub struct VerifyOptions {
     /// Perplexity chunks per forward pass; 0 picks by the model's size (about 512 MB of
     /// activations on a CPU) and up to 4,096 tokens per batch on a GPU.
     pub batch: usize,
-    /// Weight and matmul dtype (f32 or bf16); default bf16 (f32 on a CPU without AVX-512 BF16).
+    /// Weight and matmul dtype (f32 or bf16). Default: bf16 for streamed perplexity/KLD (f32 on
+    /// a CPU without AVX-512 BF16); see [`Self::whole_dtype`] for generation.
     pub dtype: Option<DType>,
     /// Perplexity and KLD with both models resident (the pre-streaming path), for cross-checks.
     pub whole_model: bool,
@@ -84,6 +85,18 @@ impl VerifyOptions {
             None => DType::BF16,
         }
     }
+
+    /// The dtype of the resident whole model (generation, the logits dump, `--whole-model`): as
+    /// asked; f32 on a CPU when it serves generation or the dump alone, so greedy tokens are
+    /// those of the exact reference; else [`Self::compute_dtype`], so a `--whole-model`
+    /// cross-check runs the same arithmetic as the streamed pass.
+    pub fn whole_dtype(&self) -> DType {
+        match self.dtype {
+            Some(d) => d,
+            None if self.device.is_cpu() && !self.whole_model => DType::F32,
+            None => self.compute_dtype(),
+        }
+    }
 }
 
 /// Runs every requested measurement and returns the report.
@@ -104,6 +117,7 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
     crate::runtime::tune_allocator();
     let t0 = Instant::now();
     let dtype = o.compute_dtype();
+    let whole_dtype = o.whole_dtype();
     let opts = LoadOptions {
         weight_only: o.weight_only,
         gguf_dense: o.gguf_dense,
@@ -144,12 +158,12 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
     // perplexity and KL-divergence stream it block by block.
     let whole = o.gen.is_some() || o.dump_logits.is_some() || o.whole_model;
     let cand = whole
-        .then(|| Llama::from_source(cand_src.as_ref(), dtype, &o.device, opts))
+        .then(|| Llama::from_source(cand_src.as_ref(), whole_dtype, &o.device, opts))
         .transpose()?;
     let reference = match (&ref_src, o.gen.is_some() || (o.whole_model && o.kld)) {
         (Some(r), true) => Some(Llama::from_source(
             r,
-            dtype,
+            whole_dtype,
             &o.device,
             LoadOptions::default(),
         )?),
@@ -185,6 +199,7 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
         "settings": {
             "ctx": o.ctx, "chunks": o.chunks, "threads": o.threads,
             "device": format!("{:?}", o.device), "compute_dtype": format!("{dtype:?}").to_lowercase(),
+            "whole_model_dtype": whole.then(|| format!("{whole_dtype:?}").to_lowercase()),
             "gen_tokens": o.gen_tokens,
             "weight_only": o.weight_only,
             "gguf_dense": o.gguf_dense,
