@@ -54,7 +54,7 @@ if [ -n "$missing" ]; then
 fi
 V=$BIN/minitron-verify
 C=$BIN/minitron-convert
-TEXT=src/calib/default_corpus.txt
+TEXT=src/model/default_corpus.txt
 PROMPTS=fixtures/prompts.txt
 W=${GPU_CHECK_WORK:-/tmp/minitron-gpu-check}
 mkdir -p "$W"

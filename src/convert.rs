@@ -376,7 +376,12 @@ fn convert_loop(
             if smooth.as_ref().map(|s| s.layer) != Some(l) {
                 let st = stats.ok_or_else(|| Error::Invalid("int8 needs calibration".into()))?;
                 let plan = crate::quant::smoothquant::SmoothPlan::from_alpha(o.smooth_alpha);
-                let sm = crate::quant::smoothquant::LayerSmoothing::compute(ck, st, l, plan)?;
+                let sm = crate::quant::smoothquant::LayerSmoothing::compute(
+                    ck,
+                    &st.activations(l),
+                    l,
+                    plan,
+                )?;
                 let mut entry = serde_json::Map::new();
                 entry.insert("layer".into(), json!(l));
                 for site in InputSite::ALL {

@@ -166,7 +166,7 @@ fn unknown_rope_type() {
 #[test]
 fn verify_reports_bad_input_the_same_way() {
     let t = broken_copy(|d| edit_config(d, |c| c["num_key_value_heads"] = 3.into()));
-    let text = root().join("src/calib/default_corpus.txt");
+    let text = root().join("src/model/default_corpus.txt");
     let e = run_err(
         "minitron-verify",
         &[s(t.path()), "--ppl", s(&text), "--ctx", "64"],
@@ -179,7 +179,7 @@ fn cuda_in_a_cpu_build_says_so() {
     if cfg!(feature = "cuda") {
         return;
     }
-    let text = root().join("src/calib/default_corpus.txt");
+    let text = root().join("src/model/default_corpus.txt");
     let e = run_err(
         "minitron-verify",
         &[s(&tiny()), "--ppl", s(&text), "--device", "cuda"],

@@ -80,7 +80,7 @@ fn hook_statistics_match_an_f64_forward() {
 #[test]
 fn saved_statistics_load_back_exactly_and_threads_do_not_matter() {
     let t = tempdir();
-    let text = root().join("src/calib/default_corpus.txt");
+    let text = root().join("src/model/default_corpus.txt");
     let mut files = Vec::new();
     for threads in ["1", "2"] {
         let calib = t.path().join(format!("s{threads}.calib"));

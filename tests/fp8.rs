@@ -78,7 +78,7 @@ fn smollm2_fp8_equals_llm_compressor_byte_for_byte() {
 fn three_flavours_in_one_pass_have_their_layouts_and_run() {
     let t = tempdir();
     let out = t.path().join("arts");
-    let text = root().join("src/calib/default_corpus.txt");
+    let text = root().join("src/model/default_corpus.txt");
     run_ok(
         "minitron-convert",
         &[
@@ -236,7 +236,7 @@ fn failed_conversion_leaves_nothing() {
 #[test]
 fn search_and_gptq_keep_the_layout_are_deterministic_and_lower_the_error() {
     let t = tempdir();
-    let text = root().join("src/calib/default_corpus.txt");
+    let text = root().join("src/model/default_corpus.txt");
     let reference = tiny();
     let mut kld = BTreeMap::new();
     for mode in ["rtn", "search", "gptq"] {

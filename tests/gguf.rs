@@ -548,7 +548,7 @@ fn quantized_matmul_and_dense_runs_of_a_gguf_agree() {
         "minitron-convert",
         &[s(&tiny()), "--to", "gguf:q8_0", "--out", s(&out)],
     );
-    let text = root().join("src/calib/default_corpus.txt");
+    let text = root().join("src/model/default_corpus.txt");
     let ppl = |dense: bool| -> f64 {
         let mut args = vec![
             s(&out),

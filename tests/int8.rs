@@ -120,8 +120,13 @@ fn smoothing_alone_is_an_identity() {
         extended: true,
     };
     for l in 0..ck.config.num_hidden_layers {
-        let sm =
-            minitron::quant::smoothquant::LayerSmoothing::compute(&ck, &stats, l, plan).unwrap();
+        let sm = minitron::quant::smoothquant::LayerSmoothing::compute(
+            &ck,
+            &stats.activations(l),
+            l,
+            plan,
+        )
+        .unwrap();
         for site in InputSite::ALL {
             let f = sm.factors[site.index()].as_ref().unwrap();
             assert!(

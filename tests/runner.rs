@@ -86,7 +86,7 @@ fn kv_cache_decoding_equals_full_forward() {
 
 #[test]
 fn kld_of_a_model_against_itself_is_zero() {
-    let text = root().join("src/calib/default_corpus.txt");
+    let text = root().join("src/model/default_corpus.txt");
     let out = run_ok(
         "minitron-verify",
         &[
@@ -225,7 +225,7 @@ fn batched_device_statistics_equal_chunk_by_chunk_host_statistics() {
 /// well under 1 % and the errors average out over 10k scored tokens.
 #[test]
 fn bf16_compute_tracks_f32_perplexity() {
-    let text = root().join("src/calib/default_corpus.txt");
+    let text = root().join("src/model/default_corpus.txt");
     let ppl = |dtype: &str| -> f64 {
         let out = run_ok(
             "minitron-verify",
@@ -332,7 +332,7 @@ fn portable_kernels_give_the_same_numbers_as_the_avx512_ones() {
         eprintln!("SKIPPED portable_kernels_give_the_same_numbers: this CPU has no AVX-512 BF16, only the portable path runs");
         return;
     }
-    let text = root().join("src/calib/default_corpus.txt");
+    let text = root().join("src/model/default_corpus.txt");
     let run_with = |kernel: Option<&str>| -> serde_json::Value {
         let mut cmd = std::process::Command::new(bin("minitron-verify"));
         cmd.args([

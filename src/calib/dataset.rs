@@ -70,12 +70,12 @@ pub fn load_source(path: Option<&Path>) -> Result<CalibSource> {
         let text = crate::calib::DEFAULT_CORPUS.to_owned();
         return Ok(CalibSource {
             label: "built-in".into(),
-            sha256: crate::model::checkpoint::hex(&Sha256::digest(text.as_bytes())),
+            sha256: crate::numerics::hex(&Sha256::digest(text.as_bytes())),
             text,
         });
     };
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let sha256 = crate::model::checkpoint::hex(&Sha256::digest(&bytes));
+    let sha256 = crate::numerics::hex(&Sha256::digest(&bytes));
     let raw = String::from_utf8(bytes)
         .map_err(|e| Error::format(path, format!("not UTF-8 text: {e}")))?;
     let is_jsonl =

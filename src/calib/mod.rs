@@ -9,9 +9,7 @@ pub use dataset::{calibration_chunks, load_source, CalibSource, CalibSpec, Chunk
 pub use imatrix::Imatrix;
 pub use stats::{CalibInfo, CalibStats};
 
-/// The built-in calibration corpus: the project's own writing (prose, dialogue, code, lists,
-/// arithmetic). It also trains the byte-level BPE of synthetic checkpoints.
-pub const DEFAULT_CORPUS: &str = include_str!("default_corpus.txt");
+pub use crate::model::DEFAULT_CORPUS;
 
 use std::path::PathBuf;
 

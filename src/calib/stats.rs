@@ -188,6 +188,15 @@ impl CalibStats {
         })
     }
 
+    /// Block `layer`'s input-site activations as SmoothQuant takes them.
+    pub fn activations(&self, layer: usize) -> [crate::quant::smoothquant::SiteActivations<'_>; 4] {
+        let l = &self.layers[layer];
+        std::array::from_fn(|i| crate::quant::smoothquant::SiteActivations {
+            absmax: &l.sites[i].absmax,
+            samples: &l.samples[i],
+        })
+    }
+
     /// Statistics of `site` in block `layer`.
     pub fn site(&self, layer: usize, site: InputSite) -> &SiteStats {
         &self.layers[layer].sites[site.index()]

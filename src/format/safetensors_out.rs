@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::model::Dtype;
+use crate::numerics::Dtype;
 
 /// A tensor held in memory for writing.
 pub struct OwnedTensor {
@@ -190,7 +190,7 @@ impl ShardedWriter {
         self.written.push(WrittenFile {
             file: name.clone(),
             bytes,
-            sha256: crate::model::checkpoint::hex(&h.finalize()),
+            sha256: crate::numerics::hex(&h.finalize()),
         });
         self.shard += 1;
         if self.shard < self.shards.len() {
@@ -272,7 +272,7 @@ impl ShardedWriter {
 /// sha256 of bytes as lowercase hex.
 pub fn sha256_bytes(b: &[u8]) -> String {
     use sha2::Digest;
-    crate::model::checkpoint::hex(&sha2::Sha256::digest(b))
+    crate::numerics::hex(&sha2::Sha256::digest(b))
 }
 
 /// Starts an output folder: returns the `.NAME.partial` folder to fill. `out` must not exist

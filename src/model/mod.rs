@@ -9,3 +9,7 @@ pub mod tokenizer;
 pub use checkpoint::{Checkpoint, Dtype};
 pub use config::{LlamaConfig, RopeScaling};
 pub use tokenizer::Tokenizer;
+
+/// The built-in calibration corpus: the project's own writing (prose, dialogue, code, lists,
+/// arithmetic). It also trains the byte-level BPE of synthetic checkpoints.
+pub const DEFAULT_CORPUS: &str = include_str!("default_corpus.txt");

@@ -404,7 +404,7 @@ fn build_tokenizer(preset: Preset) -> Result<Value> {
     use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
     let pre: tokenizers::PreTokenizerWrapper =
         serde_json::from_value(llama3_pre_tokenizer()).expect("valid pre-tokenizer json");
-    let mut pts = PreTokenizedString::from(crate::calib::DEFAULT_CORPUS);
+    let mut pts = PreTokenizedString::from(crate::model::DEFAULT_CORPUS);
     pre.pre_tokenize(&mut pts)
         .map_err(|e| Error::Invalid(format!("pre-tokenizing the built-in corpus: {e}")))?;
     let mut words: BTreeMap<String, u64> = BTreeMap::new();

@@ -6,7 +6,7 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::model::checkpoint::Dtype;
+use crate::numerics::dtype::Dtype;
 
 const CHUNK: usize = 1 << 16;
 

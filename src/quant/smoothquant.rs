@@ -8,7 +8,6 @@
 
 use rayon::prelude::*;
 
-use crate::calib::stats::CalibStats;
 use crate::error::{Error, Result};
 use crate::model::names::{hf_linear, InputSite, LinearRole};
 use crate::model::Checkpoint;
@@ -62,11 +61,20 @@ fn producer(site: InputSite) -> Option<LinearRole> {
     }
 }
 
+/// What smoothing needs to know of one input site's activations: per-channel maxima of `|x|`,
+/// and sampled rows (row-major, may be empty) for the α search.
+#[derive(Debug, Clone, Copy)]
+pub struct SiteActivations<'a> {
+    pub absmax: &'a [f32],
+    pub samples: &'a [f32],
+}
+
 impl LayerSmoothing {
-    /// Factors for block `layer` under `plan`.
+    /// Factors for block `layer` under `plan`, from its input sites' activations (indexed by
+    /// [`InputSite::index`]).
     pub fn compute(
         ck: &Checkpoint,
-        stats: &CalibStats,
+        acts: &[SiteActivations<'_>; 4],
         layer: usize,
         plan: SmoothPlan,
     ) -> Result<Self> {
@@ -92,7 +100,7 @@ impl LayerSmoothing {
                 .collect::<Result<_>>()?;
             let refs: Vec<&[f32]> = ws.iter().map(Vec::as_slice).collect();
             let mut wmax = column_absmax(&refs, cols);
-            let mut amax = stats.site(layer, site).absmax.clone();
+            let mut amax = acts[site.index()].absmax.to_vec();
             if site == InputSite::AttnOut {
                 // One factor per KV channel: the maxima over the query heads sharing it.
                 let reduce = |v: &[f32]| {
@@ -116,7 +124,7 @@ impl LayerSmoothing {
             let (s, a) = match plan.alpha {
                 Some(a) => (smooth_factors(&amax, &wmax, a), a),
                 None => {
-                    let x = &stats.layers[layer].samples[site.index()];
+                    let x = acts[site.index()].samples;
                     if x.is_empty() {
                         return Err(Error::Invalid(
                             "--smooth-alpha auto needs activation samples, which saved statistics do not keep: calibrate again instead of --load-calib".into(),

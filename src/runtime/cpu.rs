@@ -12,8 +12,8 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::model::LlamaConfig;
+use crate::runtime::block::Block;
 use crate::runtime::linear::Linear;
-use crate::runtime::llama::Block;
 
 /// `e^x` in f32, within 2 ulp over the range softmax and SiLU use (`x ≤ 88`); 0 below −87.
 #[inline(always)]

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::Result;
 use crate::model::names::InputSite;
 use crate::model::{Checkpoint, LlamaConfig};
+use crate::runtime::block::Block;
 use crate::runtime::linear::{fp8_static, Linear};
 use crate::runtime::load::{safetensors::SafetensorsSource, Source};
 pub use crate::runtime::load::{stream_dtype, LoadOptions};
@@ -24,21 +25,6 @@ pub trait Observer {
     fn kv(&mut self, _layer: usize, _k: &Tensor, _v: &Tensor) -> Result<()> {
         Ok(())
     }
-}
-
-/// One transformer block's weights, as a loader (`runtime::load`) made them.
-pub struct Block {
-    pub(crate) input_norm: Tensor,
-    pub(crate) post_norm: Tensor,
-    pub(crate) q: Linear,
-    pub(crate) k: Linear,
-    pub(crate) v: Linear,
-    pub(crate) o: Linear,
-    pub(crate) gate: Linear,
-    pub(crate) up: Linear,
-    pub(crate) down: Linear,
-    /// Static FP8 KV-cache scales (k, v), when the artifact has them.
-    pub(crate) kv_scales: Option<(f32, f32)>,
 }
 
 /// What every block of one forward pass shares.

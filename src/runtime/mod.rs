@@ -1,5 +1,6 @@
 //! Our own Llama-3.x forward pass on candle: every position's logits, a KV cache for generation,
 //! and hooks through which calibration observes each linear layer's input.
+pub mod block;
 pub mod cpu;
 pub mod device;
 pub mod gemm;
@@ -8,9 +9,10 @@ pub mod linear;
 pub mod llama;
 pub mod load;
 
+pub use block::Block;
 pub use device::pick_device;
 pub use linear::Linear;
-pub use llama::{observe_streamed, Block, KvCache, Llama, LoadOptions, Observer, Streamed};
+pub use llama::{observe_streamed, KvCache, Llama, LoadOptions, Observer, Streamed};
 pub use load::Source;
 
 /// Keeps freed buffers in the process heap instead of returning them to the system after every

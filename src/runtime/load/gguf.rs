@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{stream_dtype, vector, LoadOptions, Source};
+use super::source::{stream_dtype, vector, LoadOptions, Source};
 use crate::error::{Error, Result};
 use crate::format::gguf::{GgmlType, GgufFile, TensorInfo, Value};
 use crate::model::LlamaConfig;
+use crate::runtime::block::Block;
 use crate::runtime::linear::{Linear, WeightData};
-use crate::runtime::llama::Block;
 
 /// A GGUF file as a runner [`Source`].
 pub struct GgufSource {

@@ -8,48 +8,13 @@
 
 pub mod gguf;
 pub mod safetensors;
+pub mod source;
+
+pub use source::{stream_dtype, LoadOptions, Source};
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
-
 use crate::error::Result;
-use crate::model::LlamaConfig;
-use crate::runtime::linear::Linear;
-use crate::runtime::llama::Block;
-
-/// How an artifact is run.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LoadOptions {
-    /// Run quantized weights with unquantized activations (and no KV-cache quantization): what
-    /// weight-only kernels compute, and a way to split the loss between weights and activations.
-    pub weight_only: bool,
-    /// GGUF: dequantize block-quantized weights at load and run them as dense matmuls
-    /// (unquantized activations, as llama.cpp's dequantize-then-GEMM paths compute).
-    pub gguf_dense: bool,
-}
-
-/// A model's weights as the runner consumes them.
-pub trait Source: Sync {
-    /// The architecture.
-    fn config(&self) -> &LlamaConfig;
-    /// Where the weights come from (for messages).
-    fn label(&self) -> String;
-    /// RoPE inverse frequencies, `head_dim / 2` values.
-    fn inv_freq(&self) -> Result<Vec<f64>>;
-    /// Block `l` with weights in their stored precision for matmul dtype `dtype` on `device`.
-    fn block(&self, l: usize, dtype: DType, device: &Device, opts: LoadOptions) -> Result<Block>;
-    /// Drops this process's resident pages of block `l` (the file cache keeps them).
-    fn release_block(&self, _l: usize) {}
-    /// f32 embedding rows of `ids`, `[ids.len() · hidden]`.
-    fn embed_rows(&self, ids: &[u32]) -> Result<Vec<f32>>;
-    /// The whole embedding table `[vocab, hidden]` in `dtype` (generation's resident model).
-    fn embedding(&self, dtype: DType, device: &Device) -> Result<Tensor>;
-    /// The final norm (stream dtype) and the output head.
-    fn head(&self, dtype: DType, device: &Device, opts: LoadOptions) -> Result<(Tensor, Linear)>;
-    /// Drops the resident pages of the embedding, final norm and head.
-    fn release_head(&self) {}
-}
 
 /// Opens a checkpoint folder (bf16, FP8 or INT8 safetensors) or a GGUF file.
 pub fn open(path: &Path) -> Result<Box<dyn Source>> {
@@ -60,20 +25,4 @@ pub fn open(path: &Path) -> Result<Box<dyn Source>> {
             std::sync::Arc::new(crate::model::Checkpoint::open(path)?),
         )))
     }
-}
-
-/// The dtype of everything but the linear layers' weights and inputs: with bf16 or f16 weights
-/// the residual stream, norms, RoPE, attention, softmax and logits stay in f32 (as llama.cpp's
-/// GPU backends keep activations), so only the matmul inputs are rounded to the weight dtype.
-pub fn stream_dtype(weights: DType) -> DType {
-    match weights {
-        DType::BF16 | DType::F16 => DType::F32,
-        d => d,
-    }
-}
-
-/// A vector `[n]` in `dtype`.
-pub(crate) fn vector(v: Vec<f32>, dtype: DType, device: &Device) -> Result<Tensor> {
-    let n = v.len();
-    Ok(Tensor::from_vec(v, n, device)?.to_dtype(dtype)?)
 }

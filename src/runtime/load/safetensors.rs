@@ -5,12 +5,12 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{stream_dtype, vector, LoadOptions, Source};
+use super::source::{stream_dtype, vector, LoadOptions, Source};
 use crate::error::{Error, Result};
 use crate::model::names::{self, LinearRole};
 use crate::model::{Checkpoint, Dtype, LlamaConfig};
+use crate::runtime::block::Block;
 use crate::runtime::linear::{ActQuant, Linear, WeightData};
-use crate::runtime::llama::Block;
 
 /// The checkpoint, owned or borrowed.
 enum Held<'a> {
