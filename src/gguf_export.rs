@@ -18,6 +18,7 @@ use serde_json::{json, Value as Json};
 
 use crate::calib::Imatrix;
 use crate::error::{Error, Result};
+use crate::format::gguf::keys;
 use crate::format::gguf::{GgmlType, GgufWriter, PlannedTensor, Value};
 use crate::model::config::RopeScaling;
 use crate::model::names::{self, LinearRole};
@@ -99,27 +100,23 @@ impl Mix {
 
     /// The type most tensors get.
     fn base(self) -> GgmlType {
-        ty(match self {
-            Mix::F32 => "F32",
-            Mix::F16 => "F16",
-            Mix::BF16 => "BF16",
-            Mix::Q8_0 => "Q8_0",
-            Mix::Q6K => "Q6_K",
-            Mix::Q5KM | Mix::Q5KS => "Q5_K",
-            Mix::Q4KM | Mix::Q4KS => "Q4_K",
-            Mix::Q4_0 => "Q4_0",
-            Mix::Q3KM => "Q3_K",
-        })
+        match self {
+            Mix::F32 => GgmlType::F32,
+            Mix::F16 => GgmlType::F16,
+            Mix::BF16 => GgmlType::BF16,
+            Mix::Q8_0 => GgmlType::Q8_0,
+            Mix::Q6K => GgmlType::Q6_K,
+            Mix::Q5KM | Mix::Q5KS => GgmlType::Q5_K,
+            Mix::Q4KM | Mix::Q4KS => GgmlType::Q4_K,
+            Mix::Q4_0 => GgmlType::Q4_0,
+            Mix::Q3KM => GgmlType::Q3_K,
+        }
     }
 
     /// Float targets are what the converter writes; the others what llama-quantize writes.
     fn is_float(self) -> bool {
         matches!(self, Mix::F32 | Mix::F16 | Mix::BF16)
     }
-}
-
-fn ty(name: &str) -> GgmlType {
-    GgmlType::from_name(name).expect("type in formats/ggml-types.tsv")
 }
 
 /// Where an importance matrix came from (written as `quantize.imatrix.*`).
@@ -246,7 +243,7 @@ pub fn tensor_type(
     layers: usize,
     has_output: bool,
 ) -> Result<GgmlType> {
-    let f32t = ty("F32");
+    let f32t = GgmlType::F32;
     // 1-D tensors, norms and generated tensors stay F32.
     if dims.len() < 2 || name.ends_with("_norm.weight") || name == "rope_freqs.weight" {
         return Ok(f32t);
@@ -268,8 +265,8 @@ pub fn tensor_type(
     if is_output {
         t = match o.output_type {
             Some(t) => t,
-            None if !ne0.is_multiple_of(base.block_size) => ty("Q8_0"),
-            None if base.name != "Q8_0" => ty("Q6_K"),
+            None if !ne0.is_multiple_of(base.block_size()) => GgmlType::Q8_0,
+            None if base != GgmlType::Q8_0 => GgmlType::Q6_K,
             None => base,
         };
     } else if name == "token_embd.weight" {
@@ -280,21 +277,33 @@ pub fn tensor_type(
         let n = layers;
         if name.contains("attn_v.weight") {
             match mix {
-                Mix::Q3KM => t = ty(if layer < 2 { "Q5_K" } else { "Q4_K" }),
-                Mix::Q4KM | Mix::Q5KM if use_more_bits(layer, n) => t = ty("Q6_K"),
-                Mix::Q4KS if layer < 4 => t = ty("Q5_K"),
+                Mix::Q3KM => {
+                    t = if layer < 2 {
+                        GgmlType::Q5_K
+                    } else {
+                        GgmlType::Q4_K
+                    }
+                }
+                Mix::Q4KM | Mix::Q5KM if use_more_bits(layer, n) => t = GgmlType::Q6_K,
+                Mix::Q4KS if layer < 4 => t = GgmlType::Q5_K,
                 _ => {}
             }
         } else if name.contains("ffn_down") {
             match mix {
-                Mix::Q3KM => t = ty(if layer < n / 16 { "Q5_K" } else { "Q4_K" }),
-                Mix::Q4KM | Mix::Q5KM if use_more_bits(layer, n) => t = ty("Q6_K"),
-                Mix::Q4KS if layer < n / 8 => t = ty("Q5_K"),
-                Mix::Q4_0 if o.imatrix.is_some() && layer < n / 8 => t = ty("Q4_1"),
+                Mix::Q3KM => {
+                    t = if layer < n / 16 {
+                        GgmlType::Q5_K
+                    } else {
+                        GgmlType::Q4_K
+                    }
+                }
+                Mix::Q4KM | Mix::Q5KM if use_more_bits(layer, n) => t = GgmlType::Q6_K,
+                Mix::Q4KS if layer < n / 8 => t = GgmlType::Q5_K,
+                Mix::Q4_0 if o.imatrix.is_some() && layer < n / 8 => t = GgmlType::Q4_1,
                 _ => {}
             }
         } else if name.contains("attn_output.weight") && mix == Mix::Q3KM {
-            t = ty("Q4_K");
+            t = GgmlType::Q4_K;
         }
     }
     for (re, over) in &o.overrides {
@@ -307,20 +316,20 @@ pub fn tensor_type(
 
 /// llama-quantize's replacement for a type whose block does not divide the row.
 fn fallback(t: GgmlType, ne0: usize) -> GgmlType {
-    if ne0.is_multiple_of(t.block_size) {
+    if ne0.is_multiple_of(t.block_size()) {
         return t;
     }
-    let alt = match t.name {
-        "Q4_K" => ty("Q5_0"),
-        "Q5_K" => ty("Q5_1"),
-        "Q6_K" => ty("Q8_0"),
-        "Q2_K" | "Q3_K" => ty("Q4_0"),
-        _ => ty("F16"),
+    let alt = match t {
+        GgmlType::Q4_K => GgmlType::Q5_0,
+        GgmlType::Q5_K => GgmlType::Q5_1,
+        GgmlType::Q6_K => GgmlType::Q8_0,
+        GgmlType::Q2_K | GgmlType::Q3_K => GgmlType::Q4_0,
+        _ => GgmlType::F16,
     };
-    if ne0.is_multiple_of(alt.block_size) {
+    if ne0.is_multiple_of(alt.block_size()) {
         alt
     } else {
-        ty("F16")
+        GgmlType::F16
     }
 }
 
@@ -342,7 +351,7 @@ pub fn plan(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<TensorPlan>> {
             name: "rope_freqs.weight".into(),
             dims: vec![f.len() as u64],
             source: Source::RopeFreqs(f),
-            ty: ty("F32"),
+            ty: GgmlType::F32,
         });
     }
     for h in hf {
@@ -358,7 +367,7 @@ pub fn plan(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<TensorPlan>> {
                 permute_heads,
             },
             dims,
-            ty: ty("F32"),
+            ty: GgmlType::F32,
         });
     }
     for t in out.iter_mut() {
@@ -374,7 +383,7 @@ pub fn plan(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<TensorPlan>> {
     Ok(out)
 }
 
-pub use crate::format::gguf::{permute_rows, unpermute_row_bytes};
+pub use crate::format::gguf::llama::{permute_rows, unpermute_row_bytes};
 
 /// Detects llama.cpp's pre-tokenizer name from tokenizer.json's `pre_tokenizer`.
 pub fn detect_pre(tokenizer: &Json) -> Option<&'static str> {
@@ -498,25 +507,25 @@ fn tokenizer_metadata(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<(String, V
     };
     let mut md: Vec<(String, Value)> = Vec::new();
     if let Some(b) = tc.get("add_prefix_space").and_then(|v| v.as_bool()) {
-        md.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(b)));
+        md.push((keys::TOKENIZER_ADD_SPACE_PREFIX.into(), Value::Bool(b)));
     }
-    md.push(("tokenizer.ggml.model".into(), Value::String("gpt2".into())));
-    md.push(("tokenizer.ggml.pre".into(), Value::String(pre)));
-    md.push(("tokenizer.ggml.tokens".into(), Value::strings(names)));
+    md.push((keys::TOKENIZER_MODEL.into(), Value::String("gpt2".into())));
+    md.push((keys::TOKENIZER_PRE.into(), Value::String(pre)));
+    md.push((keys::TOKENIZER_TOKENS.into(), Value::strings(names)));
     md.push((
-        "tokenizer.ggml.token_type".into(),
+        keys::TOKENIZER_TOKEN_TYPE.into(),
         Value::Array(5, kinds.into_iter().map(Value::I32).collect()),
     ));
-    md.push(("tokenizer.ggml.merges".into(), Value::strings(merges)));
+    md.push((keys::TOKENIZER_MERGES.into(), Value::strings(merges)));
     // Special ids: tokenizer_config.json's tokens first, then config.json's ids for the rest.
     let kinds = [
-        ("bos", "bos_token_id"),
-        ("eos", "eos_token_id"),
-        ("unk", "unknown_token_id"),
-        ("sep", "seperator_token_id"),
-        ("pad", "padding_token_id"),
-        ("cls", "cls_token_id"),
-        ("mask", "mask_token_id"),
+        ("bos", keys::TOKENIZER_BOS_ID),
+        ("eos", keys::TOKENIZER_EOS_ID),
+        ("unk", keys::TOKENIZER_UNK_ID),
+        ("sep", keys::TOKENIZER_SEP_ID),
+        ("pad", keys::TOKENIZER_PAD_ID),
+        ("cls", keys::TOKENIZER_CLS_ID),
+        ("mask", keys::TOKENIZER_MASK_ID),
     ];
     let mut found: Vec<(usize, u32)> = Vec::new();
     for (k, (typ, _)) in kinds.iter().enumerate() {
@@ -547,7 +556,7 @@ fn tokenizer_metadata(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<(String, V
         }
     }
     for (k, id) in found {
-        md.push((format!("tokenizer.ggml.{}", kinds[k].1), Value::U32(id)));
+        md.push((kinds[k].1.to_string(), Value::U32(id)));
     }
     // add_bos/add_eos: tokenizer_config.json's flags, else the post-processor's template.
     let (mut add_bos, mut add_eos) = (
@@ -565,13 +574,16 @@ fn tokenizer_metadata(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<(String, V
         }
     }
     if let Some(b) = add_bos {
-        md.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(b)));
+        md.push((keys::TOKENIZER_ADD_BOS.into(), Value::Bool(b)));
     }
     if let Some(e) = add_eos {
-        md.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(e)));
+        md.push((keys::TOKENIZER_ADD_EOS.into(), Value::Bool(e)));
     }
     if let Some(t) = tc.get("chat_template").and_then(|v| v.as_str()) {
-        md.push(("tokenizer.chat_template".into(), Value::String(t.into())));
+        md.push((
+            keys::TOKENIZER_CHAT_TEMPLATE.into(),
+            Value::String(t.into()),
+        ));
     }
     Ok(md)
 }
@@ -625,48 +637,54 @@ fn metadata(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<(String, Value)>> {
         .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "model".into());
     let mut md: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String("llama".into())),
-        ("general.type".into(), Value::String("model".into())),
-        ("general.name".into(), Value::String(folder)),
         (
-            "general.size_label".into(),
+            keys::GENERAL_ARCHITECTURE.into(),
+            Value::String("llama".into()),
+        ),
+        (keys::GENERAL_TYPE.into(), Value::String("model".into())),
+        (keys::GENERAL_NAME.into(), Value::String(folder)),
+        (
+            keys::GENERAL_SIZE_LABEL.into(),
             Value::String(size_label(params)),
         ),
-        ("llama.block_count".into(), u(c.num_hidden_layers)),
-        ("llama.context_length".into(), u(c.max_position_embeddings)),
-        ("llama.embedding_length".into(), u(c.hidden_size)),
-        ("llama.feed_forward_length".into(), u(c.intermediate_size)),
+        (keys::LLAMA_BLOCK_COUNT.into(), u(c.num_hidden_layers)),
         (
-            "llama.attention.head_count".into(),
-            u(c.num_attention_heads),
+            keys::LLAMA_CONTEXT_LENGTH.into(),
+            u(c.max_position_embeddings),
         ),
+        (keys::LLAMA_EMBEDDING_LENGTH.into(), u(c.hidden_size)),
         (
-            "llama.attention.head_count_kv".into(),
-            u(c.num_key_value_heads),
+            keys::LLAMA_FEED_FORWARD_LENGTH.into(),
+            u(c.intermediate_size),
         ),
+        (keys::LLAMA_HEAD_COUNT.into(), u(c.num_attention_heads)),
+        (keys::LLAMA_HEAD_COUNT_KV.into(), u(c.num_key_value_heads)),
         (
-            "llama.rope.freq_base".into(),
+            keys::LLAMA_ROPE_FREQ_BASE.into(),
             Value::F32(c.rope_theta as f32),
         ),
         (
-            "llama.attention.layer_norm_rms_epsilon".into(),
+            keys::LLAMA_RMS_EPS.into(),
             Value::F32(c.rms_norm_eps as f32),
         ),
     ];
     if ck.config_json.get("head_dim").is_some() {
-        md.push(("llama.attention.key_length".into(), u(c.head_dim)));
-        md.push(("llama.attention.value_length".into(), u(c.head_dim)));
+        md.push((keys::LLAMA_KEY_LENGTH.into(), u(c.head_dim)));
+        md.push((keys::LLAMA_VALUE_LENGTH.into(), u(c.head_dim)));
     }
     let file_type = (
-        "general.file_type".to_string(),
+        keys::GENERAL_FILE_TYPE.to_string(),
         Value::U32(o.mix.file_type()),
     );
-    let qv = ("general.quantization_version".to_string(), Value::U32(2));
+    let qv = (
+        keys::GENERAL_QUANTIZATION_VERSION.to_string(),
+        Value::U32(2),
+    );
     if o.mix.is_float() {
         md.push(file_type.clone());
     }
-    md.push(("llama.vocab_size".into(), u(c.vocab_size)));
-    md.push(("llama.rope.dimension_count".into(), u(c.head_dim)));
+    md.push((keys::LLAMA_VOCAB_SIZE.into(), u(c.vocab_size)));
+    md.push((keys::LLAMA_ROPE_DIMENSION_COUNT.into(), u(c.head_dim)));
     if o.mix.is_float() {
         md.push(qv.clone());
     }
@@ -676,19 +694,19 @@ fn metadata(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<(String, Value)>> {
         md.push(file_type);
         if let Some(im) = &o.imatrix {
             md.push((
-                "quantize.imatrix.file".into(),
+                keys::QUANTIZE_IMATRIX_FILE.into(),
                 Value::String(im.file.clone()),
             ));
             md.push((
-                "quantize.imatrix.dataset".into(),
+                keys::QUANTIZE_IMATRIX_DATASET.into(),
                 Value::String(im.imatrix.datasets.first().cloned().unwrap_or_default()),
             ));
             md.push((
-                "quantize.imatrix.entries_count".into(),
+                keys::QUANTIZE_IMATRIX_ENTRIES.into(),
                 Value::I32(im.imatrix.entries.len() as i32),
             ));
             md.push((
-                "quantize.imatrix.chunks_count".into(),
+                keys::QUANTIZE_IMATRIX_CHUNKS.into(),
                 Value::I32(im.imatrix.chunk_count as i32),
             ));
         }
@@ -743,8 +761,8 @@ pub fn export(
     let mut done = 0u64;
     for t in &plan {
         let ne0 = t.dims[0] as usize;
-        let importance = match (&o.imatrix, t.ty.name) {
-            (_, "F32" | "F16" | "BF16" | "Q8_0") => None,
+        let importance = match (&o.imatrix, t.ty) {
+            (_, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0) => None,
             (Some(im), _) => im.imatrix.entries.get(&t.name).map(|e| e.mean()),
             _ => None,
         };
@@ -807,7 +825,7 @@ pub fn export(
         bytes,
         tensors: plan
             .iter()
-            .map(|t| (t.name.clone(), t.ty.name.to_string()))
+            .map(|t| (t.name.clone(), t.ty.name().to_string()))
             .collect(),
         wall_s: t0.elapsed().as_secs_f64(),
     })

@@ -305,7 +305,7 @@ pub fn gguf_json(g: &crate::format::gguf::GgufFile, full: bool) -> serde_json::V
             "key": k, "type": gguf_type_name(v), "value": gguf_value_json(v, full)
         })).collect::<Vec<_>>(),
         "tensors": g.tensors.iter().map(|t| serde_json::json!({
-            "name": t.name, "type": t.ty.name, "dims": t.dims, "offset": t.offset, "bytes": t.nbytes()
+            "name": t.name, "type": t.ty.name(), "dims": t.dims, "offset": t.offset, "bytes": t.nbytes()
         })).collect::<Vec<_>>(),
     })
 }
@@ -350,7 +350,7 @@ pub fn gguf_text(g: &crate::format::gguf::GgufFile, full: bool) -> String {
             "{:>4}  {:<34} {:<6} {:<22} {:>12}\n",
             i + 1,
             t.name,
-            t.ty.name,
+            t.ty.name(),
             dims.join(" × "),
             t.nbytes()
         ));

@@ -88,7 +88,7 @@ fn assert_equals_llama_cpp(file: &Path, key: &str) {
     let mut differing = Vec::new();
     for t in &g.tensors {
         let w = &wt[&t.name];
-        assert_eq!(t.ty.name, w["type"].as_str().unwrap(), "{}", t.name);
+        assert_eq!(t.ty.name(), w["type"].as_str().unwrap(), "{}", t.name);
         assert_eq!(serde_json::json!(t.dims), w["shape"], "{}", t.name);
         if hex(&Sha256::digest(g.data(t))) != w["sha256"].as_str().unwrap() {
             differing.push(t.name.clone());
@@ -199,7 +199,7 @@ fn gguf_python_package_reads_and_dequantizes_every_mix() {
         assert_eq!(serde_json::json!(keys), py["keys"], "{}", f.display());
         for ti in &g.tensors {
             let p = &py["tensors"][&ti.name];
-            assert_eq!(p["type"].as_str().unwrap(), ti.ty.name, "{}", ti.name);
+            assert_eq!(p["type"].as_str().unwrap(), ti.ty.name(), "{}", ti.name);
             let ours =
                 minitron::quant::ggml::dequantize(&ti.ty, g.data(ti), ti.dims[0] as usize).unwrap();
             assert_eq!(p["n"].as_u64().unwrap() as usize, ours.len(), "{}", ti.name);
@@ -313,7 +313,7 @@ fn llama3_pre_tokenizer_rope_freqs_and_16_layer_q4_k_m_mix() {
         force: false,
         command_line: String::new(),
     };
-    let t = |name: &str, dims: &[u64]| tensor_type(&o, name, dims, 16, true).unwrap().name;
+    let t = |name: &str, dims: &[u64]| tensor_type(&o, name, dims, 16, true).unwrap().name();
     assert_eq!(t("output.weight", &[4096, 128256]), "Q6_K");
     assert_eq!(t("token_embd.weight", &[4096, 128256]), "Q4_K");
     assert_eq!(t("rope_freqs.weight", &[64]), "F32");
@@ -336,7 +336,7 @@ fn llama3_pre_tokenizer_rope_freqs_and_16_layer_q4_k_m_mix() {
         assert_eq!(t(&format!("blk.{l}.attn_norm.weight"), &[4096]), "F32");
     }
     // SmolLM2's 576-wide rows fall back; its tied embedding is the output.
-    let t576 = |name: &str, dims: &[u64]| tensor_type(&o, name, dims, 30, false).unwrap().name;
+    let t576 = |name: &str, dims: &[u64]| tensor_type(&o, name, dims, 30, false).unwrap().name();
     assert_eq!(t576("token_embd.weight", &[576, 49152]), "Q8_0");
     assert_eq!(t576("blk.3.attn_q.weight", &[576, 576]), "Q5_0");
     assert_eq!(t576("blk.0.attn_v.weight", &[576, 192]), "Q8_0");

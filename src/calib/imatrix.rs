@@ -10,6 +10,7 @@ use std::path::Path;
 
 use crate::calib::stats::CalibStats;
 use crate::error::{Error, Result};
+use crate::format::gguf::keys;
 use crate::format::gguf::{GgmlType, GgufFile, GgufWriter, PlannedTensor, Value};
 use crate::model::names::{gguf_linear, LinearRole};
 use crate::model::LlamaConfig;
@@ -70,18 +71,24 @@ impl Imatrix {
     /// Writes llama.cpp's GGUF imatrix form.
     pub fn write_gguf(&self, path: &Path) -> Result<()> {
         let md = vec![
-            ("general.type".to_owned(), Value::String("imatrix".into())),
             (
-                "imatrix.datasets".to_owned(),
+                keys::GENERAL_TYPE.to_owned(),
+                Value::String("imatrix".into()),
+            ),
+            (
+                keys::IMATRIX_DATASETS.to_owned(),
                 Value::strings(self.datasets.iter().cloned()),
             ),
             (
-                "imatrix.chunk_count".to_owned(),
+                keys::IMATRIX_CHUNK_COUNT.to_owned(),
                 Value::U32(self.chunk_count),
             ),
-            ("imatrix.chunk_size".to_owned(), Value::U32(self.chunk_size)),
+            (
+                keys::IMATRIX_CHUNK_SIZE.to_owned(),
+                Value::U32(self.chunk_size),
+            ),
         ];
-        let f32t = GgmlType::f32();
+        let f32t = GgmlType::F32;
         let mut plan = Vec::new();
         for (name, e) in &self.entries {
             plan.push(PlannedTensor {
@@ -128,18 +135,19 @@ impl Imatrix {
 
     fn read_gguf(path: &Path) -> Result<Self> {
         let g = GgufFile::open(path)?;
-        match g.get("general.type").and_then(Value::as_str) {
+        match g.get(keys::GENERAL_TYPE).and_then(Value::as_str) {
             Some("imatrix") => {}
             other => {
                 return Err(Error::format(
                     path,
                     format!(
-                        "general.type is {other:?}, expected \"imatrix\" (is this a model file?)"
+                        "{} is {other:?}, expected \"imatrix\" (is this a model file?)",
+                        keys::GENERAL_TYPE
                     ),
                 ))
             }
         }
-        let datasets = match g.get("imatrix.datasets") {
+        let datasets = match g.get(keys::IMATRIX_DATASETS) {
             Some(Value::Array(_, items)) => items
                 .iter()
                 .filter_map(|v| v.as_str().map(str::to_owned))
@@ -173,8 +181,8 @@ impl Imatrix {
         Ok(Imatrix {
             entries,
             datasets,
-            chunk_count: u32k("imatrix.chunk_count"),
-            chunk_size: u32k("imatrix.chunk_size"),
+            chunk_count: u32k(keys::IMATRIX_CHUNK_COUNT),
+            chunk_size: u32k(keys::IMATRIX_CHUNK_SIZE),
         })
     }
 

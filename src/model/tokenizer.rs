@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::format::gguf::keys;
 
 /// A loaded tokenizer with the facts the runner and the verifier need.
 pub struct Tokenizer {
@@ -106,17 +107,17 @@ impl Tokenizer {
             gguf_file::Content::read(&mut f).map_err(|e| Error::format(path, e.to_string()))?;
         // candle knows Llama-3's pre-tokenizer as `llama3`; llama.cpp names it `llama-bpe` and
         // implies BPE's ignore_merges for it.
-        let pre = match ct.metadata.get("tokenizer.ggml.pre") {
+        let pre = match ct.metadata.get(keys::TOKENIZER_PRE) {
             Some(gguf_file::Value::String(p)) => p.clone(),
             _ => String::new(),
         };
         if pre == "llama-bpe" {
             ct.metadata.insert(
-                "tokenizer.ggml.pre".into(),
+                keys::TOKENIZER_PRE.into(),
                 gguf_file::Value::String("llama3".into()),
             );
             ct.metadata
-                .entry("tokenizer.ggml.ignore_merges".into())
+                .entry(keys::TOKENIZER_IGNORE_MERGES.into())
                 .or_insert(gguf_file::Value::Bool(true));
         }
         let mut inner = tokenizers::Tokenizer::from_gguf(&ct).map_err(|e| Error::Tokenizer {
@@ -143,15 +144,15 @@ impl Tokenizer {
             }
         };
         let adds_bos = matches!(
-            ct.metadata.get("tokenizer.ggml.add_bos_token"),
+            ct.metadata.get(keys::TOKENIZER_ADD_BOS),
             Some(gguf_file::Value::Bool(true))
         );
         Ok(Tokenizer {
             path: path.to_owned(),
             inner,
             adds_bos,
-            bos_id: num("tokenizer.ggml.bos_token_id"),
-            eos_ids: num("tokenizer.ggml.eos_token_id").into_iter().collect(),
+            bos_id: num(keys::TOKENIZER_BOS_ID),
+            eos_ids: num(keys::TOKENIZER_EOS_ID).into_iter().collect(),
             tokenizer_config: None,
             generation_config: None,
         })

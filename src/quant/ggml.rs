@@ -67,20 +67,20 @@ enum Kind {
 }
 
 fn kind(t: &GgmlType) -> Result<Kind> {
-    Ok(match t.name {
-        "F32" => Kind::F32,
-        "F16" => Kind::F16,
-        "BF16" => Kind::BF16,
-        "Q8_0" => Kind::Q8_0,
-        "Q4_0" => Kind::Q4_0,
-        "Q4_1" => Kind::Q4_1,
-        "Q5_0" => Kind::Q5_0,
-        "Q5_1" => Kind::Q5_1,
-        "Q2_K" => Kind::Q2K,
-        "Q3_K" => Kind::Q3K,
-        "Q4_K" => Kind::Q4K,
-        "Q5_K" => Kind::Q5K,
-        "Q6_K" => Kind::Q6K,
+    Ok(match t {
+        GgmlType::F32 => Kind::F32,
+        GgmlType::F16 => Kind::F16,
+        GgmlType::BF16 => Kind::BF16,
+        GgmlType::Q8_0 => Kind::Q8_0,
+        GgmlType::Q4_0 => Kind::Q4_0,
+        GgmlType::Q4_1 => Kind::Q4_1,
+        GgmlType::Q5_0 => Kind::Q5_0,
+        GgmlType::Q5_1 => Kind::Q5_1,
+        GgmlType::Q2_K => Kind::Q2K,
+        GgmlType::Q3_K => Kind::Q3K,
+        GgmlType::Q4_K => Kind::Q4K,
+        GgmlType::Q5_K => Kind::Q5K,
+        GgmlType::Q6_K => Kind::Q6K,
         other => {
             return Err(Error::Unsupported(format!(
                 "quantizing to ggml type {other} is not implemented"
@@ -98,10 +98,11 @@ pub fn quantize(
     importance: Option<&[f32]>,
 ) -> Result<Vec<u8>> {
     let k = kind(ty)?;
-    if ne0 == 0 || !x.len().is_multiple_of(ne0) || !ne0.is_multiple_of(ty.block_size) {
+    if ne0 == 0 || !x.len().is_multiple_of(ne0) || !ne0.is_multiple_of(ty.block_size()) {
         return Err(Error::Invalid(format!(
             "cannot quantize rows of {ne0} values to {} (block size {})",
-            ty.name, ty.block_size
+            ty.name(),
+            ty.block_size()
         )));
     }
     if let Some(q) = importance {
@@ -112,7 +113,7 @@ pub fn quantize(
             )));
         }
     }
-    let row_bytes = ne0 / ty.block_size * ty.type_size;
+    let row_bytes = ne0 / ty.block_size() * ty.type_size();
     let rows = x.len() / ne0;
     let mut out = vec![0u8; rows * row_bytes];
     // About 64k values per task keeps every core busy without tiny tasks.
@@ -602,20 +603,20 @@ fn k_row<T: CandleBlock>(x: &[f32], out: &mut [u8], qw: Option<&[f32]>, sigma: S
 /// candle's dtype for a ggml type we read and run.
 pub fn candle_dtype(ty: &GgmlType) -> Result<candle_core::quantized::GgmlDType> {
     use candle_core::quantized::GgmlDType;
-    Ok(match ty.name {
-        "F32" => GgmlDType::F32,
-        "F16" => GgmlDType::F16,
-        "BF16" => GgmlDType::BF16,
-        "Q8_0" => GgmlDType::Q8_0,
-        "Q4_0" => GgmlDType::Q4_0,
-        "Q4_1" => GgmlDType::Q4_1,
-        "Q5_0" => GgmlDType::Q5_0,
-        "Q5_1" => GgmlDType::Q5_1,
-        "Q2_K" => GgmlDType::Q2K,
-        "Q3_K" => GgmlDType::Q3K,
-        "Q4_K" => GgmlDType::Q4K,
-        "Q5_K" => GgmlDType::Q5K,
-        "Q6_K" => GgmlDType::Q6K,
+    Ok(match ty {
+        GgmlType::F32 => GgmlDType::F32,
+        GgmlType::F16 => GgmlDType::F16,
+        GgmlType::BF16 => GgmlDType::BF16,
+        GgmlType::Q8_0 => GgmlDType::Q8_0,
+        GgmlType::Q4_0 => GgmlDType::Q4_0,
+        GgmlType::Q4_1 => GgmlDType::Q4_1,
+        GgmlType::Q5_0 => GgmlDType::Q5_0,
+        GgmlType::Q5_1 => GgmlDType::Q5_1,
+        GgmlType::Q2_K => GgmlDType::Q2K,
+        GgmlType::Q3_K => GgmlDType::Q3K,
+        GgmlType::Q4_K => GgmlDType::Q4K,
+        GgmlType::Q5_K => GgmlDType::Q5K,
+        GgmlType::Q6_K => GgmlDType::Q6K,
         other => {
             return Err(Error::Unsupported(format!(
                 "ggml type {other} is not implemented"
@@ -630,7 +631,7 @@ pub fn dequantize(ty: &GgmlType, bytes: &[u8], ne0: usize) -> Result<Vec<f32>> {
     let dt = candle_dtype(ty)?;
     let row = ty
         .nbytes(ne0, 1)
-        .ok_or_else(|| Error::Invalid(format!("rows of {ne0} do not fit {}", ty.name)))?;
+        .ok_or_else(|| Error::Invalid(format!("rows of {ne0} do not fit {}", ty.name())))?;
     let rows = bytes.len() / row;
     let dev = candle_core::Device::Cpu;
     let storage =
@@ -644,7 +645,7 @@ mod tests {
     use super::*;
 
     fn ty(name: &str) -> GgmlType {
-        GgmlType::from_name(name).unwrap()
+        name.parse().unwrap()
     }
 
     #[test]

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::source::{stream_dtype, vector, LoadOptions, Source};
 use crate::error::{Error, Result};
+use crate::format::gguf::keys;
 use crate::format::gguf::{GgmlType, GgufFile, TensorInfo, Value};
 use crate::model::LlamaConfig;
 use crate::runtime::block::Block;
@@ -75,11 +76,13 @@ impl GgufSource {
         }
         let raw = self.g.data(t);
         let bytes = match heads {
-            Some(h) => Cow::Owned(crate::format::gguf::unpermute_row_bytes(raw, rows, h)),
+            Some(h) => Cow::Owned(crate::format::gguf::llama::unpermute_row_bytes(
+                raw, rows, h,
+            )),
             None => Cow::Borrowed(raw),
         };
         if is_float(&t.ty) || opts.gguf_dense {
-            let data = if t.ty.name == "BF16" {
+            let data = if t.ty == GgmlType::BF16 {
                 WeightData::Bf16Bytes(&bytes)
             } else {
                 WeightData::F32(crate::quant::ggml::dequantize(&t.ty, &bytes, cols)?)
@@ -91,7 +94,7 @@ impl GgufSource {
 }
 
 fn is_float(ty: &GgmlType) -> bool {
-    matches!(ty.name, "F32" | "F16" | "BF16")
+    matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
 }
 
 impl Source for GgufSource {
@@ -229,11 +232,14 @@ fn ggml_linear(
 
 /// A Llama configuration from a GGUF file's `llama.*` and `tokenizer.*` keys.
 fn gguf_config(g: &GgufFile) -> Result<LlamaConfig> {
-    let arch = g.get("general.architecture").and_then(Value::as_str);
+    let arch = g.get(keys::GENERAL_ARCHITECTURE).and_then(Value::as_str);
     if arch != Some("llama") {
         return Err(Error::format(
             &g.path,
-            format!("general.architecture is {arch:?}, expected \"llama\""),
+            format!(
+                "{} is {arch:?}, expected \"llama\"",
+                keys::GENERAL_ARCHITECTURE
+            ),
         ));
     }
     let num = |k: &str| -> Option<u64> { g.get(k).and_then(Value::as_u64) };
@@ -249,13 +255,13 @@ fn gguf_config(g: &GgufFile) -> Result<LlamaConfig> {
             _ => None,
         }
     };
-    let hidden = need("llama.embedding_length")?;
-    let heads = need("llama.attention.head_count")?;
-    let head_dim = num("llama.attention.key_length")
-        .or(num("llama.rope.dimension_count"))
+    let hidden = need(keys::LLAMA_EMBEDDING_LENGTH)?;
+    let heads = need(keys::LLAMA_HEAD_COUNT)?;
+    let head_dim = num(keys::LLAMA_KEY_LENGTH)
+        .or(num(keys::LLAMA_ROPE_DIMENSION_COUNT))
         .map(|v| v as usize)
         .unwrap_or(hidden / heads.max(1));
-    let vocab = match num("llama.vocab_size") {
+    let vocab = match num(keys::LLAMA_VOCAB_SIZE) {
         Some(v) => v as usize,
         None => g
             .tensor("token_embd.weight")
@@ -263,25 +269,25 @@ fn gguf_config(g: &GgufFile) -> Result<LlamaConfig> {
             .ok_or_else(|| Error::format(&g.path, "no llama.vocab_size and no token_embd.weight"))?
             as usize,
     };
-    let eos: Vec<u32> = num("tokenizer.ggml.eos_token_id")
+    let eos: Vec<u32> = num(keys::TOKENIZER_EOS_ID)
         .map(|v| v as u32)
         .into_iter()
         .collect();
     Ok(LlamaConfig {
         hidden_size: hidden,
-        intermediate_size: need("llama.feed_forward_length")?,
-        num_hidden_layers: need("llama.block_count")?,
+        intermediate_size: need(keys::LLAMA_FEED_FORWARD_LENGTH)?,
+        num_hidden_layers: need(keys::LLAMA_BLOCK_COUNT)?,
         num_attention_heads: heads,
-        num_key_value_heads: num("llama.attention.head_count_kv").map_or(heads, |v| v as usize),
+        num_key_value_heads: num(keys::LLAMA_HEAD_COUNT_KV).map_or(heads, |v| v as usize),
         head_dim,
         vocab_size: vocab,
-        rms_norm_eps: float("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-        rope_theta: float("llama.rope.freq_base").unwrap_or(10000.0),
+        rms_norm_eps: float(keys::LLAMA_RMS_EPS).unwrap_or(1e-5),
+        rope_theta: float(keys::LLAMA_ROPE_FREQ_BASE).unwrap_or(10000.0),
         rope_scaling: crate::model::config::RopeScaling::None,
         tie_word_embeddings: g.tensor("output.weight").is_none(),
-        bos_token_id: num("tokenizer.ggml.bos_token_id").map(|v| v as u32),
+        bos_token_id: num(keys::TOKENIZER_BOS_ID).map(|v| v as u32),
         eos_token_ids: eos,
-        max_position_embeddings: num("llama.context_length").map_or(2048, |v| v as usize),
+        max_position_embeddings: num(keys::LLAMA_CONTEXT_LENGTH).map_or(2048, |v| v as usize),
         torch_dtype: None,
     })
 }

@@ -5,68 +5,20 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use memmap2::Mmap;
 
 use crate::error::{Error, Result};
 
+pub mod keys;
+pub mod llama;
+pub mod types;
+
+pub use types::GgmlType;
+
 pub const MAGIC: &[u8; 4] = b"GGUF";
 pub const VERSION: u32 = 3;
 pub const DEFAULT_ALIGNMENT: u64 = 32;
-
-/// A ggml tensor type from formats/ggml-types.tsv.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GgmlType {
-    pub id: u32,
-    pub name: &'static str,
-    pub block_size: usize,
-    pub type_size: usize,
-}
-
-impl GgmlType {
-    /// Every type we know, parsed once from the table.
-    pub fn all() -> &'static [GgmlType] {
-        static TABLE: OnceLock<Vec<GgmlType>> = OnceLock::new();
-        TABLE.get_or_init(|| {
-            include_str!("../../formats/ggml-types.tsv")
-                .lines()
-                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-                .map(|l| {
-                    let f: Vec<&str> = l.split('\t').collect();
-                    GgmlType {
-                        id: f[0].parse().expect("id"),
-                        name: Box::leak(f[1].to_owned().into_boxed_str()),
-                        block_size: f[2].parse().expect("block size"),
-                        type_size: f[3].parse().expect("type size"),
-                    }
-                })
-                .collect()
-        })
-    }
-
-    pub fn from_id(id: u32) -> Option<GgmlType> {
-        Self::all().iter().copied().find(|t| t.id == id)
-    }
-
-    pub fn from_name(name: &str) -> Option<GgmlType> {
-        Self::all()
-            .iter()
-            .copied()
-            .find(|t| t.name.eq_ignore_ascii_case(name))
-    }
-
-    pub fn f32() -> GgmlType {
-        Self::from_id(0).expect("F32 in table")
-    }
-
-    /// Bytes of a tensor with `ne0` elements per row and `rows` rows, or `None` when `ne0` is not
-    /// a multiple of the block size.
-    pub fn nbytes(&self, ne0: usize, rows: usize) -> Option<usize> {
-        ne0.is_multiple_of(self.block_size)
-            .then(|| ne0 / self.block_size * self.type_size * rows)
-    }
-}
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -296,12 +248,15 @@ impl GgufFile {
             let v = c.value(t, 0)?;
             metadata.push((k, v));
         }
-        let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
+        let alignment = match metadata.iter().find(|(k, _)| k == keys::GENERAL_ALIGNMENT) {
             Some((_, Value::U32(a))) if a.is_power_of_two() => *a as u64,
             Some((_, v)) => {
                 return Err(Error::format(
                     path,
-                    format!("general.alignment {v:?} is not a power of two u32"),
+                    format!(
+                        "{} {v:?} is not a power of two u32",
+                        keys::GENERAL_ALIGNMENT
+                    ),
                 ))
             }
             None => DEFAULT_ALIGNMENT,
@@ -332,12 +287,14 @@ impl GgufFile {
         let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
         for t in &tensors {
             let ne0 = t.dims.first().copied().unwrap_or(1) as usize;
-            if !ne0.is_multiple_of(t.ty.block_size) {
+            if !ne0.is_multiple_of(t.ty.block_size()) {
                 return Err(Error::format(
                     path,
                     format!(
                         "tensor `{}`: row length {ne0} is not a multiple of {}'s block size {}",
-                        t.name, t.ty.name, t.ty.block_size
+                        t.name,
+                        t.ty.name(),
+                        t.ty.block_size()
                     ),
                 ));
             }
@@ -383,10 +340,10 @@ impl GgufFile {
         let t = self
             .tensor(name)
             .ok_or_else(|| Error::format(&self.path, format!("no tensor `{name}`")))?;
-        if t.ty.id != 0 {
+        if t.ty.id() != 0 {
             return Err(Error::format(
                 &self.path,
-                format!("tensor `{name}`: expected F32, found {}", t.ty.name),
+                format!("tensor `{name}`: expected F32, found {}", t.ty.name()),
             ));
         }
         Ok(self
@@ -424,7 +381,7 @@ impl GgufWriter {
         metadata: &[(String, Value)],
         tensors: &[PlannedTensor],
     ) -> Result<Self> {
-        let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
+        let alignment = match metadata.iter().find(|(k, _)| k == keys::GENERAL_ALIGNMENT) {
             Some((_, Value::U32(a))) => *a as u64,
             _ => DEFAULT_ALIGNMENT,
         };
@@ -450,10 +407,11 @@ impl GgufWriter {
                 offset: off,
             };
             let ne0 = t.dims.first().copied().unwrap_or(1) as usize;
-            if !ne0.is_multiple_of(t.ty.block_size) {
+            if !ne0.is_multiple_of(t.ty.block_size()) {
                 return Err(Error::Invalid(format!(
                     "tensor `{}`: row length {ne0} is not a multiple of {}'s block size",
-                    t.name, t.ty.name
+                    t.name,
+                    t.ty.name()
                 )));
             }
             off += (info.nbytes() as u64).div_ceil(alignment) * alignment;
@@ -481,7 +439,7 @@ impl GgufWriter {
             for d in &t.dims {
                 w.write_all(&d.to_le_bytes()).map_err(io)?;
             }
-            w.write_all(&t.ty.id.to_le_bytes()).map_err(io)?;
+            w.write_all(&t.ty.id().to_le_bytes()).map_err(io)?;
             w.write_all(&t.offset.to_le_bytes()).map_err(io)?;
         }
         let pos = w.stream_position().map_err(io)?;
@@ -548,42 +506,6 @@ impl Drop for GgufWriter {
     }
 }
 
-/// Reorders the rows of a Q or K weight (`[heads·d, cols]`) from the Hugging Face layout (the
-/// two rotated halves of each head apart) to llama.cpp's (rotated pairs adjacent): new row
-/// `h·d + 2i + j` is old row `h·d + j·d/2 + i`.
-pub fn permute_rows(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
-    let d = rows / heads;
-    let mut out = vec![0f32; w.len()];
-    for h in 0..heads {
-        for i in 0..d / 2 {
-            for j in 0..2 {
-                let new = h * d + 2 * i + j;
-                let old = h * d + j * (d / 2) + i;
-                out[new * cols..(new + 1) * cols].copy_from_slice(&w[old * cols..(old + 1) * cols]);
-            }
-        }
-    }
-    out
-}
-
-/// The inverse of [`permute_rows`], on whole rows of raw bytes (quantized rows included: blocks
-/// never cross rows).
-pub fn unpermute_row_bytes(b: &[u8], rows: usize, heads: usize) -> Vec<u8> {
-    let rb = b.len() / rows;
-    let d = rows / heads;
-    let mut out = vec![0u8; b.len()];
-    for h in 0..heads {
-        for i in 0..d / 2 {
-            for j in 0..2 {
-                let gg = h * d + 2 * i + j;
-                let hf = h * d + j * (d / 2) + i;
-                out[hf * rb..(hf + 1) * rb].copy_from_slice(&b[gg * rb..(gg + 1) * rb]);
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -593,14 +515,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.gguf");
         let md = vec![
-            ("general.type".to_owned(), Value::String("imatrix".into())),
+            (
+                keys::GENERAL_TYPE.to_owned(),
+                Value::String("imatrix".into()),
+            ),
             (
                 "a.list".to_owned(),
                 Value::strings(["x".to_owned(), "yz".to_owned()]),
             ),
             ("a.n".to_owned(), Value::U32(7)),
         ];
-        let f32t = GgmlType::f32();
+        let f32t = GgmlType::F32;
         let plan = vec![
             PlannedTensor {
                 name: "t0".into(),
@@ -642,7 +567,7 @@ mod tests {
         let plan = vec![PlannedTensor {
             name: "t0".into(),
             dims: vec![3],
-            ty: GgmlType::f32(),
+            ty: GgmlType::F32,
         }];
         let w = GgufWriter::create(&p, &[], &plan).unwrap();
         drop(w);
