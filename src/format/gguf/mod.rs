@@ -362,17 +362,21 @@ pub struct PlannedTensor {
     pub ty: GgmlType,
 }
 
-/// Streaming writer: all metadata and tensor infos are known up front, so the header is written
-/// once, then each tensor's bytes are appended in order, padded to the alignment. Written to a
-/// temporary name and renamed by [`GgufWriter::finish`].
+/// Writer: all metadata and tensor infos are known up front, so the header is written once and
+/// every tensor's place in the file is fixed; tensors are then written in any order
+/// ([`GgufWriter::write_at`]) or in plan order ([`GgufWriter::write_tensor`]), and the padding
+/// between them is zeros. Written to a temporary name and renamed by [`GgufWriter::finish`];
+/// dropped unfinished, the temporary file is removed.
 pub struct GgufWriter {
     tmp: PathBuf,
     dest: PathBuf,
-    w: BufWriter<File>,
+    file: File,
     plan: Vec<TensorInfo>,
-    next: usize,
-    alignment: u64,
-    written: u64,
+    /// Which planned tensors have been written.
+    written: Vec<bool>,
+    /// File offset of the data section.
+    data_start: u64,
+    finished: bool,
 }
 
 impl GgufWriter {
@@ -443,25 +447,35 @@ impl GgufWriter {
             w.write_all(&t.offset.to_le_bytes()).map_err(io)?;
         }
         let pos = w.stream_position().map_err(io)?;
-        let pad = pos.div_ceil(alignment) * alignment - pos;
-        w.write_all(&vec![0u8; pad as usize]).map_err(io)?;
+        let data_start = pos.div_ceil(alignment) * alignment;
+        w.write_all(&vec![0u8; (data_start - pos) as usize])
+            .map_err(io)?;
+        let file = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
+        // The data section's final length; unwritten gaps (padding) read as zeros.
+        file.set_len(data_start + off).map_err(|e| Error::io(&tmp, e))?;
         Ok(GgufWriter {
             tmp,
             dest: dest.to_owned(),
-            w,
+            file,
+            written: vec![false; plan.len()],
             plan,
-            next: 0,
-            alignment,
-            written: 0,
+            data_start,
+            finished: false,
         })
     }
 
-    /// Appends the next tensor's bytes (in plan order).
-    pub fn write_tensor(&mut self, bytes: &[u8]) -> Result<()> {
+    /// The planned tensors, in file order.
+    pub fn plan(&self) -> &[TensorInfo] {
+        &self.plan
+    }
+
+    /// Writes planned tensor `index`'s bytes at its place in the file.
+    pub fn write_at(&mut self, index: usize, bytes: &[u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
         let t = self
             .plan
-            .get(self.next)
-            .ok_or_else(|| Error::Invalid("more tensors written than planned".into()))?;
+            .get(index)
+            .ok_or_else(|| Error::Invalid(format!("no planned tensor #{index}")))?;
         if bytes.len() != t.nbytes() {
             return Err(Error::Invalid(format!(
                 "tensor `{}`: {} bytes given, {} planned",
@@ -470,37 +484,47 @@ impl GgufWriter {
                 t.nbytes()
             )));
         }
-        let io = |e| Error::io(&self.tmp, e);
-        self.w.write_all(bytes).map_err(io)?;
-        let padded = (bytes.len() as u64).div_ceil(self.alignment) * self.alignment;
-        self.w
-            .write_all(&vec![0u8; (padded - bytes.len() as u64) as usize])
-            .map_err(io)?;
-        self.written += padded;
-        self.next += 1;
+        if self.written[index] {
+            return Err(Error::Invalid(format!("tensor `{}` written twice", t.name)));
+        }
+        self.file
+            .write_all_at(bytes, self.data_start + t.offset)
+            .map_err(|e| Error::io(&self.tmp, e))?;
+        self.written[index] = true;
         Ok(())
     }
 
-    /// Flushes, syncs and renames into place. Fails if a planned tensor was not written.
+    /// Writes the first tensor not yet written (plan order).
+    pub fn write_tensor(&mut self, bytes: &[u8]) -> Result<()> {
+        let next = self
+            .written
+            .iter()
+            .position(|w| !w)
+            .ok_or_else(|| Error::Invalid("more tensors written than planned".into()))?;
+        self.write_at(next, bytes)
+    }
+
+    /// Syncs and renames into place. Fails if a planned tensor was not written.
     pub fn finish(mut self) -> Result<()> {
-        if self.next != self.plan.len() {
-            let _ = std::fs::remove_file(&self.tmp);
+        let done = self.written.iter().filter(|w| **w).count();
+        if done != self.plan.len() {
             return Err(Error::Invalid(format!(
-                "{} of {} planned tensors written",
-                self.next,
+                "{done} of {} planned tensors written",
                 self.plan.len()
             )));
         }
-        let io = |e| Error::io(&self.tmp, e);
-        self.w.flush().map_err(io)?;
-        self.w.get_ref().sync_all().map_err(io)?;
-        std::fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io(&self.tmp, e))?;
+        std::fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
+        self.finished = true;
+        Ok(())
     }
 }
 
 impl Drop for GgufWriter {
     fn drop(&mut self) {
-        if self.next != self.plan.len() {
+        if !self.finished {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
