@@ -11,10 +11,9 @@
 pub mod simd;
 
 pub mod calib;
-pub mod convert;
 pub mod error;
+pub mod export;
 pub mod format;
-pub mod gguf_export;
 pub mod inspect;
 pub mod model;
 pub mod numerics;

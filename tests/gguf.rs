@@ -151,7 +151,7 @@ fn gguf_python_package_reads_and_dequantizes_every_mix() {
     let Some(py) = python() else { return };
     let t = tempdir();
     let mut files = Vec::new();
-    for mix in minitron::gguf_export::Mix::ALL {
+    for mix in minitron::quant::recipe::Mix::ALL {
         let out = t.path().join(format!("{}.gguf", mix.name()));
         run_ok(
             "minitron-convert",
@@ -262,7 +262,8 @@ fn candle_rebuilds_our_tokenizer_from_gguf_metadata() {
 
 #[test]
 fn llama3_pre_tokenizer_rope_freqs_and_16_layer_q4_k_m_mix() {
-    use minitron::gguf_export::{detect_pre, rope_freq_factors, tensor_type, GgufOptions, Mix};
+    use minitron::export::gguf::{detect_pre, rope_freq_factors};
+    use minitron::quant::recipe::{tensor_type, Mix, Recipe};
     // Pre-tokenizer detection by structure.
     let pre = |p: PathBuf| {
         let j: serde_json::Value =
@@ -303,16 +304,7 @@ fn llama3_pre_tokenizer_rope_freqs_and_16_layer_q4_k_m_mix() {
         assert!((*got as f64 - want).abs() < 1e-4, "{got} vs {want}");
     }
     // llama-quantize's Q4_K_M for 16 blocks of the 4B shape, untied output.
-    let o = GgufOptions {
-        mix: Mix::Q4KM,
-        overrides: vec![],
-        output_type: None,
-        embedding_type: None,
-        imatrix: None,
-        pre: None,
-        force: false,
-        command_line: String::new(),
-    };
+    let o = Recipe::plain(Mix::Q4KM);
     let t = |name: &str, dims: &[u64]| tensor_type(&o, name, dims, 16, true).unwrap().name();
     assert_eq!(t("output.weight", &[4096, 128256]), "Q6_K");
     assert_eq!(t("token_embd.weight", &[4096, 128256]), "Q4_K");

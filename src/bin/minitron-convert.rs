@@ -7,8 +7,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use minitron::export::{Artifact, ExportOptions, GgufSettings, Target};
+use minitron::format::gguf::GgmlType;
 use minitron::model::synth::{write_checkpoint_with, Preset};
 use minitron::model::Checkpoint;
+use minitron::quant::fp8::WeightMode;
 
 /// Turn a bf16 Llama-3.x checkpoint into quantized artifacts.
 #[derive(Parser, Debug)]
@@ -23,24 +26,25 @@ struct Cli {
     cmd: Option<Cmd>,
     /// Input checkpoint folder (bf16 Hugging Face safetensors).
     model: Option<PathBuf>,
-    /// Target format(s), comma-separated.
-    #[arg(long)]
-    to: Option<String>,
-    /// Output folder (with several targets: one subfolder per target).
+    /// Target format(s), comma-separated (one artifact each; with several, --out is a folder
+    /// holding `<target>/` checkpoint folders and `<mix>.gguf` files).
+    #[arg(long, value_delimiter = ',', value_name = "TARGET[,TARGET…]", value_parser = TargetNames)]
+    to: Vec<String>,
+    /// Output path: the artifact itself for one target, else a folder for all of them.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Replace existing output folders.
+    /// Replace existing artifacts.
     #[arg(long)]
     force: bool,
     /// How FP8 weights are chosen: rtn (round to nearest, as llm-compressor), search
     /// (per-channel clipping search weighted by calibration statistics) or gptq (error feedback
     /// through the calibration inputs' second moments).
-    #[arg(long, default_value = "rtn", value_parser = ["rtn", "search", "gptq"])]
-    fp8_weights: String,
+    #[arg(long, value_enum, default_value_t = WeightMode::Rtn)]
+    fp8_weights: WeightMode,
     /// How W8A8 weights are rounded after smoothing: `rtn` (nearest), or `gptq` (error feedback
     /// through the smoothed calibration inputs' second moments).
-    #[arg(long, default_value = "rtn", value_parser = ["rtn", "gptq"])]
-    int8_weights: String,
+    #[arg(long, value_enum, default_value_t = WeightMode::Rtn)]
+    int8_weights: WeightMode,
     /// SmoothQuant migration strength for --to int8: a number in (0, 1), or `auto` to choose it
     /// per layer from 0.3 … 0.9 by the calibrated output error.
     #[arg(long, default_value = "0.8")]
@@ -49,6 +53,8 @@ struct Cli {
     #[arg(long)]
     group_size: Option<usize>,
     /// GGUF: importance matrix (llama.cpp's GGUF or legacy .dat format) for the quantizers.
+    /// Without it, GGUF k-quants use one made from this run's calibration when any --calib*
+    /// option is given.
     #[arg(long, value_name = "FILE")]
     imatrix: Option<PathBuf>,
     /// GGUF: override the type of tensors whose name matches REGEX (repeatable; last match wins).
@@ -56,10 +62,10 @@ struct Cli {
     tensor_type: Vec<String>,
     /// GGUF: type of output.weight (or of the tied token embedding).
     #[arg(long, value_name = "TYPE")]
-    output_type: Option<String>,
+    output_type: Option<GgmlType>,
     /// GGUF: type of token_embd.weight.
     #[arg(long, value_name = "TYPE")]
-    embedding_type: Option<String>,
+    embedding_type: Option<GgmlType>,
     /// GGUF: tokenizer.ggml.pre when it cannot be detected from tokenizer.json.
     #[arg(long, value_name = "NAME")]
     gguf_pre: Option<String>,
@@ -121,18 +127,47 @@ enum Cmd {
     },
 }
 
+/// `--to` values as given, listed in `--help`; each is parsed by the library's own `FromStr`
+/// (whose message names every target) when the command runs.
+#[derive(Clone)]
+struct TargetNames;
+
+impl clap::builder::TypedValueParser for TargetNames {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        _cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        Ok(value.to_string_lossy().into_owned())
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(
+            Target::ALL
+                .iter()
+                .map(|t| clap::builder::PossibleValue::new(t.name())),
+        ))
+    }
+}
+
 /// Calibration options shared by every command that calibrates.
 #[derive(clap::Args, Debug)]
 struct CalibArgs {
     /// Calibration text: plain text, or JSONL with a `text` field per line (default: built-in corpus).
     #[arg(long, value_name = "FILE")]
     calib: Option<PathBuf>,
-    /// Number of chunks (the first N consecutive chunks of the text unless --calib-shuffle).
-    #[arg(long, default_value_t = 64)]
-    calib_samples: usize,
-    /// Tokens per chunk.
-    #[arg(long, default_value_t = 512)]
-    calib_seq: usize,
+    /// Number of chunks (the first N consecutive chunks of the text unless --calib-shuffle)
+    /// [default: 64].
+    #[arg(long, value_name = "N")]
+    calib_samples: Option<usize>,
+    /// Tokens per chunk [default: 512].
+    #[arg(long, value_name = "N")]
+    calib_seq: Option<usize>,
     /// Draw the chunks at random (without replacement) with this seed.
     #[arg(long, value_name = "SEED")]
     calib_shuffle: Option<u64>,
@@ -149,13 +184,23 @@ impl CalibArgs {
         minitron::calib::CalibOptions {
             calib: self.calib.clone(),
             spec: minitron::calib::CalibSpec {
-                samples: self.calib_samples,
-                seq_len: self.calib_seq,
+                samples: self.calib_samples.unwrap_or(64),
+                seq_len: self.calib_seq.unwrap_or(512),
                 shuffle: self.calib_shuffle,
             },
             load: self.load_calib.clone(),
             save: self.save_calib.clone(),
         }
+    }
+
+    /// Whether any calibration option was given.
+    fn asked(&self) -> bool {
+        self.calib.is_some()
+            || self.calib_samples.is_some()
+            || self.calib_seq.is_some()
+            || self.calib_shuffle.is_some()
+            || self.save_calib.is_some()
+            || self.load_calib.is_some()
     }
 }
 
@@ -240,98 +285,23 @@ fn main() -> std::process::ExitCode {
                 );
                 Ok(())
             }
-            None => {
-                let Some(model) = cli.model.clone() else {
-                    bail!("give a MODEL folder with --to TARGET --out PATH, or a subcommand (see --help)");
-                };
-                let Some(to) = cli.to.clone() else {
-                    bail!("--to TARGET is required");
-                };
-                let Some(out) = cli.out.clone() else {
-                    bail!("--out PATH is required");
-                };
-                let all: Vec<&str> = to.split(',').map(str::trim).collect();
-                let ggufs = all
-                    .iter()
-                    .filter_map(|t| t.strip_prefix("gguf:"))
-                    .map(minitron::gguf_export::Mix::parse)
-                    .collect::<Result<Vec<_>, _>>()?;
-                let targets = all
-                    .iter()
-                    .filter(|t| !t.starts_with("gguf:"))
-                    .map(|t| minitron::convert::Target::parse(t))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let ck = Checkpoint::open(&model)?;
-                if !ggufs.is_empty() {
-                    let single = all.len() == 1;
-                    export_ggufs(&cli, &ck, &ggufs, &out, single)?;
-                    if targets.is_empty() {
-                        return Ok(());
-                    }
-                }
-                let opts = minitron::convert::ConvertOptions {
-                    targets,
-                    out: out.clone(),
-                    force: cli.force,
-                    fp8_weights: minitron::quant::fp8::WeightMode::parse(&cli.fp8_weights)?,
-                    int8_weights: minitron::quant::fp8::WeightMode::parse(&cli.int8_weights)?,
-                    smooth_alpha: match cli.smooth_alpha.as_str() {
-                        "auto" => None,
-                        a => {
-                            let v: f64 = a.parse().map_err(|_| {
-                                anyhow::anyhow!(
-                                    "--smooth-alpha: expected a number or auto, found `{a}`"
-                                )
-                            })?;
-                            if !(v > 0.0 && v < 1.0) {
-                                bail!("--smooth-alpha must be in (0, 1), found {v}");
-                            }
-                            Some(v)
-                        }
-                    },
-                    group_size: cli.group_size,
-                    calib: cli.calib.options(),
-                    command_line: common::command_line(),
-                };
-                let pb = minitron::progress::bar(0, "convert", false);
-                let manifests =
-                    minitron::convert::run(&ck, &opts, &candle_core::Device::Cpu, &|d, t| {
-                        pb.set_length(t);
-                        pb.set_position(d);
-                    })?;
-                pb.finish_and_clear();
-                for (m, t) in manifests.iter().zip(&opts.targets) {
-                    let dir = minitron::convert::target_dir(&opts, *t);
-                    let worst = &m["tensor_error"]["worst"];
-                    println!(
-                        "wrote {} ({}, {} in {} files, {:.1} s); worst tensor error {:.4} % relative RMS ({})",
-                        dir.display(),
-                        t.name(),
-                        minitron::inspect::human_bytes(m["total_bytes"].as_u64().unwrap_or(0)),
-                        m["files"].as_array().map_or(0, |f| f.len()),
-                        m["wall_s"].as_f64().unwrap_or(0.0),
-                        100.0 * worst["relative_rms"].as_f64().unwrap_or(0.0),
-                        worst["tensor"].as_str().unwrap_or("-")
-                    );
-                }
-                Ok(())
-            }
+            None => convert(&cli),
         }
     })
 }
 
-/// Writes one GGUF file per mix: `out` itself for a single target, else `out/<mix>.gguf`.
-fn export_ggufs(
-    cli: &Cli,
-    ck: &Checkpoint,
-    mixes: &[minitron::gguf_export::Mix],
-    out: &std::path::Path,
-    single: bool,
-) -> anyhow::Result<()> {
-    use minitron::format::gguf::GgmlType;
-    let parse_ty = |s: &str| -> anyhow::Result<GgmlType> {
-        GgmlType::from_name(s).ok_or_else(|| anyhow::anyhow!("unknown ggml type `{s}`"))
+/// `MODEL --to TARGETS --out PATH`: parse, run the export, print what it did.
+fn convert(cli: &Cli) -> anyhow::Result<()> {
+    let Some(model) = cli.model.clone() else {
+        bail!("give a MODEL folder with --to TARGET --out PATH, or a subcommand (see --help)");
     };
+    if cli.to.is_empty() {
+        bail!("--to TARGET is required (see --help for the list)");
+    }
+    let Some(out) = cli.out.clone() else {
+        bail!("--out PATH is required");
+    };
+    let targets = Target::parse_list(&cli.to.join(","))?;
     let overrides = cli
         .tensor_type
         .iter()
@@ -339,65 +309,103 @@ fn export_ggufs(
             let (re, t) = o.rsplit_once('=').ok_or_else(|| {
                 anyhow::anyhow!("--tensor-type: expected REGEX=TYPE, found `{o}`")
             })?;
-            Ok((re.to_string(), parse_ty(t)?))
+            Ok((
+                re.to_string(),
+                t.parse::<GgmlType>().map_err(anyhow::Error::msg)?,
+            ))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let imatrix = match (&cli.imatrix, &cli.calib.calib) {
-        (Some(p), _) => Some(minitron::gguf_export::ImatrixUse {
-            imatrix: minitron::calib::Imatrix::read(p)?,
-            file: p.display().to_string(),
-        }),
-        (None, Some(text)) => {
-            let stats =
-                minitron::calib::calibrate(ck, &cli.calib.options(), &candle_core::Device::Cpu)?;
-            let mut im = minitron::calib::Imatrix::from_stats(&stats);
-            if im.datasets.is_empty() {
-                im.datasets.push(text.display().to_string());
+    let smooth_alpha = match cli.smooth_alpha.as_str() {
+        "auto" => None,
+        a => {
+            let v: f64 = a.parse().map_err(|_| {
+                anyhow::anyhow!("--smooth-alpha: expected a number or auto, found `{a}`")
+            })?;
+            if !(v > 0.0 && v < 1.0) {
+                bail!("--smooth-alpha must be in (0, 1), found {v}");
             }
-            Some(minitron::gguf_export::ImatrixUse {
-                imatrix: im,
-                file: format!("(computed from {})", text.display()),
-            })
+            Some(v)
         }
-        _ => None,
     };
-    for &mix in mixes {
-        let path = if single {
-            out.to_path_buf()
-        } else {
-            out.join(format!("{}.gguf", mix.name()))
-        };
-        let o = minitron::gguf_export::GgufOptions {
-            mix,
-            overrides: overrides.clone(),
-            output_type: cli.output_type.as_deref().map(parse_ty).transpose()?,
-            embedding_type: cli.embedding_type.as_deref().map(parse_ty).transpose()?,
-            imatrix: imatrix.clone(),
+    let opts = ExportOptions {
+        targets,
+        out,
+        force: cli.force,
+        fp8_weights: cli.fp8_weights,
+        int8_weights: cli.int8_weights,
+        smooth_alpha,
+        group_size: cli.group_size,
+        calib: cli.calib.options(),
+        calib_asked: cli.calib.asked(),
+        gguf: GgufSettings {
+            overrides,
+            output_type: cli.output_type,
+            embedding_type: cli.embedding_type,
+            imatrix: cli.imatrix.clone(),
             pre: cli.gguf_pre.clone(),
-            force: cli.force,
-            command_line: common::command_line(),
-        };
-        let pb = minitron::progress::bar(0, "gguf", false);
-        let r = minitron::gguf_export::export(ck, &o, &path, &|d, t| {
-            pb.set_length(t);
-            pb.set_position(d);
-        })
-        .with_context(|| format!("writing {}", path.display()))?;
-        pb.finish_and_clear();
-        let mut counts = std::collections::BTreeMap::new();
-        for (_, t) in &r.tensors {
-            *counts.entry(t.clone()).or_insert(0usize) += 1;
-        }
-        let mix_desc: Vec<String> = counts.iter().map(|(t, n)| format!("{n} {t}")).collect();
+        },
+        command_line: common::command_line(),
+    };
+    let ck = Checkpoint::open(&model)?;
+    let pb = minitron::progress::bar(0, "convert", false);
+    let r = minitron::export::run(&ck, &opts, &candle_core::Device::Cpu, &|d, t| {
+        pb.set_length(t);
+        pb.set_position(d);
+    })?;
+    pb.finish_and_clear();
+    if let Some(i) = &r.calibration {
+        let used: Vec<&str> = r.calibrated.iter().map(|t| t.name()).collect();
         println!(
-            "wrote {} (gguf:{}, {}, {} tensors: {}; {:.1} s)",
-            path.display(),
-            mix.name(),
-            minitron::inspect::human_bytes(r.bytes),
-            r.tensors.len(),
-            mix_desc.join(", "),
-            r.wall_s
+            "calibrated once: {} chunks × {} tokens of {} (sha256 {}…), {} forward pass{}, {:.1} s; used by {}",
+            i.samples,
+            i.seq_len,
+            i.source,
+            &i.sha256[..12.min(i.sha256.len())],
+            r.calibration_passes,
+            if r.calibration_passes == 1 { "" } else { "es" },
+            i.wall_s,
+            if used.is_empty() { "-".to_string() } else { used.join(", ") }
         );
     }
+    for (t, a) in &r.artifacts {
+        match a {
+            Artifact::Checkpoint { path, manifest: m } => {
+                let worst = m.tensor_error.worst.as_ref();
+                println!(
+                    "wrote {} ({}, {} in {} files); worst tensor error {:.4} % relative RMS ({})",
+                    path.display(),
+                    t,
+                    minitron::inspect::human_bytes(m.total_bytes),
+                    m.files.len(),
+                    100.0 * worst.map_or(0.0, |w| w.relative_rms),
+                    worst.map_or("-", |w| w.tensor.as_str())
+                );
+            }
+            Artifact::Gguf(g) => {
+                let mut counts = std::collections::BTreeMap::new();
+                for (_, ty) in &g.tensors {
+                    *counts.entry(ty.name()).or_insert(0usize) += 1;
+                }
+                let mix: Vec<String> = counts.iter().map(|(t, n)| format!("{n} {t}")).collect();
+                println!(
+                    "wrote {} ({}, {}, {} tensors: {})",
+                    g.path.display(),
+                    t,
+                    minitron::inspect::human_bytes(g.bytes),
+                    g.tensors.len(),
+                    mix.join(", ")
+                );
+            }
+        }
+    }
+    println!(
+        "read {} once: {} tensors, {}; {} artifact{} in {:.1} s",
+        model.display(),
+        r.tensors_read,
+        minitron::inspect::human_bytes(r.bytes_read),
+        r.artifacts.len(),
+        if r.artifacts.len() == 1 { "" } else { "s" },
+        r.wall_s
+    );
     Ok(())
 }

@@ -28,7 +28,8 @@ pub fn bytes_needed(c: &LlamaConfig) -> u64 {
 /// The most memory we allow the matrices to take.
 pub const MAX_BYTES: u64 = 6_000_000_000;
 
-struct Collector {
+/// Accumulates the matrices as an [`Observer`] of a calibration pass.
+pub struct Collector {
     sums: Vec<Vec<Vec<f64>>>,
 }
 
@@ -45,6 +46,38 @@ impl Observer for Collector {
     }
 }
 
+impl Collector {
+    /// Empty sums for `c`; refuses a model whose matrices would pass [`MAX_BYTES`].
+    pub fn new(c: &LlamaConfig) -> Result<Self> {
+        let need = bytes_needed(c);
+        if need > MAX_BYTES {
+            return Err(Error::Unsupported(format!(
+                "GPTQ needs {:.1} GB of input second-moment matrices for this model (limit {:.1} GB); use --fp8-weights search or rtn",
+                need as f64 / 1e9,
+                MAX_BYTES as f64 / 1e9
+            )));
+        }
+        Ok(Collector {
+            sums: (0..c.num_hidden_layers)
+                .map(|_| {
+                    InputSite::ALL
+                        .iter()
+                        .map(|s| vec![0f64; s.width(c).pow(2)])
+                        .collect()
+                })
+                .collect(),
+        })
+    }
+
+    /// The matrices after a pass over `chunks`.
+    pub fn finish(self, chunks: &[Vec<u32>]) -> Hessians {
+        Hessians {
+            sums: self.sums,
+            count: chunks.iter().map(|c| c.len() as u64).sum(),
+        }
+    }
+}
+
 impl Hessians {
     /// Runs the checkpoint's blocks over `chunks` (f32 on `device`, one block in memory at a
     /// time) and accumulates the matrices.
@@ -54,29 +87,8 @@ impl Hessians {
         chunks: &[Vec<u32>],
         on_block: &dyn Fn(),
     ) -> Result<Self> {
-        let c = &ck.config;
-        let need = bytes_needed(c);
-        if need > MAX_BYTES {
-            return Err(Error::Unsupported(format!(
-                "GPTQ needs {:.1} GB of input second-moment matrices for this model (limit {:.1} GB); use --fp8-weights search or rtn",
-                need as f64 / 1e9,
-                MAX_BYTES as f64 / 1e9
-            )));
-        }
-        let mut col = Collector {
-            sums: (0..c.num_hidden_layers)
-                .map(|_| {
-                    InputSite::ALL
-                        .iter()
-                        .map(|s| vec![0f64; s.width(c).pow(2)])
-                        .collect()
-                })
-                .collect(),
-        };
+        let mut col = Collector::new(&ck.config)?;
         crate::runtime::observe_streamed(ck, DType::F32, device, chunks, &mut col, on_block)?;
-        Ok(Hessians {
-            sums: col.sums,
-            count: chunks.iter().map(|c| c.len() as u64).sum(),
-        })
+        Ok(col.finish(chunks))
     }
 }

@@ -260,7 +260,7 @@ impl Imatrix {
     pub fn check_against(&self, c: &LlamaConfig, path: &Path) -> Result<()> {
         for (name, e) in &self.entries {
             let Some((layer, stem)) = parse_block_name(name) else {
-                if name == "output.weight" && e.sum_sq.len() == c.hidden_size {
+                if name == crate::model::names::GGUF_OUTPUT && e.sum_sq.len() == c.hidden_size {
                     continue;
                 }
                 return Err(Error::format(

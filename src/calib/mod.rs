@@ -28,36 +28,53 @@ pub struct CalibOptions {
     pub save: Option<PathBuf>,
 }
 
-/// Input second-moment matrices of every linear layer over the calibration chunks (for GPTQ).
-/// They are too large to save, so `--load-calib` does not apply; the text is read again.
-pub fn hessians(
-    ck: &Checkpoint,
-    o: &CalibOptions,
-    device: &candle_core::Device,
-) -> Result<hessian::Hessians> {
-    let src = load_source(o.calib.as_deref())?;
-    let tok = Tokenizer::load(&ck.dir)?;
-    let chunks = calibration_chunks(&tok, &src, &o.spec)?;
-    let pb = crate::progress::bar(ck.config.num_hidden_layers as u64, "hessians", false);
-    let h = hessian::Hessians::collect(ck, device, &chunks, &|| pb.inc(1))?;
-    pb.finish_and_clear();
-    Ok(h)
+/// What the targets of one export need from calibration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// Per-channel statistics (FP8 static scales, SmoothQuant, clipping search, imatrices).
+    pub stats: bool,
+    /// Input second-moment matrices (GPTQ); they are too large to save, so `--load-calib`
+    /// never provides them.
+    pub hessians: bool,
 }
 
-/// Produces calibration statistics for checkpoint `ck`: loads them, or runs the bf16 model (f32
-/// compute on `device`) over the calibration chunks once. Saves them when asked.
-pub fn calibrate(
+/// What one calibration produced.
+#[derive(Default)]
+pub struct Calibration {
+    pub stats: Option<CalibStats>,
+    pub hessians: Option<hessian::Hessians>,
+    /// Forward passes run over the calibration text (0 or 1).
+    pub passes: usize,
+}
+
+/// Calibrates once for everything `needs` asks: statistics are loaded (`--load-calib`) or
+/// collected, and when a pass over the text is needed the text is tokenized once and one
+/// forward pass of the bf16 model (f32 compute on `device`) feeds every collector. Saves the
+/// statistics when asked.
+pub fn calibrate_for(
     ck: &Checkpoint,
     o: &CalibOptions,
+    needs: Needs,
     device: &candle_core::Device,
-) -> Result<CalibStats> {
-    let stats = match &o.load {
-        Some(p) => CalibStats::load(p, &ck.config)?,
-        None => {
-            let src = load_source(o.calib.as_deref())?;
-            let tok = Tokenizer::load(&ck.dir)?;
-            let chunks = calibration_chunks(&tok, &src, &o.spec)?;
-            let pb = crate::progress::bar(ck.config.num_hidden_layers as u64, "calibrate", false);
+) -> Result<Calibration> {
+    let mut out = Calibration::default();
+    if needs.stats {
+        if let Some(p) = &o.load {
+            out.stats = Some(CalibStats::load(p, &ck.config)?);
+        }
+    }
+    let run_stats = needs.stats && out.stats.is_none();
+    if run_stats || needs.hessians {
+        let src = load_source(o.calib.as_deref())?;
+        let tok = Tokenizer::load(&ck.dir)?;
+        let chunks = calibration_chunks(&tok, &src, &o.spec)?;
+        let mut hc = if needs.hessians {
+            Some(hessian::Collector::new(&ck.config)?)
+        } else {
+            None
+        };
+        let pb = crate::progress::bar(ck.config.num_hidden_layers as u64, "calibrate", false);
+        if run_stats {
             let info = CalibInfo {
                 source: src.label.clone(),
                 sha256: src.sha256.clone(),
@@ -67,16 +84,48 @@ pub fn calibrate(
                 shuffle_seed: o.spec.shuffle,
                 wall_s: 0.0,
             };
-            let s =
-                CalibStats::collect(ck, candle_core::DType::F32, device, &chunks, info, &|| {
-                    pb.inc(1)
-                })?;
-            pb.finish_and_clear();
-            s
+            let also = hc.as_mut().map(|h| h as &mut dyn crate::runtime::Observer);
+            out.stats = Some(CalibStats::collect_with(
+                ck,
+                candle_core::DType::F32,
+                device,
+                &chunks,
+                info,
+                also,
+                &|| pb.inc(1),
+            )?);
+        } else if let Some(h) = hc.as_mut() {
+            crate::runtime::observe_streamed(
+                ck,
+                candle_core::DType::F32,
+                device,
+                &chunks,
+                h,
+                &|| pb.inc(1),
+            )?;
         }
-    };
-    if let Some(p) = &o.save {
-        stats.save(p)?;
+        pb.finish_and_clear();
+        out.hessians = hc.map(|h| h.finish(&chunks));
+        out.passes = 1;
     }
-    Ok(stats)
+    if let (Some(p), Some(st)) = (&o.save, &out.stats) {
+        st.save(p)?;
+    }
+    Ok(out)
+}
+
+/// Produces calibration statistics for checkpoint `ck` ([`calibrate_for`] with statistics
+/// only).
+pub fn calibrate(
+    ck: &Checkpoint,
+    o: &CalibOptions,
+    device: &candle_core::Device,
+) -> Result<CalibStats> {
+    let needs = Needs {
+        stats: true,
+        hessians: false,
+    };
+    Ok(calibrate_for(ck, o, needs, device)?
+        .stats
+        .expect("statistics were asked for"))
 }

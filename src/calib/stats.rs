@@ -108,12 +108,18 @@ pub struct CalibStats {
     pub info: CalibInfo,
 }
 
-struct Collector {
+/// Records the statistics, and passes every observation on to `also` (another collector that
+/// shares the pass).
+struct Collector<'a> {
     layers: Vec<LayerStats>,
+    also: Option<&'a mut dyn Observer>,
 }
 
-impl Observer for Collector {
+impl Observer for Collector<'_> {
     fn linear_input(&mut self, layer: usize, site: InputSite, x: &Tensor) -> Result<()> {
+        if let Some(o) = self.also.as_deref_mut() {
+            o.linear_input(layer, site, x)?;
+        }
         let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let s = &mut self.layers[layer].sites[site.index()];
         let (w, seen) = (s.absmax.len(), s.count as usize);
@@ -129,6 +135,9 @@ impl Observer for Collector {
     }
 
     fn kv(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        if let Some(o) = self.also.as_deref_mut() {
+            o.kv(layer, k, v)?;
+        }
         let km = k
             .to_dtype(DType::F32)?
             .abs()?
@@ -171,12 +180,26 @@ impl CalibStats {
         dtype: DType,
         device: &Device,
         chunks: &[Vec<u32>],
+        info: CalibInfo,
+        on_block: &dyn Fn(),
+    ) -> Result<Self> {
+        Self::collect_with(ck, dtype, device, chunks, info, None, on_block)
+    }
+
+    /// [`Self::collect`], with `also` observing the same pass (one forward pass feeds both).
+    pub fn collect_with(
+        ck: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+        chunks: &[Vec<u32>],
         mut info: CalibInfo,
+        also: Option<&mut dyn Observer>,
         on_block: &dyn Fn(),
     ) -> Result<Self> {
         let t0 = Instant::now();
         let mut col = Collector {
             layers: Self::empty(&ck.config, info.clone()).layers,
+            also,
         };
         crate::runtime::observe_streamed(ck, dtype, device, chunks, &mut col, on_block)?;
         info.samples = chunks.len();

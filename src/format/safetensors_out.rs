@@ -86,7 +86,7 @@ impl PlannedTensor {
 }
 
 /// A written output file and its sha256.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct WrittenFile {
     pub file: String,
     pub bytes: u64,

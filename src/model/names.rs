@@ -125,6 +125,52 @@ impl InputSite {
     }
 }
 
+/// GGUF names of the non-block tensors (llama.cpp's `LLM_TENSOR_NAMES` for the llama
+/// architecture).
+pub const GGUF_EMBED: &str = "token_embd.weight";
+pub const GGUF_OUTPUT_NORM: &str = "output_norm.weight";
+pub const GGUF_OUTPUT: &str = "output.weight";
+pub const GGUF_ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// GGUF name of block `layer`'s attention RMSNorm weight.
+pub fn gguf_attn_norm(layer: usize) -> String {
+    format!("blk.{layer}.attn_norm.weight")
+}
+
+/// GGUF name of block `layer`'s MLP RMSNorm weight.
+pub fn gguf_ffn_norm(layer: usize) -> String {
+    format!("blk.{layer}.ffn_norm.weight")
+}
+
+/// The GGUF name of Hugging Face tensor `hf`, and the head count its rows are permuted for
+/// (Q and K: llama.cpp keeps RoPE pairs adjacent); `None` for a tensor GGUF does not hold.
+pub fn gguf_name(c: &LlamaConfig, hf: &str) -> Option<(String, Option<usize>)> {
+    match hf {
+        EMBED => return Some((GGUF_EMBED.into(), None)),
+        FINAL_NORM => return Some((GGUF_OUTPUT_NORM.into(), None)),
+        LM_HEAD => return Some((GGUF_OUTPUT.into(), None)),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (l, _) = rest.split_once('.')?;
+    let l: usize = l.parse().ok().filter(|&l| l < c.num_hidden_layers)?;
+    if hf == hf_input_norm(l) {
+        return Some((gguf_attn_norm(l), None));
+    }
+    if hf == hf_post_norm(l) {
+        return Some((gguf_ffn_norm(l), None));
+    }
+    let r = LinearRole::ALL
+        .into_iter()
+        .find(|&r| hf == hf_linear(l, r))?;
+    let heads = match r {
+        LinearRole::Q => Some(c.num_attention_heads),
+        LinearRole::K => Some(c.num_key_value_heads),
+        _ => None,
+    };
+    Some((gguf_linear(l, r), heads))
+}
+
 /// GGUF name of a block's linear weight.
 pub fn gguf_linear(layer: usize, role: LinearRole) -> String {
     format!("blk.{layer}.{}.weight", role.gguf_stem())
@@ -153,29 +199,87 @@ pub fn hf_post_norm(layer: usize) -> String {
 pub struct TensorSpec {
     pub name: String,
     pub shape: Vec<usize>,
+    pub role: TensorRole,
     /// A tied `lm_head.weight` may be absent (or present as a copy).
     pub optional: bool,
 }
 
+/// What a tensor is in the architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorRole {
+    Embed,
+    /// Block `l`'s attention RMSNorm weight.
+    InputNorm(usize),
+    /// Block `l`'s linear weight.
+    Linear(usize, LinearRole),
+    /// Block `l`'s MLP RMSNorm weight.
+    PostNorm(usize),
+    FinalNorm,
+    LmHead,
+}
+
+impl TensorRole {
+    /// The block and input site of a norm whose output feeds that site.
+    pub fn norm_site(self) -> Option<(usize, InputSite)> {
+        match self {
+            TensorRole::InputNorm(l) => Some((l, InputSite::AttnIn)),
+            TensorRole::PostNorm(l) => Some((l, InputSite::MlpIn)),
+            _ => None,
+        }
+    }
+
+    /// The block this tensor belongs to.
+    pub fn layer(self) -> Option<usize> {
+        match self {
+            TensorRole::InputNorm(l) | TensorRole::Linear(l, _) | TensorRole::PostNorm(l) => {
+                Some(l)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Every tensor of the architecture in Hugging Face order: embeddings, blocks, final norm, head.
 pub fn expected_tensors(c: &LlamaConfig) -> Vec<TensorSpec> {
-    let spec = |name: String, shape: Vec<usize>| TensorSpec {
+    let spec = |name: String, shape: Vec<usize>, role| TensorSpec {
         name,
         shape,
+        role,
         optional: false,
     };
-    let mut v = vec![spec(EMBED.into(), vec![c.vocab_size, c.hidden_size])];
+    let mut v = vec![spec(
+        EMBED.into(),
+        vec![c.vocab_size, c.hidden_size],
+        TensorRole::Embed,
+    )];
     for l in 0..c.num_hidden_layers {
-        v.push(spec(hf_input_norm(l), vec![c.hidden_size]));
+        v.push(spec(
+            hf_input_norm(l),
+            vec![c.hidden_size],
+            TensorRole::InputNorm(l),
+        ));
         for role in LinearRole::ALL {
-            v.push(spec(hf_linear(l, role), role.shape(c).to_vec()));
+            v.push(spec(
+                hf_linear(l, role),
+                role.shape(c).to_vec(),
+                TensorRole::Linear(l, role),
+            ));
         }
-        v.push(spec(hf_post_norm(l), vec![c.hidden_size]));
+        v.push(spec(
+            hf_post_norm(l),
+            vec![c.hidden_size],
+            TensorRole::PostNorm(l),
+        ));
     }
-    v.push(spec(FINAL_NORM.into(), vec![c.hidden_size]));
+    v.push(spec(
+        FINAL_NORM.into(),
+        vec![c.hidden_size],
+        TensorRole::FinalNorm,
+    ));
     v.push(TensorSpec {
         name: LM_HEAD.into(),
         shape: vec![c.vocab_size, c.hidden_size],
+        role: TensorRole::LmHead,
         optional: c.tie_word_embeddings,
     });
     v

@@ -24,7 +24,7 @@ pub enum ScaleStyle {
 }
 
 /// How weights are chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum WeightMode {
     /// Round to nearest under absmax scaling (what llm-compressor does).
     Rtn,

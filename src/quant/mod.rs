@@ -1,7 +1,10 @@
-//! Quantization recipes: which tensor becomes which type with which scales.
+//! Quantizers (FP8, INT8, SmoothQuant, GPTQ, ggml blocks) and llama-quantize's mix recipes:
+//! which tensor becomes which type with which scales. They take plain statistics, never
+//! calibration's own types.
 pub mod fp8;
 pub mod ggml;
 pub mod gptq;
 pub mod int8;
 mod kfast;
+pub mod recipe;
 pub mod smoothquant;

@@ -163,7 +163,7 @@ fn pv_rows<const R: usize, const HD: usize>(
     os: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::avx512() && HD % 16 == 0 {
+    if crate::simd::avx512() && HD.is_multiple_of(16) {
         assert!(n == 0 || (p.len() >= (R - 1) * ps + n && v.len() >= n * HD));
         assert!(out.len() >= (R - 1) * os + HD);
         // SAFETY: the CPU has AVX-512F, and the bounds above cover every load and store.
@@ -244,7 +244,7 @@ mod x86 {
         out: &mut [f32],
         os: usize,
     ) {
-        const { assert!(HD % 16 == 0 && HD <= 128) };
+        const { assert!(HD.is_multiple_of(16) && HD <= 128) };
         let mut acc = [[_mm512_setzero_ps(); 8]; R];
         let (pp, vp) = (p.as_ptr(), v.as_ptr());
         let w = HD / 16;

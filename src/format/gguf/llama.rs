@@ -37,3 +37,27 @@ pub fn unpermute_row_bytes(b: &[u8], rows: usize, heads: usize) -> Vec<u8> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_round_trips() {
+        let (rows, cols, heads) = (8, 3, 2);
+        let w: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+        let p = permute_rows(&w, rows, cols, heads);
+        // Head 0 (d = 4): new rows 0,1,2,3 = old rows 0,2,1,3.
+        assert_eq!(
+            &p[..12],
+            &[0., 1., 2., 6., 7., 8., 3., 4., 5., 9., 10., 11.]
+        );
+        let bytes: Vec<u8> = p.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let back = unpermute_row_bytes(&bytes, rows, heads);
+        let back: Vec<f32> = back
+            .chunks(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        assert_eq!(back, w);
+    }
+}

@@ -450,9 +450,12 @@ impl GgufWriter {
         let data_start = pos.div_ceil(alignment) * alignment;
         w.write_all(&vec![0u8; (data_start - pos) as usize])
             .map_err(io)?;
-        let file = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
+        let file = w
+            .into_inner()
+            .map_err(|e| Error::io(&tmp, e.into_error()))?;
         // The data section's final length; unwritten gaps (padding) read as zeros.
-        file.set_len(data_start + off).map_err(|e| Error::io(&tmp, e))?;
+        file.set_len(data_start + off)
+            .map_err(|e| Error::io(&tmp, e))?;
         Ok(GgufWriter {
             tmp,
             dest: dest.to_owned(),
@@ -513,9 +516,7 @@ impl GgufWriter {
                 self.plan.len()
             )));
         }
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io(&self.tmp, e))?;
+        self.file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
         std::fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
         self.finished = true;
         Ok(())

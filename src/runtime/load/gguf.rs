@@ -13,6 +13,7 @@ use super::source::{stream_dtype, vector, LoadOptions, Source};
 use crate::error::{Error, Result};
 use crate::format::gguf::keys;
 use crate::format::gguf::{GgmlType, GgufFile, TensorInfo, Value};
+use crate::model::names::{self, LinearRole};
 use crate::model::LlamaConfig;
 use crate::runtime::block::Block;
 use crate::runtime::linear::{Linear, WeightData};
@@ -131,28 +132,37 @@ impl Source for GgufSource {
 
     fn block(&self, l: usize, dtype: DType, device: &Device, opts: LoadOptions) -> Result<Block> {
         let c = &self.config;
-        let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let n = |s: &str| format!("blk.{l}.{s}.weight");
-        let lin =
-            |s: &str, rows, cols, heads| self.linear(&n(s), rows, cols, heads, dtype, device, opts);
+        let (h, kvh) = (c.num_attention_heads, c.num_key_value_heads);
+        let lin = |r: LinearRole, heads| {
+            let [rows, cols] = r.shape(c);
+            self.linear(
+                &names::gguf_linear(l, r),
+                rows,
+                cols,
+                heads,
+                dtype,
+                device,
+                opts,
+            )
+        };
         let sd = stream_dtype(dtype);
         Ok(Block {
-            input_norm: self.vec1(&n("attn_norm"), sd, device)?,
-            post_norm: self.vec1(&n("ffn_norm"), sd, device)?,
-            q: lin("attn_q", h * hd, c.hidden_size, Some(h))?,
-            k: lin("attn_k", kvh * hd, c.hidden_size, Some(kvh))?,
-            v: lin("attn_v", kvh * hd, c.hidden_size, None)?,
-            o: lin("attn_output", c.hidden_size, h * hd, None)?,
-            gate: lin("ffn_gate", c.intermediate_size, c.hidden_size, None)?,
-            up: lin("ffn_up", c.intermediate_size, c.hidden_size, None)?,
-            down: lin("ffn_down", c.hidden_size, c.intermediate_size, None)?,
+            input_norm: self.vec1(&names::gguf_attn_norm(l), sd, device)?,
+            post_norm: self.vec1(&names::gguf_ffn_norm(l), sd, device)?,
+            q: lin(LinearRole::Q, Some(h))?,
+            k: lin(LinearRole::K, Some(kvh))?,
+            v: lin(LinearRole::V, None)?,
+            o: lin(LinearRole::O, None)?,
+            gate: lin(LinearRole::Gate, None)?,
+            up: lin(LinearRole::Up, None)?,
+            down: lin(LinearRole::Down, None)?,
             kv_scales: None,
         })
     }
 
     fn embed_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let c = &self.config;
-        let te = self.tensor("token_embd.weight")?;
+        let te = self.tensor(names::GGUF_EMBED)?;
         let data = self.g.data(te);
         let row = data.len() / c.vocab_size.max(1);
         let mut out = Vec::with_capacity(ids.len() * c.hidden_size);
@@ -171,17 +181,17 @@ impl Source for GgufSource {
 
     fn embedding(&self, dtype: DType, device: &Device) -> Result<Tensor> {
         let c = &self.config;
-        let te = self.tensor("token_embd.weight")?;
+        let te = self.tensor(names::GGUF_EMBED)?;
         let emb = crate::quant::ggml::dequantize(&te.ty, self.g.data(te), te.dims[0] as usize)?;
         Ok(Tensor::from_vec(emb, (c.vocab_size, c.hidden_size), device)?.to_dtype(dtype)?)
     }
 
     fn head(&self, dtype: DType, device: &Device, opts: LoadOptions) -> Result<(Tensor, Linear)> {
         let c = &self.config;
-        let name = if self.g.tensor("output.weight").is_some() {
-            "output.weight"
+        let name = if self.g.tensor(names::GGUF_OUTPUT).is_some() {
+            names::GGUF_OUTPUT
         } else {
-            "token_embd.weight"
+            names::GGUF_EMBED
         };
         let t = self.tensor(name)?;
         if t.dims.len() != 2
@@ -195,7 +205,7 @@ impl Source for GgufSource {
                 found: format!("dims {:?}", t.dims),
             });
         }
-        let norm = self.vec1("output_norm.weight", stream_dtype(dtype), device)?;
+        let norm = self.vec1(names::GGUF_OUTPUT_NORM, stream_dtype(dtype), device)?;
         // A float head multiplies like the safetensors head (bf16 GEMM on a CPU with bf16, the
         // stream dtype elsewhere); a block-quantized one runs through the quantized matmul.
         let packed = device.is_cpu() && dtype == DType::BF16;
@@ -264,7 +274,7 @@ fn gguf_config(g: &GgufFile) -> Result<LlamaConfig> {
     let vocab = match num(keys::LLAMA_VOCAB_SIZE) {
         Some(v) => v as usize,
         None => g
-            .tensor("token_embd.weight")
+            .tensor(names::GGUF_EMBED)
             .and_then(|t| t.dims.get(1).copied())
             .ok_or_else(|| Error::format(&g.path, "no llama.vocab_size and no token_embd.weight"))?
             as usize,
@@ -284,7 +294,7 @@ fn gguf_config(g: &GgufFile) -> Result<LlamaConfig> {
         rms_norm_eps: float(keys::LLAMA_RMS_EPS).unwrap_or(1e-5),
         rope_theta: float(keys::LLAMA_ROPE_FREQ_BASE).unwrap_or(10000.0),
         rope_scaling: crate::model::config::RopeScaling::None,
-        tie_word_embeddings: g.tensor("output.weight").is_none(),
+        tie_word_embeddings: g.tensor(names::GGUF_OUTPUT).is_none(),
         bos_token_id: num(keys::TOKENIZER_BOS_ID).map(|v| v as u32),
         eos_token_ids: eos,
         max_position_embeddings: num(keys::LLAMA_CONTEXT_LENGTH).map_or(2048, |v| v as usize),

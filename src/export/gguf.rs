@@ -8,11 +8,11 @@
 //! importance matrix was used. Per-tensor types follow llama-quantize's mixes, including its
 //! fallbacks for rows that are not a multiple of a k-quant's 256-value super-block.
 //!
-//! One tensor is in memory at a time; the file is written under a temporary name and renamed
-//! when complete.
+//! The checkpoint's tensors arrive from the export loop in its own order ([`GgufSink`]), each
+//! written at its planned offset; one tensor is in memory at a time, and the file is written
+//! under a temporary name and renamed when complete.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use serde_json::{json, Value as Json};
 
@@ -21,103 +21,9 @@ use crate::error::{Error, Result};
 use crate::format::gguf::keys;
 use crate::format::gguf::{GgmlType, GgufWriter, PlannedTensor, Value};
 use crate::model::config::RopeScaling;
-use crate::model::names::{self, LinearRole};
+use crate::model::names;
 use crate::model::Checkpoint;
-
-/// A whole-file recipe (llama-quantize's `ftype`, or a float outtype).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mix {
-    F32,
-    F16,
-    BF16,
-    Q8_0,
-    Q6K,
-    Q5KM,
-    Q5KS,
-    Q4KM,
-    Q4KS,
-    Q4_0,
-    Q3KM,
-}
-
-impl Mix {
-    pub const ALL: [Mix; 11] = [
-        Mix::F32,
-        Mix::F16,
-        Mix::BF16,
-        Mix::Q8_0,
-        Mix::Q6K,
-        Mix::Q5KM,
-        Mix::Q5KS,
-        Mix::Q4KM,
-        Mix::Q4KS,
-        Mix::Q4_0,
-        Mix::Q3KM,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Mix::F32 => "f32",
-            Mix::F16 => "f16",
-            Mix::BF16 => "bf16",
-            Mix::Q8_0 => "q8_0",
-            Mix::Q6K => "q6_k",
-            Mix::Q5KM => "q5_k_m",
-            Mix::Q5KS => "q5_k_s",
-            Mix::Q4KM => "q4_k_m",
-            Mix::Q4KS => "q4_k_s",
-            Mix::Q4_0 => "q4_0",
-            Mix::Q3KM => "q3_k_m",
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<Self> {
-        let l = s.to_ascii_lowercase();
-        Mix::ALL.into_iter().find(|m| m.name() == l).ok_or_else(|| {
-            Error::Invalid(format!(
-                "unknown GGUF type `{s}` (available: {})",
-                Mix::ALL.map(|m| m.name()).join(", ")
-            ))
-        })
-    }
-
-    /// llama.cpp's `llama_ftype` value (`general.file_type`).
-    pub fn file_type(self) -> u32 {
-        match self {
-            Mix::F32 => 0,
-            Mix::F16 => 1,
-            Mix::Q4_0 => 2,
-            Mix::Q8_0 => 7,
-            Mix::Q3KM => 12,
-            Mix::Q4KS => 14,
-            Mix::Q4KM => 15,
-            Mix::Q5KS => 16,
-            Mix::Q5KM => 17,
-            Mix::Q6K => 18,
-            Mix::BF16 => 32,
-        }
-    }
-
-    /// The type most tensors get.
-    fn base(self) -> GgmlType {
-        match self {
-            Mix::F32 => GgmlType::F32,
-            Mix::F16 => GgmlType::F16,
-            Mix::BF16 => GgmlType::BF16,
-            Mix::Q8_0 => GgmlType::Q8_0,
-            Mix::Q6K => GgmlType::Q6_K,
-            Mix::Q5KM | Mix::Q5KS => GgmlType::Q5_K,
-            Mix::Q4KM | Mix::Q4KS => GgmlType::Q4_K,
-            Mix::Q4_0 => GgmlType::Q4_0,
-            Mix::Q3KM => GgmlType::Q3_K,
-        }
-    }
-
-    /// Float targets are what the converter writes; the others what llama-quantize writes.
-    fn is_float(self) -> bool {
-        matches!(self, Mix::F32 | Mix::F16 | Mix::BF16)
-    }
-}
+use crate::quant::recipe::{block_of, tensor_type, Recipe};
 
 /// Where an importance matrix came from (written as `quantize.imatrix.*`).
 #[derive(Debug, Clone)]
@@ -127,19 +33,13 @@ pub struct ImatrixUse {
     pub file: String,
 }
 
-/// Everything one GGUF export needs.
+/// Everything one GGUF artifact needs besides the checkpoint.
 #[derive(Debug, Clone)]
 pub struct GgufOptions {
-    pub mix: Mix,
-    /// `--tensor-type REGEX=TYPE`, applied in order after the mix (the last match wins).
-    pub overrides: Vec<(String, GgmlType)>,
-    pub output_type: Option<GgmlType>,
-    pub embedding_type: Option<GgmlType>,
+    pub recipe: Recipe,
     pub imatrix: Option<ImatrixUse>,
     /// `tokenizer.ggml.pre` when it cannot be detected.
     pub pre: Option<String>,
-    pub force: bool,
-    pub command_line: String,
 }
 
 /// One tensor of the output: GGUF name, source, dims (innermost first), type.
@@ -195,150 +95,6 @@ pub fn rope_freq_factors(c: &crate::model::LlamaConfig) -> Option<Vec<f32>> {
     )
 }
 
-/// GGUF name of a checkpoint tensor, and the head count its rows are permuted for.
-fn gguf_name(c: &crate::model::LlamaConfig, hf: &str) -> Option<(String, Option<usize>)> {
-    match hf {
-        names::EMBED => return Some(("token_embd.weight".into(), None)),
-        names::FINAL_NORM => return Some(("output_norm.weight".into(), None)),
-        names::LM_HEAD => return Some(("output.weight".into(), None)),
-        _ => {}
-    }
-    for l in 0..c.num_hidden_layers {
-        if hf == names::hf_input_norm(l) {
-            return Some((format!("blk.{l}.attn_norm.weight"), None));
-        }
-        if hf == names::hf_post_norm(l) {
-            return Some((format!("blk.{l}.ffn_norm.weight"), None));
-        }
-        for r in LinearRole::ALL {
-            if hf == names::hf_linear(l, r) {
-                let heads = match r {
-                    LinearRole::Q => Some(c.num_attention_heads),
-                    LinearRole::K => Some(c.num_key_value_heads),
-                    _ => None,
-                };
-                return Some((names::gguf_linear(l, r), heads));
-            }
-        }
-    }
-    None
-}
-
-/// `blk.N.` → N.
-fn block_of(name: &str) -> Option<usize> {
-    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
-}
-
-/// llama-quantize's `use_more_bits`.
-fn use_more_bits(i: usize, n: usize) -> bool {
-    i < n / 8 || i >= 7 * n / 8 || (i as i64 - (n / 8) as i64) % 3 == 2
-}
-
-/// The type of tensor `name` (dims innermost first) under `o`, for a model of `layers` blocks
-/// that has (`has_output`) or ties its output matrix.
-pub fn tensor_type(
-    o: &GgufOptions,
-    name: &str,
-    dims: &[u64],
-    layers: usize,
-    has_output: bool,
-) -> Result<GgmlType> {
-    let f32t = GgmlType::F32;
-    // 1-D tensors, norms and generated tensors stay F32.
-    if dims.len() < 2 || name.ends_with("_norm.weight") || name == "rope_freqs.weight" {
-        return Ok(f32t);
-    }
-    let mix = o.mix;
-    let ne0 = dims[0] as usize;
-    if mix.is_float() {
-        let mut t = mix.base();
-        for (re, over) in &o.overrides {
-            if regex_match(re, name)? {
-                t = *over;
-            }
-        }
-        return Ok(fallback(t, ne0));
-    }
-    let base = mix.base();
-    let mut t = base;
-    let is_output = name == "output.weight" || (!has_output && name == "token_embd.weight");
-    if is_output {
-        t = match o.output_type {
-            Some(t) => t,
-            None if !ne0.is_multiple_of(base.block_size()) => GgmlType::Q8_0,
-            None if base != GgmlType::Q8_0 => GgmlType::Q6_K,
-            None => base,
-        };
-    } else if name == "token_embd.weight" {
-        if let Some(e) = o.embedding_type {
-            t = e;
-        }
-    } else if let Some(layer) = block_of(name) {
-        let n = layers;
-        if name.contains("attn_v.weight") {
-            match mix {
-                Mix::Q3KM => {
-                    t = if layer < 2 {
-                        GgmlType::Q5_K
-                    } else {
-                        GgmlType::Q4_K
-                    }
-                }
-                Mix::Q4KM | Mix::Q5KM if use_more_bits(layer, n) => t = GgmlType::Q6_K,
-                Mix::Q4KS if layer < 4 => t = GgmlType::Q5_K,
-                _ => {}
-            }
-        } else if name.contains("ffn_down") {
-            match mix {
-                Mix::Q3KM => {
-                    t = if layer < n / 16 {
-                        GgmlType::Q5_K
-                    } else {
-                        GgmlType::Q4_K
-                    }
-                }
-                Mix::Q4KM | Mix::Q5KM if use_more_bits(layer, n) => t = GgmlType::Q6_K,
-                Mix::Q4KS if layer < n / 8 => t = GgmlType::Q5_K,
-                Mix::Q4_0 if o.imatrix.is_some() && layer < n / 8 => t = GgmlType::Q4_1,
-                _ => {}
-            }
-        } else if name.contains("attn_output.weight") && mix == Mix::Q3KM {
-            t = GgmlType::Q4_K;
-        }
-    }
-    for (re, over) in &o.overrides {
-        if regex_match(re, name)? {
-            t = *over;
-        }
-    }
-    Ok(fallback(t, ne0))
-}
-
-/// llama-quantize's replacement for a type whose block does not divide the row.
-fn fallback(t: GgmlType, ne0: usize) -> GgmlType {
-    if ne0.is_multiple_of(t.block_size()) {
-        return t;
-    }
-    let alt = match t {
-        GgmlType::Q4_K => GgmlType::Q5_0,
-        GgmlType::Q5_K => GgmlType::Q5_1,
-        GgmlType::Q6_K => GgmlType::Q8_0,
-        GgmlType::Q2_K | GgmlType::Q3_K => GgmlType::Q4_0,
-        _ => GgmlType::F16,
-    };
-    if ne0.is_multiple_of(alt.block_size()) {
-        alt
-    } else {
-        GgmlType::F16
-    }
-}
-
-fn regex_match(re: &str, name: &str) -> Result<bool> {
-    let r = regex::Regex::new(re)
-        .map_err(|e| Error::Invalid(format!("--tensor-type pattern `{re}`: {e}")))?;
-    Ok(r.is_match(name))
-}
-
 /// The output's tensors in file order with their types.
 pub fn plan(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<TensorPlan>> {
     let c = &ck.config;
@@ -348,14 +104,14 @@ pub fn plan(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<TensorPlan>> {
     let mut out = Vec::new();
     if let Some(f) = rope_freq_factors(c) {
         out.push(TensorPlan {
-            name: "rope_freqs.weight".into(),
+            name: crate::model::names::GGUF_ROPE_FREQS.into(),
             dims: vec![f.len() as u64],
             source: Source::RopeFreqs(f),
             ty: GgmlType::F32,
         });
     }
     for h in hf {
-        let Some((name, permute_heads)) = gguf_name(c, h) else {
+        let Some((name, permute_heads)) = names::gguf_name(c, h) else {
             continue;
         };
         let (_, info) = ck.info(h).expect("indexed");
@@ -371,9 +127,9 @@ pub fn plan(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<TensorPlan>> {
         });
     }
     for t in out.iter_mut() {
-        t.ty = tensor_type(o, &t.name, &t.dims, c.num_hidden_layers, has_output)?;
+        t.ty = tensor_type(&o.recipe, &t.name, &t.dims, c.num_hidden_layers, has_output)?;
     }
-    if !o.mix.is_float() {
+    if !o.recipe.mix.is_float() {
         out.sort_by(|a, b| {
             let ka = (block_of(&a.name).map_or(-1, |v| v as i64), a.name.as_str());
             let kb = (block_of(&b.name).map_or(-1, |v| v as i64), b.name.as_str());
@@ -383,7 +139,7 @@ pub fn plan(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<TensorPlan>> {
     Ok(out)
 }
 
-pub use crate::format::gguf::llama::{permute_rows, unpermute_row_bytes};
+use crate::format::gguf::llama::permute_rows;
 
 /// Detects llama.cpp's pre-tokenizer name from tokenizer.json's `pre_tokenizer`.
 pub fn detect_pre(tokenizer: &Json) -> Option<&'static str> {
@@ -674,22 +430,22 @@ fn metadata(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<(String, Value)>> {
     }
     let file_type = (
         keys::GENERAL_FILE_TYPE.to_string(),
-        Value::U32(o.mix.file_type()),
+        Value::U32(o.recipe.mix.file_type()),
     );
     let qv = (
         keys::GENERAL_QUANTIZATION_VERSION.to_string(),
         Value::U32(2),
     );
-    if o.mix.is_float() {
+    if o.recipe.mix.is_float() {
         md.push(file_type.clone());
     }
     md.push((keys::LLAMA_VOCAB_SIZE.into(), u(c.vocab_size)));
     md.push((keys::LLAMA_ROPE_DIMENSION_COUNT.into(), u(c.head_dim)));
-    if o.mix.is_float() {
+    if o.recipe.mix.is_float() {
         md.push(qv.clone());
     }
     md.extend(tokenizer_metadata(ck, o)?);
-    if !o.mix.is_float() {
+    if !o.recipe.mix.is_float() {
         md.push(qv);
         md.push(file_type);
         if let Some(im) = &o.imatrix {
@@ -717,51 +473,77 @@ fn metadata(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<(String, Value)>> {
 /// Values converted and quantized at a time when a tensor is streamed in row chunks.
 const CHUNK_VALUES: usize = 1 << 24;
 
-/// What an export wrote.
+/// What a GGUF artifact holds, for the log.
 #[derive(Debug, Clone)]
 pub struct GgufReport {
     pub path: PathBuf,
     pub bytes: u64,
-    pub tensors: Vec<(String, String)>,
-    pub wall_s: f64,
+    /// (GGUF name, type) in file order.
+    pub tensors: Vec<(String, GgmlType)>,
 }
 
-/// Writes `ck` as GGUF to `out` (a file). `progress(done, total)` in elements.
-pub fn export(
-    ck: &Checkpoint,
-    o: &GgufOptions,
-    out: &Path,
-    progress: &dyn Fn(u64, u64),
-) -> Result<GgufReport> {
-    let t0 = Instant::now();
-    if out.exists() && !o.force {
-        return Err(Error::Invalid(format!(
-            "{} exists; pass --force to replace it",
-            out.display()
-        )));
+/// One GGUF artifact being written: it takes the checkpoint's tensors in any order (each goes
+/// to its planned place in the file) and writes the generated ones itself.
+pub struct GgufSink {
+    path: PathBuf,
+    writer: GgufWriter,
+    plan: Vec<TensorPlan>,
+    /// Checkpoint tensor name → plan index.
+    by_hf: std::collections::HashMap<String, usize>,
+    imatrix: Option<ImatrixUse>,
+}
+
+impl GgufSink {
+    /// Plans `ck` under `o` and opens `out` (under a temporary name until [`Self::finish`]).
+    pub fn create(ck: &Checkpoint, o: &GgufOptions, out: &Path) -> Result<Self> {
+        if let Some(im) = &o.imatrix {
+            im.imatrix.check_against(&ck.config, Path::new(&im.file))?;
+        }
+        let md = metadata(ck, o)?;
+        let plan = plan(ck, o)?;
+        let planned: Vec<PlannedTensor> = plan
+            .iter()
+            .map(|t| PlannedTensor {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+                ty: t.ty,
+            })
+            .collect();
+        let writer = GgufWriter::create(out, &md, &planned)?;
+        let by_hf = plan
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| match &t.source {
+                Source::Hf { name, .. } => Some((name.clone(), i)),
+                Source::RopeFreqs(_) => None,
+            })
+            .collect();
+        let mut sink = GgufSink {
+            path: out.to_owned(),
+            writer,
+            plan,
+            by_hf,
+            imatrix: o.imatrix.clone(),
+        };
+        for i in 0..sink.plan.len() {
+            if let Source::RopeFreqs(f) = &sink.plan[i].source {
+                let bytes = sink.quantize(i, f)?;
+                sink.writer.write_at(i, &bytes)?;
+            }
+        }
+        Ok(sink)
     }
-    if let Some(im) = &o.imatrix {
-        im.imatrix.check_against(&ck.config, Path::new(&im.file))?;
+
+    /// Whether checkpoint tensor `hf` goes into this file.
+    pub fn wants(&self, hf: &str) -> bool {
+        self.by_hf.contains_key(hf)
     }
-    let md = metadata(ck, o)?;
-    let plan = plan(ck, o)?;
-    let planned: Vec<PlannedTensor> = plan
-        .iter()
-        .map(|t| PlannedTensor {
-            name: t.name.clone(),
-            dims: t.dims.clone(),
-            ty: t.ty,
-        })
-        .collect();
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    }
-    let mut w = GgufWriter::create(out, &md, &planned)?;
-    let total: u64 = plan.iter().map(|t| t.dims.iter().product::<u64>()).sum();
-    let mut done = 0u64;
-    for t in &plan {
+
+    /// Quantizes rows of plan entry `i` with its importance vector, if any.
+    fn quantize(&self, i: usize, v: &[f32]) -> Result<Vec<u8>> {
+        let t = &self.plan[i];
         let ne0 = t.dims[0] as usize;
-        let importance = match (&o.imatrix, t.ty) {
+        let importance = match (&self.imatrix, t.ty) {
             (_, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0) => None,
             (Some(im), _) => im.imatrix.entries.get(&t.name).map(|e| e.mean()),
             _ => None,
@@ -769,96 +551,85 @@ pub fn export(
         if let Some(imp) = &importance {
             if imp.len() != ne0 {
                 return Err(Error::TensorMismatch {
-                    path: PathBuf::from(&o.imatrix.as_ref().expect("present").file),
+                    path: PathBuf::from(&self.imatrix.as_ref().expect("present").file),
                     tensor: t.name.clone(),
                     expected: format!("{ne0} values"),
                     found: format!("{} values", imp.len()),
                 });
             }
         }
-        let quantize =
-            |v: &[f32]| crate::quant::ggml::quantize(&t.ty, v, ne0, importance.as_deref());
-        let bytes = match &t.source {
-            Source::RopeFreqs(f) => quantize(f)?,
-            Source::Hf {
-                name,
-                permute_heads: Some(h),
-            } => {
-                let v = ck.read_f32(name)?;
-                ck.release(name);
-                quantize(&permute_rows(&v, v.len() / ne0, ne0, *h))?
-            }
-            Source::Hf {
-                name,
-                permute_heads: None,
-            } => {
-                // Row chunks of about 16M values straight from the mapped file, its pages
-                // released after each chunk: a 128k-row embedding never exists in f32 at once.
-                let (raw, info) = ck.raw(name)?;
-                let es = info.dtype.size();
-                let rows_per = (CHUNK_VALUES / ne0).max(1);
-                let mut out = Vec::new();
-                for part in raw.chunks(rows_per * ne0 * es) {
-                    let v =
-                        crate::numerics::convert::to_f32(part, info.dtype).ok_or_else(|| {
-                            Error::TensorMismatch {
-                                path: ck.dir.clone(),
-                                tensor: name.clone(),
-                                expected: "a float dtype".into(),
-                                found: info.dtype.to_string(),
-                            }
-                        })?;
-                    out.extend_from_slice(&quantize(&v)?);
-                    ck.release(name);
-                }
-                out
-            }
-        };
-        w.write_tensor(&bytes)?;
-        done += t.dims.iter().product::<u64>();
-        progress(done, total);
+        crate::quant::ggml::quantize(&t.ty, v, ne0, importance.as_deref())
     }
-    w.finish()?;
-    let bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
-    Ok(GgufReport {
-        path: out.to_owned(),
-        bytes,
-        tensors: plan
-            .iter()
-            .map(|t| (t.name.clone(), t.ty.name().to_string()))
-            .collect(),
-        wall_s: t0.elapsed().as_secs_f64(),
-    })
+
+    /// Writes checkpoint tensor `hf` from its f32 values (rows permuted here where GGUF wants).
+    pub fn write_f32(&mut self, hf: &str, v: &[f32]) -> Result<()> {
+        let Some(&i) = self.by_hf.get(hf) else {
+            return Ok(());
+        };
+        let ne0 = self.plan[i].dims[0] as usize;
+        let bytes = match &self.plan[i].source {
+            Source::Hf {
+                permute_heads: Some(h),
+                ..
+            } => self.quantize(i, &permute_rows(v, v.len() / ne0, ne0, *h))?,
+            _ => self.quantize(i, v)?,
+        };
+        self.writer.write_at(i, &bytes)
+    }
+
+    /// Writes checkpoint tensor `hf` straight from its stored bytes, converted and quantized in
+    /// row chunks of about 16M values (a 128k-row embedding never exists in f32 at once), the
+    /// mapped pages released after each chunk.
+    pub fn write_stored(&mut self, ck: &Checkpoint, hf: &str) -> Result<()> {
+        let Some(&i) = self.by_hf.get(hf) else {
+            return Ok(());
+        };
+        if matches!(
+            self.plan[i].source,
+            Source::Hf {
+                permute_heads: Some(_),
+                ..
+            }
+        ) {
+            return self.write_f32(hf, &ck.read_f32(hf)?);
+        }
+        let ne0 = self.plan[i].dims[0] as usize;
+        let (raw, info) = ck.raw(hf)?;
+        let es = info.dtype.size();
+        let rows_per = (CHUNK_VALUES / ne0).max(1);
+        let mut out = Vec::new();
+        for part in raw.chunks(rows_per * ne0 * es) {
+            let v = crate::numerics::convert::to_f32(part, info.dtype).ok_or_else(|| {
+                Error::TensorMismatch {
+                    path: ck.dir.clone(),
+                    tensor: hf.to_owned(),
+                    expected: "a float dtype".into(),
+                    found: info.dtype.to_string(),
+                }
+            })?;
+            out.extend_from_slice(&self.quantize(i, &v)?);
+            ck.release(hf);
+        }
+        self.writer.write_at(i, &out)
+    }
+
+    /// Checks every tensor was written, then renames the file into place.
+    pub fn finish(self) -> Result<GgufReport> {
+        self.writer.finish()?;
+        let bytes = std::fs::metadata(&self.path)
+            .map_err(|e| Error::io(&self.path, e))?
+            .len();
+        Ok(GgufReport {
+            path: self.path,
+            bytes,
+            tensors: self.plan.iter().map(|t| (t.name.clone(), t.ty)).collect(),
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn more_bits_layers_for_16_blocks() {
-        let v: Vec<usize> = (0..16).filter(|&i| use_more_bits(i, 16)).collect();
-        assert_eq!(v, vec![0, 1, 4, 7, 10, 13, 14, 15]);
-    }
-
-    #[test]
-    fn permutation_round_trips() {
-        let (rows, cols, heads) = (8, 3, 2);
-        let w: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
-        let p = permute_rows(&w, rows, cols, heads);
-        // Head 0 (d = 4): new rows 0,1,2,3 = old rows 0,2,1,3.
-        assert_eq!(
-            &p[..12],
-            &[0., 1., 2., 6., 7., 8., 3., 4., 5., 9., 10., 11.]
-        );
-        let bytes: Vec<u8> = p.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let back = unpermute_row_bytes(&bytes, rows, heads);
-        let back: Vec<f32> = back
-            .chunks(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        assert_eq!(back, w);
-    }
 
     #[test]
     fn size_labels() {

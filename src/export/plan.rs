@@ -1,0 +1,205 @@
+//! What each checkpoint target holds: its tensors (names, dtypes, shapes) in the input's order,
+//! and the `quantization_config` runtimes read (formats/fp8.md#config, formats/int8.md).
+
+use serde_json::{json, Value};
+
+use crate::export::target::Target;
+use crate::format::safetensors_out::PlannedTensor;
+use crate::model::names::{LinearRole, TensorRole, TensorSpec};
+use crate::model::Checkpoint;
+use crate::numerics::Dtype;
+
+/// The checkpoint's tensors in canonical order with their roles (a tied `lm_head` that is
+/// absent stays absent).
+pub fn inputs(ck: &Checkpoint) -> Vec<TensorSpec> {
+    ck.specs()
+        .into_iter()
+        .filter(|s| ck.index.contains_key(&s.name))
+        .collect()
+}
+
+/// Names of block `layer`'s static KV-cache scales.
+pub fn kv_scale_names(layer: usize) -> [String; 2] {
+    [
+        format!("model.layers.{layer}.self_attn.k_scale"),
+        format!("model.layers.{layer}.self_attn.v_scale"),
+    ]
+}
+
+pub fn linear_plan(
+    t: Target,
+    name: &str,
+    shape: &[usize],
+    group: Option<usize>,
+) -> Vec<PlannedTensor> {
+    let stem = name
+        .strip_suffix(".weight")
+        .expect("linear weights end in .weight");
+    let out = shape[0];
+    let pt = |n: String, dtype, shape: Vec<usize>| PlannedTensor {
+        name: n,
+        dtype,
+        shape,
+    };
+    match t {
+        Target::Int8 => {
+            return vec![
+                pt(name.to_owned(), Dtype::I8, shape.to_vec()),
+                pt(format!("{stem}.weight_scale"), Dtype::BF16, vec![out, 1]),
+            ]
+        }
+        Target::Int8W8A16 => {
+            let groups = group.map_or(1, |g| shape[1] / g);
+            return vec![
+                pt(
+                    format!("{stem}.weight_packed"),
+                    Dtype::I32,
+                    vec![out, shape[1].div_ceil(4)],
+                ),
+                pt(
+                    format!("{stem}.weight_scale"),
+                    Dtype::BF16,
+                    vec![out, groups],
+                ),
+                pt(format!("{stem}.weight_shape"), Dtype::I64, vec![2]),
+            ];
+        }
+        _ => {}
+    }
+    let mut v = vec![PlannedTensor {
+        name: name.to_owned(),
+        dtype: Dtype::F8E4M3,
+        shape: shape.to_vec(),
+    }];
+    match t {
+        Target::Fp8 => v.push(PlannedTensor {
+            name: format!("{stem}.weight_scale"),
+            dtype: Dtype::BF16,
+            shape: vec![out, 1],
+        }),
+        Target::Fp8Static => {
+            v.push(PlannedTensor {
+                name: format!("{stem}.weight_scale"),
+                dtype: Dtype::BF16,
+                shape: vec![out, 1],
+            });
+            v.push(PlannedTensor {
+                name: format!("{stem}.input_scale"),
+                dtype: Dtype::BF16,
+                shape: vec![1],
+            });
+        }
+        Target::Fp8ModelOpt => v.push(PlannedTensor {
+            name: format!("{stem}.weight_scale"),
+            dtype: Dtype::F32,
+            shape: vec![out],
+        }),
+        Target::Int8 | Target::Int8W8A16 => unreachable!("handled above"),
+        Target::Gguf(_) => unreachable!("GGUF targets are planned by export::gguf"),
+    }
+    v
+}
+
+/// Every tensor of target `t`'s checkpoint, in the input's order.
+pub fn plan(t: Target, ck: &Checkpoint, group: Option<usize>) -> Vec<PlannedTensor> {
+    let mut v = Vec::new();
+    for spec in inputs(ck) {
+        let (name, shape) = (spec.name, spec.shape);
+        match spec.role {
+            TensorRole::Linear(l, r) => {
+                v.extend(linear_plan(t, &name, &shape, group));
+                if t == Target::Fp8Static && r == LinearRole::V {
+                    for n in kv_scale_names(l) {
+                        v.push(PlannedTensor {
+                            name: n,
+                            dtype: Dtype::BF16,
+                            shape: vec![1],
+                        });
+                    }
+                }
+            }
+            _ => {
+                let (_, info) = ck.info(&name).expect("listed");
+                v.push(PlannedTensor {
+                    name,
+                    dtype: info.dtype,
+                    shape: shape.clone(),
+                });
+            }
+        }
+    }
+    v
+}
+
+/// compressed-tensors QuantizationArgs with only the long-lived keys (formats/fp8.md#config).
+fn ct_args(
+    ty: &str,
+    strategy: &str,
+    dynamic: bool,
+    observer: Option<&str>,
+    group_size: Option<usize>,
+) -> Value {
+    json!({"actorder": null, "block_structure": null, "dynamic": dynamic, "group_size": group_size, "num_bits": 8,
+           "observer": observer, "observer_kwargs": {}, "strategy": strategy, "symmetric": true, "type": ty})
+}
+
+/// A compressed-tensors `quantization_config` with one `Linear` group.
+fn ct_config(format: &str, weights: Value, inputs: Value, kv: Value) -> Value {
+    json!({
+        "config_groups": {"group_0": {
+            "format": format,
+            "input_activations": inputs,
+            "output_activations": null,
+            "targets": ["Linear"],
+            "weights": weights,
+        }},
+        "format": format,
+        "global_compression_ratio": null,
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": kv,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": "0.19.0"
+    })
+}
+
+/// The `quantization_config` block of config.json (formats/fp8.md#config, formats/int8.md).
+pub fn quantization_config(t: Target, group: Option<usize>) -> Value {
+    let weights = |ty| ct_args(ty, "channel", false, Some("memoryless_minmax"), None);
+    let static_fp8 = || ct_args("float", "tensor", false, Some("static_minmax"), None);
+    match t {
+        Target::Fp8 => ct_config(
+            "float-quantized",
+            weights("float"),
+            ct_args("float", "token", true, None, None),
+            Value::Null,
+        ),
+        Target::Fp8Static => ct_config(
+            "float-quantized",
+            weights("float"),
+            static_fp8(),
+            static_fp8(),
+        ),
+        Target::Int8 => ct_config(
+            "int-quantized",
+            weights("int"),
+            ct_args("int", "token", true, None, None),
+            Value::Null,
+        ),
+        Target::Int8W8A16 => {
+            let strategy = if group.is_some() { "group" } else { "channel" };
+            let w = ct_args("int", strategy, false, Some("memoryless_minmax"), group);
+            ct_config("pack-quantized", w, Value::Null, Value::Null)
+        }
+        Target::Gguf(_) => Value::Null,
+        Target::Fp8ModelOpt => json!({
+            "quant_method": "modelopt",
+            "quant_algo": "FP8_PER_CHANNEL_PER_TOKEN",
+            "kv_cache_scheme": null,
+            "ignore": ["lm_head"],
+            "producer": {"name": "minitron", "version": crate::VERSION}
+        }),
+    }
+}

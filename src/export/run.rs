@@ -1,0 +1,681 @@
+//! The export loop: every target's sink opened up front, one calibration, then each input tensor
+//! read once and handed to every sink that holds it; artifacts renamed into place only when all
+//! of them are complete.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::calib::{calibrate_for, CalibOptions, CalibStats, Calibration, Imatrix, Needs};
+use crate::error::{Error, Result};
+use crate::export::gguf::{GgufOptions, GgufReport, GgufSink, ImatrixUse};
+use crate::export::manifest::{InputRecord, LayerAlpha, Manifest, SmoothQuantRecord, TensorError};
+use crate::export::plan::{inputs, kv_scale_names, plan, quantization_config};
+use crate::export::target::Target;
+use crate::format::gguf::GgmlType;
+use crate::format::safetensors_out::{
+    begin_dir, commit_dir, sha256_bytes, ShardedWriter, WrittenFile,
+};
+use crate::model::names::{InputSite, LinearRole, TensorRole};
+use crate::model::synth::MAX_SHARD_BYTES;
+use crate::model::Checkpoint;
+use crate::quant::fp8::{self, Fp8Matrix, ScaleStyle, WeightMode};
+use crate::quant::recipe::Recipe;
+use crate::quant::smoothquant::{LayerSmoothing, SmoothPlan};
+
+/// GGUF settings shared by every GGUF target.
+#[derive(Debug, Clone, Default)]
+pub struct GgufSettings {
+    /// `--tensor-type REGEX=TYPE`, applied in order after the mix (the last match wins).
+    pub overrides: Vec<(String, GgmlType)>,
+    pub output_type: Option<GgmlType>,
+    pub embedding_type: Option<GgmlType>,
+    /// `--imatrix FILE` (llama.cpp's GGUF or legacy format).
+    pub imatrix: Option<PathBuf>,
+    /// `tokenizer.ggml.pre` when it cannot be detected.
+    pub pre: Option<String>,
+}
+
+/// Everything an export needs besides the input.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    pub targets: Vec<Target>,
+    pub out: PathBuf,
+    pub force: bool,
+    pub fp8_weights: WeightMode,
+    /// `rtn` or `gptq` (W8A8 weights, after smoothing).
+    pub int8_weights: WeightMode,
+    /// SmoothQuant migration strength for `int8` (`None`: choose per layer from a grid).
+    pub smooth_alpha: Option<f64>,
+    /// Group size for `int8-w8a16` (`None`: one scale per output channel).
+    pub group_size: Option<usize>,
+    pub calib: CalibOptions,
+    /// Whether the user asked for calibration (any `--calib*`, `--load-calib` or `--save-calib`
+    /// option): GGUF k-quant targets then use an importance matrix made from it, as they would
+    /// from `--imatrix`.
+    pub calib_asked: bool,
+    pub gguf: GgufSettings,
+    pub command_line: String,
+}
+
+impl ExportOptions {
+    /// Where target `t` is written.
+    pub fn path(&self, t: Target) -> PathBuf {
+        t.path(&self.out, self.targets.len() == 1)
+    }
+
+    /// Whether GGUF targets take their importance matrix from this run's calibration.
+    fn gguf_from_calibration(&self) -> bool {
+        self.gguf.imatrix.is_none()
+            && self.calib_asked
+            && self
+                .targets
+                .iter()
+                .any(|t| t.mix().is_some_and(|m| !m.is_float()))
+    }
+
+    /// What calibration must produce for these targets.
+    pub fn needs(&self) -> Needs {
+        let has = |t: Target| self.targets.contains(&t);
+        let has_fp8 = self.targets.iter().any(|t| t.is_fp8());
+        Needs {
+            stats: has(Target::Fp8Static)
+                || has(Target::Int8)
+                || (has_fp8 && self.fp8_weights != WeightMode::Rtn)
+                || self.gguf_from_calibration(),
+            hessians: (has_fp8 && self.fp8_weights == WeightMode::Gptq)
+                || (has(Target::Int8) && self.int8_weights == WeightMode::Gptq),
+        }
+    }
+
+    /// The targets that use this run's calibration statistics.
+    pub fn calibrated_targets(&self) -> Vec<Target> {
+        let gguf = self.gguf_from_calibration();
+        self.targets
+            .iter()
+            .copied()
+            .filter(|&t| match t {
+                Target::Fp8Static | Target::Int8 => true,
+                Target::Fp8 | Target::Fp8ModelOpt => self.fp8_weights != WeightMode::Rtn,
+                Target::Int8W8A16 => false,
+                Target::Gguf(m) => gguf && !m.is_float(),
+            })
+            .collect()
+    }
+}
+
+/// One artifact written.
+#[derive(Debug, Clone)]
+pub enum Artifact {
+    Checkpoint {
+        path: PathBuf,
+        manifest: Box<Manifest>,
+    },
+    Gguf(GgufReport),
+}
+
+/// What an export did.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    /// In `--to` order.
+    pub artifacts: Vec<(Target, Artifact)>,
+    /// The calibration used, if any, and the targets that used it.
+    pub calibration: Option<crate::calib::CalibInfo>,
+    pub calibrated: Vec<Target>,
+    /// Forward passes over calibration text (0 or 1).
+    pub calibration_passes: usize,
+    /// Input tensors read (each once) and their bytes.
+    pub tensors_read: usize,
+    pub bytes_read: u64,
+    pub wall_s: f64,
+}
+
+/// A checkpoint artifact being written.
+struct CkSink {
+    target: Target,
+    out: PathBuf,
+    tmp: PathBuf,
+    writer: ShardedWriter,
+    errors: BTreeMap<String, f64>,
+    /// SmoothQuant α per block, for `int8`.
+    alphas: Vec<LayerAlpha>,
+}
+
+/// Every open artifact.
+struct Sinks {
+    ck: Vec<CkSink>,
+    gguf: Vec<GgufSink>,
+}
+
+/// Runs the export; `progress(done, total)` counts input elements.
+pub fn run(
+    ck: &Checkpoint,
+    o: &ExportOptions,
+    device: &candle_core::Device,
+    progress: &dyn Fn(u64, u64),
+) -> Result<ExportReport> {
+    if o.targets.is_empty() {
+        return Err(Error::Invalid("--to needs at least one target".into()));
+    }
+    if let Some(g) = o.group_size {
+        let c = &ck.config;
+        let widths = [c.hidden_size, c.q_dim(), c.intermediate_size];
+        if g == 0 || widths.iter().any(|w| w % g != 0) {
+            return Err(Error::Invalid(format!(
+                "--group-size {g} must divide every linear layer's input width ({widths:?})"
+            )));
+        }
+    }
+    // Every output path is checked before any work: nothing is calibrated or written when one
+    // of them is in the way.
+    for &t in &o.targets {
+        let p = o.path(t);
+        if p.exists() && !o.force {
+            return Err(Error::Invalid(format!(
+                "{} already exists (pass --force to replace it)",
+                p.display()
+            )));
+        }
+    }
+    // With several targets `out` is their folder; made when the sinks open, removed again if
+    // the export fails and it was ours.
+    let out_existed = o.out.exists();
+    let t0 = Instant::now();
+    let imatrix_file = match &o.gguf.imatrix {
+        Some(p) => Some(ImatrixUse {
+            imatrix: Imatrix::read(p)?,
+            file: p.display().to_string(),
+        }),
+        None => None,
+    };
+    let cal = calibrate_for(ck, &o.calib, o.needs(), device)?;
+    let imatrix = match (imatrix_file, &cal.stats) {
+        (Some(f), _) => Some(f),
+        (None, Some(st)) if o.gguf_from_calibration() => {
+            let mut im = Imatrix::from_stats(st);
+            if im.datasets.is_empty() {
+                im.datasets.push(st.info.source.clone());
+            }
+            Some(ImatrixUse {
+                imatrix: im,
+                file: format!("(computed from {})", st.info.source),
+            })
+        }
+        _ => None,
+    };
+    let input_hashes = ck.input_hashes()?;
+
+    let mut sinks = Sinks {
+        ck: Vec::new(),
+        gguf: Vec::new(),
+    };
+    let opened = open_sinks(ck, o, imatrix, &mut sinks);
+    let result = opened.and_then(|()| {
+        let (tensors, bytes) = export_loop(ck, o, &cal, &mut sinks, progress)?;
+        let mut arts = Vec::new();
+        for s in sinks.ck.drain(..) {
+            let (t, out, tmp) = (s.target, s.out.clone(), s.tmp.clone());
+            let m = finish_ck(ck, o, cal.stats.as_ref(), s, &input_hashes, t0)?;
+            arts.push((t, out, Some(tmp), Some(m), None));
+        }
+        for g in sinks.gguf.drain(..) {
+            let r = g.finish()?;
+            let t = o
+                .targets
+                .iter()
+                .copied()
+                .find(|t| o.path(*t) == r.path)
+                .expect("a GGUF sink per GGUF target");
+            arts.push((t, r.path.clone(), None, None, Some(r)));
+        }
+        Ok((tensors, bytes, arts))
+    });
+    let (tensors_read, bytes_read, arts) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            // GGUF sinks remove their temporary files when dropped.
+            for s in &sinks.ck {
+                let _ = std::fs::remove_dir_all(&s.tmp);
+            }
+            drop(sinks);
+            if !out_existed && o.targets.len() > 1 {
+                let _ = std::fs::remove_dir(&o.out);
+            }
+            return Err(e);
+        }
+    };
+    // Every artifact is complete: move the checkpoint folders into place (GGUF files were
+    // renamed by their writers).
+    let mut artifacts = Vec::new();
+    for (t, out, tmp, m, g) in arts {
+        if let Some(tmp) = tmp {
+            commit_dir(&tmp, &out)?;
+        }
+        let a = match (m, g) {
+            (Some(m), _) => Artifact::Checkpoint {
+                path: out,
+                manifest: Box::new(m),
+            },
+            (None, Some(g)) => Artifact::Gguf(g),
+            (None, None) => unreachable!("every artifact is a checkpoint or a GGUF file"),
+        };
+        artifacts.push((t, a));
+    }
+    artifacts.sort_by_key(|(t, _)| o.targets.iter().position(|x| x == t));
+    Ok(ExportReport {
+        artifacts,
+        calibration: cal.stats.as_ref().map(|s| s.info.clone()),
+        calibrated: if cal.stats.is_some() {
+            o.calibrated_targets()
+        } else {
+            Vec::new()
+        },
+        calibration_passes: cal.passes,
+        tensors_read,
+        bytes_read,
+        wall_s: t0.elapsed().as_secs_f64(),
+    })
+}
+
+fn open_sinks(
+    ck: &Checkpoint,
+    o: &ExportOptions,
+    imatrix: Option<ImatrixUse>,
+    sinks: &mut Sinks,
+) -> Result<()> {
+    for &t in &o.targets {
+        let out = o.path(t);
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        match t.mix() {
+            Some(mix) => {
+                let g = GgufOptions {
+                    recipe: Recipe {
+                        mix,
+                        overrides: o.gguf.overrides.clone(),
+                        output_type: o.gguf.output_type,
+                        embedding_type: o.gguf.embedding_type,
+                        imatrix: imatrix.is_some(),
+                    },
+                    imatrix: imatrix.clone(),
+                    pre: o.gguf.pre.clone(),
+                };
+                sinks.gguf.push(GgufSink::create(ck, &g, &out)?);
+            }
+            None => {
+                let tmp = begin_dir(&out, o.force)?;
+                let writer =
+                    ShardedWriter::create(&tmp, plan(t, ck, o.group_size), MAX_SHARD_BYTES);
+                let writer = match writer {
+                    Ok(w) => w,
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&tmp);
+                        return Err(e);
+                    }
+                };
+                sinks.ck.push(CkSink {
+                    target: t,
+                    out,
+                    tmp,
+                    writer,
+                    errors: BTreeMap::new(),
+                    alphas: Vec::new(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn bf16_bytes(v: &[f32]) -> Vec<u8> {
+    crate::numerics::convert::f32_to_bf16_bytes(v)
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// compressed-tensors' static observer: `bf16(absmax / 448)`.
+fn fp8_static_scale(absmax: f32) -> f32 {
+    let s = crate::numerics::fp8::round_bf16(absmax / crate::numerics::fp8::E4M3_MAX);
+    if s == 0.0 {
+        0.0078125
+    } else {
+        s
+    }
+}
+
+/// A GPTQ factor cached for one (layer, site): key, E[x xᵀ], inverse factor.
+type GptqFactor = ((usize, usize), Vec<f64>, crate::quant::gptq::GptqPlan);
+
+/// Streams every input tensor once to every sink; returns the tensors and bytes read.
+fn export_loop(
+    ck: &Checkpoint,
+    o: &ExportOptions,
+    cal: &Calibration,
+    sinks: &mut Sinks,
+    progress: &dyn Fn(u64, u64),
+) -> Result<(usize, u64)> {
+    let stats = cal.stats.as_ref();
+    let hessians = cal.hessians.as_ref();
+    let items = inputs(ck);
+    // GPTQ factor of the last (layer, site): q/k/v and gate/up share one.
+    let mut factor: Option<GptqFactor> = None;
+    // The same for the smoothed inputs INT8 weights see.
+    let mut int8_factor: Option<((usize, usize), crate::quant::gptq::GptqPlan)> = None;
+    let total: u64 = items
+        .iter()
+        .map(|s| s.shape.iter().product::<usize>() as u64)
+        .sum();
+    let mut done = 0u64;
+    let mut bytes_read = 0u64;
+    let want_smooth = sinks.ck.iter().any(|s| s.target == Target::Int8);
+    let mut smooth: Option<LayerSmoothing> = None;
+    for spec in &items {
+        let (name, shape) = (&spec.name, &spec.shape);
+        let norm_of = spec.role.norm_site();
+        if let (true, Some(l)) = (want_smooth, spec.role.layer()) {
+            if smooth.as_ref().map(|s| s.layer) != Some(l) {
+                let st = stats.ok_or_else(|| Error::Invalid("int8 needs calibration".into()))?;
+                let plan = SmoothPlan::from_alpha(o.smooth_alpha);
+                let sm = LayerSmoothing::compute(ck, &st.activations(l), l, plan)?;
+                let sites: BTreeMap<String, f64> = InputSite::ALL
+                    .into_iter()
+                    .filter_map(|site| sm.alpha(site).map(|a| (site.name().to_owned(), a)))
+                    .collect();
+                for s in sinks.ck.iter_mut().filter(|s| s.target == Target::Int8) {
+                    s.alphas.push(LayerAlpha {
+                        layer: l,
+                        sites: sites.clone(),
+                    });
+                }
+                smooth = Some(sm);
+            }
+        }
+        let (f, info) = ck.info(name).expect("listed");
+        bytes_read += (info.shape.iter().product::<usize>() * info.dtype.size()) as u64;
+        match spec.role {
+            TensorRole::Linear(layer, r) => {
+                let w = ck.read_f32(name)?;
+                // FP8 weights computed once per scale layout; targets share them.
+                let mut cache: Vec<(ScaleStyle, Fp8Matrix, Vec<f32>)> = Vec::new();
+                for s in sinks.ck.iter_mut() {
+                    let ctx = LinearCtx {
+                        o,
+                        stats,
+                        hessians,
+                        smooth: smooth.as_ref(),
+                        name,
+                        shape,
+                        layer,
+                        role: r,
+                    };
+                    write_linear(&ctx, s, &w, &mut cache, &mut factor, &mut int8_factor)?;
+                }
+                for g in sinks.gguf.iter_mut() {
+                    g.write_f32(name, &w)?;
+                }
+            }
+            _ => {
+                let bytes = f.bytes(name).expect("listed");
+                for s in sinks.ck.iter_mut() {
+                    match (s.target, norm_of, smooth.as_ref()) {
+                        (Target::Int8, Some((_, site)), Some(sm)) => {
+                            let g = ck.read_f32(name)?;
+                            s.writer
+                                .write(name, &bf16_bytes(&sm.smooth_norm(site, &g)))?;
+                        }
+                        _ => s.writer.write(name, bytes)?,
+                    }
+                }
+                for g in sinks.gguf.iter_mut() {
+                    g.write_stored(ck, name)?;
+                }
+            }
+        }
+        ck.release(name);
+        done += shape.iter().product::<usize>() as u64;
+        progress(done, total);
+    }
+    Ok((items.len(), bytes_read))
+}
+
+/// What writing one linear weight needs to know.
+struct LinearCtx<'a> {
+    o: &'a ExportOptions,
+    stats: Option<&'a CalibStats>,
+    hessians: Option<&'a crate::calib::hessian::Hessians>,
+    smooth: Option<&'a LayerSmoothing>,
+    name: &'a str,
+    shape: &'a [usize],
+    layer: usize,
+    role: LinearRole,
+}
+
+/// Quantizes linear weight `w` for checkpoint sink `s` and writes its tensors.
+fn write_linear(
+    c: &LinearCtx<'_>,
+    s: &mut CkSink,
+    w: &[f32],
+    cache: &mut Vec<(ScaleStyle, Fp8Matrix, Vec<f32>)>,
+    factor: &mut Option<GptqFactor>,
+    int8_factor: &mut Option<((usize, usize), crate::quant::gptq::GptqPlan)>,
+) -> Result<()> {
+    let (name, cols, layer, r) = (c.name, c.shape[1], c.layer, c.role);
+    let stem = name.strip_suffix(".weight").expect("weight");
+    match s.target {
+        Target::Int8 => {
+            let sm = c.smooth.expect("computed for this layer");
+            let ws = sm.smooth_weight(r, w, cols);
+            let m = match (c.o.int8_weights, c.hessians) {
+                (WeightMode::Gptq, Some(h)) => {
+                    let key = (layer, r.site().index());
+                    if int8_factor.as_ref().map(|f| f.0) != Some(key) {
+                        // Second moments of the smoothed input x/s.
+                        let n = h.count.max(1) as f64;
+                        let s = sm.factors[key.1].as_deref();
+                        let f = |j: usize| s.map_or(1.0, |s| s[j] as f64);
+                        let mean: Vec<f64> = h.sums[key.0][key.1]
+                            .iter()
+                            .enumerate()
+                            .map(|(ij, v)| v / n / (f(ij / cols) * f(ij % cols)))
+                            .collect();
+                        let u = crate::quant::gptq::GptqPlan::new(&mean, cols, 0.01)?;
+                        *int8_factor = Some((key, u));
+                    }
+                    let (_, u) = int8_factor.as_ref().expect("just set");
+                    crate::quant::int8::quantize_gptq(&ws, cols, u)
+                }
+                _ => crate::quant::int8::quantize(&ws, cols, None),
+            };
+            s.errors
+                .insert(name.to_owned(), fp8::relative_rms(&ws, &m.dequantize(cols)));
+            let bytes: Vec<u8> = m.q.iter().map(|&v| v as u8).collect();
+            s.writer.write(name, &bytes)?;
+            s.writer
+                .write(&format!("{stem}.weight_scale"), &bf16_bytes(&m.scales))?;
+        }
+        Target::Int8W8A16 => {
+            let m = crate::quant::int8::quantize(w, cols, c.o.group_size);
+            s.errors
+                .insert(name.to_owned(), fp8::relative_rms(w, &m.dequantize(cols)));
+            s.writer.write(
+                &format!("{stem}.weight_packed"),
+                &crate::quant::int8::pack(&m.q, cols),
+            )?;
+            s.writer
+                .write(&format!("{stem}.weight_scale"), &bf16_bytes(&m.scales))?;
+            let shape_bytes: Vec<u8> = [c.shape[0] as i64, cols as i64]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            s.writer
+                .write(&format!("{stem}.weight_shape"), &shape_bytes)?;
+        }
+        Target::Fp8 | Target::Fp8Static | Target::Fp8ModelOpt => {
+            let style = s.target.style();
+            if !cache.iter().any(|(st, _, _)| *st == style) {
+                let (m, deq) = fp8_weights(c, style, w, factor)?;
+                cache.push((style, m, deq));
+            }
+            let (_, m, deq) = cache
+                .iter()
+                .find(|(st, _, _)| *st == style)
+                .expect("cached");
+            s.errors.insert(name.to_owned(), fp8::relative_rms(w, deq));
+            s.writer.write(name, &m.codes)?;
+            match s.target {
+                Target::Fp8 => s
+                    .writer
+                    .write(&format!("{stem}.weight_scale"), &bf16_bytes(&m.scales))?,
+                Target::Fp8Static => {
+                    s.writer
+                        .write(&format!("{stem}.weight_scale"), &bf16_bytes(&m.scales))?;
+                    let st = c
+                        .stats
+                        .ok_or_else(|| Error::Invalid("fp8-static needs calibration".into()))?;
+                    // q/k/v (and gate/up) share one input, so the per-tensor scale is already
+                    // the max over the fused group that runtimes take.
+                    let scale = fp8_static_scale(st.site(layer, r.site()).tensor_absmax());
+                    s.writer
+                        .write(&format!("{stem}.input_scale"), &bf16_bytes(&[scale]))?;
+                    if r == LinearRole::V {
+                        let ls = &st.layers[layer];
+                        let [kn, vn] = kv_scale_names(layer);
+                        s.writer
+                            .write(&kn, &bf16_bytes(&[fp8_static_scale(ls.k_absmax)]))?;
+                        s.writer
+                            .write(&vn, &bf16_bytes(&[fp8_static_scale(ls.v_absmax)]))?;
+                    }
+                }
+                _ => s
+                    .writer
+                    .write(&format!("{stem}.weight_scale"), &f32_bytes(&m.scales))?,
+            }
+        }
+        Target::Gguf(_) => unreachable!("GGUF targets have their own sinks"),
+    }
+    Ok(())
+}
+
+/// FP8 weights of one linear layer under `style` (RTN, clipping search or GPTQ), with their
+/// dequantized values.
+fn fp8_weights(
+    c: &LinearCtx<'_>,
+    style: ScaleStyle,
+    w: &[f32],
+    factor: &mut Option<GptqFactor>,
+) -> Result<(Fp8Matrix, Vec<f32>)> {
+    let cols = c.shape[1];
+    let m = match (c.o.fp8_weights, c.hessians) {
+        (WeightMode::Gptq, Some(h)) => {
+            let key = (c.layer, c.role.site().index());
+            if factor.as_ref().map(|f| f.0) != Some(key) {
+                let n = h.count.max(1) as f64;
+                let mean: Vec<f64> = h.sums[key.0][key.1].iter().map(|v| v / n).collect();
+                let u = crate::quant::gptq::GptqPlan::new(&mean, cols, 0.01)?;
+                *factor = Some((key, mean, u));
+            }
+            let (_, mean, u) = factor.as_ref().expect("just set");
+            fp8::quantize_gptq(w, cols, style, mean, u)
+        }
+        (mode, _) => {
+            let importance = c.stats.map(|st| st.site(c.layer, c.role.site()).mean_sq());
+            fp8::quantize(w, cols, style, mode, importance.as_deref())
+        }
+    };
+    let deq = m.dequantize(cols);
+    Ok((m, deq))
+}
+
+const COPIED_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+];
+
+fn finish_ck(
+    ck: &Checkpoint,
+    o: &ExportOptions,
+    stats: Option<&CalibStats>,
+    s: CkSink,
+    input_hashes: &[(String, String)],
+    t0: Instant,
+) -> Result<Manifest> {
+    let mut files: Vec<WrittenFile> = s.writer.finish()?;
+    let write = |name: &str, text: String, files: &mut Vec<WrittenFile>| -> Result<()> {
+        let p = s.tmp.join(name);
+        std::fs::write(&p, &text).map_err(|e| Error::io(&p, e))?;
+        files.push(WrittenFile {
+            file: name.into(),
+            bytes: text.len() as u64,
+            sha256: sha256_bytes(text.as_bytes()),
+        });
+        Ok(())
+    };
+    let qc = quantization_config(s.target, o.group_size);
+    let mut cfg = ck.config_json.clone();
+    cfg["quantization_config"] = qc.clone();
+    write(
+        "config.json",
+        serde_json::to_string_pretty(&cfg).expect("json") + "\n",
+        &mut files,
+    )?;
+    if s.target == Target::Fp8ModelOpt {
+        let hq = serde_json::json!({
+            "producer": {"name": "minitron", "version": crate::VERSION},
+            "quantization": {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN", "kv_cache_quant_algo": null, "exclude_modules": ["lm_head"]}
+        });
+        write(
+            "hf_quant_config.json",
+            serde_json::to_string_pretty(&hq).expect("json") + "\n",
+            &mut files,
+        )?;
+    }
+    for f in COPIED_FILES {
+        let src = ck.dir.join(f);
+        if src.exists() {
+            let dst = s.tmp.join(f);
+            std::fs::copy(&src, &dst).map_err(|e| Error::io(&dst, e))?;
+            let sha = crate::model::checkpoint::sha256_file(&dst)?;
+            files.push(WrittenFile {
+                file: f.into(),
+                bytes: std::fs::metadata(&dst)
+                    .map_err(|e| Error::io(&dst, e))?
+                    .len(),
+                sha256: sha,
+            });
+        }
+    }
+    let manifest = Manifest {
+        tool: "minitron-convert".into(),
+        version: crate::VERSION.into(),
+        command_line: o.command_line.clone(),
+        target: s.target.name().into(),
+        fp8_weights: o.fp8_weights.name().into(),
+        int8_weights: o.int8_weights.name().into(),
+        input: InputRecord {
+            dir: ck.dir.display().to_string(),
+            sha256: input_hashes.iter().cloned().collect(),
+        },
+        calibration: stats.map(|st| st.info.clone()),
+        quantization_config: qc,
+        total_bytes: files.iter().map(|f| f.bytes).sum(),
+        files,
+        smoothquant: (s.target == Target::Int8).then(|| SmoothQuantRecord {
+            alpha: o
+                .smooth_alpha
+                .map_or(serde_json::json!("auto"), |a| serde_json::json!(a)),
+            per_layer: s.alphas,
+        }),
+        tensor_error: TensorError::new(s.errors),
+        wall_s: t0.elapsed().as_secs_f64(),
+    };
+    let text = serde_json::to_string_pretty(&manifest).expect("json") + "\n";
+    let p = s.tmp.join("minitron-manifest.json");
+    std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+    Ok(manifest)
+}

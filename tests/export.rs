@@ -1,0 +1,189 @@
+//! One export pipeline: checkpoint and GGUF targets in one run, one calibration shared by all.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use minitron::format::gguf::{keys, GgufFile, Value};
+
+/// Every file under `dir` (recursively) but the manifest, with its sha256.
+fn tree(dir: &Path) -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if p.is_dir() {
+            v.extend(
+                tree(&p)
+                    .into_iter()
+                    .map(|(n, h)| (format!("{name}/{n}"), h)),
+            );
+        } else if name != "minitron-manifest.json" {
+            v.push((name, sha256(&p)));
+        }
+    }
+    v.sort();
+    v
+}
+
+fn imatrix_chunks(path: &Path) -> Option<u64> {
+    GgufFile::open(path)
+        .unwrap()
+        .get(keys::QUANTIZE_IMATRIX_CHUNKS)
+        .and_then(Value::as_u64)
+}
+
+/// The bug: `--to fp8,gguf:q8_0 --out X` wrote X/q8_0.gguf, then refused X for the FP8 folder
+/// ("already exists"), and with --force deleted the GGUF it had just written.
+#[test]
+fn fp8_and_gguf_targets_under_one_out_keep_both_artifacts() {
+    let t = tempdir();
+    let x = t.path().join("X");
+    let log = run_ok(
+        "minitron-convert",
+        &[s(&tiny()), "--to", "fp8,gguf:q8_0", "--out", s(&x)],
+    );
+    assert!(x.join("fp8/config.json").exists(), "{log}");
+    assert!(x.join("q8_0.gguf").exists(), "{log}");
+    // Each artifact is the one a single-target run writes.
+    let fp8 = t.path().join("fp8-alone");
+    let q8 = t.path().join("q8_0-alone.gguf");
+    run_ok(
+        "minitron-convert",
+        &[s(&tiny()), "--to", "fp8", "--out", s(&fp8)],
+    );
+    run_ok(
+        "minitron-convert",
+        &[s(&tiny()), "--to", "gguf:q8_0", "--out", s(&q8)],
+    );
+    assert_eq!(tree(&x.join("fp8")), tree(&fp8));
+    assert_eq!(sha256(&x.join("q8_0.gguf")), sha256(&q8));
+    // Again without --force: refused before anything is touched; with --force: both replaced.
+    let before = tree(&x);
+    let err = run_err(
+        "minitron-convert",
+        &[s(&tiny()), "--to", "fp8,gguf:q8_0", "--out", s(&x)],
+    );
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(tree(&x), before);
+    run_ok(
+        "minitron-convert",
+        &[
+            s(&tiny()),
+            "--to",
+            "fp8,gguf:q8_0",
+            "--out",
+            s(&x),
+            "--force",
+        ],
+    );
+    assert_eq!(tree(&x), before);
+}
+
+#[test]
+fn load_calib_and_calib_samples_reach_gguf_targets() {
+    let t = tempdir();
+    let text = root().join("src/model/default_corpus.txt");
+    // --calib-samples alone (built-in corpus) gives the GGUF an importance matrix of 3 chunks.
+    let a = t.path().join("a.gguf");
+    let saved = t.path().join("stats.safetensors");
+    run_ok(
+        "minitron-convert",
+        &[
+            s(&tiny()),
+            "--to",
+            "gguf:q4_k_m",
+            "--calib-samples",
+            "3",
+            "--calib-seq",
+            "32",
+            "--save-calib",
+            s(&saved),
+            "--out",
+            s(&a),
+        ],
+    );
+    assert_eq!(imatrix_chunks(&a), Some(3));
+    // --load-calib of those statistics reproduces the same file without running the model.
+    let b = t.path().join("b.gguf");
+    run_ok(
+        "minitron-convert",
+        &[
+            s(&tiny()),
+            "--to",
+            "gguf:q4_k_m",
+            "--load-calib",
+            s(&saved),
+            "--out",
+            s(&b),
+        ],
+    );
+    assert_eq!(sha256(&a), sha256(&b));
+    // Another sample count is another matrix.
+    let c = t.path().join("c.gguf");
+    run_ok(
+        "minitron-convert",
+        &[
+            s(&tiny()),
+            "--to",
+            "gguf:q4_k_m",
+            "--calib",
+            s(&text),
+            "--calib-samples",
+            "5",
+            "--calib-seq",
+            "32",
+            "--out",
+            s(&c),
+        ],
+    );
+    assert_eq!(imatrix_chunks(&c), Some(5));
+    // Without any calibration option the GGUF is llama-quantize's plain mix.
+    let d = t.path().join("d.gguf");
+    run_ok(
+        "minitron-convert",
+        &[s(&tiny()), "--to", "gguf:q4_k_m", "--out", s(&d)],
+    );
+    assert_eq!(imatrix_chunks(&d), None);
+}
+
+#[test]
+fn four_targets_from_one_read_and_one_calibration() {
+    let t = tempdir();
+    let x = t.path().join("X");
+    let log = run_ok(
+        "minitron-convert",
+        &[
+            s(&tiny()),
+            "--to",
+            "fp8,int8,gguf:q8_0,gguf:q4_k_m",
+            "--calib-samples",
+            "4",
+            "--calib-seq",
+            "32",
+            "--out",
+            s(&x),
+        ],
+    );
+    println!("{log}");
+    assert_eq!(log.matches("calibrated once").count(), 1, "{log}");
+    assert!(log.contains("1 forward pass"), "{log}");
+    assert!(
+        log.contains("used by int8, gguf:q8_0, gguf:q4_k_m"),
+        "{log}"
+    );
+    assert_eq!(log.matches("wrote ").count(), 4, "{log}");
+    assert!(log.contains("once:"), "{log}");
+    for p in [
+        "fp8/config.json",
+        "int8/config.json",
+        "q8_0.gguf",
+        "q4_k_m.gguf",
+    ] {
+        assert!(x.join(p).exists(), "{p}");
+    }
+    // q8_0 takes no importance matrix (as llama-quantize); q4_k_m takes this run's.
+    assert_eq!(imatrix_chunks(&x.join("q8_0.gguf")), Some(4));
+    assert_eq!(imatrix_chunks(&x.join("q4_k_m.gguf")), Some(4));
+}
