@@ -1,10 +1,14 @@
 //! minitron: turns a bf16 Llama-3.x Hugging Face checkpoint into deployable quantized artifacts
 //! and measures each one against the original.
 //!
-//! Data flows one way:
-//! [`model`] reads a checkpoint (config, memory-mapped safetensors, tokenizer) →
-//! [`runtime`] runs it (our own Llama-3.x forward pass, with calibration hooks) →
-//! [`verify`] measures perplexity, KL-divergence, top-1 agreement and greedy parity.
+//! Layers, each importing only those below it:
+//! [`numerics`] (dtypes, conversion, FP8 rounding) → [`format`](mod@format) (safetensors and GGUF files) →
+//! [`model`] (config, checkpoint, tensor names, tokenizer, synthetic checkpoints) → [`quant`]
+//! (quantizers and llama-quantize's mixes, on plain statistics) → [`runtime`] (our Llama-3.x
+//! forward pass: loaders, kernels, calibration hooks) → [`calib`] (activation statistics,
+//! second moments, importance matrices: one calibration) → [`export`](mod@export) (`minitron-convert`: every
+//! target from one read) and [`verify`] (`minitron-verify`: perplexity, KL-divergence, top-1
+//! agreement, greedy parity). [`inspect`] describes checkpoints and GGUF files.
 //! The formats we read and write are specified in the repository's `formats/` folder.
 
 #[macro_use]

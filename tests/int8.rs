@@ -160,7 +160,7 @@ fn smoothing_alone_is_an_identity() {
         .map(|(n, (v, shape))| {
             (
                 n,
-                minitron::format::safetensors_out::OwnedTensor {
+                minitron::format::safetensors::OwnedTensor {
                     dtype: Dtype::F32,
                     shape,
                     data: f32b(&v),
@@ -168,7 +168,7 @@ fn smoothing_alone_is_an_identity() {
             )
         })
         .collect();
-    minitron::format::safetensors_out::write_file(
+    minitron::format::safetensors::write_file(
         &dir.join("model.safetensors"),
         &owned,
         &BTreeMap::new(),

@@ -1,5 +1,5 @@
 //! Second-moment matrices `H = E[x xᵀ]` of every linear-layer input, for GPTQ-style weight
-//! rounding (formats/fp8.md#gptq). One matrix per input site (q/k/v share one, gate/up another),
+//! rounding (formats/fp8.md#weights). One matrix per input site (q/k/v share one, gate/up another),
 //! accumulated in f64 from f32 products of each chunk.
 
 use candle_core::{DType, Device, Tensor};

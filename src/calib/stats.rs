@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::format::safetensors_out::{write_file, OwnedTensor};
+use crate::format::safetensors::{write_file, OwnedTensor};
 use crate::model::checkpoint::SafetensorsFile;
 use crate::model::names::InputSite;
 use crate::model::{Checkpoint, Dtype, LlamaConfig};

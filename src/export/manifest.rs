@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::calib::CalibInfo;
 use crate::error::{Error, Result};
-use crate::format::safetensors_out::WrittenFile;
+use crate::format::safetensors::WrittenFile;
 
 /// The manifest of one checkpoint artifact.
 #[derive(Debug, Clone, Serialize, Deserialize)]

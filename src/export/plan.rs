@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 use crate::export::target::Target;
-use crate::format::safetensors_out::PlannedTensor;
+use crate::format::safetensors::PlannedTensor;
 use crate::model::names::{LinearRole, TensorRole, TensorSpec};
 use crate::model::Checkpoint;
 use crate::numerics::Dtype;

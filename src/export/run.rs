@@ -13,9 +13,7 @@ use crate::export::manifest::{InputRecord, LayerAlpha, Manifest, SmoothQuantReco
 use crate::export::plan::{inputs, kv_scale_names, plan, quantization_config};
 use crate::export::target::Target;
 use crate::format::gguf::GgmlType;
-use crate::format::safetensors_out::{
-    begin_dir, commit_dir, sha256_bytes, ShardedWriter, WrittenFile,
-};
+use crate::format::safetensors::{begin_dir, commit_dir, sha256_bytes, ShardedWriter, WrittenFile};
 use crate::model::names::{InputSite, LinearRole, TensorRole};
 use crate::model::synth::MAX_SHARD_BYTES;
 use crate::model::Checkpoint;

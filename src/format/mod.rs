@@ -1,4 +1,5 @@
-//! File formats we write and read ourselves: GGUF v3 (imatrix files now, models later) and small
-//! safetensors files.
+//! The file formats we read and write ourselves, below the model layer (they know bytes,
+//! dtypes and headers, not Llama): safetensors (reader, writers, shard planner) and GGUF v3
+//! (reader, writer, key and type tables, the Llama row permutation).
 pub mod gguf;
-pub mod safetensors_out;
+pub mod safetensors;

@@ -163,7 +163,7 @@ pub fn write_checkpoint_with(
             )));
         }
     }
-    let summary = crate::format::safetensors_out::build_dir(out, force, |tmp| {
+    let summary = crate::format::safetensors::build_dir(out, force, |tmp| {
         let s = write_into(preset, seed, tmp, progress)?;
         if let Some(td) = tokenizer_dir {
             for f in ["tokenizer.json", "tokenizer_config.json"] {
@@ -226,11 +226,7 @@ fn write_into(
     let mut weight_map = BTreeMap::new();
     let mut done = 0u64;
     for (si, shard) in shards.iter().enumerate() {
-        let name = if n == 1 {
-            "model.safetensors".to_owned()
-        } else {
-            format!("model-{:05}-of-{:05}.safetensors", si + 1, n)
-        };
+        let name = crate::format::safetensors::shard_name(si, n);
         let path = dir.join(&name);
         let mut members: Vec<(usize, &TensorSpec)> =
             shard.iter().map(|&i| (i, &specs[i])).collect();
@@ -263,18 +259,7 @@ fn bytes_of(s: &TensorSpec) -> u64 {
 
 /// Greedy in canonical order, as transformers' `save_pretrained` fills shards.
 fn plan_shards(specs: &[TensorSpec]) -> Vec<Vec<usize>> {
-    let mut shards: Vec<Vec<usize>> = vec![vec![]];
-    let mut size = 0u64;
-    for (i, s) in specs.iter().enumerate() {
-        let b = bytes_of(s);
-        if size + b > MAX_SHARD_BYTES && !shards.last().expect("one shard").is_empty() {
-            shards.push(vec![]);
-            size = 0;
-        }
-        shards.last_mut().expect("one shard").push(i);
-        size += b;
-    }
-    shards
+    crate::format::safetensors::plan_shards(specs.iter().map(bytes_of), MAX_SHARD_BYTES)
 }
 
 fn write_shard(

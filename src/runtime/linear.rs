@@ -1,6 +1,12 @@
-//! The linear layer of every block: one enum so that every artifact kind (bf16, FP8, INT8, ggml
-//! blocks) runs through the same model code. Loaders (`runtime::load`) describe what they read
-//! as [`WeightData`] and [`Linear::build`] picks the form that runs it on the device and dtype.
+//! The linear layer of every block. Loaders (`runtime::load`) describe what they read as
+//! [`WeightData`] (bf16 bytes, FP8 codes and scales, INT8 codes and scales, ggml blocks, f32);
+//! [`Linear::build`] picks the form that runs it, keeping weights in their stored precision:
+//! on a CPU with bf16 compute, [`Linear::Packed`] panels for the bf16 GEMM (bf16 and FP8) and
+//! [`Linear::Int8Packed`] for the exact INT8 GEMM; on a GPU, byte codes widened per matmul
+//! ([`Linear::Fp8Codes`], [`Linear::Int8Bf16`]) or dense bf16; with `--dtype f32`, the exact
+//! reference forms ([`Linear::Dense`], [`Linear::Fp8`], [`Linear::Int8`]); ggml blocks through
+//! candle's quantized matmul. The forward pass only calls [`Linear::forward`] (and the fused CPU
+//! block, `Linear::packed_rows`).
 
 use candle_core::{DType, Device, Tensor};
 

@@ -123,7 +123,7 @@ pub fn tensors(dir: &Path) -> std::collections::BTreeMap<String, (String, Vec<us
     for p in minitron::model::checkpoint::weight_files(dir).unwrap() {
         let f = minitron::model::checkpoint::SafetensorsFile::open(&p).unwrap();
         for (name, t) in &f.tensors {
-            let sha = minitron::format::safetensors_out::sha256_bytes(f.bytes(name).unwrap());
+            let sha = minitron::format::safetensors::sha256_bytes(f.bytes(name).unwrap());
             out.insert(
                 name.clone(),
                 (t.dtype.name().to_owned(), t.shape.clone(), sha),

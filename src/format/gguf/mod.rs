@@ -421,7 +421,7 @@ impl GgufWriter {
             off += (info.nbytes() as u64).div_ceil(alignment) * alignment;
             plan.push(info);
         }
-        let tmp = crate::format::safetensors_out::temp_path(dest);
+        let tmp = crate::format::safetensors::temp_path(dest);
         let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let mut w = BufWriter::with_capacity(1 << 22, f);
         let io = |e| Error::io(&tmp, e);

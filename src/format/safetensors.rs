@@ -1,14 +1,192 @@
-//! Writing small safetensors files in one go (calibration statistics); the streaming, sharded
-//! writer for model artifacts builds on the same header rules (formats/hf-llama.md#safetensors).
+//! safetensors (formats/hf-llama.md#safetensors): a memory-mapped reader that validates every
+//! header itself (so a damaged file is reported with the file and tensor at fault), a writer of
+//! small files in one go (calibration statistics), the streaming sharded writer for model
+//! artifacts, and the one shard planner both the writer and the synthetic checkpoints use.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde_json::json;
+use memmap2::Mmap;
+
+use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::numerics::Dtype;
+
+/// One tensor's entry in a safetensors header.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Byte range inside the file's data section.
+    pub start: usize,
+    pub end: usize,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// One memory-mapped safetensors file with its validated header.
+pub struct SafetensorsFile {
+    pub path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    /// Tensors by name, in name order.
+    pub tensors: BTreeMap<String, TensorInfo>,
+    /// The optional `__metadata__` map.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl SafetensorsFile {
+    /// Maps `path` and validates its header against the file's size.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the mapping is read-only; a file changed underneath us by another process
+        // could change the bytes we read, which is the documented risk of every mmap reader.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (data_start, tensors, metadata) = parse_header(&mmap, path)?;
+        Ok(SafetensorsFile {
+            path: path.to_owned(),
+            mmap,
+            data_start,
+            tensors,
+            metadata,
+        })
+    }
+
+    /// Drops this process's resident pages of tensor `name` (the page cache keeps them). Streaming
+    /// conversions call it after each tensor so that resident memory stays at one tensor's worth
+    /// instead of growing to the size of the checkpoint.
+    pub fn release(&self, name: &str) {
+        if let Some(t) = self.tensors.get(name) {
+            self.release_range(name, 0..t.end - t.start);
+        }
+    }
+
+    /// [`SafetensorsFile::release`] for bytes `range` of tensor `name` (whole pages inside it).
+    pub fn release_range(&self, name: &str, range: std::ops::Range<usize>) {
+        let Some(t) = self.tensors.get(name) else {
+            return;
+        };
+        let page = 4096;
+        let lo = (t.start + range.start).min(t.end);
+        let hi = (t.start + range.end).min(t.end);
+        let start = (self.data_start + lo).div_ceil(page) * page;
+        let end = (self.data_start + hi) / page * page;
+        if end > start {
+            // SAFETY: DONTNEED on a read-only file mapping only discards our page-table entries;
+            // later reads fault the unchanged file contents back in.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
+        }
+    }
+
+    /// The raw little-endian bytes of tensor `name`.
+    pub fn bytes(&self, name: &str) -> Option<&[u8]> {
+        let t = self.tensors.get(name)?;
+        Some(&self.mmap[self.data_start + t.start..self.data_start + t.end])
+    }
+}
+
+/// Data-section start, tensors and `__metadata__` of a safetensors header.
+type ParsedHeader = (
+    usize,
+    BTreeMap<String, TensorInfo>,
+    BTreeMap<String, String>,
+);
+
+fn parse_header(buf: &[u8], path: &Path) -> Result<ParsedHeader> {
+    let fail = |msg: String| Error::format(path, msg);
+    if buf.len() < 8 {
+        return Err(fail(format!(
+            "not a safetensors file: {} bytes, expected at least 8 for the header length",
+            buf.len()
+        )));
+    }
+    let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+    let file_len = buf.len() as u64;
+    if n > file_len - 8 {
+        return Err(fail(format!(
+            "safetensors header length {n} runs past the end of the file ({file_len} bytes)"
+        )));
+    }
+    let data_start = 8 + n as usize;
+    let header: Value = serde_json::from_slice(&buf[8..data_start])
+        .map_err(|e| fail(format!("safetensors header is not valid JSON: {e}")))?;
+    let obj = header
+        .as_object()
+        .ok_or_else(|| fail("safetensors header is not a JSON object".into()))?;
+    let data_len = buf.len() - data_start;
+    let mut tensors = BTreeMap::new();
+    let mut metadata = BTreeMap::new();
+    for (name, v) in obj {
+        if name == "__metadata__" {
+            if let Some(m) = v.as_object() {
+                for (k, v) in m {
+                    metadata.insert(k.clone(), v.as_str().unwrap_or_default().to_owned());
+                }
+            }
+            continue;
+        }
+        let bad = |what: &str| fail(format!("tensor `{name}`: {what} in the header entry {v}"));
+        let dtype_s = v
+            .get("dtype")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("no dtype"))?;
+        let dtype = Dtype::parse(dtype_s).ok_or_else(|| bad("unknown dtype"))?;
+        let shape = v
+            .get("shape")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("no shape"))?
+            .iter()
+            .map(|d| d.as_u64().map(|d| d as usize))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("a non-integer dimension"))?;
+        let offs = v
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .filter(|a| a.len() == 2)
+            .and_then(|a| Some((a[0].as_u64()? as usize, a[1].as_u64()? as usize)))
+            .ok_or_else(|| bad("no [begin, end] data_offsets"))?;
+        let (start, end) = offs;
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| bad("an overflowing shape"))?;
+        let want = numel * dtype.size();
+        if end < start || end - start != want {
+            return Err(fail(format!(
+                "tensor `{name}`: data_offsets [{start}, {end}] span {} bytes, expected {want} for {dtype} {shape:?}",
+                end.wrapping_sub(start)
+            )));
+        }
+        if end > data_len {
+            return Err(fail(format!(
+                "tensor `{name}`: data_offsets end {end} runs past the data section ({data_len} bytes; file truncated?)"
+            )));
+        }
+        tensors.insert(
+            name.clone(),
+            TensorInfo {
+                dtype,
+                shape,
+                start,
+                end,
+            },
+        );
+    }
+    Ok((data_start, tensors, metadata))
+}
 
 /// A tensor held in memory for writing.
 pub struct OwnedTensor {
@@ -85,6 +263,32 @@ impl PlannedTensor {
     }
 }
 
+/// Hugging Face's shard layout: tensors (of `sizes` bytes, in order) fill a shard greedily
+/// until the next one would pass `max_bytes`, as transformers' `save_pretrained` does; returns
+/// the tensor indices of each shard.
+pub fn plan_shards(sizes: impl IntoIterator<Item = u64>, max_bytes: u64) -> Vec<Vec<usize>> {
+    let mut shards: Vec<Vec<usize>> = vec![vec![]];
+    let mut size = 0u64;
+    for (i, b) in sizes.into_iter().enumerate() {
+        if size + b > max_bytes && !shards.last().expect("one shard").is_empty() {
+            shards.push(vec![]);
+            size = 0;
+        }
+        shards.last_mut().expect("one shard").push(i);
+        size += b;
+    }
+    shards
+}
+
+/// File name of shard `i` of `n`.
+pub fn shard_name(i: usize, n: usize) -> String {
+    if n == 1 {
+        "model.safetensors".to_owned()
+    } else {
+        format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+    }
+}
+
 /// A written output file and its sha256.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct WrittenFile {
@@ -110,29 +314,16 @@ pub struct ShardedWriter {
 
 impl ShardedWriter {
     pub fn create(dir: &Path, plan: Vec<PlannedTensor>, max_shard_bytes: u64) -> Result<Self> {
-        let mut groups: Vec<Vec<PlannedTensor>> = vec![vec![]];
-        let mut size = 0u64;
         let total = plan.iter().map(PlannedTensor::nbytes).sum();
-        for t in plan {
-            let b = t.nbytes();
-            if size + b > max_shard_bytes && !groups.last().expect("one").is_empty() {
-                groups.push(vec![]);
-                size = 0;
-            }
-            size += b;
-            groups.last_mut().expect("one").push(t);
-        }
+        let groups = plan_shards(plan.iter().map(PlannedTensor::nbytes), max_shard_bytes);
         let n = groups.len();
+        let mut plan = plan.into_iter();
         let shards = groups
             .into_iter()
             .enumerate()
             .map(|(i, g)| {
-                let name = if n == 1 {
-                    "model.safetensors".to_owned()
-                } else {
-                    format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
-                };
-                (name, g)
+                let members: Vec<PlannedTensor> = plan.by_ref().take(g.len()).collect();
+                (shard_name(i, n), members)
             })
             .collect();
         let mut w = ShardedWriter {
