@@ -187,3 +187,56 @@ fn four_targets_from_one_read_and_one_calibration() {
     assert_eq!(imatrix_chunks(&x.join("q8_0.gguf")), Some(4));
     assert_eq!(imatrix_chunks(&x.join("q4_k_m.gguf")), Some(4));
 }
+
+/// Manifests and verify reports read back into their typed records; a missing key is an error
+/// that names it, never a NaN.
+#[test]
+fn manifests_and_reports_read_back_typed() {
+    let t = tempdir();
+    let out = t.path().join("fp8");
+    run_ok(
+        "minitron-convert",
+        &[s(&tiny()), "--to", "fp8", "--out", s(&out)],
+    );
+    let path = out.join("minitron-manifest.json");
+    let m = minitron::export::manifest::Manifest::read(&path).unwrap();
+    assert_eq!(m.target, "fp8");
+    assert_eq!(m.tensor_error.per_tensor.len(), 7 * 2);
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("total_bytes");
+    let broken = t.path().join("broken.json");
+    std::fs::write(&broken, v.to_string()).unwrap();
+    let e = minitron::export::manifest::Manifest::read(&broken)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("total_bytes"), "{e}");
+
+    let j = run_ok(
+        "minitron-verify",
+        &[
+            s(&out),
+            "--reference",
+            s(&tiny()),
+            "--kld",
+            "--ppl",
+            s(&root().join("src/model/default_corpus.txt")),
+            "--ctx",
+            "64",
+            "--chunks",
+            "2",
+            "--json",
+        ],
+    );
+    let r: minitron::verify::report::Report = serde_json::from_str(&j).unwrap();
+    assert!(r.kld.unwrap().divergence.mean_kld > 0.0);
+    let mut v: serde_json::Value = serde_json::from_str(&j).unwrap();
+    v["kld"]["divergence"]
+        .as_object_mut()
+        .unwrap()
+        .remove("mean_kld");
+    let e = serde_json::from_value::<minitron::verify::report::Report>(v)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("mean_kld"), "{e}");
+}

@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 
 /// One prompt's outcome.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GenResult {
     pub prompt: String,
     pub prompt_ids: Vec<u32>,

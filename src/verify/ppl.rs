@@ -257,7 +257,7 @@ fn device_stats(q: &Tensor, p: Option<&Tensor>, targets: &[u32]) -> Result<Vec<P
 }
 
 /// Perplexity with llama-perplexity's uncertainty estimate.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Perplexity {
     pub ppl: f64,
     /// Standard error of the perplexity (first-order propagation of the NLL's standard error).
@@ -280,7 +280,7 @@ impl Perplexity {
 }
 
 /// KL-divergence and top-1 agreement summary.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Divergence {
     pub mean_kld: f64,
     pub mean_kld_stderr: f64,

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::checkpoint::sha256_file;
@@ -100,7 +102,7 @@ impl VerifyOptions {
 }
 
 /// Runs every requested measurement and returns the report.
-pub fn run(o: &VerifyOptions) -> Result<Value> {
+pub fn run(o: &VerifyOptions) -> Result<Report> {
     if o.ppl.is_none() && o.gen.is_none() {
         return Err(Error::Invalid(
             "nothing to measure: give --ppl FILE and/or --gen PROMPTS".into(),
@@ -180,40 +182,50 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
         o.device.synchronize()?;
     }
 
-    let mut inputs = serde_json::Map::new();
+    let mut inputs = BTreeMap::new();
     for (k, v) in cand_hashes {
-        inputs.insert(format!("candidate/{k}"), json!(v));
+        inputs.insert(format!("candidate/{k}"), v);
     }
     if let Some(ck) = &ref_ck {
         for (k, v) in ck.input_hashes()? {
-            inputs.insert(format!("reference/{k}"), json!(v));
+            inputs.insert(format!("reference/{k}"), v);
         }
     }
 
-    let mut report = json!({
-        "tool": "minitron-verify",
-        "version": crate::VERSION,
-        "command_line": o.command_line,
-        "candidate": o.candidate.display().to_string(),
-        "reference": o.reference.as_ref().map(|p| p.display().to_string()),
-        "settings": {
-            "ctx": o.ctx, "chunks": o.chunks, "threads": o.threads,
-            "device": format!("{:?}", o.device), "compute_dtype": format!("{dtype:?}").to_lowercase(),
-            "whole_model_dtype": whole.then(|| format!("{whole_dtype:?}").to_lowercase()),
-            "gen_tokens": o.gen_tokens,
-            "weight_only": o.weight_only,
-            "gguf_dense": o.gguf_dense,
-            "ppl_batch": o.chunks_per_batch(&cand_cfg),
-            "ppl_pass_chunks": o.chunks_per_pass(&cand_cfg),
-            "whole_model": o.whole_model,
-            "kernel": crate::runtime::gemm::Isa::detect().name(),
+    let mut report = Report {
+        tool: "minitron-verify".into(),
+        version: crate::VERSION.into(),
+        command_line: o.command_line.clone(),
+        candidate: o.candidate.display().to_string(),
+        reference: o.reference.as_ref().map(|p| p.display().to_string()),
+        settings: Settings {
+            ctx: o.ctx,
+            chunks: o.chunks,
+            threads: o.threads,
+            device: format!("{:?}", o.device),
+            compute_dtype: format!("{dtype:?}").to_lowercase(),
+            whole_model_dtype: whole.then(|| format!("{whole_dtype:?}").to_lowercase()),
+            gen_tokens: o.gen_tokens,
+            weight_only: o.weight_only,
+            gguf_dense: o.gguf_dense,
+            ppl_batch: o.chunks_per_batch(&cand_cfg),
+            ppl_pass_chunks: o.chunks_per_pass(&cand_cfg),
+            whole_model: o.whole_model,
+            kernel: crate::runtime::gemm::Isa::detect().name().into(),
         },
-        "machine": machine_info(),
-        "timings": {"load_s": load_s},
-    });
+        machine: machine_info(),
+        timings: Timings {
+            load_s,
+            total_s: 0.0,
+        },
+        ppl: None,
+        kld: None,
+        gen: None,
+        inputs_sha256: BTreeMap::new(),
+    };
 
     if let Some(text_path) = &o.ppl {
-        inputs.insert("ppl_text".into(), json!(sha256_file(text_path)?));
+        inputs.insert("ppl_text".into(), sha256_file(text_path)?);
         let text = std::fs::read_to_string(text_path).map_err(|e| Error::io(text_path, e))?;
         let t_tok = Instant::now();
         let tokens = tok.encode(&text, true)?;
@@ -295,30 +307,30 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
         let eval_s = t_eval.elapsed().as_secs_f64();
         let evaluated = chunks.len() * o.ctx * if ref_for_kld.is_some() { 2 } else { 1 };
         let p = Perplexity::from_nll(&nll);
-        report["ppl"] = json!({
-            "text": text_path.display().to_string(),
-            "text_tokens": tokens.len(),
-            "chunks": chunks.len(),
-            "bos_first": plan.bos.is_some(),
-            "perplexity": p,
-            "per_chunk_ppl": per_chunk,
-            "tokens_evaluated": evaluated,
-            "eval_s": eval_s,
-            "tokens_per_s": evaluated as f64 / eval_s,
-            "tokenize_s": tok_s,
+        report.ppl = Some(PplRecord {
+            text: text_path.display().to_string(),
+            text_tokens: tokens.len(),
+            chunks: chunks.len(),
+            bos_first: plan.bos.is_some(),
+            perplexity: p.clone(),
+            per_chunk_ppl: per_chunk,
+            tokens_evaluated: evaluated,
+            eval_s,
+            tokens_per_s: evaluated as f64 / eval_s,
+            tokenize_s: tok_s,
         });
         if ref_for_kld.is_some() {
             let rp = Perplexity::from_nll(&ref_nll);
-            report["kld"] = json!({
-                "reference_perplexity": rp,
-                "delta_ppl_pct": 100.0 * (p.ppl / rp.ppl - 1.0),
-                "divergence": Divergence::from_results(&kld, &same),
+            report.kld = Some(KldRecord {
+                delta_ppl_pct: 100.0 * (p.ppl / rp.ppl - 1.0),
+                reference_perplexity: rp,
+                divergence: Divergence::from_results(&kld, &same),
             });
         }
     }
 
     if let Some(prompts_path) = &o.gen {
-        inputs.insert("prompts".into(), json!(sha256_file(prompts_path)?));
+        inputs.insert("prompts".into(), sha256_file(prompts_path)?);
         let prompts = read_prompts(prompts_path)?;
         let t_gen = Instant::now();
         let pb = crate::progress::bar(prompts.len() as u64, "generate", false);
@@ -355,19 +367,22 @@ pub fn run(o: &VerifyOptions) -> Result<Value> {
         }
         pb.finish_and_clear();
         let gen_s = t_gen.elapsed().as_secs_f64();
-        let with_ref: Vec<&GenResult> = results.iter().filter(|r| r.reference.is_some()).collect();
-        let exact = with_ref.iter().filter(|r| r.first_diff.is_none()).count();
-        report["gen"] = json!({
-            "prompts": results,
-            "exact_match": if with_ref.is_empty() { Value::Null } else { json!(exact) },
-            "exact_match_rate": if with_ref.is_empty() { Value::Null } else { json!(exact as f64 / with_ref.len() as f64) },
-            "gen_s": gen_s,
-            "prefill_tokens_per_s": prefill_tokens as f64 / prefill_s.max(1e-12),
-            "decode_tokens_per_s": decode_tokens as f64 / decode_s.max(1e-12),
+        let with_ref = results.iter().filter(|r| r.reference.is_some()).count();
+        let exact = results
+            .iter()
+            .filter(|r| r.reference.is_some() && r.first_diff.is_none())
+            .count();
+        report.gen = Some(GenRecord {
+            prompts: results,
+            exact_match: (with_ref > 0).then_some(exact),
+            exact_match_rate: (with_ref > 0).then(|| exact as f64 / with_ref as f64),
+            gen_s,
+            prefill_tokens_per_s: prefill_tokens as f64 / prefill_s.max(1e-12),
+            decode_tokens_per_s: decode_tokens as f64 / decode_s.max(1e-12),
         });
     }
-    report["inputs_sha256"] = Value::Object(inputs);
-    report["timings"]["total_s"] = json!(t0.elapsed().as_secs_f64());
+    report.inputs_sha256 = inputs;
+    report.timings.total_s = t0.elapsed().as_secs_f64();
     Ok(report)
 }
 
@@ -383,7 +398,7 @@ fn check_same_vocab(candidate_vocab: usize, b: &Checkpoint) -> Result<()> {
     Ok(())
 }
 
-fn machine_info() -> Value {
+fn machine_info() -> Machine {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -393,98 +408,168 @@ fn machine_info() -> Value {
                 .map(|x| x.trim().to_owned())
         })
         .unwrap_or_else(|| "unknown".into());
-    json!({
-        "os": std::env::consts::OS,
-        "arch": std::env::consts::ARCH,
-        "cpu": cpu,
-        "logical_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-    })
+    Machine {
+        os: std::env::consts::OS.into(),
+        arch: std::env::consts::ARCH.into(),
+        cpu,
+        logical_cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+    }
 }
 
 /// The report as a readable table.
-pub fn table(r: &Value) -> String {
+pub fn table(r: &Report) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "candidate   {}", r["candidate"].as_str().unwrap_or("?"));
-    if let Some(rf) = r["reference"].as_str() {
+    let _ = writeln!(s, "candidate   {}", r.candidate);
+    if let Some(rf) = &r.reference {
         let _ = writeln!(s, "reference   {rf}");
     }
-    if let Some(p) = r.get("ppl") {
-        let pp = &p["perplexity"];
+    if let Some(p) = &r.ppl {
+        let pp = &p.perplexity;
         let _ = writeln!(
             s,
             "perplexity  {:.4} ± {:.4}   ({} chunks × {} ctx, {} tokens scored, {:.1} tokens/s evaluated)",
-            pp["ppl"].as_f64().unwrap_or(f64::NAN),
-            pp["stderr"].as_f64().unwrap_or(f64::NAN),
-            p["chunks"],
-            r["settings"]["ctx"],
-            pp["tokens"],
-            p["tokens_per_s"].as_f64().unwrap_or(f64::NAN)
+            pp.ppl, pp.stderr, p.chunks, r.settings.ctx, pp.tokens, p.tokens_per_s
         );
     }
-    if let Some(k) = r.get("kld") {
-        let d = &k["divergence"];
-        let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    if let Some(k) = &r.kld {
+        let d = &k.divergence;
         let _ = writeln!(
             s,
             "reference   ppl {:.4} ± {:.4}   Δppl {:+.3} %",
-            f(&k["reference_perplexity"]["ppl"]),
-            f(&k["reference_perplexity"]["stderr"]),
-            f(&k["delta_ppl_pct"])
+            k.reference_perplexity.ppl, k.reference_perplexity.stderr, k.delta_ppl_pct
         );
         let _ = writeln!(
             s,
             "KLD         mean {:.6} ± {:.6}   median {:.6}   p99 {:.6}   max {:.6}",
-            f(&d["mean_kld"]),
-            f(&d["mean_kld_stderr"]),
-            f(&d["median_kld"]),
-            f(&d["p99_kld"]),
-            f(&d["max_kld"])
+            d.mean_kld, d.mean_kld_stderr, d.median_kld, d.p99_kld, d.max_kld
         );
         let _ = writeln!(
             s,
             "top-1       {:.3} ± {:.3} % same token over {} positions",
-            f(&d["top1_agreement_pct"]),
-            f(&d["top1_agreement_stderr_pct"]),
-            d["positions"]
+            d.top1_agreement_pct, d.top1_agreement_stderr_pct, d.positions
         );
     }
-    if let Some(g) = r.get("gen") {
-        if let Some(ps) = g["prompts"].as_array() {
-            for p in ps {
-                let status = match (&p["reference"], &p["first_diff"]) {
-                    (Value::Null, _) => "".to_owned(),
-                    (_, Value::Null) => "  [matches reference]".to_owned(),
-                    (_, d) => format!("  [differs from reference at token {d}]"),
-                };
-                let _ = writeln!(
-                    s,
-                    "gen         {:?} → {:?}{}",
-                    p["prompt"].as_str().unwrap_or(""),
-                    p["candidate_text"].as_str().unwrap_or(""),
-                    status
-                );
-            }
+    if let Some(g) = &r.gen {
+        for p in &g.prompts {
+            let status = match (&p.reference, p.first_diff) {
+                (None, _) => "".to_owned(),
+                (Some(_), None) => "  [matches reference]".to_owned(),
+                (Some(_), Some(d)) => format!("  [differs from reference at token {d}]"),
+            };
+            let _ = writeln!(
+                s,
+                "gen         {:?} → {:?}{}",
+                p.prompt, p.candidate_text, status
+            );
         }
-        if !g["exact_match"].is_null() {
-            let n = g["prompts"].as_array().map_or(0, |a| a.len());
+        if let Some(exact) = g.exact_match {
             let _ = writeln!(
                 s,
                 "greedy      {}/{} prompts identical to the reference",
-                g["exact_match"], n
+                exact,
+                g.prompts.len()
             );
         }
         let _ = writeln!(
             s,
             "speed       prefill {:.1} tokens/s, decode {:.1} tokens/s (candidate, batch 1)",
-            g["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
-            g["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
+            g.prefill_tokens_per_s, g.decode_tokens_per_s
         );
     }
     let _ = writeln!(
         s,
         "time        {:.1} s total ({:.1} s loading)",
-        r["timings"]["total_s"].as_f64().unwrap_or(0.0),
-        r["timings"]["load_s"].as_f64().unwrap_or(0.0)
+        r.timings.total_s, r.timings.load_s
     );
     s
+}
+
+/// Everything `minitron-verify` measured, as written to `--report` and `--json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub tool: String,
+    pub version: String,
+    pub command_line: String,
+    pub candidate: String,
+    pub reference: Option<String>,
+    pub settings: Settings,
+    pub machine: Machine,
+    pub timings: Timings,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ppl: Option<PplRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kld: Option<KldRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gen: Option<GenRecord>,
+    /// Input name → sha256 (`candidate/…`, `reference/…`, `ppl_text`, `prompts`).
+    pub inputs_sha256: BTreeMap<String, String>,
+}
+
+/// How the measurement ran.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    pub ctx: usize,
+    /// `--chunks` (`None`: the whole text).
+    pub chunks: Option<usize>,
+    pub threads: usize,
+    pub device: String,
+    pub compute_dtype: String,
+    pub whole_model_dtype: Option<String>,
+    pub gen_tokens: usize,
+    pub weight_only: bool,
+    pub gguf_dense: bool,
+    pub ppl_batch: usize,
+    pub ppl_pass_chunks: usize,
+    pub whole_model: bool,
+    pub kernel: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub os: String,
+    pub arch: String,
+    pub cpu: String,
+    pub logical_cpus: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Timings {
+    pub load_s: f64,
+    pub total_s: f64,
+}
+
+/// Perplexity of the candidate on `--ppl` text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PplRecord {
+    pub text: String,
+    pub text_tokens: usize,
+    pub chunks: usize,
+    pub bos_first: bool,
+    pub perplexity: Perplexity,
+    pub per_chunk_ppl: Vec<f64>,
+    pub tokens_evaluated: usize,
+    pub eval_s: f64,
+    pub tokens_per_s: f64,
+    pub tokenize_s: f64,
+}
+
+/// The candidate against the reference on the same text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KldRecord {
+    pub reference_perplexity: Perplexity,
+    pub delta_ppl_pct: f64,
+    pub divergence: Divergence,
+}
+
+/// Greedy generation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenRecord {
+    pub prompts: Vec<GenResult>,
+    pub exact_match: Option<usize>,
+    pub exact_match_rate: Option<f64>,
+    pub gen_s: f64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
 }
