@@ -59,8 +59,9 @@ struct Args {
     #[arg(long, default_value_t = 0, hide_default_value = true)]
     batch: usize,
     /// Weight and matmul dtype: f32 or bf16. Default: bf16 for --ppl/--kld (f32 on a CPU
-    /// without AVX-512 BF16); for --gen f32 on a CPU (the exact reference greedy parity is
-    /// measured in), bf16 on a GPU.
+    /// without AVX-512 BF16); for --gen on a CPU f32 (the exact reference greedy parity is
+    /// measured in) when the f32 weights take at most a quarter of the machine's memory, else
+    /// bf16; bf16 on a GPU.
     #[arg(long, value_parser = ["f32", "bf16"])]
     dtype: Option<String>,
     /// Print the JSON report on stdout instead of the table.

@@ -31,3 +31,21 @@ pub fn tune_allocator() {
         });
     }
 }
+
+/// Physical memory of this machine in bytes (`u64::MAX` where it cannot be read).
+pub fn physical_memory() -> u64 {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf only reads system constants.
+        let (pages, size) = unsafe {
+            (
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        if pages > 0 && size > 0 {
+            return pages as u64 * size as u64;
+        }
+    }
+    u64::MAX
+}

@@ -88,14 +88,21 @@ impl VerifyOptions {
         }
     }
 
-    /// The dtype of the resident whole model (generation, the logits dump, `--whole-model`): as
-    /// asked; f32 on a CPU when it serves generation or the dump alone, so greedy tokens are
-    /// those of the exact reference; else [`Self::compute_dtype`], so a `--whole-model`
-    /// cross-check runs the same arithmetic as the streamed pass.
-    pub fn whole_dtype(&self) -> DType {
+    /// The dtype of the resident whole model (generation, the logits dump, `--whole-model`) of
+    /// a model with `params` parameters: as asked; on a CPU serving generation or the dump
+    /// alone, f32 (greedy tokens as the exact reference gives them) when its f32 weights take
+    /// at most a quarter of the machine's memory, else bf16 (a 4.5 B model: 9 GB instead of
+    /// 18); with `--whole-model`, [`Self::compute_dtype`], so the cross-check runs the same
+    /// arithmetic as the streamed pass.
+    pub fn whole_dtype(&self, params: u64) -> DType {
         match self.dtype {
             Some(d) => d,
-            None if self.device.is_cpu() && !self.whole_model => DType::F32,
+            None if self.device.is_cpu()
+                && !self.whole_model
+                && 4 * params <= crate::runtime::physical_memory() / 4 =>
+            {
+                DType::F32
+            }
             None => self.compute_dtype(),
         }
     }
@@ -119,7 +126,6 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
     crate::runtime::tune_allocator();
     let t0 = Instant::now();
     let dtype = o.compute_dtype();
-    let whole_dtype = o.whole_dtype();
     let opts = LoadOptions {
         weight_only: o.weight_only,
         gguf_dense: o.gguf_dense,
@@ -146,6 +152,7 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
             (Box::new(SafetensorsSource::new(ck)), tok, hashes)
         };
     let cand_cfg = cand_src.config().clone();
+    let whole_dtype = o.whole_dtype(cand_cfg.parameter_count());
     let need_ref = o.reference.is_some() && (o.kld || o.gen.is_some());
     let ref_ck = if need_ref {
         let dir = o.reference.as_ref().expect("checked");
