@@ -178,6 +178,7 @@ pub fn run(
     // With several targets `out` is their folder; made when the sinks open, removed again if
     // the export fails and it was ours.
     let out_existed = o.out.exists();
+    crate::runtime::tune_allocator();
     let t0 = Instant::now();
     let imatrix_file = match &o.gguf.imatrix {
         Some(p) => Some(ImatrixUse {

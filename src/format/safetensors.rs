@@ -68,6 +68,30 @@ impl SafetensorsFile {
         }
     }
 
+    /// sha256 of the whole file, hashed straight from the mapping (no copy through a read
+    /// buffer), each 16 MiB released after it is hashed so the hash never holds the file.
+    pub fn sha256(&self) -> String {
+        use sha2::Digest;
+        const STEP: usize = 1 << 24;
+        let mut h = sha2::Sha256::new();
+        let mut off = 0;
+        while off < self.mmap.len() {
+            let end = (off + STEP).min(self.mmap.len());
+            h.update(&self.mmap[off..end]);
+            let whole = (end - off) / 4096 * 4096;
+            if whole > 0 {
+                // SAFETY: as in `release_range`: DONTNEED on a read-only file mapping only
+                // drops our page-table entries; `off` is a multiple of STEP, so page-aligned.
+                let _ = unsafe {
+                    self.mmap
+                        .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, whole)
+                };
+            }
+            off = end;
+        }
+        crate::numerics::hex(&h.finalize())
+    }
+
     /// [`SafetensorsFile::release`] for bytes `range` of tensor `name` (whole pages inside it).
     pub fn release_range(&self, name: &str, range: std::ops::Range<usize>) {
         let Some(t) = self.tensors.get(name) else {

@@ -228,25 +228,25 @@ impl Checkpoint {
 
     /// sha256 of every weight file, config.json and tokenizer.json, in a stable order.
     pub fn input_hashes(&self) -> Result<Vec<(String, String)>> {
-        let mut paths: Vec<PathBuf> = self.files.iter().map(|f| f.path.clone()).collect();
+        let name = |p: &Path| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        };
+        // Weight files are hashed through their mappings (no read copies), in parallel.
+        let mut out: Vec<(String, String)> = self
+            .files
+            .par_iter()
+            .map(|f| (name(&f.path), f.sha256()))
+            .collect();
         for extra in ["config.json", "tokenizer.json"] {
             let p = self.dir.join(extra);
             if p.exists() {
-                paths.push(p);
+                out.push((name(&p), sha256_file(&p)?));
             }
         }
-        paths
-            .par_iter()
-            .map(|p| {
-                Ok((
-                    p.file_name()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .into_owned(),
-                    sha256_file(p)?,
-                ))
-            })
-            .collect()
+        Ok(out)
     }
 }
 

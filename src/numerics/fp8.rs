@@ -12,6 +12,7 @@ pub const E4M3_MAX: f32 = 448.0;
 /// Rounds `x` to the nearest E4M3 value (ties to even) and returns its code. Finite values
 /// beyond ±448 and infinities saturate to ±448, which is what clamping to ±448 before a
 /// non-saturating cast gives; NaN maps to the NaN code with the input's sign.
+#[inline]
 pub fn f32_to_e4m3(x: f32) -> u8 {
     let sign = if x.is_sign_negative() { 0x80 } else { 0 };
     if x.is_nan() {

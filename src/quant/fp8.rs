@@ -89,16 +89,20 @@ pub struct Fp8Matrix {
 /// bf16's machine epsilon, compressed-tensors' replacement for a zero scale.
 const BF16_EPS: f32 = 0.0078125;
 
-fn row_codes(row: &[f32], scale: f32, style: ScaleStyle, out: &mut [u8]) {
-    match style {
-        ScaleStyle::CompressedTensors => {
-            for (o, &w) in out.iter_mut().zip(row) {
-                *o = f32_to_e4m3(round_bf16(w / scale).clamp(-E4M3_MAX, E4M3_MAX));
+multiversion! {
+    /// E4M3 codes of `row` under `scale` (the AVX-512 build inlines the rounding instructions
+    /// the baseline target calls into libm for; the arithmetic is the same).
+    fn row_codes(row: &[f32], scale: f32, style: ScaleStyle, out: &mut [u8]) {
+        match style {
+            ScaleStyle::CompressedTensors => {
+                for (o, &w) in out.iter_mut().zip(row) {
+                    *o = f32_to_e4m3(round_bf16(w / scale).clamp(-E4M3_MAX, E4M3_MAX));
+                }
             }
-        }
-        ScaleStyle::ModelOpt => {
-            for (o, &w) in out.iter_mut().zip(row) {
-                *o = f32_to_e4m3(w / scale);
+            ScaleStyle::ModelOpt => {
+                for (o, &w) in out.iter_mut().zip(row) {
+                    *o = f32_to_e4m3(w / scale);
+                }
             }
         }
     }
