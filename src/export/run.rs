@@ -202,15 +202,24 @@ pub fn run(
         }
         _ => None,
     };
-    let input_hashes = ck.input_hashes()?;
-
     let mut sinks = Sinks {
         ck: Vec::new(),
         gguf: Vec::new(),
     };
     let opened = open_sinks(ck, o, imatrix, &mut sinks);
     let result = opened.and_then(|()| {
-        let (tensors, bytes) = export_loop(ck, o, &cal, &mut sinks, progress)?;
+        // The inputs' sha256 (for the manifests) is taken on its own thread while the loop
+        // runs over the same, already mapped pages.
+        let (looped, input_hashes) = std::thread::scope(|sc| {
+            let h = sc.spawn(|| ck.input_hashes_on(false));
+            let looped = export_loop(ck, o, &cal, &mut sinks, progress);
+            let hashes = h
+                .join()
+                .unwrap_or_else(|_| Err(Error::Invalid("input hashing panicked".into())));
+            (looped, hashes)
+        });
+        let (tensors, bytes) = looped?;
+        let input_hashes = input_hashes?;
         let mut arts = Vec::new();
         for s in sinks.ck.drain(..) {
             let (t, out, tmp) = (s.target, s.out.clone(), s.tmp.clone());
@@ -398,7 +407,7 @@ fn export_loop(
             TensorRole::Linear(layer, r) => {
                 let w = ck.read_f32(name)?;
                 // FP8 weights computed once per scale layout; targets share them.
-                let mut cache: Vec<(ScaleStyle, Fp8Matrix, Vec<f32>)> = Vec::new();
+                let mut cache: Vec<(ScaleStyle, Fp8Matrix, f64)> = Vec::new();
                 for s in sinks.ck.iter_mut() {
                     let ctx = LinearCtx {
                         o,
@@ -457,7 +466,7 @@ fn write_linear(
     c: &LinearCtx<'_>,
     s: &mut CkSink,
     w: &[f32],
-    cache: &mut Vec<(ScaleStyle, Fp8Matrix, Vec<f32>)>,
+    cache: &mut Vec<(ScaleStyle, Fp8Matrix, f64)>,
     factor: &mut Option<GptqFactor>,
     int8_factor: &mut Option<((usize, usize), crate::quant::gptq::GptqPlan)>,
 ) -> Result<()> {
@@ -515,14 +524,15 @@ fn write_linear(
         Target::Fp8 | Target::Fp8Static | Target::Fp8ModelOpt => {
             let style = s.target.style();
             if !cache.iter().any(|(st, _, _)| *st == style) {
-                let (m, deq) = fp8_weights(c, style, w, factor)?;
-                cache.push((style, m, deq));
+                let m = fp8_weights(c, style, w, factor)?;
+                let err = m.relative_rms(w, c.shape[1]);
+                cache.push((style, m, err));
             }
-            let (_, m, deq) = cache
+            let (_, m, err) = cache
                 .iter()
                 .find(|(st, _, _)| *st == style)
                 .expect("cached");
-            s.errors.insert(name.to_owned(), fp8::relative_rms(w, deq));
+            s.errors.insert(name.to_owned(), *err);
             s.writer.write(name, &m.codes)?;
             match s.target {
                 Target::Fp8 => s
@@ -558,14 +568,13 @@ fn write_linear(
     Ok(())
 }
 
-/// FP8 weights of one linear layer under `style` (RTN, clipping search or GPTQ), with their
-/// dequantized values.
+/// FP8 weights of one linear layer under `style` (RTN, clipping search or GPTQ).
 fn fp8_weights(
     c: &LinearCtx<'_>,
     style: ScaleStyle,
     w: &[f32],
     factor: &mut Option<GptqFactor>,
-) -> Result<(Fp8Matrix, Vec<f32>)> {
+) -> Result<Fp8Matrix> {
     let cols = c.shape[1];
     let m = match (c.o.fp8_weights, c.hessians) {
         (WeightMode::Gptq, Some(h)) => {
@@ -584,8 +593,7 @@ fn fp8_weights(
             fp8::quantize(w, cols, style, mode, importance.as_deref())
         }
     };
-    let deq = m.dequantize(cols);
-    Ok((m, deq))
+    Ok(m)
 }
 
 const COPIED_FILES: [&str; 5] = [

@@ -326,14 +326,88 @@ pub struct WrittenFile {
 /// `model-0000i-of-0000n.safetensors` (or `model.safetensors` when one suffices) with an index.
 /// Every header is known up front, so each tensor is written once, as it is produced, and each
 /// file is hashed while it is written.
+///
+/// Names and sizes are checked on the caller's thread; the bytes go to one I/O thread that
+/// writes, hashes and syncs the shards, so quantizing the next tensor overlaps writing this
+/// one. At most [`IN_FLIGHT`] pieces of at most [`PIECE`] bytes wait for it.
 pub struct ShardedWriter {
     dir: PathBuf,
     shards: Vec<(String, Vec<PlannedTensor>)>,
     shard: usize,
     pos: usize,
-    file: Option<(std::io::BufWriter<std::fs::File>, sha2::Sha256, u64)>,
-    written: Vec<WrittenFile>,
     total: u64,
+    io: Option<IoThread>,
+}
+
+/// The channel to the I/O thread and the thread itself.
+type IoThread = (
+    std::sync::mpsc::SyncSender<IoMsg>,
+    std::thread::JoinHandle<Result<Vec<WrittenFile>>>,
+);
+
+impl Drop for ShardedWriter {
+    /// An unfinished writer still waits for its I/O thread, so whoever removes the partial
+    /// folder afterwards finds nothing more being written into it.
+    fn drop(&mut self) {
+        if let Some((tx, handle)) = self.io.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Bytes per message to the I/O thread.
+const PIECE: usize = 1 << 26;
+/// Messages the I/O thread may have queued.
+const IN_FLIGHT: usize = 4;
+
+enum IoMsg {
+    /// Start a shard file with this header (length prefix included).
+    Open {
+        path: PathBuf,
+        name: String,
+        header: Vec<u8>,
+    },
+    Data(Vec<u8>),
+    /// Flush, sync and record the open shard.
+    Close,
+}
+
+/// The I/O thread: writes and hashes what it is sent, in order.
+fn io_thread(rx: std::sync::mpsc::Receiver<IoMsg>) -> Result<Vec<WrittenFile>> {
+    use sha2::Digest;
+    let mut written = Vec::new();
+    let mut file: Option<(PathBuf, String, std::io::BufWriter<File>, sha2::Sha256, u64)> = None;
+    for m in rx {
+        match m {
+            IoMsg::Open { path, name, header } => {
+                let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+                let mut w = std::io::BufWriter::with_capacity(1 << 22, f);
+                w.write_all(&header).map_err(|e| Error::io(&path, e))?;
+                let mut h = sha2::Sha256::new();
+                h.update(&header);
+                let n = header.len() as u64;
+                file = Some((path, name, w, h, n));
+            }
+            IoMsg::Data(d) => {
+                let (path, _, w, h, n) = file.as_mut().expect("a shard is open");
+                w.write_all(&d).map_err(|e| Error::io(&*path, e))?;
+                h.update(&d);
+                *n += d.len() as u64;
+            }
+            IoMsg::Close => {
+                let (path, name, mut w, h, bytes) = file.take().expect("a shard is open");
+                w.flush().map_err(|e| Error::io(&path, e))?;
+                w.get_ref().sync_all().map_err(|e| Error::io(&path, e))?;
+                written.push(WrittenFile {
+                    file: name,
+                    bytes,
+                    sha256: crate::numerics::hex(&h.finalize()),
+                });
+            }
+        }
+    }
+    Ok(written)
 }
 
 impl ShardedWriter {
@@ -350,21 +424,37 @@ impl ShardedWriter {
                 (shard_name(i, n), members)
             })
             .collect();
+        let (tx, rx) = std::sync::mpsc::sync_channel(IN_FLIGHT);
+        let handle = std::thread::Builder::new()
+            .name("minitron-writer".into())
+            .spawn(move || io_thread(rx))
+            .map_err(|e| Error::io(dir, e))?;
         let mut w = ShardedWriter {
             dir: dir.to_owned(),
             shards,
             shard: 0,
             pos: 0,
-            file: None,
-            written: vec![],
             total,
+            io: Some((tx, handle)),
         };
         w.open_shard()?;
         Ok(w)
     }
 
+    /// Sends `m` to the I/O thread; if it has stopped, returns the error it stopped with.
+    fn send(&mut self, m: IoMsg) -> Result<()> {
+        let (tx, _) = self.io.as_ref().expect("writer open");
+        if tx.send(m).is_ok() {
+            return Ok(());
+        }
+        let (_, handle) = self.io.take().expect("writer open");
+        match handle.join() {
+            Ok(Err(e)) => Err(e),
+            _ => Err(Error::Invalid("the output writer stopped".into())),
+        }
+    }
+
     fn open_shard(&mut self) -> Result<()> {
-        use sha2::Digest;
         let (name, tensors) = &self.shards[self.shard];
         let mut header = serde_json::Map::new();
         header.insert("__metadata__".into(), json!({"format": "pt"}));
@@ -378,35 +468,24 @@ impl ShardedWriter {
         while !hb.len().is_multiple_of(8) {
             hb.push(b' ');
         }
-        let path = self.dir.join(name);
-        let f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 22, f);
-        let mut h = sha2::Sha256::new();
-        let len = (hb.len() as u64).to_le_bytes();
-        for part in [&len[..], &hb[..]] {
-            w.write_all(part).map_err(|e| Error::io(&path, e))?;
-            h.update(part);
-        }
-        self.file = Some((w, h, 8 + hb.len() as u64));
+        let mut bytes = (hb.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&hb);
+        let msg = IoMsg::Open {
+            path: self.dir.join(name),
+            name: name.clone(),
+            header: bytes,
+        };
+        let empty = tensors.is_empty();
         self.pos = 0;
-        if tensors.is_empty() {
+        self.send(msg)?;
+        if empty {
             self.close_shard()?;
         }
         Ok(())
     }
 
     fn close_shard(&mut self) -> Result<()> {
-        use sha2::Digest;
-        let (name, _) = &self.shards[self.shard];
-        let path = self.dir.join(name);
-        let (mut w, h, bytes) = self.file.take().expect("open shard");
-        w.flush().map_err(|e| Error::io(&path, e))?;
-        w.get_ref().sync_all().map_err(|e| Error::io(&path, e))?;
-        self.written.push(WrittenFile {
-            file: name.clone(),
-            bytes,
-            sha256: crate::numerics::hex(&h.finalize()),
-        });
+        self.send(IoMsg::Close)?;
         self.shard += 1;
         if self.shard < self.shards.len() {
             self.open_shard()?;
@@ -424,8 +503,7 @@ impl ShardedWriter {
 
     /// Writes the next planned tensor.
     pub fn write(&mut self, name: &str, data: &[u8]) -> Result<()> {
-        use sha2::Digest;
-        let (fname, tensors) = self.shards.get(self.shard).ok_or_else(|| {
+        let (_, tensors) = self.shards.get(self.shard).ok_or_else(|| {
             Error::Invalid(format!(
                 "tensor `{name}` written after the last planned one"
             ))
@@ -439,27 +517,30 @@ impl ShardedWriter {
                 data.len()
             )));
         }
-        let path = self.dir.join(fname);
-        let (w, h, bytes) = self.file.as_mut().expect("open shard");
-        w.write_all(data).map_err(|e| Error::io(&path, e))?;
-        h.update(data);
-        *bytes += data.len() as u64;
+        let last = self.pos + 1 == tensors.len();
+        for piece in data.chunks(PIECE) {
+            self.send(IoMsg::Data(piece.to_vec()))?;
+        }
         self.pos += 1;
-        if self.pos == tensors.len() {
+        if last {
             self.close_shard()?;
         }
         Ok(())
     }
 
     /// Checks every tensor was written and writes the index when sharded.
-    pub fn finish(self) -> Result<Vec<WrittenFile>> {
+    pub fn finish(mut self) -> Result<Vec<WrittenFile>> {
         if self.shard < self.shards.len() {
             return Err(Error::Invalid(format!(
                 "output incomplete: next tensor would have been {:?}",
                 self.next_name()
             )));
         }
-        let mut written = self.written;
+        let (tx, handle) = self.io.take().expect("writer open");
+        drop(tx);
+        let mut written = handle
+            .join()
+            .map_err(|_| Error::Invalid("the output writer panicked".into()))??;
         if self.shards.len() > 1 {
             let mut map = BTreeMap::new();
             for (f, ts) in &self.shards {

@@ -228,18 +228,31 @@ impl Checkpoint {
 
     /// sha256 of every weight file, config.json and tokenizer.json, in a stable order.
     pub fn input_hashes(&self) -> Result<Vec<(String, String)>> {
+        self.input_hashes_on(true)
+    }
+
+    /// [`Self::input_hashes`] on the calling thread alone (`parallel: false`), for a caller
+    /// that hashes beside other work instead of before it.
+    pub fn input_hashes_on(&self, parallel: bool) -> Result<Vec<(String, String)>> {
         let name = |p: &Path| {
             p.file_name()
                 .unwrap_or_default()
                 .to_string_lossy()
                 .into_owned()
         };
-        // Weight files are hashed through their mappings (no read copies), in parallel.
-        let mut out: Vec<(String, String)> = self
-            .files
-            .par_iter()
-            .map(|f| (name(&f.path), f.sha256()))
-            .collect();
+        // Weight files are hashed through their mappings (no read copies), in parallel unless
+        // asked to stay on the calling thread.
+        let mut out: Vec<(String, String)> = if parallel {
+            self.files
+                .par_iter()
+                .map(|f| (name(&f.path), f.sha256()))
+                .collect()
+        } else {
+            self.files
+                .iter()
+                .map(|f| (name(&f.path), f.sha256()))
+                .collect()
+        };
         for extra in ["config.json", "tokenizer.json"] {
             let p = self.dir.join(extra);
             if p.exists() {

@@ -15,20 +15,37 @@ pub fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     let n = bytes.len() / dtype.size();
     let mut out = vec![0f32; n];
     let es = dtype.size();
-    let conv: fn(&[u8]) -> f32 = match dtype {
-        Dtype::BF16 => |b| bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-        Dtype::F16 => |b| f16::from_le_bytes([b[0], b[1]]).to_f32(),
-        Dtype::F32 => |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        _ => return None,
-    };
+    if !matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
+        return None;
+    }
     out.par_chunks_mut(CHUNK)
         .zip(bytes.par_chunks(CHUNK * es))
-        .for_each(|(o, b)| {
-            for (x, e) in o.iter_mut().zip(b.chunks_exact(es)) {
-                *x = conv(e);
+        .for_each(|(o, b)| match dtype {
+            Dtype::BF16 => bf16_block(b, o),
+            Dtype::F16 => {
+                for (x, e) in o.iter_mut().zip(b.chunks_exact(2)) {
+                    *x = f16::from_le_bytes([e[0], e[1]]).to_f32();
+                }
+            }
+            _ => {
+                for (x, e) in o.iter_mut().zip(b.chunks_exact(4)) {
+                    *x = f32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+                }
             }
         });
     Some(out)
+}
+
+multiversion! {
+    /// bf16 → f32 of a block: the bits shifted into the high half, NaNs quieted as `half`
+    /// does (so the result equals `bf16::to_f32` for every input; tested exhaustively).
+    fn bf16_block(b: &[u8], o: &mut [f32]) {
+        for (x, e) in o.iter_mut().zip(b.chunks_exact(2)) {
+            let h = u16::from_le_bytes([e[0], e[1]]) as u32;
+            let nan = (h & 0x7FFF) > 0x7F80;
+            *x = f32::from_bits((h << 16) | if nan { 0x0040_0000 } else { 0 });
+        }
+    }
 }
 
 /// f32 values rounded to bf16 (round to nearest even, as `half` does) as little-endian bytes.
@@ -47,6 +64,19 @@ pub fn f32_to_bf16_bytes(src: &[f32]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bf16_widening_equals_half_for_every_bit_pattern() {
+        let all: Vec<u8> = (0..=u16::MAX).flat_map(|b| b.to_le_bytes()).collect();
+        let f = to_f32(&all, Dtype::BF16).unwrap();
+        for (b, x) in (0..=u16::MAX).zip(&f) {
+            assert_eq!(
+                x.to_bits(),
+                bf16::from_bits(b).to_f32().to_bits(),
+                "{b:#06x}"
+            );
+        }
+    }
 
     #[test]
     fn bf16_round_trip_is_exact_for_every_bf16_value() {

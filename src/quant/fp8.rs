@@ -206,6 +206,39 @@ impl Fp8Matrix {
 }
 
 /// Relative RMS error ‖ŵ − w‖ / ‖w‖ of a dequantized matrix.
+/// [`relative_rms`] of rows of `cols` values against `deq(i)`, the dequantized value of element
+/// `i`, without materialising the dequantized matrix. Partial sums over fixed 64k-element
+/// pieces are added in order, so the result does not depend on the thread count.
+pub fn relative_rms_with(w: &[f32], deq: impl Fn(usize) -> f32 + Sync) -> f64 {
+    const PIECE: usize = 1 << 16;
+    let parts: Vec<(f64, f64)> = w
+        .par_chunks(PIECE)
+        .enumerate()
+        .map(|(p, a)| {
+            a.iter().enumerate().fold((0f64, 0f64), |(n, d), (i, &x)| {
+                let e = (x - deq(p * PIECE + i)) as f64;
+                (n + e * e, d + (x as f64) * (x as f64))
+            })
+        })
+        .collect();
+    let (num, den) = parts
+        .iter()
+        .fold((0f64, 0f64), |a, b| (a.0 + b.0, a.1 + b.1));
+    if den == 0.0 {
+        0.0
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+impl Fp8Matrix {
+    /// [`relative_rms`] of `w` against these codes and scales (rows of `cols`).
+    pub fn relative_rms(&self, w: &[f32], cols: usize) -> f64 {
+        let table = e4m3_table();
+        relative_rms_with(w, |i| table[self.codes[i] as usize] * self.scales[i / cols])
+    }
+}
+
 pub fn relative_rms(w: &[f32], deq: &[f32]) -> f64 {
     let (num, den) = w
         .par_chunks(1 << 16)
