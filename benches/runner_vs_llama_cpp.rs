@@ -15,62 +15,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
 mod common;
 
-struct Measured {
-    wall_s: f64,
-    peak_rss_mb: f64,
-    stdout: String,
-}
-
-/// Runs `cmd` as a child and returns its wall time, peak RSS and output.
-fn measure(cmd: &mut Command) -> Measured {
-    use std::os::unix::process::ExitStatusExt;
-    let t = Instant::now();
-    let child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let pid = child.id() as libc::pid_t;
-    // Read the pipes on threads so that a chatty child never blocks.
-    let mut child = child;
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let o = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut out, &mut s).ok();
-        s
-    });
-    let e = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut err, &mut s).ok();
-        s
-    });
-    let mut status = 0;
-    // SAFETY: plain wait4 on our own child; rusage is written by the kernel.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
-    let wall_s = t.elapsed().as_secs_f64();
-    assert_eq!(r, pid, "wait4");
-    let stdout = o.join().unwrap();
-    let stderr = e.join().unwrap();
-    let st = std::process::ExitStatus::from_raw(status);
-    assert!(st.success(), "{cmd:?} failed: {stderr}");
-    Measured {
-        wall_s,
-        peak_rss_mb: ru.ru_maxrss as f64 / 1024.0,
-        stdout: stdout + &stderr,
-    }
-}
-
-fn bin(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("target/release")
-        .join(name)
-}
+use common::{bin, measure, Measured};
 
 /// Our bf16 GGUF of `model` in target/bench-data (written once).
 fn gguf_of(model: &Path, name: &str) -> PathBuf {

@@ -1,6 +1,8 @@
 //! Setup shared by the bench binaries: thread count, chunk count, asset paths.
 
 use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
 
 /// Reads an unsigned setting from the environment.
 pub fn env_usize(key: &str, default: usize) -> usize {
@@ -22,6 +24,7 @@ pub fn set_threads() -> usize {
 }
 
 /// (SmolLM2 checkpoint folder, ../shared folder) when both exist.
+#[allow(dead_code)]
 pub fn smollm2_and_shared(bench: &str) -> Option<(PathBuf, PathBuf)> {
     let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared");
     let assets = std::env::var_os("MINITRON_ASSETS")
@@ -37,3 +40,62 @@ pub fn smollm2_and_shared(bench: &str) -> Option<(PathBuf, PathBuf)> {
         None
     }
 }
+
+/// A child process's whole-job wall time, peak RSS and output.
+pub struct Measured {
+    pub wall_s: f64,
+    pub peak_rss_mb: f64,
+    #[allow(dead_code)]
+    pub stdout: String,
+}
+
+/// Runs `cmd` as a child and returns its wall time, peak RSS and output.
+#[allow(dead_code)]
+pub fn measure(cmd: &mut Command) -> Measured {
+    use std::os::unix::process::ExitStatusExt;
+    let t = Instant::now();
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id() as libc::pid_t;
+    // Read the pipes on threads so that a chatty child never blocks.
+    let mut child = child;
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let o = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut out, &mut s).ok();
+        s
+    });
+    let e = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut err, &mut s).ok();
+        s
+    });
+    let mut status = 0;
+    // SAFETY: plain wait4 on our own child; rusage is written by the kernel.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let wall_s = t.elapsed().as_secs_f64();
+    assert_eq!(r, pid, "wait4");
+    let stdout = o.join().unwrap();
+    let stderr = e.join().unwrap();
+    let st = std::process::ExitStatus::from_raw(status);
+    assert!(st.success(), "{cmd:?} failed: {stderr}");
+    Measured {
+        wall_s,
+        peak_rss_mb: ru.ru_maxrss as f64 / 1024.0,
+        stdout: stdout + &stderr,
+    }
+}
+
+#[allow(dead_code)]
+/// One of our release binaries.
+pub fn bin(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/release")
+        .join(name)
+}
+
