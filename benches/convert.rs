@@ -143,7 +143,9 @@ fn main() {
         in_bytes as f64 / 1e9,
         in_bytes as f64 / 1e9 / read_s
     );
-    println!("| job | tool | wall s | input GB/s | peak RSS MB | output GB | × (read + write floors) |");
+    println!(
+        "| job | tool | wall s | input GB/s | peak RSS MB | output GB | × (read + write floors) |"
+    );
     println!("|---|---|---|---|---|---|---|");
     let out_root = bench_dir().join("convert-out");
     let mut bf16_gguf: Option<PathBuf> = None;
@@ -178,7 +180,9 @@ fn main() {
     };
     let quantize = dir.join("bin/llama-quantize");
     let Some(src) = bf16_gguf.filter(|p| p.exists()) else {
-        println!("| llama-quantize | llama.cpp | not measured (the gguf:bf16 job did not run) | | | | |");
+        println!(
+            "| llama-quantize | llama.cpp | not measured (the gguf:bf16 job did not run) | | | | |"
+        );
         return;
     };
     let src_bytes = size_of(&src);

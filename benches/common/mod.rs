@@ -98,4 +98,3 @@ pub fn bin(name: &str) -> PathBuf {
         .join("target/release")
         .join(name)
 }
-
