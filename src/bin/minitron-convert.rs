@@ -12,6 +12,7 @@ use minitron::format::gguf::GgmlType;
 use minitron::model::synth::{write_checkpoint_with, Preset};
 use minitron::model::Checkpoint;
 use minitron::quant::fp8::WeightMode;
+use minitron::quant::ggml::KSearch;
 
 /// Turn a bf16 Llama-3.x checkpoint into quantized artifacts.
 #[derive(Parser, Debug)]
@@ -69,6 +70,12 @@ struct Cli {
     /// GGUF: tokenizer.ggml.pre when it cannot be detected from tokenizer.json.
     #[arg(long, value_name = "NAME")]
     gguf_pre: Option<String>,
+    /// GGUF: how the k-quant types (Q2_K … Q6_K) encode each block: `reference` (one
+    /// encoding: the reference rounding, or llama.cpp's importance-weighted search with an
+    /// imatrix) or `best` (several candidates, the lowest importance-weighted error kept per
+    /// block: slightly lower error, several times slower).
+    #[arg(long, value_enum, default_value_t = KSearch::Reference)]
+    gguf_search: KSearch,
     #[command(flatten)]
     calib: CalibArgs,
     /// Worker threads (default: all logical CPUs).
@@ -343,6 +350,7 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
             embedding_type: cli.embedding_type,
             imatrix: cli.imatrix.clone(),
             pre: cli.gguf_pre.clone(),
+            search: cli.gguf_search,
         },
         command_line: common::command_line(),
     };

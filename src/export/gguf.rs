@@ -37,6 +37,8 @@ pub struct ImatrixUse {
 #[derive(Debug, Clone)]
 pub struct GgufOptions {
     pub recipe: Recipe,
+    /// How hard the k-quant encoders search.
+    pub search: crate::quant::ggml::KSearch,
     pub imatrix: Option<ImatrixUse>,
     /// `tokenizer.ggml.pre` when it cannot be detected.
     pub pre: Option<String>,
@@ -491,6 +493,7 @@ pub struct GgufSink {
     /// Checkpoint tensor name → plan index.
     by_hf: std::collections::HashMap<String, usize>,
     imatrix: Option<ImatrixUse>,
+    search: crate::quant::ggml::KSearch,
 }
 
 impl GgufSink {
@@ -524,6 +527,7 @@ impl GgufSink {
             plan,
             by_hf,
             imatrix: o.imatrix.clone(),
+            search: o.search,
         };
         for i in 0..sink.plan.len() {
             if let Source::RopeFreqs(f) = &sink.plan[i].source {
@@ -558,7 +562,7 @@ impl GgufSink {
                 });
             }
         }
-        crate::quant::ggml::quantize(&t.ty, v, ne0, importance.as_deref())
+        crate::quant::ggml::quantize_with(&t.ty, v, ne0, importance.as_deref(), self.search)
     }
 
     /// Writes checkpoint tensor `hf` from its f32 values (rows permuted here where GGUF wants).

@@ -32,6 +32,8 @@ pub struct GgufSettings {
     pub imatrix: Option<PathBuf>,
     /// `tokenizer.ggml.pre` when it cannot be detected.
     pub pre: Option<String>,
+    /// How hard the k-quant encoders search (`--gguf-search`).
+    pub search: crate::quant::ggml::KSearch,
 }
 
 /// Everything an export needs besides the input.
@@ -308,6 +310,7 @@ fn open_sinks(
                     },
                     imatrix: imatrix.clone(),
                     pre: o.gguf.pre.clone(),
+                    search: o.gguf.search,
                 };
                 sinks.gguf.push(GgufSink::create(ck, &g, &out)?);
             }

@@ -89,13 +89,38 @@ fn kind(t: &GgmlType) -> Result<Kind> {
     })
 }
 
-/// Quantizes `x` (rows of `ne0` values) to `ty`. `importance`: one weight per column (an
-/// imatrix entry), used by every type that uses one in llama.cpp.
+/// How the k-quant encoders (Q2_K … Q6_K) choose each super-block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum KSearch {
+    /// One encoding per block: the k-quant reference rounding (ggml's, as candle ports it)
+    /// without an importance matrix, llama.cpp's importance-weighted search with one.
+    #[default]
+    Reference,
+    /// Also run the other encoder and searches aimed at the importance-weighted error
+    /// directly, and keep, per block, the candidate with the smallest error: never worse than
+    /// `reference` or llama.cpp's search by that measure, several times slower.
+    Best,
+}
+
+/// Quantizes `x` (rows of `ne0` values) to `ty` with the best-of k-quant search
+/// ([`KSearch::Best`]). `importance`: one weight per column (an imatrix entry), used by every
+/// type that uses one in llama.cpp.
 pub fn quantize(
     ty: &GgmlType,
     x: &[f32],
     ne0: usize,
     importance: Option<&[f32]>,
+) -> Result<Vec<u8>> {
+    quantize_with(ty, x, ne0, importance, KSearch::Best)
+}
+
+/// [`quantize`] with the k-quant search chosen.
+pub fn quantize_with(
+    ty: &GgmlType,
+    x: &[f32],
+    ne0: usize,
+    importance: Option<&[f32]>,
+    search: KSearch,
 ) -> Result<Vec<u8>> {
     let k = kind(ty)?;
     if ne0 == 0 || !x.len().is_multiple_of(ne0) || !ne0.is_multiple_of(ty.block_size()) {
@@ -122,45 +147,50 @@ pub fn quantize(
         .zip(x.par_chunks(per_task * ne0))
         .for_each(|(o, xs)| {
             for (orow, xrow) in o.chunks_mut(row_bytes).zip(xs.chunks(ne0)) {
-                quantize_row(k, xrow, orow, importance);
+                quantize_row(k, xrow, orow, importance, search);
             }
         });
     Ok(out)
 }
 
-fn quantize_row(k: Kind, x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
-    match k {
-        Kind::F32 => {
-            for (o, v) in out.chunks_mut(4).zip(x) {
-                o.copy_from_slice(&v.to_le_bytes());
+multiversion! {
+    /// One row of `k`: the AVX-512 build inlines the float conversions and roundings the
+    /// baseline target calls out for (same arithmetic, same bytes).
+    fn quantize_row(k: Kind, x: &[f32], out: &mut [u8], qw: Option<&[f32]>, search: KSearch) {
+        match k {
+            Kind::F32 => {
+                for (o, v) in out.chunks_mut(4).zip(x) {
+                    o.copy_from_slice(&v.to_le_bytes());
+                }
             }
-        }
-        Kind::F16 => {
-            for (o, v) in out.chunks_mut(2).zip(x) {
-                o.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
+            Kind::F16 => {
+                for (o, v) in out.chunks_mut(2).zip(x) {
+                    o.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
+                }
             }
-        }
-        Kind::BF16 => {
-            for (o, v) in out.chunks_mut(2).zip(x) {
-                o.copy_from_slice(&bf16::from_f32(*v).to_le_bytes());
+            Kind::BF16 => {
+                for (o, v) in out.chunks_mut(2).zip(x) {
+                    o.copy_from_slice(&bf16::from_f32(*v).to_le_bytes());
+                }
             }
-        }
-        Kind::Q8_0 => {
-            for (o, b) in out.chunks_mut(34).zip(x.chunks(32)) {
-                q8_0_block(b, o);
+            Kind::Q8_0 => {
+                for (o, b) in out.chunks_mut(34).zip(x.chunks(32)) {
+                    q8_0_block(b, o);
+                }
             }
+            Kind::Q4_0 | Kind::Q5_0 | Kind::Q4_1 | Kind::Q5_1 => legacy_row(k, x, out, qw),
+            Kind::Q2K => k_row::<BlockQ2K>(x, out, qw, Sigma::TwoOver256, search),
+            Kind::Q3K => k_row::<BlockQ3K>(x, out, qw, Sigma::TwoOver256, search),
+            Kind::Q4K => k_row::<BlockQ4K>(x, out, qw, Sigma::TwoOver256, search),
+            Kind::Q5K => k_row::<BlockQ5K>(x, out, qw, Sigma::TwoOver256, search),
+            Kind::Q6K => k_row::<BlockQ6K>(x, out, qw, Sigma::None, search),
         }
-        Kind::Q4_0 | Kind::Q5_0 | Kind::Q4_1 | Kind::Q5_1 => legacy_row(k, x, out, qw),
-        Kind::Q2K => k_row::<BlockQ2K>(x, out, qw, Sigma::TwoOver256),
-        Kind::Q3K => k_row::<BlockQ3K>(x, out, qw, Sigma::TwoOver256),
-        Kind::Q4K => k_row::<BlockQ4K>(x, out, qw, Sigma::TwoOver256),
-        Kind::Q5K => k_row::<BlockQ5K>(x, out, qw, Sigma::TwoOver256),
-        Kind::Q6K => k_row::<BlockQ6K>(x, out, qw, Sigma::None),
     }
 }
 
 /// Q8_0: `d = absmax/127` (stored f16), `q = round(x · (1/d))` half away from zero, `1/d` taken
 /// from the f32 `d`, as ggml's reference does. No importance weighting.
+#[inline(always)]
 fn q8_0_block(x: &[f32], out: &mut [u8]) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
@@ -543,9 +573,31 @@ fn imatrix_blocks<T: CandleBlock>(x: &[f32], w: &[f32]) -> Vec<T> {
 /// A k-quant row: per 256-value super-block, the best of candle's plain quantizer, llama.cpp's
 /// importance-weighted algorithm (when `qw` is given) and the same algorithm with weights that
 /// target `Σ qw (x − x̂)²` directly — by weighted error (plain squared error without `qw`).
-fn k_row<T: CandleBlock>(x: &[f32], out: &mut [u8], qw: Option<&[f32]>, sigma: Sigma) {
+fn k_row<T: CandleBlock>(
+    x: &[f32],
+    out: &mut [u8],
+    qw: Option<&[f32]>,
+    sigma: Sigma,
+    search: KSearch,
+) {
     let nb = x.len() / T::BLCK_SIZE;
     let bsz = out.len() / nb;
+    if search == KSearch::Reference {
+        // The reference rounding without an importance matrix, llama.cpp's weighted search
+        // with one.
+        let blocks = match qw {
+            None => {
+                let mut plain = vec![T::zeros(); nb];
+                T::from_float(x, &mut plain);
+                plain
+            }
+            Some(q) => imatrix_blocks::<T>(x, q),
+        };
+        for b in 0..nb {
+            out[b * bsz..(b + 1) * bsz].copy_from_slice(block_bytes(&blocks[b..b + 1]));
+        }
+        return;
+    }
     let ones;
     let target: &[f32] = match qw {
         Some(q) => q,
