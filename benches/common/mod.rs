@@ -1,4 +1,6 @@
-//! Setup shared by the bench binaries: thread count, chunk count, asset paths.
+//! Setup shared by the bench binaries: thread count, chunk count, asset paths, and measuring a
+//! child process. Each bench uses a part of it.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -12,7 +14,6 @@ pub fn env_usize(key: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-#[allow(dead_code)] // not every bench sets threads in-process
 /// Fixes rayon's and candle's thread count from MINITRON_BENCH_THREADS (default 2).
 pub fn set_threads() -> usize {
     let threads = env_usize("MINITRON_BENCH_THREADS", 2);
@@ -24,7 +25,6 @@ pub fn set_threads() -> usize {
 }
 
 /// (SmolLM2 checkpoint folder, ../shared folder) when both exist.
-#[allow(dead_code)]
 pub fn smollm2_and_shared(bench: &str) -> Option<(PathBuf, PathBuf)> {
     let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared");
     let assets = std::env::var_os("MINITRON_ASSETS")
@@ -45,12 +45,10 @@ pub fn smollm2_and_shared(bench: &str) -> Option<(PathBuf, PathBuf)> {
 pub struct Measured {
     pub wall_s: f64,
     pub peak_rss_mb: f64,
-    #[allow(dead_code)]
     pub stdout: String,
 }
 
 /// Runs `cmd` as a child and returns its wall time, peak RSS and output.
-#[allow(dead_code)]
 pub fn measure(cmd: &mut Command) -> Measured {
     use std::os::unix::process::ExitStatusExt;
     let t = Instant::now();
@@ -91,7 +89,6 @@ pub fn measure(cmd: &mut Command) -> Measured {
     }
 }
 
-#[allow(dead_code)]
 /// One of our release binaries.
 pub fn bin(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -500,8 +500,7 @@ fn write_linear(
                 }
                 _ => crate::quant::int8::quantize(&ws, cols, None),
             };
-            s.errors
-                .insert(name.to_owned(), fp8::relative_rms(&ws, &m.dequantize(cols)));
+            s.errors.insert(name.to_owned(), m.relative_rms(&ws, cols));
             let bytes: Vec<u8> = m.q.iter().map(|&v| v as u8).collect();
             s.writer.write(name, &bytes)?;
             s.writer
@@ -509,8 +508,7 @@ fn write_linear(
         }
         Target::Int8W8A16 => {
             let m = crate::quant::int8::quantize(w, cols, c.o.group_size);
-            s.errors
-                .insert(name.to_owned(), fp8::relative_rms(w, &m.dequantize(cols)));
+            s.errors.insert(name.to_owned(), m.relative_rms(w, cols));
             s.writer.write(
                 &format!("{stem}.weight_packed"),
                 &crate::quant::int8::pack(&m.q, cols),

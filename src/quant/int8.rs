@@ -18,6 +18,16 @@ pub struct Int8Matrix {
 
 const BF16_EPS: f32 = 0.0078125;
 
+multiversion! {
+    /// INT8 codes of one scale group: `round_half_even(bf16(x / s))`, clamped to ±127/−128
+    /// (the AVX-512 build inlines the rounding the baseline target calls out for).
+    fn group_codes(wg: &[f32], s: f32, qg: &mut [i8]) {
+        for (o, &x) in qg.iter_mut().zip(wg) {
+            *o = round_bf16(x / s).round_ties_even().clamp(-128.0, 127.0) as i8;
+        }
+    }
+}
+
 /// Quantizes `w` (`[rows, cols]`, values already bf16-representable) per output channel, or per
 /// `group` input columns when given (which must divide `cols`).
 pub fn quantize(w: &[f32], cols: usize, group: Option<usize>) -> Int8Matrix {
@@ -35,9 +45,7 @@ pub fn quantize(w: &[f32], cols: usize, group: Option<usize>) -> Int8Matrix {
                 if s == 0.0 {
                     s = BF16_EPS;
                 }
-                for (o, &x) in qg.iter_mut().zip(wg) {
-                    *o = round_bf16(x / s).round_ties_even().clamp(-128.0, 127.0) as i8;
-                }
+                group_codes(wg, s, qg);
                 ss.push(s);
             }
             ss
@@ -67,6 +75,15 @@ pub fn quantize_gptq(w: &[f32], cols: usize, plan: &crate::quant::gptq::GptqPlan
 
 impl Int8Matrix {
     /// `q · scale` per element.
+    /// Relative RMS error of these codes against `w` (rows of `cols`), without materialising
+    /// the dequantized matrix.
+    pub fn relative_rms(&self, w: &[f32], cols: usize) -> f64 {
+        let g = cols / self.groups;
+        crate::quant::fp8::relative_rms_with(w, |i| {
+            self.q[i] as f32 * self.scales[(i / cols) * self.groups + (i % cols) / g]
+        })
+    }
+
     pub fn dequantize(&self, cols: usize) -> Vec<f32> {
         let g = cols / self.groups;
         let mut out = vec![0f32; self.q.len()];
