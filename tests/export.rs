@@ -240,3 +240,35 @@ fn manifests_and_reports_read_back_typed() {
         .to_string();
     assert!(e.contains("mean_kld"), "{e}");
 }
+
+/// Every target kind in one run gives the same bytes with 1 and 3 threads (3 splits work
+/// differently from 2 on any machine).
+#[test]
+fn every_target_is_the_same_for_any_thread_count() {
+    let t = tempdir();
+    let run = |threads: &str| {
+        let out = t.path().join(format!("t{threads}"));
+        run_ok(
+            "minitron-convert",
+            &[
+                s(&tiny()),
+                "--to",
+                "fp8,fp8-static,fp8-modelopt,int8,int8-w8a16,gguf:bf16,gguf:q8_0,gguf:q4_k_m,gguf:q6_k",
+                "--calib-samples",
+                "4",
+                "--calib-seq",
+                "32",
+                "--threads",
+                threads,
+                "--out",
+                s(&out),
+            ],
+        );
+        tree(&out)
+    };
+    let one = run("1");
+    let count = |suffix: &str| one.iter().filter(|(n, _)| n.ends_with(suffix)).count();
+    assert_eq!(count("/model.safetensors"), 5, "{one:?}");
+    assert_eq!(count(".gguf"), 4, "{one:?}");
+    assert_eq!(one, run("3"));
+}
