@@ -144,7 +144,7 @@ struct CkSink {
 /// Every open artifact.
 struct Sinks {
     ck: Vec<CkSink>,
-    gguf: Vec<GgufSink>,
+    gguf: Vec<(Target, GgufSink)>,
 }
 
 /// Runs the export; `progress(done, total)` counts input elements.
@@ -222,25 +222,20 @@ pub fn run(
         });
         let (tensors, bytes) = looped?;
         let input_hashes = input_hashes?;
-        let mut arts = Vec::new();
+        // Finished artifacts with the partial folder each checkpoint still has to be moved from.
+        let mut done: Vec<(Target, Artifact, Option<PathBuf>)> = Vec::new();
         for s in sinks.ck.drain(..) {
-            let (t, out, tmp) = (s.target, s.out.clone(), s.tmp.clone());
+            let (t, path, tmp) = (s.target, s.out.clone(), s.tmp.clone());
             let m = finish_ck(ck, o, cal.stats.as_ref(), s, &input_hashes, t0)?;
-            arts.push((t, out, Some(tmp), Some(m), None));
+            let manifest = Box::new(m);
+            done.push((t, Artifact::Checkpoint { path, manifest }, Some(tmp)));
         }
-        for g in sinks.gguf.drain(..) {
-            let r = g.finish()?;
-            let t = o
-                .targets
-                .iter()
-                .copied()
-                .find(|t| o.path(*t) == r.path)
-                .expect("a GGUF sink per GGUF target");
-            arts.push((t, r.path.clone(), None, None, Some(r)));
+        for (t, g) in sinks.gguf.drain(..) {
+            done.push((t, Artifact::Gguf(g.finish()?), None));
         }
-        Ok((tensors, bytes, arts))
+        Ok((tensors, bytes, done))
     });
-    let (tensors_read, bytes_read, arts) = match result {
+    let (tensors_read, bytes_read, done) = match result {
         Ok(v) => v,
         Err(e) => {
             // GGUF sinks remove their temporary files when dropped.
@@ -257,18 +252,10 @@ pub fn run(
     // Every artifact is complete: move the checkpoint folders into place (GGUF files were
     // renamed by their writers).
     let mut artifacts = Vec::new();
-    for (t, out, tmp, m, g) in arts {
-        if let Some(tmp) = tmp {
-            commit_dir(&tmp, &out)?;
+    for (t, a, tmp) in done {
+        if let (Some(tmp), Artifact::Checkpoint { path, .. }) = (tmp, &a) {
+            commit_dir(&tmp, path)?;
         }
-        let a = match (m, g) {
-            (Some(m), _) => Artifact::Checkpoint {
-                path: out,
-                manifest: Box::new(m),
-            },
-            (None, Some(g)) => Artifact::Gguf(g),
-            (None, None) => unreachable!("every artifact is a checkpoint or a GGUF file"),
-        };
         artifacts.push((t, a));
     }
     artifacts.sort_by_key(|(t, _)| o.targets.iter().position(|x| x == t));
@@ -312,7 +299,7 @@ fn open_sinks(
                     pre: o.gguf.pre.clone(),
                     search: o.gguf.search,
                 };
-                sinks.gguf.push(GgufSink::create(ck, &g, &out)?);
+                sinks.gguf.push((t, GgufSink::create(ck, &g, &out)?));
             }
             None => {
                 let tmp = begin_dir(&out, o.force)?;
@@ -424,7 +411,7 @@ fn export_loop(
                     };
                     write_linear(&ctx, s, &w, &mut cache, &mut factor, &mut int8_factor)?;
                 }
-                for g in sinks.gguf.iter_mut() {
+                for (_, g) in sinks.gguf.iter_mut() {
                     g.write_f32(name, &w)?;
                 }
             }
@@ -440,7 +427,7 @@ fn export_loop(
                         _ => s.writer.write(name, bytes)?,
                     }
                 }
-                for g in sinks.gguf.iter_mut() {
+                for (_, g) in sinks.gguf.iter_mut() {
                     g.write_stored(ck, name)?;
                 }
             }

@@ -240,21 +240,7 @@ impl Fp8Matrix {
 }
 
 pub fn relative_rms(w: &[f32], deq: &[f32]) -> f64 {
-    let (num, den) = w
-        .par_chunks(1 << 16)
-        .zip(deq.par_chunks(1 << 16))
-        .map(|(a, b)| {
-            a.iter().zip(b).fold((0f64, 0f64), |(n, d), (&x, &y)| {
-                let e = (x - y) as f64;
-                (n + e * e, d + (x as f64) * (x as f64))
-            })
-        })
-        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
-    if den == 0.0 {
-        0.0
-    } else {
-        (num / den).sqrt()
-    }
+    relative_rms_with(w, |i| deq[i])
 }
 
 #[cfg(test)]

@@ -2,20 +2,23 @@
 //! interleaved-pair RoPE order, so exporting permutes them and loading undoes it
 //! (formats/gguf.md#export).
 
-/// Reorders the rows of a Q or K weight (`[heads·d, cols]`) from the Hugging Face layout (the
-/// two rotated halves of each head apart) to llama.cpp's (rotated pairs adjacent): new row
-/// `h·d + 2i + j` is old row `h·d + j·d/2 + i`.
-pub fn permute_rows(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+/// The row moves of the Q/K permutation for `rows` rows of `heads` heads: pairs (GGUF row, Hugging
+/// Face row). Within each head of `d` rows, GGUF row `2i + j` is Hugging Face row `j·d/2 + i`
+/// (the two rotated halves interleaved into adjacent pairs).
+fn row_pairs(rows: usize, heads: usize) -> impl Iterator<Item = (usize, usize)> {
     let d = rows / heads;
+    (0..heads).flat_map(move |h| {
+        (0..d / 2)
+            .flat_map(move |i| (0..2).map(move |j| (h * d + 2 * i + j, h * d + j * (d / 2) + i)))
+    })
+}
+
+/// Reorders the rows of a Q or K weight (`[heads·d, cols]`) from the Hugging Face layout (the
+/// two rotated halves of each head apart) to llama.cpp's (rotated pairs adjacent).
+pub fn permute_rows(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
     let mut out = vec![0f32; w.len()];
-    for h in 0..heads {
-        for i in 0..d / 2 {
-            for j in 0..2 {
-                let new = h * d + 2 * i + j;
-                let old = h * d + j * (d / 2) + i;
-                out[new * cols..(new + 1) * cols].copy_from_slice(&w[old * cols..(old + 1) * cols]);
-            }
-        }
+    for (gg, hf) in row_pairs(rows, heads) {
+        out[gg * cols..(gg + 1) * cols].copy_from_slice(&w[hf * cols..(hf + 1) * cols]);
     }
     out
 }
@@ -24,16 +27,9 @@ pub fn permute_rows(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f3
 /// never cross rows).
 pub fn unpermute_row_bytes(b: &[u8], rows: usize, heads: usize) -> Vec<u8> {
     let rb = b.len() / rows;
-    let d = rows / heads;
     let mut out = vec![0u8; b.len()];
-    for h in 0..heads {
-        for i in 0..d / 2 {
-            for j in 0..2 {
-                let gg = h * d + 2 * i + j;
-                let hf = h * d + j * (d / 2) + i;
-                out[hf * rb..(hf + 1) * rb].copy_from_slice(&b[gg * rb..(gg + 1) * rb]);
-            }
-        }
+    for (gg, hf) in row_pairs(rows, heads) {
+        out[hf * rb..(hf + 1) * rb].copy_from_slice(&b[gg * rb..(gg + 1) * rb]);
     }
     out
 }
