@@ -1,6 +1,7 @@
 //! Calibration throughput on SmolLM2-135M (CPU, 2 threads): tokens/s of one statistics pass
-//! (forward through every block with the hooks recording, no head), next to the plain forward
-//! over the same chunks so the hooks' overhead is visible.
+//! (forward through every block with the hooks recording, no head) on the runner's bf16 path,
+//! next to the plain bf16 forward over the same chunks (the hooks' overhead) and the f32 candle
+//! pass calibration used before.
 //!
 //!     cargo bench --bench calib_throughput
 //!     MINITRON_BENCH_CHUNKS=20 cargo bench --bench calib_throughput
@@ -24,7 +25,7 @@ fn main() {
     };
     let ck = Checkpoint::open(&model_dir).unwrap();
     let tok = Tokenizer::load(&model_dir).unwrap();
-    let model = Llama::load(&ck, DType::F32, &Device::Cpu).unwrap();
+    let model = Llama::load(&ck, DType::BF16, &Device::Cpu).unwrap();
     let src = load_source(Some(&shared.join("data/wikitext2-valid.txt"))).unwrap();
     let cs = calibration_chunks(
         &tok,
@@ -53,19 +54,27 @@ fn main() {
         shuffle_seed: None,
         wall_s: 0.0,
     };
+    let dtype = minitron::calib::pass_dtype(&Device::Cpu);
+    let t = Instant::now();
+    CalibStats::collect(&ck, dtype, &Device::Cpu, &cs, info.clone(), &|| ()).unwrap();
+    let hooked = t.elapsed().as_secs_f64();
     let t = Instant::now();
     CalibStats::collect(&ck, DType::F32, &Device::Cpu, &cs, info, &|| ()).unwrap();
-    let hooked = t.elapsed().as_secs_f64();
+    let f32_pass = t.elapsed().as_secs_f64();
     println!(
         "calib_throughput: SmolLM2-135M, {} chunks × 512, {threads} threads",
         cs.len()
     );
     println!(
-        "  statistics pass   {:>8.1} tokens/s ({hooked:.1} s)",
+        "  statistics (bf16) {:>8.1} tokens/s ({hooked:.1} s)",
         tokens / hooked
     );
     println!(
         "  forward, no hooks {:>8.1} tokens/s ({plain:.1} s)",
         tokens / plain
+    );
+    println!(
+        "  f32 candle pass   {:>8.1} tokens/s ({f32_pass:.1} s)",
+        tokens / f32_pass
     );
 }

@@ -2,6 +2,10 @@
 //! per kernel this CPU runs, next to candle's f32 matmul on the same shapes.
 //!
 //!     cargo bench --bench gemm_bf16
+//!     MINITRON_GEMM_SHAPES="4096x14336x4096;4096x4096x14336" cargo bench --bench gemm_bf16
+//!
+//! `MINITRON_GEMM_SHAPES` (rows×out×in, `;`-separated) replaces the default shapes and times
+//! only the runner's kernels.
 
 use std::time::Instant;
 
@@ -18,13 +22,27 @@ fn main() {
         .build_global()
         .unwrap();
     // (rows, out, in): SmolLM2 gate/down and the 4.5 B model's q and down at 4,096 rows.
-    let shapes = [
-        (4096usize, 1536usize, 576usize),
-        (4096, 576, 1536),
-        (512, 4096, 4096),
-        (512, 4096, 14336),
-        (1, 14336, 4096),
-    ];
+    let custom: Option<Vec<(usize, usize, usize)>> =
+        std::env::var("MINITRON_GEMM_SHAPES").ok().map(|v| {
+            v.split(';')
+                .map(|s| {
+                    let d: Vec<usize> = s
+                        .split('x')
+                        .map(|x| x.trim().parse().expect("rows x out x in"))
+                        .collect();
+                    (d[0], d[1], d[2])
+                })
+                .collect()
+        });
+    let shapes = custom.clone().unwrap_or_else(|| {
+        vec![
+            (4096usize, 1536usize, 576usize),
+            (4096, 576, 1536),
+            (512, 4096, 4096),
+            (512, 4096, 14336),
+            (1, 14336, 4096),
+        ]
+    });
     println!("gemm_bf16: {threads} threads");
     for &(m, n, k) in &shapes {
         let a: Vec<f32> = (0..m * k)
@@ -64,6 +82,9 @@ fn main() {
                 flop / s / 1e9,
                 s * 1e3
             );
+        }
+        if custom.is_some() {
+            continue;
         }
         let at = Tensor::from_vec(a, (m, k), &Device::Cpu).unwrap();
         let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();

@@ -2,7 +2,7 @@
 //! rounding (formats/fp8.md#weights). One matrix per input site (q/k/v share one, gate/up another),
 //! accumulated in f64 from f32 products of each chunk.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::names::InputSite;
@@ -31,13 +31,15 @@ pub const MAX_BYTES: u64 = 6_000_000_000;
 /// Accumulates the matrices as an [`Observer`] of a calibration pass.
 pub struct Collector {
     sums: Vec<Vec<Vec<f64>>>,
+    /// Input width per site.
+    widths: [usize; 4],
 }
 
 impl Observer for Collector {
-    fn linear_input(&mut self, layer: usize, site: InputSite, x: &Tensor) -> Result<()> {
-        let n = x.dim(candle_core::D::Minus1)?;
-        let rows = x.elem_count() / n;
-        let x = x.to_dtype(DType::F32)?.reshape((rows, n))?;
+    fn linear_input(&mut self, layer: usize, site: InputSite, x: &[f32]) -> Result<()> {
+        let n = self.widths[site.index()];
+        let rows = x.len() / n;
+        let x = Tensor::from_slice(x, (rows, n), &Device::Cpu)?;
         let g = x.t()?.matmul(&x)?.flatten_all()?.to_vec1::<f32>()?;
         for (acc, v) in self.sums[layer][site.index()].iter_mut().zip(g) {
             *acc += v as f64;
@@ -58,6 +60,7 @@ impl Collector {
             )));
         }
         Ok(Collector {
+            widths: InputSite::ALL.map(|s| s.width(c)),
             sums: (0..c.num_hidden_layers)
                 .map(|_| {
                     InputSite::ALL
@@ -88,7 +91,14 @@ impl Hessians {
         on_block: &dyn Fn(),
     ) -> Result<Self> {
         let mut col = Collector::new(&ck.config)?;
-        crate::runtime::observe_streamed(ck, DType::F32, device, chunks, &mut col, on_block)?;
+        crate::runtime::observe_streamed(
+            ck,
+            super::pass_dtype(device),
+            device,
+            chunks,
+            &mut col,
+            on_block,
+        )?;
         Ok(col.finish(chunks))
     }
 }

@@ -49,8 +49,11 @@ pub struct Calibration {
 
 /// Calibrates once for everything `needs` asks: statistics are loaded (`--load-calib`) or
 /// collected, and when a pass over the text is needed the text is tokenized once and one
-/// forward pass of the bf16 model (f32 compute on `device`) feeds every collector. Saves the
-/// statistics when asked.
+/// forward pass of the bf16 model feeds every collector. Saves the statistics when asked.
+///
+/// On a CPU the pass is the runner's fused block: bf16 weights as stored, f32 activations
+/// rounded to bf16 only as they enter each matmul (as a bf16 model computes in llm-compressor
+/// and llama.cpp). Other devices compute in f32.
 pub fn calibrate_for(
     ck: &Checkpoint,
     o: &CalibOptions,
@@ -87,7 +90,7 @@ pub fn calibrate_for(
             let also = hc.as_mut().map(|h| h as &mut dyn crate::runtime::Observer);
             out.stats = Some(CalibStats::collect_with(
                 ck,
-                candle_core::DType::F32,
+                pass_dtype(device),
                 device,
                 &chunks,
                 info,
@@ -95,16 +98,12 @@ pub fn calibrate_for(
                 &|| pb.inc(1),
             )?);
         } else if let Some(h) = hc.as_mut() {
-            crate::runtime::observe_streamed(
-                ck,
-                candle_core::DType::F32,
-                device,
-                &chunks,
-                h,
-                &|| pb.inc(1),
-            )?;
+            crate::runtime::observe_streamed(ck, pass_dtype(device), device, &chunks, h, &|| {
+                pb.inc(1)
+            })?;
         }
         pb.finish_and_clear();
+        crate::runtime::release_free_memory();
         out.hessians = hc.map(|h| h.finish(&chunks));
         out.passes = 1;
     }
@@ -112,6 +111,15 @@ pub fn calibrate_for(
         st.save(p)?;
     }
     Ok(out)
+}
+
+/// The matmul dtype of a calibration pass on `device` (see [`calibrate_for`]).
+pub fn pass_dtype(device: &candle_core::Device) -> candle_core::DType {
+    if device.is_cpu() {
+        candle_core::DType::BF16
+    } else {
+        candle_core::DType::F32
+    }
 }
 
 /// Produces calibration statistics for checkpoint `ck` ([`calibrate_for`] with statistics

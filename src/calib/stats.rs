@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -116,14 +116,13 @@ struct Collector<'a> {
 }
 
 impl Observer for Collector<'_> {
-    fn linear_input(&mut self, layer: usize, site: InputSite, x: &Tensor) -> Result<()> {
+    fn linear_input(&mut self, layer: usize, site: InputSite, v: &[f32]) -> Result<()> {
         if let Some(o) = self.also.as_deref_mut() {
-            o.linear_input(layer, site, x)?;
+            o.linear_input(layer, site, v)?;
         }
-        let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let s = &mut self.layers[layer].sites[site.index()];
         let (w, seen) = (s.absmax.len(), s.count as usize);
-        s.add_rows(&v);
+        s.add_rows(v);
         let buf = &mut self.layers[layer].samples[site.index()];
         let cap = sample_rows(w) * w;
         for (i, row) in v.chunks(w).enumerate() {
@@ -134,23 +133,18 @@ impl Observer for Collector<'_> {
         Ok(())
     }
 
-    fn kv(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+    fn kv(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
         if let Some(o) = self.also.as_deref_mut() {
             o.kv(layer, k, v)?;
         }
-        let km = k
-            .to_dtype(DType::F32)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        let vm = v
-            .to_dtype(DType::F32)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
+        let absmax = |x: &[f32]| {
+            x.par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())))
+                .reduce(|| 0.0, f32::max)
+        };
         let l = &mut self.layers[layer];
-        l.k_absmax = l.k_absmax.max(km);
-        l.v_absmax = l.v_absmax.max(vm);
+        l.k_absmax = l.k_absmax.max(absmax(k));
+        l.v_absmax = l.v_absmax.max(absmax(v));
         Ok(())
     }
 }

@@ -22,7 +22,7 @@ use crate::format::gguf::keys;
 use crate::format::gguf::{GgmlType, GgufWriter, PlannedTensor, Value};
 use crate::model::config::RopeScaling;
 use crate::model::names;
-use crate::model::Checkpoint;
+use crate::model::{Checkpoint, Dtype};
 use crate::quant::recipe::{block_of, tensor_type, Recipe};
 
 /// Where an importance matrix came from (written as `quantize.imatrix.*`).
@@ -141,7 +141,7 @@ pub fn plan(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<TensorPlan>> {
     Ok(out)
 }
 
-use crate::format::gguf::llama::permute_rows;
+use crate::format::gguf::llama::{permute_row_bytes, permute_rows};
 
 /// Detects llama.cpp's pre-tokenizer name from tokenizer.json's `pre_tokenizer`.
 pub fn detect_pre(tokenizer: &Json) -> Option<&'static str> {
@@ -578,7 +578,39 @@ impl GgufSink {
             } => self.quantize(i, &permute_rows(v, v.len() / ne0, ne0, *h))?,
             _ => self.quantize(i, v)?,
         };
-        self.writer.write_at(i, &bytes)
+        self.writer.write_owned(i, bytes)
+    }
+
+    /// Writes checkpoint tensor `hf` as its stored bytes when the file keeps its dtype (a bf16
+    /// weight in a bf16 GGUF: rows only reordered where GGUF wants), and says whether it did.
+    /// Nothing is converted, so the bytes are the checkpoint's exactly.
+    pub fn write_same_dtype(&mut self, ck: &Checkpoint, hf: &str) -> Result<bool> {
+        let Some(&i) = self.by_hf.get(hf) else {
+            return Ok(true);
+        };
+        let (raw, info) = ck.raw(hf)?;
+        let same = matches!(
+            (info.dtype, self.plan[i].ty),
+            (Dtype::BF16, GgmlType::BF16)
+                | (Dtype::F16, GgmlType::F16)
+                | (Dtype::F32, GgmlType::F32)
+        );
+        if !same {
+            return Ok(false);
+        }
+        match &self.plan[i].source {
+            Source::Hf {
+                permute_heads: Some(h),
+                ..
+            } => {
+                let rows = info.shape.first().copied().unwrap_or(1);
+                self.writer
+                    .write_owned(i, permute_row_bytes(raw, rows, *h))?
+            }
+            _ => self.writer.write_at(i, raw)?,
+        }
+        ck.release(hf);
+        Ok(true)
     }
 
     /// Writes checkpoint tensor `hf` straight from its stored bytes, converted and quantized in
@@ -614,7 +646,7 @@ impl GgufSink {
             out.extend_from_slice(&self.quantize(i, &v)?);
             ck.release(hf);
         }
-        self.writer.write_at(i, &out)
+        self.writer.write_owned(i, out)
     }
 
     /// Checks every tensor was written, then renames the file into place.

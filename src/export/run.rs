@@ -395,6 +395,20 @@ fn export_loop(
         bytes_read += (info.shape.iter().product::<usize>() * info.dtype.size()) as u64;
         match spec.role {
             TensorRole::Linear(layer, r) => {
+                // GGUF files that keep the stored dtype take the bytes as they are; the f32
+                // values are made only when some target needs them.
+                let mut f32_gguf = Vec::new();
+                for (gi, (_, g)) in sinks.gguf.iter_mut().enumerate() {
+                    if !g.write_same_dtype(ck, name)? {
+                        f32_gguf.push(gi);
+                    }
+                }
+                if sinks.ck.is_empty() && f32_gguf.is_empty() {
+                    ck.release(name);
+                    done += shape.iter().product::<usize>() as u64;
+                    progress(done, total);
+                    continue;
+                }
                 let w = ck.read_f32(name)?;
                 // FP8 weights computed once per scale layout; targets share them.
                 let mut cache: Vec<(ScaleStyle, Fp8Matrix, f64)> = Vec::new();
@@ -411,8 +425,8 @@ fn export_loop(
                     };
                     write_linear(&ctx, s, &w, &mut cache, &mut factor, &mut int8_factor)?;
                 }
-                for (_, g) in sinks.gguf.iter_mut() {
-                    g.write_f32(name, &w)?;
+                for gi in f32_gguf {
+                    sinks.gguf[gi].1.write_f32(name, &w)?;
                 }
             }
             _ => {
@@ -428,7 +442,9 @@ fn export_loop(
                     }
                 }
                 for (_, g) in sinks.gguf.iter_mut() {
-                    g.write_stored(ck, name)?;
+                    if !g.write_same_dtype(ck, name)? {
+                        g.write_stored(ck, name)?;
+                    }
                 }
             }
         }

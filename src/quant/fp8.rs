@@ -205,21 +205,29 @@ impl Fp8Matrix {
     }
 }
 
-/// Relative RMS error ‖ŵ − w‖ / ‖w‖ of a dequantized matrix.
-/// [`relative_rms`] of rows of `cols` values against `deq(i)`, the dequantized value of element
-/// `i`, without materialising the dequantized matrix. Partial sums over fixed 64k-element
-/// pieces are added in order, so the result does not depend on the thread count.
-pub fn relative_rms_with(w: &[f32], deq: impl Fn(usize) -> f32 + Sync) -> f64 {
-    const PIECE: usize = 1 << 16;
+/// [`relative_rms`] of rows of `cols` values against `deq_row(r, out)`, which writes row `r`
+/// dequantized into `out`, without materialising the dequantized matrix. Each row's sums are
+/// taken in a fixed lane order and the rows added in order, so the result does not depend on the
+/// thread count.
+pub fn relative_rms_rows(
+    w: &[f32],
+    cols: usize,
+    deq_row: impl Fn(usize, &mut [f32]) + Sync,
+) -> f64 {
+    if cols == 0 {
+        return 0.0;
+    }
     let parts: Vec<(f64, f64)> = w
-        .par_chunks(PIECE)
+        .par_chunks(cols)
         .enumerate()
-        .map(|(p, a)| {
-            a.iter().enumerate().fold((0f64, 0f64), |(n, d), (i, &x)| {
-                let e = (x - deq(p * PIECE + i)) as f64;
-                (n + e * e, d + (x as f64) * (x as f64))
-            })
-        })
+        .map_init(
+            || vec![0f32; cols],
+            |buf, (r, a)| {
+                let d = &mut buf[..a.len()];
+                deq_row(r, d);
+                error_sums(a, d)
+            },
+        )
         .collect();
     let (num, den) = parts
         .iter()
@@ -231,16 +239,48 @@ pub fn relative_rms_with(w: &[f32], deq: impl Fn(usize) -> f32 + Sync) -> f64 {
     }
 }
 
+multiversion! {
+    /// (Σ (w − d)², Σ w²) in f64, eight running lanes (element `i` into lane `i % 8`).
+    fn error_sums(w: &[f32], d: &[f32]) -> (f64, f64) {
+        let (mut n, mut s) = ([0f64; 8], [0f64; 8]);
+        let (mut a, mut b) = (w.chunks_exact(8), d.chunks_exact(8));
+        for (x, y) in (&mut a).zip(&mut b) {
+            for i in 0..8 {
+                let (xv, e) = (x[i] as f64, x[i] as f64 - y[i] as f64);
+                n[i] = e.mul_add(e, n[i]);
+                s[i] = xv.mul_add(xv, s[i]);
+            }
+        }
+        for (i, (&x, &y)) in a.remainder().iter().zip(b.remainder()).enumerate() {
+            let (xv, e) = (x as f64, x as f64 - y as f64);
+            n[i] = e.mul_add(e, n[i]);
+            s[i] = xv.mul_add(xv, s[i]);
+        }
+        (n.iter().sum(), s.iter().sum())
+    }
+}
+
 impl Fp8Matrix {
     /// [`relative_rms`] of `w` against these codes and scales (rows of `cols`).
     pub fn relative_rms(&self, w: &[f32], cols: usize) -> f64 {
         let table = e4m3_table();
-        relative_rms_with(w, |i| table[self.codes[i] as usize] * self.scales[i / cols])
+        let per_row = self.scales.len() != 1;
+        relative_rms_rows(w, cols, |r, out| {
+            let s = self.scales[if per_row { r } else { 0 }];
+            for (o, &c) in out.iter_mut().zip(&self.codes[r * cols..(r + 1) * cols]) {
+                *o = table[c as usize] * s;
+            }
+        })
     }
 }
 
+/// Relative RMS error ‖ŵ − w‖ / ‖w‖ of a dequantized matrix.
 pub fn relative_rms(w: &[f32], deq: &[f32]) -> f64 {
-    relative_rms_with(w, |i| deq[i])
+    let cols = w.len().clamp(1, 1 << 16);
+    relative_rms_rows(w, cols, |r, out| {
+        let n = out.len();
+        out.copy_from_slice(&deq[r * cols..r * cols + n]);
+    })
 }
 
 #[cfg(test)]

@@ -79,8 +79,14 @@ impl Int8Matrix {
     /// the dequantized matrix.
     pub fn relative_rms(&self, w: &[f32], cols: usize) -> f64 {
         let g = cols / self.groups;
-        crate::quant::fp8::relative_rms_with(w, |i| {
-            self.q[i] as f32 * self.scales[(i / cols) * self.groups + (i % cols) / g]
+        crate::quant::fp8::relative_rms_rows(w, cols, |r, out| {
+            let q = self.q[r * cols..(r + 1) * cols].chunks(g);
+            let s = &self.scales[r * self.groups..(r + 1) * self.groups];
+            for ((o, q), &s) in out.chunks_mut(g).zip(q).zip(s) {
+                for (o, &q) in o.iter_mut().zip(q) {
+                    *o = q as f32 * s;
+                }
+            }
         })
     }
 

@@ -11,8 +11,9 @@
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::model::names::InputSite;
 use crate::model::LlamaConfig;
-use crate::runtime::block::Block;
+use crate::runtime::block::{Block, Observer};
 use crate::runtime::linear::Linear;
 
 /// `e^x` in f32, within 2 ulp over the range softmax and SiLU use (`x ≤ 88`); 0 below −87.
@@ -461,12 +462,14 @@ pub fn eligible(blk: &Block) -> bool {
 #[allow(clippy::too_many_arguments)]
 pub fn block_forward(
     blk: &Block,
+    l: usize,
     c: &LlamaConfig,
     x: &mut [f32],
     b: usize,
     t: usize,
     cos: &[f32],
     sin: &[f32],
+    obs: &mut Option<&mut dyn Observer>,
 ) -> Result<()> {
     let (h, kvh, hd, hs) = (
         c.num_attention_heads,
@@ -478,6 +481,9 @@ pub fn block_forward(
     let w_in: Vec<f32> = blk.input_norm.to_vec1()?;
     let w_post: Vec<f32> = blk.post_norm.to_vec1()?;
     let xn = rms_norm(x, &w_in, eps);
+    if let Some(o) = obs.as_deref_mut() {
+        o.linear_input(l, InputSite::AttnIn, &xn)?;
+    }
     let mut qkv = Linear::packed_rows(&[&blk.q, &blk.k, &blk.v], &xn, hs)?.into_iter();
     let (mut q, mut k, v) = (
         qkv.next().expect("q"),
@@ -486,13 +492,22 @@ pub fn block_forward(
     );
     rope_rows(&mut q, h * hd, hd, t, cos, sin);
     rope_rows(&mut k, kvh * hd, hd, t, cos, sin);
+    if let Some(o) = obs.as_deref_mut() {
+        o.kv(l, &k, &v)?;
+    }
     let y = attention(&q, &k, &v, b, t, h, kvh, hd);
     drop((q, k, v));
+    if let Some(o) = obs.as_deref_mut() {
+        o.linear_input(l, InputSite::AttnOut, &y)?;
+    }
     let o = Linear::packed_rows(&[&blk.o], &y, h * hd)?
         .pop()
         .expect("o");
     add_into(x, &o);
     let xn = rms_norm(x, &w_post, eps);
+    if let Some(o) = obs.as_deref_mut() {
+        o.linear_input(l, InputSite::MlpIn, &xn)?;
+    }
     let mut gu = Linear::packed_rows(&[&blk.gate, &blk.up], &xn, hs)?.into_iter();
     let (mut g, u) = (gu.next().expect("gate"), gu.next().expect("up"));
     let inter = c.intermediate_size;
@@ -500,6 +515,9 @@ pub fn block_forward(
         .zip(u.par_chunks(inter))
         .for_each(|(a, b)| swiglu(a, b));
     drop(u);
+    if let Some(o) = obs.as_deref_mut() {
+        o.linear_input(l, InputSite::MlpAct, &g)?;
+    }
     let d = Linear::packed_rows(&[&blk.down], &g, inter)?
         .pop()
         .expect("down");

@@ -24,6 +24,8 @@ pub const NR: usize = 32;
 const MR: usize = 12;
 /// Input pairs per cache block (256 inputs: a panel slice of 16 KiB, half of L1).
 const KC_PAIRS: usize = 128;
+/// Panels per L2-resident group of a task (see [`tile`]).
+const PANEL_GROUP: usize = 16;
 /// Rows per task: more for long rows, whose panels are the larger share of memory traffic.
 fn mc(k: usize) -> usize {
     if k >= 2048 {
@@ -284,6 +286,30 @@ unsafe fn tile(
     pan: std::ops::Range<usize>,
 ) {
     let kp = w.kp;
+    // Panels in groups whose slice of `C` stays in L2 across the input blocks: a group's rows
+    // are finished over all of `k` before the next group starts. Each output's sum still runs
+    // over the input blocks in order, so the grouping does not change a bit.
+    let groups = pan.clone().step_by(PANEL_GROUP);
+    for g0 in groups {
+        let group = g0..(g0 + PANEL_GROUP).min(pan.end);
+        tile_group(isa, a, lda, w, c, ldc, rows.clone(), group, kp);
+    }
+}
+
+/// [`tile`] for one group of panels.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn tile_group(
+    isa: Isa,
+    a: &[u16],
+    lda: usize,
+    w: &PackedBf16,
+    c: *mut f32,
+    ldc: usize,
+    rows: std::ops::Range<usize>,
+    pan: std::ops::Range<usize>,
+    kp: usize,
+) {
     let mut q0 = 0;
     while q0 < kp {
         let q1 = (q0 + KC_PAIRS).min(kp);

@@ -15,16 +15,11 @@ use crate::runtime::linear::{fp8_static, Linear};
 use crate::runtime::load::{safetensors::SafetensorsSource, Source};
 pub use crate::runtime::load::{stream_dtype, LoadOptions};
 
-/// Receives what calibration needs while the model runs. The model's numerics never depend on
-/// what an observer does.
-pub trait Observer {
-    /// The input `x` (`[b, t, in]`) that is about to meet the linear layers reading `site` in
-    /// block `layer` (once per site: q, k and v share one input, gate and up another).
-    fn linear_input(&mut self, layer: usize, site: InputSite, x: &Tensor) -> Result<()>;
-    /// K after RoPE and V (`[b, kv_heads, t, head_dim]`) of block `layer`.
-    fn kv(&mut self, _layer: usize, _k: &Tensor, _v: &Tensor) -> Result<()> {
-        Ok(())
-    }
+pub use crate::runtime::block::Observer;
+
+/// f32 host values of `x`, for an [`Observer`].
+fn host(x: &Tensor) -> Result<Vec<f32>> {
+    Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 /// What every block of one forward pass shares.
@@ -52,7 +47,6 @@ impl Block {
         let (b, t, total) = (p.b, p.t, p.total);
         let c = p.cfg;
         if cache.is_none()
-            && obs.is_none()
             && x.device().is_cpu()
             && x.dtype() == DType::F32
             && crate::runtime::cpu::eligible(self)
@@ -61,7 +55,7 @@ impl Block {
             let mut xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
             let cos: Vec<f32> = p.cos.flatten_all()?.to_vec1()?;
             let sin: Vec<f32> = p.sin.flatten_all()?.to_vec1()?;
-            crate::runtime::cpu::block_forward(self, c, &mut xv, b, t, &cos, &sin)?;
+            crate::runtime::cpu::block_forward(self, l, c, &mut xv, b, t, &cos, &sin, obs)?;
             return Ok(Tensor::from_vec(xv, (b, t, c.hidden_size), x.device())?);
         }
         let eps = c.rms_norm_eps as f32;
@@ -71,7 +65,7 @@ impl Block {
         let mut x = x;
         let xn = rms_norm(&x, &self.input_norm, eps)?;
         if let Some(o) = obs.as_deref_mut() {
-            o.linear_input(l, InputSite::AttnIn, &xn)?;
+            o.linear_input(l, InputSite::AttnIn, &host(&xn)?)?;
         }
         let sd = x.dtype();
         let mut qkv = Linear::forward_shared(&[&self.q, &self.k, &self.v], &xn)?.into_iter();
@@ -85,7 +79,7 @@ impl Block {
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         if let Some(o) = obs.as_deref_mut() {
-            o.kv(l, &k, &v)?;
+            o.kv(l, &host(&k)?, &host(&v)?)?;
         }
         // An FP8 KV cache stores K and V as E4M3 with static scales; attention reads them back.
         let (k, v) = match self.kv_scales {
@@ -114,19 +108,19 @@ impl Block {
             .transpose(1, 2)?
             .reshape((b, t, h * hd))?;
         if let Some(o) = obs.as_deref_mut() {
-            o.linear_input(l, InputSite::AttnOut, &y)?;
+            o.linear_input(l, InputSite::AttnOut, &host(&y)?)?;
         }
         x = (x + self.o.forward(&y)?.to_dtype(sd)?)?;
 
         let xn = rms_norm(&x, &self.post_norm, eps)?;
         if let Some(o) = obs.as_deref_mut() {
-            o.linear_input(l, InputSite::MlpIn, &xn)?;
+            o.linear_input(l, InputSite::MlpIn, &host(&xn)?)?;
         }
         let gu = Linear::forward_shared(&[&self.gate, &self.up], &xn)?;
         let (g_, u_) = (gu[0].to_dtype(sd)?, gu[1].to_dtype(sd)?);
         let act = (candle_nn::ops::silu(&g_)? * u_)?;
         if let Some(o) = obs.as_deref_mut() {
-            o.linear_input(l, InputSite::MlpAct, &act)?;
+            o.linear_input(l, InputSite::MlpAct, &host(&act)?)?;
         }
         x = (x + self.down.forward(&act)?.to_dtype(sd)?)?;
         Ok(x)
@@ -513,9 +507,10 @@ impl<'a> Streamed<'a> {
     }
 }
 
-/// Runs the blocks of `ck` over `chunks` (no cache) one block at a time (see [`Streamed`]), one
-/// chunk per forward: `obs` sees exactly what [`Llama::forward`] would show it, site by site in
-/// the same chunk order. `on_block` is called after each block.
+/// Runs the blocks of `ck` over `chunks` (no cache) one block at a time (see [`Streamed`]):
+/// `obs` sees, site by site, the rows [`Llama::forward`] would show it, chunks in order.
+/// Equally long chunks run together, up to [`OBSERVE_ROWS`] rows per forward, which is what
+/// keeps the GEMMs large. `on_block` is called after each block.
 pub fn observe_streamed(
     ck: &Checkpoint,
     dtype: DType,
@@ -526,13 +521,19 @@ pub fn observe_streamed(
 ) -> Result<()> {
     let src = SafetensorsSource::borrowed(ck);
     let refs: Vec<&[u32]> = chunks.iter().map(Vec::as_slice).collect();
-    let mut s = Streamed::new(&src, dtype, device, LoadOptions::default(), &refs, 1)?;
+    let t = chunks.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let batch = (OBSERVE_ROWS / t).max(1);
+    let mut s = Streamed::new(&src, dtype, device, LoadOptions::default(), &refs, batch)?;
     while !s.done() {
         s.step(Some(&mut *obs))?;
         on_block();
     }
     Ok(())
 }
+
+/// Rows (tokens) per batched forward of [`observe_streamed`]: large enough for the GEMM to
+/// run near its peak, small enough that a 14336-wide MLP's activations stay near 0.25 GB.
+pub const OBSERVE_ROWS: usize = 2048;
 
 /// RMSNorm; candle's fused kernel has no f64 path, so f64 (used by tests against an f64
 /// reference) takes the composed form.

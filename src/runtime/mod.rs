@@ -32,6 +32,16 @@ pub fn tune_allocator() {
     }
 }
 
+/// Returns the heap's free memory to the system: after a phase that kept large buffers in the
+/// heap (see [`tune_allocator`]), the next phase's peak should not sit on top of them.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory the allocator holds unused.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Physical memory of this machine in bytes (`u64::MAX` where it cannot be read).
 pub fn physical_memory() -> u64 {
     #[cfg(unix)]

@@ -23,6 +23,16 @@ pub fn permute_rows(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f3
     out
 }
 
+/// [`permute_rows`] on whole rows of raw bytes (`rows` rows of equal length, any dtype).
+pub fn permute_row_bytes(b: &[u8], rows: usize, heads: usize) -> Vec<u8> {
+    let rb = b.len() / rows.max(1);
+    let mut out = vec![0u8; b.len()];
+    for (gg, hf) in row_pairs(rows, heads) {
+        out[gg * rb..(gg + 1) * rb].copy_from_slice(&b[hf * rb..(hf + 1) * rb]);
+    }
+    out
+}
+
 /// The inverse of [`permute_rows`], on whole rows of raw bytes (quantized rows included: blocks
 /// never cross rows).
 pub fn unpermute_row_bytes(b: &[u8], rows: usize, heads: usize) -> Vec<u8> {
@@ -49,6 +59,8 @@ mod tests {
             &[0., 1., 2., 6., 7., 8., 3., 4., 5., 9., 10., 11.]
         );
         let bytes: Vec<u8> = p.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let wb: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(permute_row_bytes(&wb, rows, heads), bytes);
         let back = unpermute_row_bytes(&bytes, rows, heads);
         let back: Vec<f32> = back
             .chunks(4)

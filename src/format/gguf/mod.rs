@@ -362,6 +362,12 @@ pub struct PlannedTensor {
     pub ty: GgmlType,
 }
 
+/// Bytes per piece handed to a [`GgufWriter`]'s writing thread, and pieces it may have queued.
+const WRITE_PIECE: usize = 1 << 26;
+const WRITE_PIECES_IN_FLIGHT: usize = 4;
+/// Where pieces `(file offset, bytes)` go to be written.
+type PieceSender = std::sync::mpsc::SyncSender<(u64, Vec<u8>)>;
+
 /// Writer: all metadata and tensor infos are known up front, so the header is written once and
 /// every tensor's place in the file is fixed; tensors are then written in any order
 /// ([`GgufWriter::write_at`]) or in plan order ([`GgufWriter::write_tensor`]), and the padding
@@ -371,6 +377,9 @@ pub struct GgufWriter {
     tmp: PathBuf,
     dest: PathBuf,
     file: File,
+    /// The thread that writes pieces `(offset, bytes)` at their offsets, while the caller
+    /// quantizes the next tensor.
+    io: Option<(PieceSender, std::thread::JoinHandle<Result<()>>)>,
     plan: Vec<TensorInfo>,
     /// Which planned tensors have been written.
     written: Vec<bool>,
@@ -456,10 +465,31 @@ impl GgufWriter {
         // The data section's final length; unwritten gaps (padding) read as zeros.
         file.set_len(data_start + off)
             .map_err(|e| Error::io(&tmp, e))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(WRITE_PIECES_IN_FLIGHT);
+        let out = file.try_clone().map_err(|e| Error::io(&tmp, e))?;
+        let path = tmp.clone();
+        let handle = std::thread::Builder::new()
+            .name("minitron-gguf-writer".into())
+            .spawn(move || -> Result<()> {
+                use std::os::unix::fs::FileExt;
+                let mut since = 0usize;
+                for (at, bytes) in rx {
+                    out.write_all_at(&bytes, at)
+                        .map_err(|e| Error::io(&path, e))?;
+                    since += bytes.len();
+                    if since >= 1 << 28 {
+                        crate::format::safetensors::start_writeback(&out);
+                        since = 0;
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e| Error::io(&tmp, e))?;
         Ok(GgufWriter {
             tmp,
             dest: dest.to_owned(),
             file,
+            io: Some((tx, handle)),
             written: vec![false; plan.len()],
             plan,
             data_start,
@@ -472,29 +502,71 @@ impl GgufWriter {
         &self.plan
     }
 
-    /// Writes planned tensor `index`'s bytes at its place in the file.
+    /// Writes planned tensor `index`'s bytes at its place in the file (copied, in pieces, to the
+    /// writing thread).
     pub fn write_at(&mut self, index: usize, bytes: &[u8]) -> Result<()> {
-        use std::os::unix::fs::FileExt;
+        let at = self.check_write(index, bytes.len())?;
+        for (i, piece) in bytes.chunks(WRITE_PIECE).enumerate() {
+            self.send(at + (i * WRITE_PIECE) as u64, piece.to_vec())?;
+        }
+        self.written[index] = true;
+        Ok(())
+    }
+
+    /// [`Self::write_at`] for bytes the caller no longer needs (handed over without a copy).
+    pub fn write_owned(&mut self, index: usize, bytes: Vec<u8>) -> Result<()> {
+        let at = self.check_write(index, bytes.len())?;
+        self.send(at, bytes)?;
+        self.written[index] = true;
+        Ok(())
+    }
+
+    /// The file offset of planned tensor `index`, after checking it takes `len` bytes and has
+    /// not been written.
+    fn check_write(&self, index: usize, len: usize) -> Result<u64> {
         let t = self
             .plan
             .get(index)
             .ok_or_else(|| Error::Invalid(format!("no planned tensor #{index}")))?;
-        if bytes.len() != t.nbytes() {
+        if len != t.nbytes() {
             return Err(Error::Invalid(format!(
-                "tensor `{}`: {} bytes given, {} planned",
+                "tensor `{}`: {len} bytes given, {} planned",
                 t.name,
-                bytes.len(),
                 t.nbytes()
             )));
         }
         if self.written[index] {
             return Err(Error::Invalid(format!("tensor `{}` written twice", t.name)));
         }
-        self.file
-            .write_all_at(bytes, self.data_start + t.offset)
-            .map_err(|e| Error::io(&self.tmp, e))?;
-        self.written[index] = true;
-        Ok(())
+        Ok(self.data_start + t.offset)
+    }
+
+    /// Queues a piece for the writing thread; if the thread has stopped, returns its error.
+    fn send(&mut self, at: u64, bytes: Vec<u8>) -> Result<()> {
+        let (tx, _) = self.io.as_ref().expect("writer open");
+        if tx.send((at, bytes)).is_ok() {
+            return Ok(());
+        }
+        self.join_io()?;
+        Err(Error::Invalid(format!(
+            "{}: the writing thread stopped",
+            self.tmp.display()
+        )))
+    }
+
+    /// Waits for every queued piece to be written; returns the writing thread's error, if any.
+    fn join_io(&mut self) -> Result<()> {
+        let Some((tx, handle)) = self.io.take() else {
+            return Ok(());
+        };
+        drop(tx);
+        match handle.join() {
+            Ok(r) => r,
+            Err(_) => Err(Error::Invalid(format!(
+                "{}: the writing thread panicked",
+                self.tmp.display()
+            ))),
+        }
     }
 
     /// Writes the first tensor not yet written (plan order).
@@ -516,6 +588,7 @@ impl GgufWriter {
                 self.plan.len()
             )));
         }
+        self.join_io()?;
         self.file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
         std::fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
         self.finished = true;
@@ -525,6 +598,7 @@ impl GgufWriter {
 
 impl Drop for GgufWriter {
     fn drop(&mut self) {
+        let _ = self.join_io();
         if !self.finished {
             let _ = std::fs::remove_file(&self.tmp);
         }
