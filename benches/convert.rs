@@ -12,6 +12,9 @@
 //!   written once by `minitron-convert synth --preset minitron-4b-depth --seed 1` (9.08 GB).
 //! - `MINITRON_CONVERT_JOBS`: job names to run, separated by `;` (default: all; see `JOBS`).
 //! - `MINITRON_BENCH_THREADS`: threads for every tool (default 2).
+//! - `MINITRON_CONVERT_CALIB`: calibration text for the jobs that calibrate (16 × 512 tokens);
+//!   default `../shared/data/wikitext2-valid.txt` when present, else the built-in corpus (which
+//!   holds only 10 such chunks under the Llama-3 tokenizer).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -80,21 +83,31 @@ fn size_of(p: &Path) -> u64 {
 }
 
 /// Reads every weight file once, 64 MiB at a time; returns (seconds, bytes).
-fn read_floor(model: &Path) -> (f64, u64) {
+/// The safetensors files of checkpoint folder `model`.
+fn model_files(model: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(model)
+        .expect("model folder")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Reads `files` once; returns seconds and bytes.
+fn read_floor(files: &[PathBuf]) -> (f64, u64) {
     let t = Instant::now();
     let mut bytes = 0u64;
     let mut buf = vec![0u8; 1 << 26];
-    for e in std::fs::read_dir(model).expect("model folder").flatten() {
-        let p = e.path();
-        if p.extension().is_some_and(|x| x == "safetensors") {
-            let mut f = std::fs::File::open(&p).expect("open");
-            loop {
-                let n = f.read(&mut buf).expect("read");
-                if n == 0 {
-                    break;
-                }
-                bytes += n as u64;
+    for p in files {
+        let mut f = std::fs::File::open(p).expect("open");
+        loop {
+            let n = f.read(&mut buf).expect("read");
+            if n == 0 {
+                break;
             }
+            bytes += n as u64;
         }
     }
     (t.elapsed().as_secs_f64(), bytes)
@@ -118,14 +131,17 @@ fn write_floor(bytes: u64) -> f64 {
     s
 }
 
-fn row(job: &str, tool: &str, m: &Measured, in_bytes: u64, out_bytes: u64, floors: f64) {
+/// One table row; `floors` = (read s, write s).
+fn row(job: &str, tool: &str, m: &Measured, in_bytes: u64, out_bytes: u64, floors: (f64, f64)) {
     println!(
-        "| {job} | {tool} | {:.1} | {:.2} | {:.0} | {:.2} | {:.2} |",
+        "| {job} | {tool} | {:.1} | {:.2} | {:.0} | {:.2} | {:.1} + {:.1} | {:.2} |",
         m.wall_s,
         in_bytes as f64 / 1e9 / m.wall_s,
         m.peak_rss_mb,
         out_bytes as f64 / 1e9,
-        m.wall_s / floors
+        floors.0,
+        floors.1,
+        m.wall_s / (floors.0 + floors.1)
     );
 }
 
@@ -136,17 +152,31 @@ fn main() {
         .ok()
         .map(|s| s.split(';').map(str::to_owned).collect());
     let wanted = |j: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == j));
-    let (read_s, in_bytes) = read_floor(&model);
+    let calib = std::env::var_os("MINITRON_CONVERT_CALIB")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../shared/data/wikitext2-valid.txt");
+            p.exists().then_some(p)
+        });
+    let inputs = model_files(&model);
+    let (read_s, in_bytes) = read_floor(&inputs);
     println!(
-        "convert: {} ({:.2} GB), {threads} threads; read floor {read_s:.1} s ({:.2} GB/s)",
+        "convert: {} ({:.2} GB), {threads} threads; first read {read_s:.1} s ({:.2} GB/s); each job's read floor is a second read just before it",
         model.display(),
         in_bytes as f64 / 1e9,
         in_bytes as f64 / 1e9 / read_s
     );
     println!(
-        "| job | tool | wall s | input GB/s | peak RSS MB | output GB | × (read + write floors) |"
+        "calibration text: {}",
+        calib
+            .as_deref()
+            .map_or("built-in corpus".into(), |p| p.display().to_string())
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| job | tool | wall s | input GB/s | peak RSS MB | output GB | floors s (read + write) | × floors |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     let out_root = bench_dir().join("convert-out");
     let mut bf16_gguf: Option<PathBuf> = None;
     for &(job, to, extra) in JOBS {
@@ -157,12 +187,17 @@ fn main() {
         let mut cmd = Command::new(bin("minitron-convert"));
         cmd.arg(&model)
             .args(["--to", to, "--threads", &threads.to_string(), "--force"])
-            .args(extra)
-            .arg("--out")
-            .arg(&out);
+            .args(extra);
+        if extra.contains(&"--calib-samples") {
+            if let Some(c) = &calib {
+                cmd.arg("--calib").arg(c);
+            }
+        }
+        cmd.arg("--out").arg(&out);
+        let (read_s, _) = read_floor(&inputs);
         let m = measure(&mut cmd);
         let out_bytes = size_of(&out);
-        let floors = read_s + write_floor(out_bytes);
+        let floors = (read_s, write_floor(out_bytes));
         row(job, "minitron", &m, in_bytes, out_bytes, floors);
         if job == "gguf:bf16" {
             bf16_gguf = Some(out);
@@ -175,13 +210,13 @@ fn main() {
         }
     }
     let Some(dir) = std::env::var_os("LLAMA_CPP_DIR").map(PathBuf::from) else {
-        println!("| llama-quantize Q4_K_M, Q8_0 | llama.cpp | not measured (set LLAMA_CPP_DIR) | | | | |");
+        println!("| llama-quantize Q4_K_M, Q8_0 | llama.cpp | not measured (set LLAMA_CPP_DIR) | | | | | |");
         return;
     };
     let quantize = dir.join("bin/llama-quantize");
     let Some(src) = bf16_gguf.filter(|p| p.exists()) else {
         println!(
-            "| llama-quantize | llama.cpp | not measured (the gguf:bf16 job did not run) | | | | |"
+            "| llama-quantize | llama.cpp | not measured (the gguf:bf16 job did not run) | | | | | |"
         );
         return;
     };
@@ -193,9 +228,10 @@ fn main() {
             .arg(&src)
             .arg(&out)
             .args([ty, &threads.to_string()]);
+        let (read_s, _) = read_floor(std::slice::from_ref(&src));
         let m = measure(&mut cmd);
         let out_bytes = size_of(&out);
-        let floors = read_s + write_floor(out_bytes);
+        let floors = (read_s, write_floor(out_bytes));
         row(
             &format!("bf16 GGUF → {ty}"),
             "llama-quantize",
