@@ -197,8 +197,7 @@ fn main() {
         let (read_s, _) = read_floor(&inputs);
         let m = measure(&mut cmd);
         let out_bytes = size_of(&out);
-        let floors = (read_s, write_floor(out_bytes));
-        row(job, "minitron", &m, in_bytes, out_bytes, floors);
+        // The output goes before the write floor is measured, so that both fit on the disk.
         if job == "gguf:bf16" {
             bf16_gguf = Some(out);
         } else if out.exists() {
@@ -208,6 +207,8 @@ fn main() {
                 std::fs::remove_file(&out)
             };
         }
+        let floors = (read_s, write_floor(out_bytes));
+        row(job, "minitron", &m, in_bytes, out_bytes, floors);
     }
     let Some(dir) = std::env::var_os("LLAMA_CPP_DIR").map(PathBuf::from) else {
         println!("| llama-quantize Q4_K_M, Q8_0 | llama.cpp | not measured (set LLAMA_CPP_DIR) | | | | | |");
@@ -231,6 +232,7 @@ fn main() {
         let (read_s, _) = read_floor(std::slice::from_ref(&src));
         let m = measure(&mut cmd);
         let out_bytes = size_of(&out);
+        let _ = std::fs::remove_file(&out);
         let floors = (read_s, write_floor(out_bytes));
         row(
             &format!("bf16 GGUF → {ty}"),

@@ -45,14 +45,38 @@ pub enum Error {
     #[error("tokenizer {path}: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
     /// A tensor operation failed inside candle.
-    #[error("tensor operation: {0}")]
+    #[error("tensor operation: {}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
+}
+
+/// A candle error's message without the backtrace candle attaches to some errors (a user's
+/// error must never print one).
+pub(crate) fn candle_message(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_owned()
 }
 
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The exit status a command-line tool should end with: 2 when the input or the arguments
+    /// are at fault (a malformed or missing file, an unusable config, an unsupported feature, a
+    /// bad option), 1 when the machine or we are (a failed write, a full disk, a tensor
+    /// operation).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Io { err, .. } if err.kind() == std::io::ErrorKind::NotFound => 2,
+            Error::Io { .. } | Error::Candle(_) => 1,
+            Error::Format { .. }
+            | Error::Config { .. }
+            | Error::MissingTensor { .. }
+            | Error::TensorMismatch { .. }
+            | Error::Unsupported(_)
+            | Error::Invalid(_)
+            | Error::Tokenizer { .. } => 2,
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

@@ -1,4 +1,4 @@
-//! Damaged or inconsistent checkpoints: each one exits with status 1 and a message that names
+//! Damaged or inconsistent inputs: each one exits with status 2 and a message that names
 //! the file and the tensor or field at fault, with what was expected and what was found.
 
 mod common;
@@ -85,7 +85,7 @@ fn header_is_not_json() {
     });
     let e = inspect_err(t.path());
     assert!(
-        e.contains("model.safetensors") && e.contains("header is not valid JSON"),
+        e.contains("model.safetensors") && e.contains("header is not a valid JSON object"),
         "{e}"
     );
 }
@@ -95,7 +95,7 @@ fn header_length_past_end_of_file() {
     let t = broken_copy(|d| {
         let p = d.join("model.safetensors");
         let mut bytes = std::fs::read(&p).unwrap();
-        bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        bytes[..8].copy_from_slice(&50_000_000u64.to_le_bytes());
         std::fs::write(&p, bytes).unwrap();
     });
     let e = inspect_err(t.path());
@@ -175,14 +175,364 @@ fn verify_reports_bad_input_the_same_way() {
 }
 
 #[test]
+#[cfg_attr(feature = "cuda", ignore = "a CUDA build has the CUDA device")]
 fn cuda_in_a_cpu_build_says_so() {
-    if cfg!(feature = "cuda") {
-        return;
-    }
     let text = root().join("src/model/default_corpus.txt");
     let e = run_err(
         "minitron-verify",
         &[s(&tiny()), "--ppl", s(&text), "--device", "cuda"],
     );
     assert!(e.contains("built without CUDA"), "{e}");
+}
+
+/// A GGUF file built byte by byte: `kv` raw key/value records, then tensor infos
+/// (name, dims, type id, offset), padding to 32, and `data`.
+fn gguf_bytes(
+    version: u32,
+    n_tensors: u64,
+    kv: &[Vec<u8>],
+    tensors: &[(&str, Vec<u64>, u32, u64)],
+    data: &[u8],
+) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(version.to_le_bytes());
+    b.extend(n_tensors.to_le_bytes());
+    b.extend((kv.len() as u64).to_le_bytes());
+    for r in kv {
+        b.extend(r);
+    }
+    for (name, dims, ty, off) in tensors {
+        b.extend((name.len() as u64).to_le_bytes());
+        b.extend(name.as_bytes());
+        b.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(ty.to_le_bytes());
+        b.extend(off.to_le_bytes());
+    }
+    while !b.len().is_multiple_of(32) {
+        b.push(0);
+    }
+    b.extend(data);
+    b
+}
+
+/// A key/value record: key, value type, value bytes.
+fn kv(key: &str, ty: u32, value: &[u8]) -> Vec<u8> {
+    let mut b = (key.len() as u64).to_le_bytes().to_vec();
+    b.extend(key.as_bytes());
+    b.extend(ty.to_le_bytes());
+    b.extend(value);
+    b
+}
+
+#[test]
+fn hostile_gguf_files_are_refused_with_the_reason() {
+    let f32_4 = vec![0u8; 16];
+    let one = |dims: Vec<u64>, ty: u32, off: u64| vec![("t", dims, ty, off)];
+    // An array of arrays nested 10,000 deep.
+    let mut nested = Vec::new();
+    for _ in 0..10_000 {
+        nested.extend(9u32.to_le_bytes());
+        nested.extend(1u64.to_le_bytes());
+    }
+    let mut long_string = (1u64 << 62).to_le_bytes().to_vec();
+    long_string.extend(b"abc");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("wrong magic", b"GGUX\x03\0\0\0".to_vec(), "magic"),
+        (
+            "version 1",
+            gguf_bytes(1, 0, &[], &[], &[]),
+            "GGUF version 1 is not supported",
+        ),
+        (
+            "version 4",
+            gguf_bytes(4, 0, &[], &[], &[]),
+            "GGUF version 4 is not supported",
+        ),
+        (
+            "tensor count 2^40",
+            gguf_bytes(3, 1 << 40, &[], &[], &[]),
+            "file ends while reading",
+        ),
+        (
+            "string length 2^62",
+            gguf_bytes(3, 0, &[kv("general.name", 8, &long_string)], &[], &[]),
+            "string length 4611686018427387904 runs past the end",
+        ),
+        (
+            "arrays nested 10,000 deep",
+            gguf_bytes(3, 0, &[kv("a", 9, &nested)], &[], &[]),
+            "arrays nested too deeply",
+        ),
+        (
+            "offset past the end",
+            gguf_bytes(3, 1, &[], &one(vec![4], 0, 0), &f32_4[..8]),
+            "run past the end of the file",
+        ),
+        (
+            "unknown ggml type",
+            gguf_bytes(3, 1, &[], &one(vec![4], 99, 0), &f32_4),
+            "unknown ggml type 99",
+        ),
+        (
+            "misaligned data",
+            gguf_bytes(3, 1, &[], &one(vec![4], 0, 1), &[0u8; 32]),
+            "data offset 1 (expected 0",
+        ),
+        (
+            "zero dimension",
+            gguf_bytes(3, 1, &[], &one(vec![4, 0], 0, 0), &f32_4),
+            "dimension 1 is 0",
+        ),
+        (
+            "offset near 2^64",
+            gguf_bytes(3, 1, &[], &one(vec![4], 0, u64::MAX - 15), &f32_4),
+            "data offset 18446744073709551600 (expected 0",
+        ),
+        (
+            "size past 2^64",
+            gguf_bytes(
+                3,
+                1,
+                &[],
+                &one(vec![1 << 32, 1 << 32, 1 << 8], 0, 0),
+                &f32_4,
+            ),
+            "does not fit in memory",
+        ),
+    ];
+    let t = tempdir();
+    let text = root().join("src/model/default_corpus.txt");
+    for (what, bytes, want) in cases {
+        let p = t.path().join("bad.gguf");
+        std::fs::write(&p, &bytes).unwrap();
+        let e = run_err(
+            "minitron-verify",
+            &[s(&p), "--ppl", s(&text), "--ctx", "64"],
+        );
+        assert!(
+            e.contains("bad.gguf") && e.contains(want),
+            "{what}: expected `{want}` in:\n{e}"
+        );
+        eprintln!("{what}: {}", e.trim());
+    }
+}
+
+/// `model.safetensors` of the fixture with its header text replaced by `f(header)` (data kept).
+fn with_header_text(dir: &Path, f: impl FnOnce(&str) -> String) {
+    let p = dir.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let text = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+    let mut hb = f(text).into_bytes();
+    while !hb.len().is_multiple_of(8) {
+        hb.push(b' ');
+    }
+    let mut out = (hb.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&hb);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(&p, out).unwrap();
+}
+
+#[test]
+fn hostile_safetensors_headers_are_refused_with_the_reason() {
+    type Edit = Box<dyn Fn(&Path)>;
+    let norm = "model.layers.0.input_layernorm.weight";
+    let norm2 = "model.layers.0.post_attention_layernorm.weight";
+    let rename = |to: &'static str| -> Edit {
+        Box::new(move |d: &Path| {
+            edit_header(d, |h| {
+                let v = h.as_object_mut().unwrap().remove(norm).unwrap();
+                h[to] = v;
+            })
+        })
+    };
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "200 MB header",
+            Box::new(|d: &Path| {
+                let p = d.join("model.safetensors");
+                let mut b = std::fs::read(&p).unwrap();
+                b[..8].copy_from_slice(&200_000_000u64.to_le_bytes());
+                std::fs::write(&p, b).unwrap();
+            }),
+            "larger than the 100000000 bytes",
+        ),
+        (
+            "overlapping offsets",
+            Box::new(move |d: &Path| {
+                edit_header(d, |h| {
+                    let o = h[norm]["data_offsets"].clone();
+                    h[norm2]["data_offsets"] = o;
+                })
+            }),
+            "overlap in the data section",
+        ),
+        (
+            "unknown dtype",
+            Box::new(move |d: &Path| edit_header(d, |h| h[norm]["dtype"] = "F128".into())),
+            "unknown dtype",
+        ),
+        (
+            "shape × dtype ≠ byte length",
+            Box::new(move |d: &Path| {
+                edit_header(d, |h| {
+                    let n = h[norm]["shape"][0].as_u64().unwrap();
+                    h[norm]["shape"][0] = (n + 1).into();
+                })
+            }),
+            "expected",
+        ),
+        (
+            "duplicate names",
+            Box::new(move |d: &Path| {
+                with_header_text(d, |t| {
+                    let h: serde_json::Value = serde_json::from_str(t).unwrap();
+                    let entry = h[norm].to_string();
+                    format!(
+                        "{},\"{norm}\":{entry}}}",
+                        &t.trim_end()[..t.trim_end().len() - 1]
+                    )
+                })
+            }),
+            "appears twice",
+        ),
+        (
+            "name with /",
+            rename("model/layers.0.x"),
+            "is not a dotted name",
+        ),
+        (
+            "name with ..",
+            rename("model..layers.0.x"),
+            "is not a dotted name",
+        ),
+        (
+            "name with NUL",
+            rename("model.layers\u{0}.x"),
+            "is not a dotted name",
+        ),
+    ];
+    for (what, edit, want) in cases {
+        let t = broken_copy(|d| edit(d));
+        let e = inspect_err(t.path());
+        assert!(
+            e.contains("model.safetensors") && e.contains(want),
+            "{what}: expected `{want}` in:\n{e}"
+        );
+        eprintln!("{what}: {}", e.trim());
+    }
+}
+
+#[test]
+fn inconsistent_shard_indexes_are_refused() {
+    let index = |d: &Path, text: &str| {
+        std::fs::rename(
+            d.join("model.safetensors"),
+            d.join("model-00001-of-00001.safetensors"),
+        )
+        .unwrap();
+        std::fs::write(d.join("model.safetensors.index.json"), text).unwrap();
+    };
+    let one = "model-00001-of-00001.safetensors";
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "a missing shard",
+            format!(
+                r#"{{"weight_map": {{"model.norm.weight": "model-00002-of-00002.safetensors", "model.embed_tokens.weight": "{one}"}}}}"#
+            ),
+            "model-00002-of-00002.safetensors",
+        ),
+        (
+            "a tensor twice",
+            format!(
+                r#"{{"weight_map": {{"model.norm.weight": "{one}", "model.norm.weight": "{one}"}}}}"#
+            ),
+            "lists tensor `model.norm.weight` twice",
+        ),
+        (
+            "a path outside the folder",
+            r#"{"weight_map": {"model.norm.weight": "../model.safetensors"}}"#.to_owned(),
+            "points outside the folder",
+        ),
+        (
+            "a tensor the shard does not hold",
+            format!(r#"{{"weight_map": {{"model.nonexistent.weight": "{one}"}}}}"#),
+            "which does not hold it",
+        ),
+    ];
+    for (what, text, want) in cases {
+        let t = broken_copy(|d| index(d, &text));
+        let e = inspect_err(t.path());
+        assert!(e.contains(want), "{what}: expected `{want}` in:\n{e}");
+        eprintln!("{what}: {}", e.trim());
+    }
+}
+
+#[test]
+fn nonfinite_weights_are_refused_unless_allowed() {
+    for (what, bits) in [("NaN", 0x7fc0u16), ("-inf", 0xff80)] {
+        let t = broken_copy(|d| {
+            // The third value of the first layer norm becomes non-finite.
+            let p = d.join("model.safetensors");
+            let mut b = std::fs::read(&p).unwrap();
+            let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+            let h: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+            let off = h["model.layers.0.input_layernorm.weight"]["data_offsets"][0]
+                .as_u64()
+                .unwrap() as usize;
+            let at = 8 + n + off + 2 * 2;
+            b[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+            std::fs::write(&p, b).unwrap();
+        });
+        let out = tempdir();
+        let dest = out.path().join("x");
+        let e = run_err(
+            "minitron-convert",
+            &[s(t.path()), "--to", "fp8", "--out", s(&dest)],
+        );
+        assert!(
+            e.contains("model.safetensors")
+                && e.contains("model.layers.0.input_layernorm.weight")
+                && e.contains("value 2 (flat index) is NaN or infinite"),
+            "{what}: {e}"
+        );
+        assert!(!dest.exists(), "{what}: output left behind");
+        run_ok(
+            "minitron-convert",
+            &[
+                s(t.path()),
+                "--to",
+                "fp8",
+                "--out",
+                s(&dest),
+                "--allow-nonfinite",
+            ],
+        );
+    }
+}
+
+#[test]
+fn bad_targets_and_destinations_are_refused_before_anything_is_written() {
+    let t = broken_copy(|_| ());
+    let e = run_err(
+        "minitron-convert",
+        &[s(t.path()), "--to", "fp4", "--out", s(&t.path().join("x"))],
+    );
+    assert!(e.contains("fp4"), "{e}");
+    let e = run_err(
+        "minitron-convert",
+        &[
+            s(t.path()),
+            "--to",
+            "fp8",
+            "--out",
+            s(&t.path().join("fp8")),
+        ],
+    );
+    assert!(e.contains("inside the input folder"), "{e}");
+    assert!(!t.path().join("fp8").exists());
+    assert!(!t.path().join(".fp8.partial").exists());
 }

@@ -273,13 +273,13 @@ fn jsonl_calibration_is_accepted() {
 }
 
 #[test]
+#[cfg_attr(
+    not(minitron_assets),
+    ignore = "needs the real assets: ../shared/tools/real-assets.sh"
+)]
 fn imatrix_for_another_model_is_refused() {
     let ck = Checkpoint::open(&tiny()).unwrap();
     let llama_cpp = shared().join("data/smollm2-135m-devtext.imatrix.gguf");
-    if !llama_cpp.exists() {
-        eprintln!("SKIPPED imatrix_for_another_model_is_refused: ../shared absent");
-        return;
-    }
     let im = Imatrix::read(&llama_cpp).unwrap();
     let e = im
         .check_against(&ck.config, &llama_cpp)
@@ -308,10 +308,12 @@ fn dev_text() -> std::path::PathBuf {
 }
 
 #[test]
+#[cfg_attr(
+    not(minitron_assets),
+    ignore = "needs the real assets: ../shared/tools/real-assets.sh"
+)]
 fn smollm2_imatrix_matches_llama_cpp() {
-    let Some(a) = assets("smollm2_imatrix_matches_llama_cpp") else {
-        return;
-    };
+    let a = assets();
     let t = tempdir();
     let ours = t.path().join("ours.imatrix");
     run_ok(
@@ -364,10 +366,12 @@ fn smollm2_imatrix_matches_llama_cpp() {
 }
 
 #[test]
+#[cfg_attr(
+    not(minitron_assets),
+    ignore = "needs the real assets: ../shared/tools/real-assets.sh"
+)]
 fn smollm2_statistics_do_not_depend_on_threads() {
-    let Some(a) = assets("smollm2_statistics_do_not_depend_on_threads") else {
-        return;
-    };
+    let a = assets();
     let t = tempdir();
     let ck = Checkpoint::open(&a.join("smollm2-135m")).unwrap();
     let mut results = Vec::new();
@@ -402,15 +406,17 @@ fn smollm2_statistics_do_not_depend_on_threads() {
     );
 }
 
-fn python() -> Option<std::path::PathBuf> {
-    let a = assets("python gguf oracle")?;
-    let py = a.join("venv/bin/python");
-    py.exists().then_some(py)
+fn python() -> std::path::PathBuf {
+    assets().join("venv/bin/python")
 }
 
 #[test]
+#[cfg_attr(
+    not(minitron_assets),
+    ignore = "needs the real assets: ../shared/tools/real-assets.sh"
+)]
 fn gguf_python_package_reads_our_imatrix_like_llama_cpps() {
-    let Some(py) = python() else { return };
+    let py = python();
     let t = tempdir();
     let ours = t.path().join("ours.imatrix");
     run_ok(
@@ -471,12 +477,12 @@ print(json.dumps([desc(sys.argv[1]), desc(sys.argv[2])]))
 }
 
 #[test]
+#[cfg_attr(
+    not(minitron_assets),
+    ignore = "needs the real assets: ../shared/tools/real-assets.sh"
+)]
 fn legacy_dat_reads_like_candle_does() {
     let theirs_path = shared().join("data/smollm2-135m-devtext.imatrix.gguf");
-    if !theirs_path.exists() {
-        eprintln!("SKIPPED legacy_dat_reads_like_candle_does: ../shared absent");
-        return;
-    }
     let theirs = Imatrix::read(&theirs_path).unwrap();
     // Write llama.cpp's legacy layout from its own GGUF values, as `--output-format dat` does:
     // values = mean · ncall, with ncall = chunks.

@@ -7,7 +7,8 @@ use std::path::Path;
 use common::*;
 use minitron::format::gguf::{keys, GgufFile, Value};
 
-/// Every file under `dir` (recursively) but the manifest, with its sha256.
+/// Every file under `dir` (recursively) but the manifests (they record times and command
+/// lines), with its sha256.
 fn tree(dir: &Path) -> Vec<(String, String)> {
     let mut v = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
@@ -19,7 +20,7 @@ fn tree(dir: &Path) -> Vec<(String, String)> {
                     .into_iter()
                     .map(|(n, h)| (format!("{name}/{n}"), h)),
             );
-        } else if name != "minitron-manifest.json" {
+        } else if !name.ends_with("manifest.json") {
             v.push((name, sha256(&p)));
         }
     }

@@ -7,10 +7,12 @@ use common::*;
 use std::collections::BTreeMap;
 
 #[test]
+#[cfg_attr(
+    not(minitron_assets),
+    ignore = "needs the real assets: ../shared/tools/real-assets.sh"
+)]
 fn smollm2_fp8_equals_llm_compressor_byte_for_byte() {
-    let Some(a) = assets("smollm2_fp8_equals_llm_compressor_byte_for_byte") else {
-        return;
-    };
+    let a = assets();
     let ka = known_answers();
     let want = &ka["llm_compressor_fp8_dynamic"];
     let t = tempdir();

@@ -10,10 +10,12 @@ fn dev_text() -> std::path::PathBuf {
 }
 
 #[test]
+#[cfg_attr(
+    not(minitron_assets),
+    ignore = "needs the real assets: ../shared/tools/real-assets.sh"
+)]
 fn tokenizers_give_the_known_token_counts() {
-    let Some(a) = assets("tokenizers_give_the_known_token_counts") else {
-        return;
-    };
+    let a = assets();
     let ka = known_answers();
     let text = std::fs::read_to_string(dev_text()).unwrap();
     for (dir, key) in [
@@ -30,10 +32,12 @@ fn tokenizers_give_the_known_token_counts() {
 }
 
 #[test]
+#[cfg_attr(
+    not(minitron_assets),
+    ignore = "needs the real assets: ../shared/tools/real-assets.sh"
+)]
 fn smollm2_perplexity_matches_llama_cpp() {
-    let Some(a) = assets("smollm2_perplexity_matches_llama_cpp") else {
-        return;
-    };
+    let a = assets();
     let ka = known_answers();
     let out = run_ok(
         "minitron-verify",
@@ -66,10 +70,12 @@ fn smollm2_perplexity_matches_llama_cpp() {
 }
 
 #[test]
+#[cfg_attr(
+    not(minitron_assets),
+    ignore = "needs the real assets: ../shared/tools/real-assets.sh"
+)]
 fn smollm2_greedy_matches_transformers() {
-    let Some(a) = assets("smollm2_greedy_matches_transformers") else {
-        return;
-    };
+    let a = assets();
     let ka = known_answers();
     let runs = ka["transformers_greedy"]["runs"].as_array().unwrap();
     let t = tempdir();
@@ -139,10 +145,12 @@ fn smollm2_greedy_matches_transformers() {
 }
 
 #[test]
+#[cfg_attr(
+    not(minitron_assets),
+    ignore = "needs the real assets: ../shared/tools/real-assets.sh"
+)]
 fn smollm2_against_itself() {
-    let Some(a) = assets("smollm2_against_itself") else {
-        return;
-    };
+    let a = assets();
     let m = a.join("smollm2-135m");
     let out = run_ok(
         "minitron-verify",

@@ -34,9 +34,13 @@ struct Cli {
     /// Output path: the artifact itself for one target, else a folder for all of them.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Replace existing artifacts.
+    /// Replace existing artifacts (only ones this tool wrote).
     #[arg(long)]
     force: bool,
+    /// Convert weights that hold NaN or infinite values (refused by default, naming the tensor
+    /// and the first such value).
+    #[arg(long)]
+    allow_nonfinite: bool,
     /// How FP8 weights are chosen: rtn (round to nearest, as llm-compressor), search
     /// (per-channel clipping search weighted by calibration statistics) or gptq (error feedback
     /// through the calibration inputs' second moments).
@@ -353,6 +357,7 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
             search: cli.gguf_search,
         },
         command_line: common::command_line(),
+        allow_nonfinite: cli.allow_nonfinite,
     };
     let ck = Checkpoint::open(&model)?;
     let pb = minitron::progress::bar(0, "convert", false);

@@ -12,8 +12,15 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 #[command(name = "minitron-verify", version, about)]
 struct Args {
-    /// Checkpoint folder to measure.
-    candidate: PathBuf,
+    /// Checkpoint folder or GGUF file to measure.
+    #[arg(required_unless_present = "manifest")]
+    candidate: Option<PathBuf>,
+    /// Check an artifact against the manifest written with it instead of measuring: recompute
+    /// the sha256 of every file `minitron-manifest.json` (a folder) or `FILE.gguf.manifest.json`
+    /// (a GGUF file) lists, and name every file changed, missing or extra. Exit status 0 when
+    /// all match, 2 otherwise.
+    #[arg(long, value_name = "DIR|FILE.gguf", conflicts_with_all = ["candidate", "ppl", "kld", "gen"])]
+    manifest: Option<PathBuf>,
     /// Reference checkpoint (the bf16 original) for --kld and --gen comparisons.
     #[arg(long, value_name = "DIR")]
     reference: Option<PathBuf>,
@@ -77,9 +84,16 @@ fn main() -> std::process::ExitCode {
     common::exit_on_error(|| {
         let a = Args::parse();
         let threads = common::set_threads(a.threads);
+        if let Some(m) = &a.manifest {
+            return check_manifest(m, a.json);
+        }
+        let candidate = a
+            .candidate
+            .clone()
+            .expect("clap requires it without --manifest");
         let device = minitron::runtime::pick_device(&a.device)?;
         let opts = minitron::verify::report::VerifyOptions {
-            candidate: a.candidate,
+            candidate,
             reference: a.reference,
             ppl: a.ppl,
             kld: a.kld,
@@ -112,4 +126,44 @@ fn main() -> std::process::ExitCode {
         }
         Ok(())
     })
+}
+
+/// `--manifest`: checks every file against the manifest; a mismatch is an error (exit 2).
+fn check_manifest(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let c = minitron::export::manifest::check(path)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&c).context("serialising the check")?
+        );
+    } else {
+        println!("manifest {}", c.manifest.display());
+        for f in &c.ok {
+            println!("  ok       {f}");
+        }
+        for f in &c.changed {
+            println!(
+                "  CHANGED  {} (expected {} bytes, sha256 {}; found {} bytes, sha256 {})",
+                f.file, f.expected_bytes, f.expected_sha256, f.found_bytes, f.found_sha256
+            );
+        }
+        for f in &c.missing {
+            println!("  MISSING  {f}");
+        }
+        for f in &c.extra {
+            println!("  EXTRA    {f} (not in the manifest)");
+        }
+    }
+    if c.passed() {
+        return Ok(());
+    }
+    Err(common::BadInput(format!(
+        "{}: {} changed, {} missing, {} extra of {} listed files",
+        c.manifest.display(),
+        c.changed.len(),
+        c.missing.len(),
+        c.extra.len(),
+        c.ok.len() + c.changed.len() + c.missing.len()
+    ))
+    .into())
 }

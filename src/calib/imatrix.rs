@@ -112,7 +112,7 @@ impl Imatrix {
             )?;
             w.write_tensor(&e.count.to_le_bytes())?;
         }
-        w.finish()
+        w.finish().map(|_| ())
     }
 
     /// Reads either form (GGUF recognised by its magic, anything else as legacy `.dat`).

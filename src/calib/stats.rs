@@ -82,10 +82,12 @@ pub struct LayerStats {
     pub v_absmax: f32,
 }
 
-/// Activation rows kept per site: every `SAMPLE_STRIDE`-th row, up to 512 rows or 2^21 values
-/// (at least 64 rows), so a 14336-wide MLP activation keeps 146 rows.
+/// Activation rows kept per site: every `SAMPLE_STRIDE`-th row, up to 512 rows or 2^20 values
+/// (at least 64 rows): 4 MiB per site, so a 16-block model holds 256 MiB of samples (a
+/// 4096-wide input keeps 256 rows, a 14336-wide MLP activation 73; SmolLM2's 576- and
+/// 1536-wide inputs keep 512).
 pub fn sample_rows(width: usize) -> usize {
-    ((1usize << 21) / width.max(1)).clamp(64, 512)
+    ((1usize << 20) / width.max(1)).clamp(64, 512)
 }
 const SAMPLE_STRIDE: usize = 8;
 

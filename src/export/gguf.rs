@@ -480,6 +480,10 @@ const CHUNK_VALUES: usize = 1 << 24;
 pub struct GgufReport {
     pub path: PathBuf,
     pub bytes: u64,
+    /// sha256 of the file (hex).
+    pub sha256: String,
+    /// The importance matrix used, if any (a file, or a note that calibration made it).
+    pub imatrix: Option<String>,
     /// (GGUF name, type) in file order.
     pub tensors: Vec<(String, GgmlType)>,
 }
@@ -536,6 +540,16 @@ impl GgufSink {
             }
         }
         Ok(sink)
+    }
+
+    /// Where the file goes.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The importance matrix this file is quantized with, if any.
+    pub fn imatrix_file(&self) -> Option<String> {
+        self.imatrix.as_ref().map(|im| im.file.clone())
     }
 
     /// Whether checkpoint tensor `hf` goes into this file.
@@ -651,13 +665,21 @@ impl GgufSink {
 
     /// Checks every tensor was written, then renames the file into place.
     pub fn finish(self) -> Result<GgufReport> {
-        self.writer.finish()?;
-        let bytes = std::fs::metadata(&self.path)
-            .map_err(|e| Error::io(&self.path, e))?
-            .len();
+        self.finish_then(|_| Ok(()))
+    }
+
+    /// [`Self::finish`], with `before_rename` run on the finished file's record (name, size,
+    /// sha256) before it takes its name: the sidecar manifest is written there.
+    pub fn finish_then(
+        self,
+        before_rename: impl FnOnce(&crate::format::safetensors::WrittenFile) -> Result<()>,
+    ) -> Result<GgufReport> {
+        let file = self.writer.finish_then(before_rename)?;
         Ok(GgufReport {
             path: self.path,
-            bytes,
+            bytes: file.bytes,
+            sha256: file.sha256,
+            imatrix: self.imatrix.map(|im| im.file),
             tensors: self.plan.iter().map(|t| (t.name.clone(), t.ty)).collect(),
         })
     }

@@ -56,6 +56,8 @@ pub struct ExportOptions {
     pub calib_asked: bool,
     pub gguf: GgufSettings,
     pub command_line: String,
+    /// Convert weights holding NaN or infinite values instead of refusing them.
+    pub allow_nonfinite: bool,
 }
 
 impl ExportOptions {
@@ -157,6 +159,13 @@ pub fn run(
     if o.targets.is_empty() {
         return Err(Error::Invalid("--to needs at least one target".into()));
     }
+    if is_inside(&o.out, &ck.dir) {
+        return Err(Error::Invalid(format!(
+            "--out {} is inside the input folder {}: write artifacts elsewhere, so that an input is never replaced or read back as one",
+            o.out.display(),
+            ck.dir.display()
+        )));
+    }
     if let Some(g) = o.group_size {
         let c = &ck.config;
         let widths = [c.hidden_size, c.q_dim(), c.intermediate_size];
@@ -209,6 +218,9 @@ pub fn run(
         gguf: Vec::new(),
     };
     let opened = open_sinks(ck, o, imatrix, &mut sinks);
+    // Every partial folder opened, removed again if anything below fails (finishing drains the
+    // sinks, so they cannot be asked afterwards).
+    let partials: Vec<PathBuf> = sinks.ck.iter().map(|s| s.tmp.clone()).collect();
     let result = opened.and_then(|()| {
         // The inputs' sha256 (for the manifests) is taken on its own thread while the loop
         // runs over the same, already mapped pages.
@@ -231,7 +243,16 @@ pub fn run(
             done.push((t, Artifact::Checkpoint { path, manifest }, Some(tmp)));
         }
         for (t, g) in sinks.gguf.drain(..) {
-            done.push((t, Artifact::Gguf(g.finish()?), None));
+            let (path, imatrix) = (g.path().to_owned(), g.imatrix_file());
+            let r = g.finish_then(|file| {
+                let m = GgufRecord {
+                    path: &path,
+                    file,
+                    imatrix,
+                };
+                write_gguf_manifest(o, t, &m, cal.stats.as_ref(), ck, &input_hashes, t0)
+            })?;
+            done.push((t, Artifact::Gguf(r), None));
         }
         Ok((tensors, bytes, done))
     });
@@ -239,8 +260,8 @@ pub fn run(
         Ok(v) => v,
         Err(e) => {
             // GGUF sinks remove their temporary files when dropped.
-            for s in &sinks.ck {
-                let _ = std::fs::remove_dir_all(&s.tmp);
+            for tmp in &partials {
+                let _ = std::fs::remove_dir_all(tmp);
             }
             drop(sinks);
             if !out_existed && o.targets.len() > 1 {
@@ -347,6 +368,30 @@ fn fp8_static_scale(absmax: f32) -> f32 {
 /// A GPTQ factor cached for one (layer, site): key, E[x xᵀ], inverse factor.
 type GptqFactor = ((usize, usize), Vec<f64>, crate::quant::gptq::GptqPlan);
 
+/// Whether `path` (which need not exist yet) lies inside folder `dir`, links resolved.
+fn is_inside(path: &std::path::Path, dir: &std::path::Path) -> bool {
+    let Ok(dir) = dir.canonicalize() else {
+        return false;
+    };
+    let abs = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        match std::env::current_dir() {
+            Ok(c) => c.join(path),
+            Err(_) => return false,
+        }
+    };
+    // The deepest existing ancestor, resolved; the rest cannot be a link.
+    let mut existing = abs.as_path();
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) => existing = p,
+            None => return false,
+        }
+    }
+    existing.canonicalize().is_ok_and(|e| e.starts_with(&dir))
+}
+
 /// Streams every input tensor once to every sink; returns the tensors and bytes read.
 fn export_loop(
     ck: &Checkpoint,
@@ -392,6 +437,17 @@ fn export_loop(
             }
         }
         let (f, info) = ck.info(name).expect("listed");
+        if !o.allow_nonfinite {
+            let raw = f.bytes(name).expect("listed");
+            if let Some(i) = crate::numerics::convert::first_nonfinite(raw, info.dtype) {
+                return Err(Error::format(
+                    &f.path,
+                    format!(
+                        "tensor `{name}`: value {i} (flat index) is NaN or infinite; pass --allow-nonfinite to convert it anyway"
+                    ),
+                ));
+            }
+        }
         bytes_read += (info.shape.iter().product::<usize>() * info.dtype.size()) as u64;
         match spec.role {
             TensorRole::Linear(layer, r) => {
@@ -608,6 +664,49 @@ const COPIED_FILES: [&str; 5] = [
     "chat_template.jinja",
 ];
 
+/// A finished GGUF file, as its sidecar manifest records it.
+struct GgufRecord<'a> {
+    path: &'a std::path::Path,
+    file: &'a WrittenFile,
+    imatrix: Option<String>,
+}
+
+/// Writes the sidecar manifest of a finished GGUF file (through a temporary name), before the
+/// file itself takes its name.
+fn write_gguf_manifest(
+    o: &ExportOptions,
+    t: Target,
+    r: &GgufRecord<'_>,
+    stats: Option<&CalibStats>,
+    ck: &Checkpoint,
+    input_hashes: &[(String, String)],
+    t0: Instant,
+) -> Result<()> {
+    use crate::export::manifest::{sidecar_path, GgufManifest};
+    let m = GgufManifest {
+        tool: "minitron-convert".into(),
+        version: crate::VERSION.into(),
+        command_line: o.command_line.clone(),
+        target: t.name().into(),
+        input: InputRecord {
+            dir: ck.dir.display().to_string(),
+            sha256: input_hashes.iter().cloned().collect(),
+        },
+        calibration: stats
+            .filter(|_| r.imatrix.is_some())
+            .map(|st| st.info.clone()),
+        imatrix: r.imatrix.clone(),
+        total_bytes: r.file.bytes,
+        files: vec![r.file.clone()],
+        wall_s: t0.elapsed().as_secs_f64(),
+    };
+    let p = sidecar_path(r.path);
+    let tmp = crate::format::safetensors::temp_path(&p);
+    let text = serde_json::to_string_pretty(&m).expect("json") + "\n";
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &p).map_err(|e| Error::io(&p, e))
+}
+
 fn finish_ck(
     ck: &Checkpoint,
     o: &ExportOptions,
@@ -686,7 +785,7 @@ fn finish_ck(
         wall_s: t0.elapsed().as_secs_f64(),
     };
     let text = serde_json::to_string_pretty(&manifest).expect("json") + "\n";
-    let p = s.tmp.join("minitron-manifest.json");
+    let p = s.tmp.join(crate::export::manifest::MANIFEST_FILE);
     std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
     Ok(manifest)
 }

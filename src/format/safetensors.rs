@@ -139,21 +139,35 @@ fn parse_header(buf: &[u8], path: &Path) -> Result<ParsedHeader> {
     }
     let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
     let file_len = buf.len() as u64;
+    if n > MAX_HEADER_BYTES {
+        return Err(fail(format!(
+            "safetensors header of {n} bytes is larger than the {MAX_HEADER_BYTES} bytes the format allows"
+        )));
+    }
     if n > file_len - 8 {
         return Err(fail(format!(
             "safetensors header length {n} runs past the end of the file ({file_len} bytes)"
         )));
     }
     let data_start = 8 + n as usize;
-    let header: Value = serde_json::from_slice(&buf[8..data_start])
-        .map_err(|e| fail(format!("safetensors header is not valid JSON: {e}")))?;
-    let obj = header
-        .as_object()
-        .ok_or_else(|| fail("safetensors header is not a JSON object".into()))?;
+    let header: Entries = serde_json::from_slice(&buf[8..data_start]).map_err(|e| {
+        fail(format!(
+            "safetensors header is not a valid JSON object: {e}"
+        ))
+    })?;
     let data_len = buf.len() - data_start;
-    let mut tensors = BTreeMap::new();
+    let mut tensors: BTreeMap<String, TensorInfo> = BTreeMap::new();
     let mut metadata = BTreeMap::new();
-    for (name, v) in obj {
+    for (name, v) in &header.0 {
+        if tensors.contains_key(name) || (name == "__metadata__" && !metadata.is_empty()) {
+            return Err(fail(format!("tensor `{name}` appears twice in the header")));
+        }
+        if name.contains(['\0', '/', '\\']) || name.split('.').any(|p| p.is_empty()) {
+            return Err(fail(format!(
+                "tensor name {:?} is not a dotted name (no `/`, `\\`, NUL or empty parts)",
+                name
+            )));
+        }
         if name == "__metadata__" {
             if let Some(m) = v.as_object() {
                 for (k, v) in m {
@@ -187,7 +201,9 @@ fn parse_header(buf: &[u8], path: &Path) -> Result<ParsedHeader> {
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .ok_or_else(|| bad("an overflowing shape"))?;
-        let want = numel * dtype.size();
+        let want = numel
+            .checked_mul(dtype.size())
+            .ok_or_else(|| bad("an overflowing shape"))?;
         if end < start || end - start != want {
             return Err(fail(format!(
                 "tensor `{name}`: data_offsets [{start}, {end}] span {} bytes, expected {want} for {dtype} {shape:?}",
@@ -209,7 +225,48 @@ fn parse_header(buf: &[u8], path: &Path) -> Result<ParsedHeader> {
             },
         );
     }
+    let mut spans: Vec<(&String, usize, usize)> =
+        tensors.iter().map(|(n, t)| (n, t.start, t.end)).collect();
+    spans.sort_by_key(|&(_, a, b)| (a, b));
+    for w in spans.windows(2) {
+        if w[1].1 < w[0].2 {
+            return Err(fail(format!(
+                "tensors `{}` [{}, {}] and `{}` [{}, {}] overlap in the data section",
+                w[0].0, w[0].1, w[0].2, w[1].0, w[1].1, w[1].2
+            )));
+        }
+    }
     Ok((data_start, tensors, metadata))
+}
+
+/// The largest header the safetensors format accepts (its reference reader's limit).
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// A JSON object's entries in file order, duplicates kept (a plain map would keep only the
+/// last of two equal keys, hiding a malformed header).
+pub(crate) struct Entries(pub(crate) Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Entries, A::Error> {
+                let mut v = Vec::new();
+                while let Some(e) = m.next_entry::<String, Value>()? {
+                    v.push(e);
+                }
+                Ok(Entries(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// A tensor held in memory for writing.
@@ -599,6 +656,9 @@ pub fn begin_dir(out: &Path, force: bool) -> Result<PathBuf> {
             out.display()
         )));
     }
+    if out.exists() {
+        replaceable(out)?;
+    }
     let name = out
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -611,9 +671,30 @@ pub fn begin_dir(out: &Path, force: bool) -> Result<PathBuf> {
     Ok(tmp)
 }
 
+/// Checks that `--force` may replace folder `out`: it must be empty or an artifact we wrote
+/// (it holds our manifest), so that a mistyped `--out` never deletes a user's files.
+pub fn replaceable(out: &Path) -> Result<()> {
+    if !out.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{} exists and is not a folder; --force replaces only folders this tool wrote",
+            out.display()
+        )));
+    }
+    let mut entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
+    let empty = entries.next().is_none();
+    if empty || out.join("minitron-manifest.json").is_file() {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "{} is not an artifact this tool wrote (no minitron-manifest.json in it), so --force will not delete it; choose another --out",
+        out.display()
+    )))
+}
+
 /// Moves a finished partial folder into place (replacing `out` if it exists).
 pub fn commit_dir(tmp: &Path, out: &Path) -> Result<()> {
     if out.exists() {
+        replaceable(out)?;
         std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
     }
     std::fs::rename(tmp, out).map_err(|e| Error::io(out, e))

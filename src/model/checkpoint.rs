@@ -75,6 +75,20 @@ impl Checkpoint {
                 }
             }
         }
+        if let Some(map) = weight_map(dir)? {
+            let idx = dir.join("model.safetensors.index.json");
+            for (t, f) in map {
+                let holds = files
+                    .iter()
+                    .any(|x| x.path.file_name() == Some(f.as_ref()) && x.tensors.contains_key(&t));
+                if !holds {
+                    return Err(Error::format(
+                        &idx,
+                        format!("weight_map puts tensor `{t}` in {f}, which does not hold it"),
+                    ));
+                }
+            }
+        }
         let ck = Checkpoint {
             dir: dir.to_owned(),
             config,
@@ -265,31 +279,10 @@ impl Checkpoint {
 
 /// The weight files of `dir`: the shards listed by the index, or the single file.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let idx = dir.join("model.safetensors.index.json");
-    if idx.exists() {
-        let text = std::fs::read_to_string(&idx).map_err(|e| Error::io(&idx, e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::format(&idx, format!("not valid JSON: {e}")))?;
-        let map = v
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| Error::format(&idx, "no `weight_map` object"))?;
-        let mut names: Vec<String> = Vec::new();
-        for (t, f) in map {
-            let f = f.as_str().ok_or_else(|| {
-                Error::format(&idx, format!("weight_map entry `{t}` is not a file name"))
-            })?;
-            if f.contains('/') || f.contains("..") {
-                return Err(Error::format(
-                    &idx,
-                    format!("weight_map entry `{t}` points outside the folder: {f}"),
-                ));
-            }
-            if !names.iter().any(|n| n == f) {
-                names.push(f.to_owned());
-            }
-        }
+    if let Some(map) = weight_map(dir)? {
+        let mut names: Vec<String> = map.into_iter().map(|(_, f)| f).collect();
         names.sort();
+        names.dedup();
         return Ok(names.into_iter().map(|n| dir.join(n)).collect());
     }
     let single = dir.join("model.safetensors");
@@ -300,6 +293,51 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         dir,
         "no model.safetensors or model.safetensors.index.json in this folder",
     ))
+}
+
+/// The `weight_map` of `dir/model.safetensors.index.json` as (tensor, file) pairs, or `None`
+/// when the folder has no index. A tensor listed twice, or a file name that leaves the folder,
+/// is an error.
+pub fn weight_map(dir: &Path) -> Result<Option<Vec<(String, String)>>> {
+    let idx = dir.join("model.safetensors.index.json");
+    if !idx.exists() {
+        return Ok(None);
+    }
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: crate::format::safetensors::Entries,
+    }
+    let text = std::fs::read_to_string(&idx).map_err(|e| Error::io(&idx, e))?;
+    let v: Index = serde_json::from_str(&text).map_err(|e| {
+        Error::format(
+            &idx,
+            format!("not a valid index (`weight_map` object): {e}"),
+        )
+    })?;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for (t, f) in v.weight_map.0 {
+        let f = f.as_str().ok_or_else(|| {
+            Error::format(&idx, format!("weight_map entry `{t}` is not a file name"))
+        })?;
+        let p = Path::new(f);
+        let plain = p.components().count() == 1
+            && matches!(p.components().next(), Some(std::path::Component::Normal(_)));
+        if !plain || f.contains('\0') {
+            return Err(Error::format(
+                &idx,
+                format!("weight_map entry `{t}` points outside the folder: {f:?}"),
+            ));
+        }
+        if !seen.insert(t.clone()) {
+            return Err(Error::format(
+                &idx,
+                format!("weight_map lists tensor `{t}` twice"),
+            ));
+        }
+        out.push((t, f.to_owned()));
+    }
+    Ok(Some(out))
 }
 
 /// sha256 of a file as lowercase hex, streamed.

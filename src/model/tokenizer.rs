@@ -102,9 +102,11 @@ impl Tokenizer {
     pub fn from_gguf(path: &Path) -> Result<Self> {
         use candle_core::quantized::gguf_file;
         use candle_core::quantized::tokenizer::TokenizerFromGguf;
+        // Our reader checks the whole layout (sizes, offsets, nesting) before candle's reads it.
+        crate::format::gguf::GgufFile::open(path)?;
         let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut ct =
-            gguf_file::Content::read(&mut f).map_err(|e| Error::format(path, e.to_string()))?;
+        let mut ct = gguf_file::Content::read(&mut f)
+            .map_err(|e| Error::format(path, crate::error::candle_message(&e)))?;
         // candle knows Llama-3's pre-tokenizer as `llama3`; llama.cpp names it `llama-bpe` and
         // implies BPE's ignore_merges for it.
         let pre = match ct.metadata.get(keys::TOKENIZER_PRE) {

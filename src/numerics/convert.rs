@@ -49,6 +49,40 @@ multiversion! {
 }
 
 /// f32 values rounded to bf16 (round to nearest even, as `half` does) as little-endian bytes.
+/// The flat index of the first value of little-endian `bytes` (of `dtype`) that is NaN or
+/// infinite; `None` when all are finite or the dtype has no such values (integers, FP8 E4M3's
+/// NaN is checked too).
+pub fn first_nonfinite(bytes: &[u8], dtype: Dtype) -> Option<usize> {
+    // (bytes per value, exponent mask, value reader); a value is non-finite when its exponent
+    // bits are all ones.
+    fn scan(bytes: &[u8], size: usize, bad: impl Fn(&[u8]) -> bool + Sync) -> Option<usize> {
+        const CHUNK: usize = 1 << 20;
+        let chunk = bytes
+            .par_chunks(CHUNK * size)
+            .position_first(|c| c.chunks_exact(size).any(&bad))?;
+        let c = &bytes[chunk * CHUNK * size..];
+        let i = c.chunks_exact(size).position(&bad)?;
+        Some(chunk * CHUNK + i)
+    }
+    match dtype {
+        Dtype::BF16 => scan(bytes, 2, |b| {
+            u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80
+        }),
+        Dtype::F16 => scan(bytes, 2, |b| {
+            u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00
+        }),
+        Dtype::F32 => scan(bytes, 4, |b| {
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
+        }),
+        Dtype::F64 => scan(bytes, 8, |b| {
+            u64::from_le_bytes(b.try_into().expect("8")) & 0x7ff0_0000_0000_0000
+                == 0x7ff0_0000_0000_0000
+        }),
+        Dtype::F8E4M3 => scan(bytes, 1, |b| b[0] & 0x7f == 0x7f),
+        _ => None,
+    }
+}
+
 pub fn f32_to_bf16_bytes(src: &[f32]) -> Vec<u8> {
     let mut out = vec![0u8; src.len() * 2];
     out.par_chunks_mut(CHUNK * 2)
@@ -87,5 +121,34 @@ mod tests {
             .collect();
         let f = to_f32(&all, Dtype::BF16).unwrap();
         assert_eq!(f32_to_bf16_bytes(&f), all);
+    }
+}
+
+#[cfg(test)]
+mod nonfinite_tests {
+    use super::*;
+
+    #[test]
+    fn first_nonfinite_finds_nan_and_inf_in_every_float_dtype() {
+        let n = (1 << 20) + 5;
+        for (dtype, size, bad) in [
+            (Dtype::BF16, 2, 0x7fc0u64),
+            (Dtype::BF16, 2, 0xff80),
+            (Dtype::F16, 2, 0x7c00),
+            (Dtype::F32, 4, 0x7f80_0001),
+            (Dtype::F64, 8, 0xfff0_0000_0000_0000),
+        ] {
+            let b = vec![0u8; n * size];
+            assert_eq!(first_nonfinite(&b, dtype), None);
+            for at in [0, 7, n - 1] {
+                let mut c = b.clone();
+                c[at * size..(at + 1) * size].copy_from_slice(&bad.to_le_bytes()[..size]);
+                assert_eq!(first_nonfinite(&c, dtype), Some(at), "{dtype} at {at}");
+            }
+        }
+        // The largest finite values are not flagged.
+        assert_eq!(first_nonfinite(&0x7f7fu16.to_le_bytes(), Dtype::BF16), None);
+        assert_eq!(first_nonfinite(&f32::MAX.to_le_bytes(), Dtype::F32), None);
+        assert_eq!(first_nonfinite(&0x7bffu16.to_le_bytes(), Dtype::F16), None);
     }
 }

@@ -18,28 +18,28 @@ pub fn shared() -> PathBuf {
     root().join("../shared")
 }
 
-/// Folder built by ../shared/tools/real-assets.sh, or `None` (with a printed reason) when the
-/// assets are absent, so tests that need them can skip loudly.
-pub fn assets(test: &str) -> Option<PathBuf> {
+/// Folder built by ../shared/tools/real-assets.sh. Tests that call this carry
+/// `#[cfg_attr(not(minitron_assets), ignore = ...)]` (build.rs sets the cfg when the assets are
+/// present), so without the assets they are reported as ignored; run anyway (`--ignored`), or
+/// with the assets gone since the build, they fail here, saying what is missing.
+pub fn assets() -> PathBuf {
     let dir = std::env::var_os("MINITRON_ASSETS")
         .map(PathBuf::from)
         .or_else(|| {
             std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/minitron-assets"))
-        });
-    match dir {
-        Some(d)
-            if d.join("smollm2-135m/model.safetensors").exists()
-                && shared().join("data").exists() =>
-        {
-            Some(d)
-        }
-        _ => {
-            eprintln!(
-                "SKIPPED {test}: real assets not found (run ../shared/tools/real-assets.sh, or set MINITRON_ASSETS)"
-            );
-            None
-        }
+        })
+        .expect("MINITRON_ASSETS or HOME must be set to find the real assets");
+    for p in [
+        dir.join("smollm2-135m/model.safetensors"),
+        shared().join("data/known-answers.json"),
+    ] {
+        assert!(
+            p.exists(),
+            "real asset missing: {} (run ../shared/tools/real-assets.sh, or set MINITRON_ASSETS)",
+            p.display()
+        );
     }
+    dir
 }
 
 pub fn known_answers() -> serde_json::Value {
@@ -76,8 +76,15 @@ pub fn run_ok(name: &str, args: &[&str]) -> String {
     String::from_utf8(o.stdout).expect("utf-8 stdout")
 }
 
-/// Runs, asserts a clean failure (non-zero exit, no panic) and returns stderr.
+/// Runs, asserts a clean bad-input failure (exit status 2, no panic, no backtrace) and returns
+/// stderr.
 pub fn run_err(name: &str, args: &[&str]) -> String {
+    run_err_code(name, args, 2)
+}
+
+/// Runs, asserts a clean failure with exit status `code` (no panic, no backtrace) and returns
+/// stderr.
+pub fn run_err_code(name: &str, args: &[&str], code: i32) -> String {
     let o = run(name, args);
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(
@@ -86,12 +93,12 @@ pub fn run_err(name: &str, args: &[&str]) -> String {
     );
     assert_eq!(
         o.status.code(),
-        Some(1),
-        "expected exit status 1, stderr:\n{err}"
+        Some(code),
+        "expected exit status {code}, stderr:\n{err}"
     );
     assert!(
-        !err.contains("panicked"),
-        "panic instead of an error:\n{err}"
+        !err.contains("panicked") && !err.contains("stack backtrace"),
+        "panic or backtrace instead of an error:\n{err}"
     );
     err
 }

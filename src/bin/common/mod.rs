@@ -41,13 +41,47 @@ pub fn command_line() -> String {
     std::env::args().collect::<Vec<_>>().join(" ")
 }
 
-/// Runs `f`, printing an error chain and exiting with status 1 on failure.
+/// A bad argument or input found by a binary itself (exit status 2).
+#[derive(Debug)]
+pub struct BadInput(pub String);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
+/// Runs `f`, printing the error chain on failure (never a backtrace) and exiting with status 2
+/// for bad input or arguments (see `minitron::Error::exit_code`; [`BadInput`] and the binaries'
+/// own argument errors), 1 for a failure of the machine or of ours.
 pub fn exit_on_error(f: impl FnOnce() -> anyhow::Result<()>) -> std::process::ExitCode {
+    // Past a file-size limit (RLIMIT_FSIZE) a write should fail with an error we report and
+    // clean up after, not kill the process with SIGXFSZ and leave a temporary behind.
+    #[cfg(unix)]
+    // SAFETY: sets this process's disposition of one signal before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     match f() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            // The binaries' own errors are about their arguments, except failed reads and
+            // writes of files they handle themselves (reports).
+            let code = if let Some(l) = e.downcast_ref::<minitron::Error>() {
+                l.exit_code()
+            } else if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::NotFound {
+                    2
+                } else {
+                    1
+                }
+            } else {
+                2
+            };
+            std::process::ExitCode::from(code)
         }
     }
 }

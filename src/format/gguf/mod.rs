@@ -128,10 +128,20 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
+    /// Bytes of the tensor's data (0 when its size cannot be computed; a file whose tensors
+    /// have such sizes is refused by [`GgufFile::open`]).
     pub fn nbytes(&self) -> usize {
-        let ne0 = self.dims.first().copied().unwrap_or(1) as usize;
-        let rows: usize = self.dims.iter().skip(1).map(|&d| d as usize).product();
-        self.ty.nbytes(ne0, rows).unwrap_or(0)
+        self.checked_nbytes().unwrap_or(0)
+    }
+
+    /// Bytes of the tensor's data, `None` when they overflow or the row is not whole blocks.
+    pub fn checked_nbytes(&self) -> Option<usize> {
+        let ne0 = usize::try_from(self.dims.first().copied().unwrap_or(1)).ok()?;
+        let mut rows = 1usize;
+        for &d in self.dims.iter().skip(1) {
+            rows = rows.checked_mul(usize::try_from(d).ok()?)?;
+        }
+        self.ty.nbytes(ne0, rows)
     }
 }
 
@@ -285,9 +295,18 @@ impl GgufFile {
             });
         }
         let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
+        // Each tensor's offset must be the running sum of the padded sizes before it (the
+        // layout every GGUF writer produces and llama.cpp requires); all sums checked.
+        let mut expected = 0u64;
         for t in &tensors {
-            let ne0 = t.dims.first().copied().unwrap_or(1) as usize;
-            if !ne0.is_multiple_of(t.ty.block_size()) {
+            if let Some(i) = t.dims.iter().position(|&d| d == 0) {
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{}`: dimension {i} is 0", t.name),
+                ));
+            }
+            let ne0 = t.dims.first().copied().unwrap_or(1);
+            if !ne0.is_multiple_of(t.ty.block_size() as u64) {
                 return Err(Error::format(
                     path,
                     format!(
@@ -298,17 +317,46 @@ impl GgufFile {
                     ),
                 ));
             }
-            let end = data_start + t.offset + t.nbytes() as u64;
-            if end > mmap.len() as u64 {
+            let size = t.checked_nbytes().ok_or_else(|| {
+                Error::format(
+                    path,
+                    format!(
+                        "tensor `{}`: dimensions {:?} of {} give a size that does not fit in memory",
+                        t.name,
+                        t.dims,
+                        t.ty.name()
+                    ),
+                )
+            })? as u64;
+            if t.offset != expected {
                 return Err(Error::format(
                     path,
                     format!(
-                        "tensor `{}`: data ends at byte {end}, past the end of the file ({} bytes)",
-                        t.name,
-                        mmap.len()
+                        "tensor `{}`: data offset {} (expected {expected}, the padded sum of the tensors before it)",
+                        t.name, t.offset
                     ),
                 ));
             }
+            data_start
+                .checked_add(t.offset)
+                .and_then(|v| v.checked_add(size))
+                .filter(|&e| e <= mmap.len() as u64)
+                .ok_or_else(|| {
+                    Error::format(
+                        path,
+                        format!(
+                            "tensor `{}`: {size} bytes at data offset {} run past the end of the file ({} bytes)",
+                            t.name,
+                            t.offset,
+                            mmap.len()
+                        ),
+                    )
+                })?;
+            expected = size
+                .div_ceil(alignment)
+                .checked_mul(alignment)
+                .and_then(|v| v.checked_add(expected))
+                .ok_or_else(|| Error::format(path, "tensor sizes overflow"))?;
         }
         Ok(GgufFile {
             path: path.to_owned(),
@@ -379,7 +427,9 @@ pub struct GgufWriter {
     file: File,
     /// The thread that writes pieces `(offset, bytes)` at their offsets, while the caller
     /// quantizes the next tensor.
-    io: Option<(PieceSender, std::thread::JoinHandle<Result<()>>)>,
+    io: Option<(PieceSender, std::thread::JoinHandle<Result<OrderedHash>>)>,
+    /// The writing thread's hash, once it has stopped.
+    hash: Option<OrderedHash>,
     plan: Vec<TensorInfo>,
     /// Which planned tensors have been written.
     written: Vec<bool>,
@@ -394,6 +444,22 @@ impl GgufWriter {
         metadata: &[(String, Value)],
         tensors: &[PlannedTensor],
     ) -> Result<Self> {
+        let tmp = crate::format::safetensors::temp_path(dest);
+        let made = Self::create_at(dest, &tmp, metadata, tensors);
+        if made.is_err() {
+            // A header that could not be written leaves no temporary behind.
+            let _ = std::fs::remove_file(&tmp);
+        }
+        made
+    }
+
+    fn create_at(
+        dest: &Path,
+        tmp: &Path,
+        metadata: &[(String, Value)],
+        tensors: &[PlannedTensor],
+    ) -> Result<Self> {
+        let tmp = tmp.to_owned();
         let alignment = match metadata.iter().find(|(k, _)| k == keys::GENERAL_ALIGNMENT) {
             Some((_, Value::U32(a))) => *a as u64,
             _ => DEFAULT_ALIGNMENT,
@@ -430,8 +496,14 @@ impl GgufWriter {
             off += (info.nbytes() as u64).div_ceil(alignment) * alignment;
             plan.push(info);
         }
-        let tmp = crate::format::safetensors::temp_path(dest);
-        let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        // Readable too: the file's hash reads back what was not hashed in order.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(&tmp, e))?;
         let mut w = BufWriter::with_capacity(1 << 22, f);
         let io = |e| Error::io(&tmp, e);
         w.write_all(MAGIC).map_err(io)?;
@@ -468,21 +540,34 @@ impl GgufWriter {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(WRITE_PIECES_IN_FLIGHT);
         let out = file.try_clone().map_err(|e| Error::io(&tmp, e))?;
         let path = tmp.clone();
+        let mut extents: Vec<(u64, u64)> = plan
+            .iter()
+            .map(|t| {
+                (
+                    data_start + t.offset,
+                    data_start + t.offset + t.nbytes() as u64,
+                )
+            })
+            .collect();
+        extents.sort_unstable();
+        let file_len = data_start + off;
         let handle = std::thread::Builder::new()
             .name("minitron-gguf-writer".into())
-            .spawn(move || -> Result<()> {
+            .spawn(move || -> Result<OrderedHash> {
                 use std::os::unix::fs::FileExt;
+                let mut hash = OrderedHash::start(&out, &path, data_start, extents, file_len)?;
                 let mut since = 0usize;
                 for (at, bytes) in rx {
                     out.write_all_at(&bytes, at)
                         .map_err(|e| Error::io(&path, e))?;
+                    hash.feed(at, &bytes);
                     since += bytes.len();
                     if since >= 1 << 28 {
                         crate::format::safetensors::start_writeback(&out);
                         since = 0;
                     }
                 }
-                Ok(())
+                Ok(hash)
             })
             .map_err(|e| Error::io(&tmp, e))?;
         Ok(GgufWriter {
@@ -490,6 +575,7 @@ impl GgufWriter {
             dest: dest.to_owned(),
             file,
             io: Some((tx, handle)),
+            hash: None,
             written: vec![false; plan.len()],
             plan,
             data_start,
@@ -561,7 +647,10 @@ impl GgufWriter {
         };
         drop(tx);
         match handle.join() {
-            Ok(r) => r,
+            Ok(r) => {
+                self.hash = Some(r?);
+                Ok(())
+            }
             Err(_) => Err(Error::Invalid(format!(
                 "{}: the writing thread panicked",
                 self.tmp.display()
@@ -579,8 +668,18 @@ impl GgufWriter {
         self.write_at(next, bytes)
     }
 
-    /// Syncs and renames into place. Fails if a planned tensor was not written.
-    pub fn finish(mut self) -> Result<()> {
+    /// Syncs and renames into place; returns the file's name, size and sha256. Fails if a
+    /// planned tensor was not written.
+    pub fn finish(self) -> Result<crate::format::safetensors::WrittenFile> {
+        self.finish_then(|_| Ok(()))
+    }
+
+    /// [`Self::finish`], running `before_rename` with the finished file's record just before
+    /// the rename (a sidecar written there exists whenever the file does).
+    pub fn finish_then(
+        mut self,
+        before_rename: impl FnOnce(&crate::format::safetensors::WrittenFile) -> Result<()>,
+    ) -> Result<crate::format::safetensors::WrittenFile> {
         let done = self.written.iter().filter(|w| **w).count();
         if done != self.plan.len() {
             return Err(Error::Invalid(format!(
@@ -589,10 +688,112 @@ impl GgufWriter {
             )));
         }
         self.join_io()?;
+        let hash = self
+            .hash
+            .take()
+            .expect("the writing thread returned its hash");
+        let (bytes, sha256) = hash.finish(&self.file, &self.tmp)?;
         self.file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
+        let record = crate::format::safetensors::WrittenFile {
+            file: self
+                .dest
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            bytes,
+            sha256,
+        };
+        before_rename(&record)?;
         std::fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
         self.finished = true;
+        Ok(record)
+    }
+}
+
+/// The sha256 of a GGUF file being written, taken as its pieces arrive while they arrive in
+/// file order (the padding between tensors hashed as the zeros it is); from the first piece
+/// out of order on, the rest is read back from the file at the end.
+struct OrderedHash {
+    h: sha2::Sha256,
+    /// Bytes hashed so far (a file offset).
+    pos: u64,
+    /// Every tensor's (start, end) in the file, sorted.
+    extents: Vec<(u64, u64)>,
+    /// The tensor `pos` is in.
+    k: usize,
+    file_len: u64,
+    in_order: bool,
+}
+
+impl OrderedHash {
+    /// Hashes the header already in `file` (`[0, data_start)`).
+    fn start(
+        file: &File,
+        path: &Path,
+        data_start: u64,
+        extents: Vec<(u64, u64)>,
+        file_len: u64,
+    ) -> Result<Self> {
+        use sha2::Digest;
+        let mut o = OrderedHash {
+            h: sha2::Sha256::new(),
+            pos: 0,
+            extents,
+            k: 0,
+            file_len,
+            in_order: true,
+        };
+        o.read_back(file, path, data_start)?;
+        o.skip_padding();
+        Ok(o)
+    }
+
+    fn feed(&mut self, at: u64, bytes: &[u8]) {
+        use sha2::Digest;
+        if !self.in_order || at != self.pos {
+            self.in_order = false;
+            return;
+        }
+        self.h.update(bytes);
+        self.pos += bytes.len() as u64;
+        self.skip_padding();
+    }
+
+    /// Past the end of finished tensors, hashes the zeros up to the next one (or the end).
+    fn skip_padding(&mut self) {
+        use sha2::Digest;
+        while self.k < self.extents.len() && self.pos >= self.extents[self.k].1 {
+            let next = self.extents.get(self.k + 1).map_or(self.file_len, |e| e.0);
+            while self.pos < next {
+                let n = (next - self.pos).min(4096);
+                self.h.update(&[0u8; 4096][..n as usize]);
+                self.pos += n;
+            }
+            self.k += 1;
+        }
+    }
+
+    /// Hashes the file's bytes from `pos` up to `end`.
+    fn read_back(&mut self, file: &File, path: &Path, end: u64) -> Result<()> {
+        use sha2::Digest;
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; 1 << 24];
+        while self.pos < end {
+            let n = ((end - self.pos) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], self.pos)
+                .map_err(|e| Error::io(path, e))?;
+            self.h.update(&buf[..n]);
+            self.pos += n as u64;
+        }
         Ok(())
+    }
+
+    /// The file's length and sha256 (hex), reading back what was not hashed in order.
+    fn finish(mut self, file: &File, path: &Path) -> Result<(u64, String)> {
+        use sha2::Digest;
+        let end = self.file_len;
+        self.read_back(file, path, end)?;
+        Ok((end, crate::numerics::hex(&self.h.finalize())))
     }
 }
 
@@ -652,11 +853,52 @@ mod tests {
                 .collect::<Vec<_>>(),
         )
         .unwrap();
-        w.finish().unwrap();
+        let wf = w.finish().unwrap();
+        assert_eq!(
+            wf.sha256,
+            crate::model::checkpoint::sha256_file(&p).unwrap()
+        );
+        assert_eq!(wf.bytes, std::fs::metadata(&p).unwrap().len());
         let r = GgufFile::open(&p).unwrap();
         assert_eq!(r.metadata, md);
         assert_eq!(r.tensors[1].offset, 32);
         assert_eq!(r.f32_values("t1").unwrap(), vec![4., 5., 6., 7.]);
+    }
+
+    #[test]
+    fn file_hash_holds_for_any_write_order() {
+        let dir = tempfile::tempdir().unwrap();
+        // Tensors of 5, 0, 70 and 3 f32 values: padding after each, an empty one in between.
+        let sizes = [5usize, 0, 70, 3];
+        let plan: Vec<PlannedTensor> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| PlannedTensor {
+                name: format!("t{i}"),
+                dims: vec![n as u64],
+                ty: GgmlType::F32,
+            })
+            .collect();
+        let bytes = |i: usize| -> Vec<u8> {
+            (0..sizes[i])
+                .flat_map(|v| ((i * 100 + v) as f32).to_le_bytes())
+                .collect()
+        };
+        let mut shas = Vec::new();
+        for order in [[0, 1, 2, 3], [2, 0, 3, 1], [3, 2, 1, 0]] {
+            let p = dir.path().join(format!("x{order:?}.gguf"));
+            let mut w = GgufWriter::create(&p, &[], &plan).unwrap();
+            for i in order {
+                w.write_at(i, &bytes(i)).unwrap();
+            }
+            let wf = w.finish().unwrap();
+            assert_eq!(
+                wf.sha256,
+                crate::model::checkpoint::sha256_file(&p).unwrap()
+            );
+            shas.push(wf.sha256);
+        }
+        assert!(shas.iter().all(|s| *s == shas[0]), "{shas:?}");
     }
 
     #[test]

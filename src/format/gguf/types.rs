@@ -149,9 +149,15 @@ impl GgmlType {
 
     /// Bytes of a tensor with `ne0` elements per row and `rows` rows, or `None` when `ne0` is not
     /// a multiple of the block size.
+    /// Bytes of `rows` rows of `ne0` values; `None` when `ne0` is not a whole number of blocks
+    /// or the size does not fit in a `usize`.
     pub fn nbytes(self, ne0: usize, rows: usize) -> Option<usize> {
-        ne0.is_multiple_of(self.block_size())
-            .then(|| ne0 / self.block_size() * self.type_size() * rows)
+        if !ne0.is_multiple_of(self.block_size()) {
+            return None;
+        }
+        (ne0 / self.block_size())
+            .checked_mul(self.type_size())?
+            .checked_mul(rows)
     }
 }
 

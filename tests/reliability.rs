@@ -1,0 +1,262 @@
+//! Reliability: runs killed at random moments, a full disk, an unwritable destination,
+//! manifests that catch a changed byte, and `--force` that never deletes what we did not write.
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use common::*;
+use minitron::numerics::rng::SplitMix64;
+
+/// Whether `minitron-verify --manifest path` accepts the artifact.
+fn manifest_ok(path: &Path) -> bool {
+    run("minitron-verify", &["--manifest", s(path)])
+        .status
+        .success()
+}
+
+/// Every entry of `dir`: (name, is a temporary of ours).
+fn entries(dir: &Path) -> Vec<(String, bool)> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<(String, bool)> = rd
+        .map(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            let tmp = n.starts_with('.') && (n.ends_with(".tmp") || n.ends_with(".partial"));
+            (n, tmp)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// After an interrupted run: every artifact under `out` that carries its final name is whole
+/// (its manifest accepts it). A GGUF's sidecar is written before the file takes its name, so
+/// a sidecar alone is a leftover, not an artifact.
+fn assert_no_half_artifact(out: &Path, when: &str) {
+    for (name, tmp) in entries(out) {
+        let p = out.join(&name);
+        if tmp || name.ends_with(".manifest.json") {
+            continue;
+        }
+        if p.is_dir() || name.ends_with(".gguf") {
+            assert!(manifest_ok(&p), "{when}: {} is not whole", p.display());
+        }
+    }
+}
+
+/// Kills `minitron-convert model --to targets --out out --force` at `n` random moments spread
+/// over one uninterrupted run's duration; after each, checks what is left, and at the end that
+/// one more run succeeds and leaves no temporaries.
+fn kill_at_random_moments(model: &Path, targets: &str, n: usize, seed: u64) {
+    let t = tempdir();
+    let out = t.path().join("out");
+    let args = |force: bool| -> Vec<String> {
+        let mut a = vec![
+            s(model).to_owned(),
+            "--to".into(),
+            targets.into(),
+            "--out".into(),
+            s(&out).to_owned(),
+        ];
+        if force {
+            a.push("--force".into());
+        }
+        a
+    };
+    let start = Instant::now();
+    let a = args(false);
+    run_ok(
+        "minitron-convert",
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let full = start.elapsed();
+    std::fs::remove_dir_all(&out).unwrap();
+    let mut rng = SplitMix64::new(seed);
+    let mut outcomes = (0, 0);
+    for i in 0..n {
+        // Up to 1.2 × a whole run, so that some kills land after the end.
+        let frac = (rng.next_u64() % 1200) as f64 / 1000.0;
+        let delay = full.mul_f64(frac);
+        let mut child = Command::new(bin("minitron-convert"))
+            .args(args(true))
+            .env_remove("RAYON_NUM_THREADS")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        let killed = child.try_wait().unwrap().is_none();
+        let _ = child.kill();
+        child.wait().unwrap();
+        if killed {
+            outcomes.0 += 1;
+        } else {
+            outcomes.1 += 1;
+        }
+        assert_no_half_artifact(&out, &format!("kill {i} after {delay:?}"));
+    }
+    eprintln!(
+        "{} kills: {} interrupted a run, {} came after it ended (a run takes {full:?})",
+        n, outcomes.0, outcomes.1
+    );
+    assert!(outcomes.0 >= n / 2, "too few kills landed inside a run");
+    let a = args(true);
+    run_ok(
+        "minitron-convert",
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let left: Vec<String> = entries(&out)
+        .into_iter()
+        .filter(|e| e.1)
+        .map(|e| e.0)
+        .collect();
+    assert!(
+        left.is_empty(),
+        "temporaries left after a good run: {left:?}"
+    );
+    assert_no_half_artifact(&out, "after the last run");
+}
+
+#[test]
+fn killed_conversions_leave_nothing_or_a_whole_artifact() {
+    kill_at_random_moments(&tiny(), "fp8,int8,gguf:q8_0", 20, 7);
+}
+
+#[test]
+#[cfg_attr(
+    not(minitron_assets),
+    ignore = "needs the real assets: ../shared/tools/real-assets.sh"
+)]
+fn killed_smollm2_conversions_leave_nothing_or_a_whole_artifact() {
+    kill_at_random_moments(&assets().join("smollm2-135m"), "fp8,gguf:q8_0", 20, 11);
+}
+
+/// Runs the converter under a file-size limit of `kib` KiB (RLIMIT_FSIZE, as a full disk would
+/// stop it).
+fn convert_limited(kib: u64, args: &[&str]) -> std::process::Output {
+    let mut cmd = format!("ulimit -f {kib} && exec '{}'", s(&bin("minitron-convert")));
+    for a in args {
+        cmd.push_str(&format!(" '{a}'"));
+    }
+    Command::new("bash")
+        .arg("-c")
+        .arg(cmd)
+        .env_remove("RAYON_NUM_THREADS")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_full_disk_is_an_error_that_leaves_nothing() {
+    for target in ["fp8", "gguf:q8_0"] {
+        let t = tempdir();
+        let out = t
+            .path()
+            .join(if target == "fp8" { "out" } else { "out.gguf" });
+        let o = convert_limited(256, &[s(&tiny()), "--to", target, "--out", s(&out)]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{target}: {err}");
+        assert!(err.contains("File too large"), "{target}: {err}");
+        assert!(!err.contains("panicked"), "{target}: {err}");
+        assert!(
+            entries(t.path()).is_empty(),
+            "{target}: left behind {:?}",
+            entries(t.path())
+        );
+    }
+}
+
+#[test]
+fn an_unwritable_destination_is_an_error_that_leaves_nothing() {
+    let t = tempdir();
+    let file = t.path().join("a-file");
+    std::fs::write(&file, b"not a folder").unwrap();
+    for (target, name) in [("fp8", "out"), ("gguf:q8_0", "out.gguf")] {
+        let out = file.join(name);
+        let err = run_err_code(
+            "minitron-convert",
+            &[s(&tiny()), "--to", target, "--out", s(&out)],
+            1,
+        );
+        assert!(err.contains("a-file"), "{target}: {err}");
+    }
+    assert_eq!(entries(t.path()), vec![("a-file".to_owned(), false)]);
+}
+
+#[test]
+fn the_manifest_catches_any_changed_byte_and_any_missing_or_extra_file() {
+    let t = tempdir();
+    let out = t.path().join("fp8");
+    let gguf = t.path().join("q.gguf");
+    run_ok(
+        "minitron-convert",
+        &[s(&tiny()), "--to", "fp8", "--out", s(&out)],
+    );
+    run_ok(
+        "minitron-convert",
+        &[s(&tiny()), "--to", "gguf:q8_0", "--out", s(&gguf)],
+    );
+    let ok = run_ok("minitron-verify", &["--manifest", s(&out)]);
+    assert!(ok.contains("ok") && !ok.contains("CHANGED"), "{ok}");
+    assert!(manifest_ok(&gguf));
+    // Every file but the manifest itself (which cannot hold its own hash).
+    let mut files: Vec<std::path::PathBuf> = entries(&out)
+        .into_iter()
+        .filter(|(n, _)| n != "minitron-manifest.json")
+        .map(|(n, _)| out.join(n))
+        .collect();
+    files.push(gguf.clone());
+    let mut rng = SplitMix64::new(3);
+    for f in &files {
+        let orig = std::fs::read(f).unwrap();
+        let mut b = orig.clone();
+        let at = (rng.next_u64() % b.len() as u64) as usize;
+        b[at] ^= 1 << (rng.next_u64() % 8);
+        std::fs::write(f, &b).unwrap();
+        let target = if f == &gguf { &gguf } else { &out };
+        let err = run_err("minitron-verify", &["--manifest", s(target)]);
+        let o = run("minitron-verify", &["--manifest", s(target)]);
+        let table = String::from_utf8_lossy(&o.stdout);
+        let name = f.file_name().unwrap().to_string_lossy();
+        assert!(
+            table.contains(&format!("CHANGED  {name}")),
+            "byte {at} of {name}:\n{table}\n{err}"
+        );
+        assert!(err.contains("1 changed"), "{err}");
+        std::fs::write(f, &orig).unwrap();
+    }
+    assert!(manifest_ok(&out) && manifest_ok(&gguf));
+    std::fs::write(out.join("stray.txt"), b"x").unwrap();
+    let err = run_err("minitron-verify", &["--manifest", s(&out)]);
+    assert!(err.contains("1 extra"), "{err}");
+    std::fs::remove_file(out.join("stray.txt")).unwrap();
+    std::fs::remove_file(out.join("config.json")).unwrap();
+    let err = run_err("minitron-verify", &["--manifest", s(&out)]);
+    assert!(err.contains("1 missing"), "{err}");
+}
+
+#[test]
+fn force_never_deletes_a_folder_we_did_not_write() {
+    let t = tempdir();
+    let out = t.path().join("models");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), b"mine").unwrap();
+    let err = run_err(
+        "minitron-convert",
+        &[s(&tiny()), "--to", "fp8", "--out", s(&out), "--force"],
+    );
+    assert!(err.contains("not an artifact this tool wrote"), "{err}");
+    assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"mine");
+    // An artifact of ours is replaced.
+    let ours = t.path().join("fp8");
+    for _ in 0..2 {
+        run_ok(
+            "minitron-convert",
+            &[s(&tiny()), "--to", "fp8", "--out", s(&ours), "--force"],
+        );
+    }
+    assert!(manifest_ok(&ours));
+}
