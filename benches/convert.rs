@@ -174,7 +174,7 @@ fn main() {
             .map_or("built-in corpus".into(), |p| p.display().to_string())
     );
     println!(
-        "| job | tool | wall s | input GB/s | peak RSS MB | output GB | floors s (read + write) | × floors |"
+        "| job | tool | wall s | input GB/s | peak RSS MiB | output GB | floors s (read + write) | × floors |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     let out_root = bench_dir().join("convert-out");

@@ -110,7 +110,7 @@ fn main() {
     let text = shared.join("data/wikitext2-valid.txt");
     let lc = std::env::var_os("MINITRON_LLAMA_CPP").map(PathBuf::from);
     println!("runner_vs_llama_cpp: {threads} threads, whole-job wall time per child process, tokens = chunks × 512 evaluated");
-    println!("| model / job | tool | wall s | tokens/s | peak RSS MB | ppl |");
+    println!("| model / job | tool | wall s | tokens/s | peak RSS MiB | ppl |");
     println!("|---|---|---|---|---|---|");
     let t = text.to_str().unwrap();
     let smol_gguf = gguf_of(&smol, "smollm2-135m");
