@@ -24,7 +24,8 @@ fn entries(dir: &Path) -> Vec<(String, bool)> {
     let mut v: Vec<(String, bool)> = rd
         .map(|e| {
             let n = e.unwrap().file_name().to_string_lossy().into_owned();
-            let tmp = n.starts_with('.') && (n.ends_with(".tmp") || n.ends_with(".partial"));
+            let tmp = n.starts_with('.')
+                && (n.ends_with(".tmp") || n.ends_with(".partial") || n.ends_with(".old"));
             (n, tmp)
         })
         .collect();

@@ -664,8 +664,10 @@ pub fn begin_dir(out: &Path, force: bool) -> Result<PathBuf> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = out.with_file_name(format!(".{name}.partial"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    for stale in [tmp.clone(), tmp.with_extension("old")] {
+        if stale.exists() {
+            std::fs::remove_dir_all(&stale).map_err(|e| Error::io(&stale, e))?;
+        }
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     Ok(tmp)
@@ -691,13 +693,56 @@ pub fn replaceable(out: &Path) -> Result<()> {
     )))
 }
 
-/// Moves a finished partial folder into place (replacing `out` if it exists).
+/// Moves a finished partial folder into place, replacing `out` if it exists. The replacement
+/// swaps the two folders in one step (Linux `renameat2(RENAME_EXCHANGE)`) and then deletes the
+/// old one from the partial name, so an interrupted replacement never leaves a half-deleted
+/// folder under `out`'s name; where the swap is not available the old folder is renamed aside
+/// first.
 pub fn commit_dir(tmp: &Path, out: &Path) -> Result<()> {
     if out.exists() {
         replaceable(out)?;
-        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+        if exchange(tmp, out).is_ok() {
+            return std::fs::remove_dir_all(tmp).map_err(|e| Error::io(tmp, e));
+        }
+        let aside = tmp.with_extension("old");
+        if aside.exists() {
+            std::fs::remove_dir_all(&aside).map_err(|e| Error::io(&aside, e))?;
+        }
+        std::fs::rename(out, &aside).map_err(|e| Error::io(out, e))?;
+        std::fs::rename(tmp, out).map_err(|e| Error::io(out, e))?;
+        return std::fs::remove_dir_all(&aside).map_err(|e| Error::io(&aside, e));
     }
     std::fs::rename(tmp, out).map_err(|e| Error::io(out, e))
+}
+
+/// Swaps two paths in one step.
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+        let (ca, cb) = (c(a)?, c(b)?);
+        // SAFETY: two NUL-terminated paths relative to the working directory; no memory is
+        // shared with the kernel beyond the call.
+        let r = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                ca.as_ptr(),
+                libc::AT_FDCWD,
+                cb.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        Err(std::io::Error::last_os_error())
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = (a, b);
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
 }
 
 /// Builds an output folder atomically: `f` fills the partial folder, which becomes `out` only
