@@ -536,3 +536,61 @@ fn bad_targets_and_destinations_are_refused_before_anything_is_written() {
     assert!(!t.path().join("fp8").exists());
     assert!(!t.path().join(".fp8.partial").exists());
 }
+
+#[test]
+fn unusable_configs_and_tokenizers_are_refused_with_the_field() {
+    type Edit = Box<dyn Fn(&Path)>;
+    let cfg =
+        |f: fn(&mut serde_json::Value)| -> Edit { Box::new(move |d: &Path| edit_config(d, f)) };
+    let cases: Vec<(&str, Edit, &[&str])> = vec![
+        (
+            "missing field",
+            cfg(|c| {
+                c.as_object_mut().unwrap().remove("hidden_size");
+            }),
+            &["config.json", "hidden_size", "missing"],
+        ),
+        (
+            "zero size",
+            cfg(|c| c["intermediate_size"] = 0.into()),
+            &["config.json", "intermediate_size", "positive integer"],
+        ),
+        (
+            "negative size",
+            cfg(|c| c["num_hidden_layers"] = (-2).into()),
+            &["config.json", "num_hidden_layers", "positive integer"],
+        ),
+        (
+            "vocab vs embedding",
+            cfg(|c| {
+                let v = c["vocab_size"].as_u64().unwrap();
+                c["vocab_size"] = (v + 1).into();
+            }),
+            &["model.embed_tokens.weight", "expected shape"],
+        ),
+        (
+            "tokenizer.json missing",
+            Box::new(|d: &Path| std::fs::remove_file(d.join("tokenizer.json")).unwrap()),
+            &["tokenizer.json"],
+        ),
+        (
+            "tokenizer.json corrupt",
+            Box::new(|d: &Path| {
+                std::fs::write(d.join("tokenizer.json"), b"{\"model\": 7").unwrap()
+            }),
+            &["tokenizer.json"],
+        ),
+    ];
+    let text = root().join("src/model/default_corpus.txt");
+    for (what, edit, want) in cases {
+        let t = broken_copy(|d| edit(d));
+        let e = run_err(
+            "minitron-verify",
+            &[s(t.path()), "--ppl", s(&text), "--ctx", "64"],
+        );
+        for w in want {
+            assert!(e.contains(w), "{what}: expected `{w}` in:\n{e}");
+        }
+        eprintln!("{what}: {}", e.trim());
+    }
+}
