@@ -26,19 +26,11 @@ fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
 
 /// Rewrites the safetensors header of `model.safetensors` through `f`, keeping the data.
 fn edit_header(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let p = dir.join("model.safetensors");
-    let bytes = std::fs::read(&p).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    f(&mut h);
-    let mut hb = serde_json::to_vec(&h).unwrap();
-    while !hb.len().is_multiple_of(8) {
-        hb.push(b' ');
-    }
-    let mut out = (hb.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&hb);
-    out.extend_from_slice(&bytes[8 + n..]);
-    std::fs::write(&p, out).unwrap();
+    with_header_text(dir, |t| {
+        let mut h: serde_json::Value = serde_json::from_str(t).unwrap();
+        f(&mut h);
+        serde_json::to_string(&h).unwrap()
+    });
 }
 
 #[test]

@@ -171,10 +171,7 @@ pub fn check(path: &Path) -> Result<ManifestCheck> {
     let listed: FilesOnly =
         serde_json::from_str(&text).map_err(|e| Error::format(&manifest, e.to_string()))?;
     for f in &listed.files {
-        let p = Path::new(&f.file);
-        let plain = p.components().count() == 1
-            && matches!(p.components().next(), Some(std::path::Component::Normal(_)));
-        if !plain || f.file.contains('\0') {
+        if !crate::format::safetensors::is_plain_file_name(&f.file) {
             return Err(Error::format(
                 &manifest,
                 format!(

@@ -269,6 +269,14 @@ impl<'de> serde::Deserialize<'de> for Entries {
     }
 }
 
+/// Whether `name` is one plain file name inside a folder (no separator, `..`, root or NUL).
+pub fn is_plain_file_name(name: &str) -> bool {
+    let p = Path::new(name);
+    !name.contains('\0')
+        && p.components().count() == 1
+        && matches!(p.components().next(), Some(std::path::Component::Normal(_)))
+}
+
 /// A tensor held in memory for writing.
 pub struct OwnedTensor {
     pub dtype: Dtype,

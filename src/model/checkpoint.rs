@@ -320,10 +320,7 @@ pub fn weight_map(dir: &Path) -> Result<Option<Vec<(String, String)>>> {
         let f = f.as_str().ok_or_else(|| {
             Error::format(&idx, format!("weight_map entry `{t}` is not a file name"))
         })?;
-        let p = Path::new(f);
-        let plain = p.components().count() == 1
-            && matches!(p.components().next(), Some(std::path::Component::Normal(_)));
-        if !plain || f.contains('\0') {
+        if !crate::format::safetensors::is_plain_file_name(f) {
             return Err(Error::format(
                 &idx,
                 format!("weight_map entry `{t}` points outside the folder: {f:?}"),
