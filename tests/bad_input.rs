@@ -435,7 +435,7 @@ fn inconsistent_shard_indexes_are_refused() {
             format!(
                 r#"{{"weight_map": {{"model.norm.weight": "model-00002-of-00002.safetensors", "model.embed_tokens.weight": "{one}"}}}}"#
             ),
-            "model-00002-of-00002.safetensors",
+            "in model-00002-of-00002.safetensors, which is not in the folder",
         ),
         (
             "a tensor twice",
@@ -583,6 +583,147 @@ fn unusable_configs_and_tokenizers_are_refused_with_the_field() {
         for w in want {
             assert!(e.contains(w), "{what}: expected `{w}` in:\n{e}");
         }
+        eprintln!("{what}: {}", e.trim());
+    }
+}
+
+#[test]
+fn tied_embeddings_with_a_different_head_are_refused() {
+    // The fixture's head is untied and differs from its embeddings: declaring it tied makes
+    // the config and the weights disagree.
+    let t = broken_copy(|d| edit_config(d, |c| c["tie_word_embeddings"] = true.into()));
+    let e = inspect_err(t.path());
+    assert!(
+        e.contains("model.safetensors") && e.contains("`lm_head.weight`"),
+        "{e}"
+    );
+    assert!(
+        e.contains("tie_word_embeddings = true") && e.contains("first difference at element"),
+        "{e}"
+    );
+}
+
+/// Bad calibration, perplexity and prompt texts: empty, not UTF-8, or binary.
+#[test]
+fn empty_and_binary_texts_are_refused() {
+    let t = tempdir();
+    let empty = t.path().join("empty.txt");
+    std::fs::write(&empty, "  \n\n").unwrap();
+    let latin1 = t.path().join("latin1.txt");
+    std::fs::write(&latin1, b"caf\xe9 au lait").unwrap();
+    // A model file passed where text belongs.
+    let binary = t.path().join("weights.txt");
+    std::fs::copy(tiny().join("model.safetensors"), &binary).unwrap();
+    let out = t.path().join("out");
+    let cases: [(&Path, &[&str]); 3] = [
+        (&empty, &["empty.txt", "calibration text is empty"]),
+        (&latin1, &["latin1.txt", "not UTF-8 text", "offset 3"]),
+        (&binary, &["weights.txt", "binary data, not text"]),
+    ];
+    for (file, want) in cases {
+        let e = run_err(
+            "minitron-convert",
+            &[
+                s(&tiny()),
+                "--to",
+                "int8",
+                "--calib",
+                s(file),
+                "--out",
+                s(&out),
+            ],
+        );
+        for w in want {
+            assert!(e.contains(w), "--calib {file:?}: expected `{w}` in:\n{e}");
+        }
+        assert!(!out.exists());
+        eprintln!("--calib {}: {}", file.display(), e.trim());
+    }
+    for flag in ["--ppl", "--gen"] {
+        let e = run_err("minitron-verify", &[s(&tiny()), flag, s(&binary)]);
+        assert!(
+            e.contains("weights.txt") && e.contains("binary data, not text"),
+            "{flag}: {e}"
+        );
+        eprintln!("{flag} binary: {}", e.trim());
+    }
+}
+
+/// Importance matrices that cannot belong to this model or hold values no calibration makes.
+#[test]
+fn damaged_or_foreign_imatrices_are_refused() {
+    use minitron::calib::imatrix::Imatrix;
+    let t = tempdir();
+    let good = t.path().join("good.imatrix.gguf");
+    run_ok(
+        "minitron-convert",
+        &[
+            "imatrix",
+            s(&tiny()),
+            "--out",
+            s(&good),
+            "--calib-samples",
+            "2",
+            "--calib-seq",
+            "64",
+        ],
+    );
+    let im = Imatrix::read(&good).unwrap();
+    let first = im.entries.keys().next().unwrap().clone();
+    type Edit = fn(&mut Imatrix, &str);
+    let cases: [(&str, Edit, &[&str]); 5] = [
+        (
+            "NaN sum",
+            |m, k| m.entries.get_mut(k).unwrap().sum_sq[3] = f32::NAN,
+            &["NaN at input channel 3", "finite, non-negative"],
+        ),
+        (
+            "zero count",
+            |m, k| m.entries.get_mut(k).unwrap().count = 0.0,
+            &["count 0", "recorded no activations"],
+        ),
+        (
+            "negative sum",
+            |m, k| m.entries.get_mut(k).unwrap().sum_sq[0] = -1.0,
+            &["-1 at input channel 0"],
+        ),
+        (
+            "another model (width)",
+            |m, k| m.entries.get_mut(k).unwrap().sum_sq.push(1.0),
+            &["the imatrix was made for another model"],
+        ),
+        (
+            "another model (layers)",
+            |m, _| {
+                let e = m.entries["blk.0.attn_q.weight"].clone();
+                m.entries.insert("blk.40.attn_q.weight".into(), e);
+            },
+            &["blk.40.attn_q.weight", "another model"],
+        ),
+    ];
+    for (what, edit, want) in cases {
+        let mut bad = im.clone();
+        edit(&mut bad, &first);
+        let path = t.path().join("bad.imatrix.gguf");
+        bad.write_gguf(&path).unwrap();
+        let out = t.path().join("out.gguf");
+        let e = run_err(
+            "minitron-convert",
+            &[
+                s(&tiny()),
+                "--to",
+                "gguf:q4_k_m",
+                "--imatrix",
+                s(&path),
+                "--out",
+                s(&out),
+            ],
+        );
+        assert!(e.contains("bad.imatrix.gguf"), "{what}: {e}");
+        for w in want {
+            assert!(e.contains(w), "{what}: expected `{w}` in:\n{e}");
+        }
+        assert!(!out.exists(), "{what}");
         eprintln!("{what}: {}", e.trim());
     }
 }

@@ -76,8 +76,7 @@ pub fn load_source(path: Option<&Path>) -> Result<CalibSource> {
     };
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let sha256 = crate::numerics::hex(&Sha256::digest(&bytes));
-    let raw = String::from_utf8(bytes)
-        .map_err(|e| Error::format(path, format!("not UTF-8 text: {e}")))?;
+    let raw = crate::format::text::decode(path, bytes)?;
     let is_jsonl =
         path.extension().is_some_and(|e| e == "jsonl") || raw.trim_start().starts_with('{');
     let text = if is_jsonl {

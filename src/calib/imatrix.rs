@@ -257,8 +257,31 @@ impl Imatrix {
 
     /// Checks that this matrix belongs to a model of configuration `c`: every block entry names
     /// an existing layer with the right input length, and every block weight is covered.
+    /// Also refuses values no calibration can produce: a NaN, infinite or negative Σx² or
+    /// count, and a zero count. A dense Llama block weight sees every calibration token, so an
+    /// entry that saw none means a damaged or partial file, and quantizing with it would
+    /// silently fall back to unweighted rounding for that tensor.
     pub fn check_against(&self, c: &LlamaConfig, path: &Path) -> Result<()> {
         for (name, e) in &self.entries {
+            if !(e.count.is_finite() && e.count > 0.0) {
+                return Err(Error::TensorMismatch {
+                    path: path.to_owned(),
+                    tensor: name.clone(),
+                    expected: "a positive, finite count of activation rows".into(),
+                    found: format!(
+                        "count {} (the entry recorded no activations: a partial or damaged imatrix)",
+                        e.count
+                    ),
+                });
+            }
+            if let Some(i) = e.sum_sq.iter().position(|v| !(v.is_finite() && *v >= 0.0)) {
+                return Err(Error::TensorMismatch {
+                    path: path.to_owned(),
+                    tensor: name.clone(),
+                    expected: "finite, non-negative sums of squares".into(),
+                    found: format!("{} at input channel {i}", e.sum_sq[i]),
+                });
+            }
             let Some((layer, stem)) = parse_block_name(name) else {
                 if name == crate::model::names::GGUF_OUTPUT && e.sum_sq.len() == c.hidden_size {
                     continue;

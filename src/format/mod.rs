@@ -3,3 +3,4 @@
 //! (reader, writer, key and type tables, the Llama row permutation).
 pub mod gguf;
 pub mod safetensors;
+pub mod text;

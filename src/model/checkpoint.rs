@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
-use crate::model::names::{expected_tensors, TensorSpec};
+use crate::model::names::{expected_tensors, TensorSpec, EMBED, LM_HEAD};
 pub use crate::numerics::dtype::Dtype;
 
 pub use crate::format::safetensors::{SafetensorsFile, TensorInfo};
@@ -158,6 +158,7 @@ impl Checkpoint {
                 });
             }
         }
+        self.check_tied_head()?;
         self.unexpected = self
             .index
             .keys()
@@ -169,6 +170,43 @@ impl Checkpoint {
             .cloned()
             .collect();
         Ok(self)
+    }
+
+    /// With `tie_word_embeddings` the head is the embedding matrix. A stored `lm_head.weight` is
+    /// accepted only as an exact copy: a different head means the config and the weights
+    /// disagree about the model, and either reading would silently drop one of them.
+    fn check_tied_head(&self) -> Result<()> {
+        if !self.config.tie_word_embeddings {
+            return Ok(());
+        }
+        let Some((head, ht)) = self.info(LM_HEAD) else {
+            return Ok(());
+        };
+        let (embed, et) = self.raw(EMBED)?;
+        let hb = head.bytes(LM_HEAD).expect("indexed tensor");
+        let found = if ht.dtype != et.dtype {
+            Some(format!(
+                "dtype {} where the embeddings are {}",
+                ht.dtype, et.dtype
+            ))
+        } else {
+            let w = ht.dtype.size().max(1);
+            hb.chunks(w)
+                .zip(embed.chunks(w))
+                .position(|(a, b)| a != b)
+                .map(|i| format!("a different matrix (first difference at element {i})"))
+        };
+        match found {
+            None => Ok(()),
+            Some(found) => Err(Error::TensorMismatch {
+                path: head.path.clone(),
+                tensor: LM_HEAD.into(),
+                expected: format!(
+                    "absent or equal to `{EMBED}` (config.json sets tie_word_embeddings = true)"
+                ),
+                found,
+            }),
+        }
     }
 
     fn weights_label(&self) -> PathBuf {
@@ -280,9 +318,16 @@ impl Checkpoint {
 /// The weight files of `dir`: the shards listed by the index, or the single file.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if let Some(map) = weight_map(dir)? {
-        let mut names: Vec<String> = map.into_iter().map(|(_, f)| f).collect();
+        let mut names: Vec<String> = map.iter().map(|(_, f)| f.clone()).collect();
         names.sort();
         names.dedup();
+        if let Some(n) = names.iter().find(|n| !dir.join(n).is_file()) {
+            let (t, _) = map.iter().find(|(_, f)| f == n).expect("from the map");
+            return Err(Error::format(
+                dir.join("model.safetensors.index.json"),
+                format!("weight_map puts tensor `{t}` in {n}, which is not in the folder"),
+            ));
+        }
         return Ok(names.into_iter().map(|n| dir.join(n)).collect());
     }
     let single = dir.join("model.safetensors");

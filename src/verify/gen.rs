@@ -17,7 +17,7 @@ pub struct GenResult {
 /// Reads a prompts file: one prompt per line, `\n`, `\t` and `\\` escapes expanded, blank lines
 /// skipped.
 pub fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::format::text::read(path)?;
     let prompts: Vec<String> = text
         .lines()
         .filter(|l| !l.trim().is_empty())

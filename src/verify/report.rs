@@ -233,7 +233,7 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
 
     if let Some(text_path) = &o.ppl {
         inputs.insert("ppl_text".into(), sha256_file(text_path)?);
-        let text = std::fs::read_to_string(text_path).map_err(|e| Error::io(text_path, e))?;
+        let text = crate::format::text::read(text_path)?;
         let t_tok = Instant::now();
         let tokens = tok.encode(&text, true)?;
         let tok_s = t_tok.elapsed().as_secs_f64();
