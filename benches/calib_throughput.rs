@@ -56,10 +56,10 @@ fn main() {
     };
     let dtype = minitron::calib::pass_dtype(&Device::Cpu);
     let t = Instant::now();
-    CalibStats::collect(&ck, dtype, &Device::Cpu, &cs, info.clone(), &|| ()).unwrap();
+    CalibStats::collect(&ck, dtype, &Device::Cpu, &cs, info.clone(), &|_| ()).unwrap();
     let hooked = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    CalibStats::collect(&ck, DType::F32, &Device::Cpu, &cs, info, &|| ()).unwrap();
+    CalibStats::collect(&ck, DType::F32, &Device::Cpu, &cs, info, &|_| ()).unwrap();
     let f32_pass = t.elapsed().as_secs_f64();
     println!(
         "calib_throughput: SmolLM2-135M, {} chunks × 512, {threads} threads",

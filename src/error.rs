@@ -101,3 +101,18 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Whatever RUST_BACKTRACE says, a candle error reaches the user as its message alone.
+    #[test]
+    fn candle_errors_print_without_their_backtrace() {
+        let e = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("shape mismatch".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        assert!(e.to_string().lines().count() > 1, "the backtrace is there");
+        let shown = super::Error::from(e).to_string();
+        assert_eq!(shown, "tensor operation: shape mismatch");
+    }
+}

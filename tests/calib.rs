@@ -34,7 +34,7 @@ fn hook_statistics_match_an_f64_forward() {
     let ids = tok.encode(minitron::calib::DEFAULT_CORPUS, true).unwrap();
     let chunks: Vec<Vec<u32>> = vec![ids[..48].to_vec(), ids[48..96].to_vec()];
     let stats =
-        CalibStats::collect(&ck, DType::F64, &Device::Cpu, &chunks, info(), &|| ()).unwrap();
+        CalibStats::collect(&ck, DType::F64, &Device::Cpu, &chunks, info(), &|_| ()).unwrap();
     let r = Ref { ck };
     let caps: Vec<_> = chunks.iter().map(|c| r.run(c).1).collect();
     let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-30);

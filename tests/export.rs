@@ -35,7 +35,7 @@ fn imatrix_chunks(path: &Path) -> Option<u64> {
         .and_then(Value::as_u64)
 }
 
-/// The bug: `--to fp8,gguf:q8_0 --out X` wrote X/q8_0.gguf, then refused X for the FP8 folder
+/// The bug: `--to fp8,gguf:q8_0 --out X` wrote the GGUF under X, then refused X for the FP8 folder
 /// ("already exists"), and with --force deleted the GGUF it had just written.
 #[test]
 fn fp8_and_gguf_targets_under_one_out_keep_both_artifacts() {
@@ -46,7 +46,7 @@ fn fp8_and_gguf_targets_under_one_out_keep_both_artifacts() {
         &[s(&tiny()), "--to", "fp8,gguf:q8_0", "--out", s(&x)],
     );
     assert!(x.join("fp8/config.json").exists(), "{log}");
-    assert!(x.join("q8_0.gguf").exists(), "{log}");
+    assert!(x.join("tiny-llama3-Q8_0.gguf").exists(), "{log}");
     // Each artifact is the one a single-target run writes.
     let fp8 = t.path().join("fp8-alone");
     let q8 = t.path().join("q8_0-alone.gguf");
@@ -59,7 +59,7 @@ fn fp8_and_gguf_targets_under_one_out_keep_both_artifacts() {
         &[s(&tiny()), "--to", "gguf:q8_0", "--out", s(&q8)],
     );
     assert_eq!(tree(&x.join("fp8")), tree(&fp8));
-    assert_eq!(sha256(&x.join("q8_0.gguf")), sha256(&q8));
+    assert_eq!(sha256(&x.join("tiny-llama3-Q8_0.gguf")), sha256(&q8));
     // Again without --force: refused before anything is touched; with --force: both replaced.
     let before = tree(&x);
     let err = run_err(
@@ -179,14 +179,14 @@ fn four_targets_from_one_read_and_one_calibration() {
     for p in [
         "fp8/config.json",
         "int8/config.json",
-        "q8_0.gguf",
-        "q4_k_m.gguf",
+        "tiny-llama3-Q8_0.gguf",
+        "tiny-llama3-Q4_K_M.gguf",
     ] {
         assert!(x.join(p).exists(), "{p}");
     }
     // q8_0 takes no importance matrix (as llama-quantize); q4_k_m takes this run's.
-    assert_eq!(imatrix_chunks(&x.join("q8_0.gguf")), Some(4));
-    assert_eq!(imatrix_chunks(&x.join("q4_k_m.gguf")), Some(4));
+    assert_eq!(imatrix_chunks(&x.join("tiny-llama3-Q8_0.gguf")), Some(4));
+    assert_eq!(imatrix_chunks(&x.join("tiny-llama3-Q4_K_M.gguf")), Some(4));
 }
 
 /// Manifests and verify reports read back into their typed records; a missing key is an error

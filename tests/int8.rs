@@ -107,7 +107,7 @@ fn smoothing_alone_is_an_identity() {
         wall_s: 0.0,
     };
     let stats =
-        minitron::calib::CalibStats::collect(&ck, DType::F32, &Device::Cpu, &chunks, info, &|| ())
+        minitron::calib::CalibStats::collect(&ck, DType::F32, &Device::Cpu, &chunks, info, &|_| ())
             .unwrap();
     let mut tensors = BTreeMap::new();
     let f32b = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();

@@ -31,7 +31,8 @@ struct Cli {
     /// holding `<target>/` checkpoint folders and `<mix>.gguf` files).
     #[arg(long, value_delimiter = ',', value_name = "TARGET[,TARGET…]", value_parser = TargetNames)]
     to: Vec<String>,
-    /// Output path: the artifact itself for one target, else a folder for all of them.
+    /// Output path: the artifact itself for one target (a folder, or a `.gguf` file); for several,
+    /// a folder holding `<target>/` checkpoint folders and `<model>-<TYPE>.gguf` files.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Replace existing artifacts (only ones this tool wrote).
@@ -43,19 +44,19 @@ struct Cli {
     allow_nonfinite: bool,
     /// How FP8 weights are chosen: rtn (round to nearest, as llm-compressor), search
     /// (per-channel clipping search weighted by calibration statistics) or gptq (error feedback
-    /// through the calibration inputs' second moments).
-    #[arg(long, value_enum, default_value_t = WeightMode::Rtn)]
-    fp8_weights: WeightMode,
+    /// through the calibration inputs' second moments). FP8 targets only [default: rtn].
+    #[arg(long, value_enum, value_name = "MODE")]
+    fp8_weights: Option<WeightMode>,
     /// How W8A8 weights are rounded after smoothing: `rtn` (nearest), or `gptq` (error feedback
-    /// through the smoothed calibration inputs' second moments).
-    #[arg(long, value_enum, default_value_t = WeightMode::Rtn)]
-    int8_weights: WeightMode,
+    /// through the smoothed calibration inputs' second moments). int8 only [default: rtn].
+    #[arg(long, value_name = "MODE", value_parser = ["rtn", "gptq"])]
+    int8_weights: Option<String>,
     /// SmoothQuant migration strength for --to int8: a number in (0, 1), or `auto` to choose it
-    /// per layer from 0.3 … 0.9 by the calibrated output error.
-    #[arg(long, default_value = "0.8")]
-    smooth_alpha: String,
+    /// per layer from 0.3 … 0.9 by the calibrated output error [default: 0.8].
+    #[arg(long, value_name = "ALPHA|auto")]
+    smooth_alpha: Option<String>,
     /// Scales per this many input columns for --to int8-w8a16 (default: one per output channel).
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     group_size: Option<usize>,
     /// GGUF: importance matrix (llama.cpp's GGUF or legacy .dat format) for the quantizers.
     /// Without it, GGUF k-quants use one made from this run's calibration when any --calib*
@@ -77,13 +78,13 @@ struct Cli {
     /// GGUF: how the k-quant types (Q2_K … Q6_K) encode each block: `reference` (one
     /// encoding: the reference rounding, or llama.cpp's importance-weighted search with an
     /// imatrix) or `best` (several candidates, the lowest importance-weighted error kept per
-    /// block: slightly lower error, several times slower).
-    #[arg(long, value_enum, default_value_t = KSearch::Reference)]
-    gguf_search: KSearch,
+    /// block: slightly lower error, several times slower) [default: reference].
+    #[arg(long, value_enum, value_name = "MODE")]
+    gguf_search: Option<KSearch>,
     #[command(flatten)]
     calib: CalibArgs,
-    /// Worker threads (default: all logical CPUs).
-    #[arg(long, global = true)]
+    /// Worker threads (default: all logical CPUs; the output bytes do not depend on it).
+    #[arg(long, global = true, value_name = "N")]
     threads: Option<usize>,
 }
 
@@ -91,6 +92,7 @@ struct Cli {
 enum Cmd {
     /// Show what a checkpoint folder holds.
     Inspect {
+        /// Checkpoint folder (config.json and safetensors weights).
         dir: PathBuf,
         /// List every tensor.
         #[arg(long)]
@@ -111,11 +113,13 @@ enum Cmd {
     },
     /// Write a deterministic random-weight bf16 checkpoint.
     Synth {
-        /// tiny or minitron-4b-depth.
-        #[arg(long)]
+        /// Geometry: tiny (the bundled fixture's) or minitron-4b-depth (Llama-3.1-Minitron-4B-Depth's).
+        #[arg(long, value_parser = ["tiny", "minitron-4b-depth"])]
         preset: String,
+        /// Seed of the random weights (the same seed gives the same bytes).
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Output checkpoint folder.
         #[arg(long)]
         out: PathBuf,
         /// Replace an existing output folder.
@@ -128,6 +132,7 @@ enum Cmd {
     },
     /// Print a GGUF file's metadata and tensor table.
     Dump {
+        /// GGUF file (a model or an importance matrix).
         file: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -204,6 +209,21 @@ impl CalibArgs {
         }
     }
 
+    /// The first calibration option given, as spelled on the command line.
+    fn first_given(&self) -> Option<&'static str> {
+        [
+            ("--calib", self.calib.is_some()),
+            ("--calib-samples", self.calib_samples.is_some()),
+            ("--calib-seq", self.calib_seq.is_some()),
+            ("--calib-shuffle", self.calib_shuffle.is_some()),
+            ("--save-calib", self.save_calib.is_some()),
+            ("--load-calib", self.load_calib.is_some()),
+        ]
+        .into_iter()
+        .find(|(_, given)| *given)
+        .map(|(n, _)| n)
+    }
+
     /// Whether any calibration option was given.
     fn asked(&self) -> bool {
         self.calib.is_some()
@@ -272,7 +292,7 @@ fn main() -> std::process::ExitCode {
                 tokenizer,
             }) => {
                 let preset = Preset::parse(&preset)?;
-                let pb = minitron::progress::bar(0, "synth", true);
+                let pb = minitron::progress::bar(0, "synth", minitron::progress::Unit::Bytes);
                 let s = write_checkpoint_with(
                     preset,
                     seed,
@@ -301,8 +321,94 @@ fn main() -> std::process::ExitCode {
     })
 }
 
+/// Refuses an option that none of `targets` uses, naming the targets it belongs to: an option
+/// that is accepted and then ignored looks like it had an effect.
+fn check_applicable(cli: &Cli, targets: &[Target]) -> anyhow::Result<()> {
+    let names = || {
+        targets
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let any = |f: fn(Target) -> bool| targets.iter().any(|&t| f(t));
+    let quantized_gguf = |t: Target| t.mix().is_some_and(|m| !m.is_float());
+    let rules: [(&str, bool, bool, &str); 10] = [
+        (
+            "--fp8-weights",
+            cli.fp8_weights.is_some(),
+            any(Target::is_fp8),
+            "the FP8 targets (fp8, fp8-static, fp8-modelopt)",
+        ),
+        (
+            "--int8-weights",
+            cli.int8_weights.is_some(),
+            any(|t| t == Target::Int8),
+            "--to int8",
+        ),
+        (
+            "--smooth-alpha",
+            cli.smooth_alpha.is_some(),
+            any(|t| t == Target::Int8),
+            "--to int8",
+        ),
+        (
+            "--group-size",
+            cli.group_size.is_some(),
+            any(|t| t == Target::Int8W8A16),
+            "--to int8-w8a16",
+        ),
+        (
+            "--imatrix",
+            cli.imatrix.is_some(),
+            any(quantized_gguf),
+            "quantized GGUF targets (gguf:q8_0 … gguf:q3_k_m)",
+        ),
+        (
+            "--gguf-search",
+            cli.gguf_search.is_some(),
+            any(quantized_gguf),
+            "quantized GGUF targets (gguf:q8_0 … gguf:q3_k_m)",
+        ),
+        (
+            "--tensor-type",
+            !cli.tensor_type.is_empty(),
+            any(|t| t.mix().is_some()),
+            "GGUF targets (gguf:TYPE)",
+        ),
+        (
+            "--output-type",
+            cli.output_type.is_some(),
+            any(|t| t.mix().is_some()),
+            "GGUF targets (gguf:TYPE)",
+        ),
+        (
+            "--embedding-type",
+            cli.embedding_type.is_some(),
+            any(|t| t.mix().is_some()),
+            "GGUF targets (gguf:TYPE)",
+        ),
+        (
+            "--gguf-pre",
+            cli.gguf_pre.is_some(),
+            any(|t| t.mix().is_some()),
+            "GGUF targets (gguf:TYPE)",
+        ),
+    ];
+    for (opt, given, applies, owner) in rules {
+        if given && !applies {
+            bail!(
+                "{opt} applies to {owner}, not to --to {}: drop it or add such a target",
+                names()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `MODEL --to TARGETS --out PATH`: parse, run the export, print what it did.
 fn convert(cli: &Cli) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let Some(model) = cli.model.clone() else {
         bail!("give a MODEL folder with --to TARGET --out PATH, or a subcommand (see --help)");
     };
@@ -313,6 +419,7 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
         bail!("--out PATH is required");
     };
     let targets = Target::parse_list(&cli.to.join(","))?;
+    check_applicable(cli, &targets)?;
     let overrides = cli
         .tensor_type
         .iter()
@@ -326,7 +433,7 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
             ))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let smooth_alpha = match cli.smooth_alpha.as_str() {
+    let smooth_alpha = match cli.smooth_alpha.as_deref().unwrap_or("0.8") {
         "auto" => None,
         a => {
             let v: f64 = a.parse().map_err(|_| {
@@ -342,8 +449,11 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
         targets,
         out,
         force: cli.force,
-        fp8_weights: cli.fp8_weights,
-        int8_weights: cli.int8_weights,
+        fp8_weights: cli.fp8_weights.unwrap_or(WeightMode::Rtn),
+        int8_weights: match cli.int8_weights.as_deref() {
+            Some("gptq") => WeightMode::Gptq,
+            _ => WeightMode::Rtn,
+        },
         smooth_alpha,
         group_size: cli.group_size,
         calib: cli.calib.options(),
@@ -354,18 +464,30 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
             embedding_type: cli.embedding_type,
             imatrix: cli.imatrix.clone(),
             pre: cli.gguf_pre.clone(),
-            search: cli.gguf_search,
+            search: cli.gguf_search.unwrap_or(KSearch::Reference),
         },
         command_line: common::command_line(),
         allow_nonfinite: cli.allow_nonfinite,
     };
+    if opts.calib_asked && opts.calibrated_targets().is_empty() {
+        bail!(
+            "{} applies to targets that calibrate (int8, fp8-static, FP8 with --fp8-weights search|gptq, quantized GGUF types), not to --to {}: drop it or add such a target",
+            cli.calib.first_given().unwrap_or("--calib"),
+            opts.targets.iter().map(|t| t.name()).collect::<Vec<_>>().join(",")
+        );
+    }
     let ck = Checkpoint::open(&model)?;
-    let pb = minitron::progress::bar(0, "convert", false);
+    // Made at the first conversion step, so that the calibration bar (if any) is alone on
+    // screen while it runs.
+    let pb: std::cell::OnceCell<indicatif::ProgressBar> = std::cell::OnceCell::new();
     let r = minitron::export::run(&ck, &opts, &candle_core::Device::Cpu, &|d, t| {
-        pb.set_length(t);
-        pb.set_position(d);
+        let b = pb
+            .get_or_init(|| minitron::progress::bar(t, "convert", minitron::progress::Unit::Bytes));
+        b.set_position(d);
     })?;
-    pb.finish_and_clear();
+    if let Some(b) = pb.get() {
+        b.finish_and_clear();
+    }
     if let Some(i) = &r.calibration {
         let used: Vec<&str> = r.calibrated.iter().map(|t| t.name()).collect();
         println!(
@@ -384,12 +506,13 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
         match a {
             Artifact::Checkpoint { path, manifest: m } => {
                 let worst = m.tensor_error.worst.as_ref();
+                // The manifest lists every file but itself.
                 println!(
                     "wrote {} ({}, {} in {} files); worst tensor error {:.4} % relative RMS ({})",
                     path.display(),
                     t,
                     minitron::inspect::human_bytes(m.total_bytes),
-                    m.files.len(),
+                    m.files.len() + 1,
                     100.0 * worst.map_or(0.0, |w| w.relative_rms),
                     worst.map_or("-", |w| w.tensor.as_str())
                 );
@@ -411,14 +534,25 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
             }
         }
     }
+    let calib_s = r.calibration.as_ref().map_or(0.0, |i| i.wall_s);
+    let parts = if r.calibration_passes > 0 {
+        format!(
+            " (calibration {:.1} s, conversion and writing {:.1} s)",
+            calib_s,
+            (r.wall_s - calib_s).max(0.0)
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "read {} once: {} tensors, {}; {} artifact{} in {:.1} s",
+        "read {} once: {} tensors, {}; {} artifact{} in {:.1} s{}",
         model.display(),
         r.tensors_read,
         minitron::inspect::human_bytes(r.bytes_read),
         r.artifacts.len(),
         if r.artifacts.len() == 1 { "" } else { "s" },
-        r.wall_s
+        started.elapsed().as_secs_f64(),
+        parts
     );
     Ok(())
 }

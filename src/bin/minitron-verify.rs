@@ -10,9 +10,9 @@ use clap::Parser;
 /// Measure a checkpoint: perplexity on a text (llama-perplexity's protocol), KL-divergence and
 /// top-1 agreement against a reference, and greedy-generation parity.
 #[derive(Parser, Debug)]
-#[command(name = "minitron-verify", version, about)]
+#[command(name = "minitron-verify", version)]
 struct Args {
-    /// Checkpoint folder or GGUF file to measure.
+    /// The model to measure: a checkpoint folder (bf16, FP8 or INT8 safetensors) or a GGUF file.
     #[arg(required_unless_present = "manifest")]
     candidate: Option<PathBuf>,
     /// Check an artifact against the manifest written with it instead of measuring: recompute
@@ -21,8 +21,9 @@ struct Args {
     /// all match, 2 otherwise.
     #[arg(long, value_name = "DIR|FILE.gguf", conflicts_with_all = ["candidate", "ppl", "kld", "gen"])]
     manifest: Option<PathBuf>,
-    /// Reference checkpoint (the bf16 original) for --kld and --gen comparisons.
-    #[arg(long, value_name = "DIR")]
+    /// Reference model (the bf16 original: a checkpoint folder or a bf16/f32 GGUF file) for
+    /// --kld and --gen comparisons.
+    #[arg(long, value_name = "DIR|FILE.gguf")]
     reference: Option<PathBuf>,
     /// Perplexity over this text file.
     #[arg(long, value_name = "FILE")]

@@ -163,6 +163,18 @@ pub fn calibration_chunks(
         }
         chunks.truncate(k);
     }
+    if chunks.len() < spec.samples {
+        crate::progress::warn(&format!(
+            "--calib-samples {} asks for {} chunks of {} tokens, but calibration text {} ({} tokens) holds only {}: calibrating on {}",
+            spec.samples,
+            spec.samples,
+            spec.seq_len,
+            if src.label == "built-in" { "(the built-in corpus)" } else { &src.label },
+            tokens.len(),
+            chunks.len(),
+            chunks.len()
+        ));
+    }
     Ok(chunks)
 }
 

@@ -88,7 +88,7 @@ impl Hessians {
         ck: &Checkpoint,
         device: &Device,
         chunks: &[Vec<u32>],
-        on_block: &dyn Fn(),
+        on_tokens: &dyn Fn(u64),
     ) -> Result<Self> {
         let mut col = Collector::new(&ck.config)?;
         crate::runtime::observe_streamed(
@@ -97,7 +97,7 @@ impl Hessians {
             device,
             chunks,
             &mut col,
-            on_block,
+            on_tokens,
         )?;
         Ok(col.finish(chunks))
     }

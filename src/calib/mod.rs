@@ -76,7 +76,13 @@ pub fn calibrate_for(
         } else {
             None
         };
-        let pb = crate::progress::bar(ck.config.num_hidden_layers as u64, "calibrate", false);
+        let layers = ck.config.num_hidden_layers as u64;
+        let tokens: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        let pb = crate::progress::bar(
+            tokens * layers,
+            "calibrate",
+            crate::progress::Unit::Tokens { passes: layers },
+        );
         if run_stats {
             let info = CalibInfo {
                 source: src.label.clone(),
@@ -95,11 +101,11 @@ pub fn calibrate_for(
                 &chunks,
                 info,
                 also,
-                &|| pb.inc(1),
+                &|n| pb.inc(n),
             )?);
         } else if let Some(h) = hc.as_mut() {
-            crate::runtime::observe_streamed(ck, pass_dtype(device), device, &chunks, h, &|| {
-                pb.inc(1)
+            crate::runtime::observe_streamed(ck, pass_dtype(device), device, &chunks, h, &|n| {
+                pb.inc(n)
             })?;
         }
         pb.finish_and_clear();

@@ -170,16 +170,16 @@ impl CalibStats {
     }
 
     /// Runs the checkpoint's blocks over `chunks` (`dtype` compute on `device`, one block in
-    /// memory at a time) and records the statistics. `on_block` is called after each block.
+    /// memory at a time) and records the statistics. `on_tokens(n)` is called as each batch of `n` tokens leaves a block.
     pub fn collect(
         ck: &Checkpoint,
         dtype: DType,
         device: &Device,
         chunks: &[Vec<u32>],
         info: CalibInfo,
-        on_block: &dyn Fn(),
+        on_tokens: &dyn Fn(u64),
     ) -> Result<Self> {
-        Self::collect_with(ck, dtype, device, chunks, info, None, on_block)
+        Self::collect_with(ck, dtype, device, chunks, info, None, on_tokens)
     }
 
     /// [`Self::collect`], with `also` observing the same pass (one forward pass feeds both).
@@ -190,14 +190,14 @@ impl CalibStats {
         chunks: &[Vec<u32>],
         mut info: CalibInfo,
         also: Option<&mut dyn Observer>,
-        on_block: &dyn Fn(),
+        on_tokens: &dyn Fn(u64),
     ) -> Result<Self> {
         let t0 = Instant::now();
         let mut col = Collector {
             layers: Self::empty(&ck.config, info.clone()).layers,
             also,
         };
-        crate::runtime::observe_streamed(ck, dtype, device, chunks, &mut col, on_block)?;
+        crate::runtime::observe_streamed(ck, dtype, device, chunks, &mut col, on_tokens)?;
         info.samples = chunks.len();
         info.tokens = chunks.iter().map(Vec::len).sum();
         info.wall_s = t0.elapsed().as_secs_f64();

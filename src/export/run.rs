@@ -61,9 +61,9 @@ pub struct ExportOptions {
 }
 
 impl ExportOptions {
-    /// Where target `t` is written.
-    pub fn path(&self, t: Target) -> PathBuf {
-        t.path(&self.out, self.targets.len() == 1)
+    /// Where target `t` of model `ck` is written.
+    pub fn path(&self, t: Target, ck: &Checkpoint) -> PathBuf {
+        t.path(&self.out, self.targets.len() == 1, &model_name(ck))
     }
 
     /// Whether GGUF targets take their importance matrix from this run's calibration.
@@ -104,6 +104,16 @@ impl ExportOptions {
             })
             .collect()
     }
+}
+
+/// The model's name in artifact file names: its folder's name (`Llama-3.1-8B`), as llama.cpp's
+/// converter names its outputs.
+pub fn model_name(ck: &Checkpoint) -> String {
+    let dir = std::fs::canonicalize(&ck.dir).unwrap_or_else(|_| ck.dir.clone());
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "model".into())
 }
 
 /// One artifact written.
@@ -149,7 +159,7 @@ struct Sinks {
     gguf: Vec<(Target, GgufSink)>,
 }
 
-/// Runs the export; `progress(done, total)` counts input elements.
+/// Runs the export; `progress(done, total)` counts input bytes converted.
 pub fn run(
     ck: &Checkpoint,
     o: &ExportOptions,
@@ -175,10 +185,17 @@ pub fn run(
             )));
         }
     }
+    // So is every input file named besides the checkpoint.
+    for p in [&o.calib.calib, &o.calib.load, &o.gguf.imatrix]
+        .into_iter()
+        .flatten()
+    {
+        std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+    }
     // Every output path is checked before any work: nothing is calibrated or written when one
     // of them is in the way.
     for &t in &o.targets {
-        let p = o.path(t);
+        let p = o.path(t, ck);
         if p.exists() && !o.force {
             return Err(Error::Invalid(format!(
                 "{} already exists (pass --force to replace it)",
@@ -192,10 +209,15 @@ pub fn run(
     crate::runtime::tune_allocator();
     let t0 = Instant::now();
     let imatrix_file = match &o.gguf.imatrix {
-        Some(p) => Some(ImatrixUse {
-            imatrix: Imatrix::read(p)?,
-            file: p.display().to_string(),
-        }),
+        Some(p) => {
+            // Checked here, before calibration, so a foreign or damaged matrix costs no time.
+            let imatrix = Imatrix::read(p)?;
+            imatrix.check_against(&ck.config, p)?;
+            Some(ImatrixUse {
+                imatrix,
+                file: p.display().to_string(),
+            })
+        }
         None => None,
     };
     let cal = calibrate_for(ck, &o.calib, o.needs(), device)?;
@@ -302,7 +324,7 @@ fn open_sinks(
     sinks: &mut Sinks,
 ) -> Result<()> {
     for &t in &o.targets {
-        let out = o.path(t);
+        let out = o.path(t, ck);
         if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
@@ -407,10 +429,13 @@ fn export_loop(
     let mut factor: Option<GptqFactor> = None;
     // The same for the smoothed inputs INT8 weights see.
     let mut int8_factor: Option<((usize, usize), crate::quant::gptq::GptqPlan)> = None;
-    let total: u64 = items
-        .iter()
-        .map(|s| s.shape.iter().product::<usize>() as u64)
-        .sum();
+    // Progress counts input bytes: what a user can compare with the checkpoint's size.
+    let stored = |name: &str| {
+        ck.info(name).map_or(0, |(_, t)| {
+            (t.shape.iter().product::<usize>() * t.dtype.size()) as u64
+        })
+    };
+    let total: u64 = items.iter().map(|s| stored(&s.name)).sum();
     let mut done = 0u64;
     let mut bytes_read = 0u64;
     let want_smooth = sinks.ck.iter().any(|s| s.target == Target::Int8);
@@ -461,7 +486,7 @@ fn export_loop(
                 }
                 if sinks.ck.is_empty() && f32_gguf.is_empty() {
                     ck.release(name);
-                    done += shape.iter().product::<usize>() as u64;
+                    done += stored(name);
                     progress(done, total);
                     continue;
                 }
@@ -505,7 +530,7 @@ fn export_loop(
             }
         }
         ck.release(name);
-        done += shape.iter().product::<usize>() as u64;
+        done += stored(name);
         progress(done, total);
     }
     Ok((items.len(), bytes_read))

@@ -79,11 +79,14 @@ impl Target {
     }
 
     /// Where this target is written under `--out`: `out` itself when it is the only target;
-    /// else `out/<name>` for a checkpoint folder and `out/<mix>.gguf` for a GGUF file.
-    pub fn path(self, out: &Path, only: bool) -> PathBuf {
+    /// else `out/<name>` for a checkpoint folder and `out/<model>-<TYPE>.gguf` for a GGUF file
+    /// (`Llama-3.1-8B-Q4_K_M.gguf`, the naming llama.cpp users find models by).
+    pub fn path(self, out: &Path, only: bool, model: &str) -> PathBuf {
         match (only, self) {
             (true, _) => out.to_owned(),
-            (false, Target::Gguf(m)) => out.join(format!("{}.gguf", m.name())),
+            (false, Target::Gguf(m)) => {
+                out.join(format!("{model}-{}.gguf", m.name().to_ascii_uppercase()))
+            }
             (false, t) => out.join(t.name()),
         }
     }
@@ -148,12 +151,12 @@ mod tests {
     #[test]
     fn one_rule_for_output_paths() {
         let out = Path::new("X");
-        assert_eq!(Target::Fp8.path(out, true), out);
-        assert_eq!(Target::Gguf(Mix::Q8_0).path(out, true), out);
-        assert_eq!(Target::Fp8.path(out, false), out.join("fp8"));
+        assert_eq!(Target::Fp8.path(out, true, "m"), out);
+        assert_eq!(Target::Gguf(Mix::Q8_0).path(out, true, "m"), out);
+        assert_eq!(Target::Fp8.path(out, false, "m"), out.join("fp8"));
         assert_eq!(
-            Target::Gguf(Mix::Q8_0).path(out, false),
-            out.join("q8_0.gguf")
+            Target::Gguf(Mix::Q4KM).path(out, false, "SmolLM2-135M"),
+            out.join("SmolLM2-135M-Q4_K_M.gguf")
         );
     }
 }

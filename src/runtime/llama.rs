@@ -458,6 +458,15 @@ impl<'a> Streamed<'a> {
     /// Loads the next block, applies it to every group (`obs` sees each group's sites in
     /// order) and drops it.
     pub fn step(&mut self, obs: Option<&mut dyn Observer>) -> Result<()> {
+        self.step_counted(obs, &|_| ())
+    }
+
+    /// [`Streamed::step`], calling `on_tokens(n)` after each group of `n` tokens has run.
+    pub fn step_counted(
+        &mut self,
+        obs: Option<&mut dyn Observer>,
+        on_tokens: &dyn Fn(u64),
+    ) -> Result<()> {
         let l = self.next_block;
         let blk = self.src.block(l, self.dtype, &self.device, self.opts)?;
         // The block owns what it runs on (packed panels or tensors): the mapped pages can go.
@@ -477,6 +486,7 @@ impl<'a> Streamed<'a> {
                 total: t,
             };
             *x = blk.forward(l, x.clone(), &p, None, &mut obs)?;
+            on_tokens((b * t) as u64);
         }
         self.next_block += 1;
         Ok(())
@@ -510,14 +520,14 @@ impl<'a> Streamed<'a> {
 /// Runs the blocks of `ck` over `chunks` (no cache) one block at a time (see [`Streamed`]):
 /// `obs` sees, site by site, the rows [`Llama::forward`] would show it, chunks in order.
 /// Equally long chunks run together, up to [`OBSERVE_ROWS`] rows per forward, which is what
-/// keeps the GEMMs large. `on_block` is called after each block.
+/// keeps the GEMMs large. `on_tokens(n)` is called as each batch of `n` tokens leaves a block.
 pub fn observe_streamed(
     ck: &Checkpoint,
     dtype: DType,
     device: &Device,
     chunks: &[Vec<u32>],
     obs: &mut dyn Observer,
-    on_block: &dyn Fn(),
+    on_tokens: &dyn Fn(u64),
 ) -> Result<()> {
     let src = SafetensorsSource::borrowed(ck);
     let refs: Vec<&[u32]> = chunks.iter().map(Vec::as_slice).collect();
@@ -525,8 +535,7 @@ pub fn observe_streamed(
     let batch = (OBSERVE_ROWS / t).max(1);
     let mut s = Streamed::new(&src, dtype, device, LoadOptions::default(), &refs, batch)?;
     while !s.done() {
-        s.step(Some(&mut *obs))?;
-        on_block();
+        s.step_counted(Some(&mut *obs), on_tokens)?;
     }
     Ok(())
 }

@@ -12,6 +12,9 @@ pub struct GenResult {
     /// Index of the first differing generated token (`None`: identical or no reference).
     pub first_diff: Option<usize>,
     pub candidate_text: String,
+    /// The reference's generation, decoded (absent without a reference).
+    #[serde(default)]
+    pub reference_text: Option<String>,
 }
 
 /// Reads a prompts file: one prompt per line, `\n`, `\t` and `\\` escapes expanded, blank lines

@@ -171,11 +171,10 @@ pub fn score_streamed(
             })
             .transpose()?;
         while !c.done() {
-            c.step(None)?;
+            c.step_counted(None, on_progress)?;
             if let Some(r) = r.as_mut() {
-                r.step(None)?;
+                r.step_counted(None, on_progress)?;
             }
-            on_progress(1);
         }
         c.keep_from(first)?;
         if let Some(r) = r.as_mut() {

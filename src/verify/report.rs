@@ -1,7 +1,7 @@
 //! `minitron-verify`'s whole run: load, measure, and report as JSON and as a table.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device};
@@ -123,6 +123,16 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
             "--kld is measured on the --ppl text: give --ppl FILE".into(),
         ));
     }
+    // Every named input is checked before a model is loaded: a typo costs no load time.
+    for p in [&o.ppl, &o.gen].into_iter().flatten() {
+        std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+    }
+    for p in [Some(&o.candidate), o.reference.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        std::fs::metadata(p).map_err(|e| Error::io(p, e))?;
+    }
     crate::runtime::tune_allocator();
     let t0 = Instant::now();
     let dtype = o.compute_dtype();
@@ -136,15 +146,12 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
             // A GGUF file runs with the tokenizer rebuilt from its own metadata, as llama.cpp
             // would.
             let tok = Tokenizer::from_gguf(&o.candidate)?;
-            let name = o
-                .candidate
-                .file_name()
-                .map_or("model.gguf".into(), |f| f.to_string_lossy().into_owned());
-            let hashes = vec![(name, sha256_file(&o.candidate)?)];
+            let hashes = vec![(file_label(&o.candidate), sha256_file(&o.candidate)?)];
             (Box::new(GgufSource::open(&o.candidate)?), tok, hashes)
         } else {
             let ck = std::sync::Arc::new(Checkpoint::open(&o.candidate)?);
             let tok = Tokenizer::load(&o.candidate).or_else(|e| match &o.reference {
+                Some(r) if r.is_file() => Tokenizer::from_gguf(r),
                 Some(r) => Tokenizer::load(r),
                 None => Err(e),
             })?;
@@ -154,15 +161,25 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
     let cand_cfg = cand_src.config().clone();
     let whole_dtype = o.whole_dtype(cand_cfg.parameter_count());
     let need_ref = o.reference.is_some() && (o.kld || o.gen.is_some());
-    let ref_ck = if need_ref {
-        let dir = o.reference.as_ref().expect("checked");
-        let ck = std::sync::Arc::new(Checkpoint::open(dir)?);
-        check_same_vocab(cand_cfg.vocab_size, &ck)?;
-        Some(ck)
+    // The reference: a checkpoint folder, or a GGUF file (a bf16 conversion of the original).
+    type Hashes = Vec<(String, String)>;
+    let (ref_src, ref_hashes): (Option<Box<dyn Source>>, Hashes) = if need_ref {
+        let path = o.reference.as_ref().expect("checked");
+        let (src, hashes): (Box<dyn Source>, _) = if path.is_file() {
+            (
+                Box::new(GgufSource::open(path)?),
+                vec![(file_label(path), sha256_file(path)?)],
+            )
+        } else {
+            let ck = std::sync::Arc::new(Checkpoint::open(path)?);
+            let hashes = ck.input_hashes()?;
+            (Box::new(SafetensorsSource::new(ck)), hashes)
+        };
+        check_same_vocab(cand_cfg.vocab_size, src.config().vocab_size, path)?;
+        (Some(src), hashes)
     } else {
-        None
+        (None, Vec::new())
     };
-    let ref_src = ref_ck.clone().map(SafetensorsSource::new);
     // Generation (and the logits dump) run the whole model, resident in stored precision;
     // perplexity and KL-divergence stream it block by block.
     let whole = o.gen.is_some() || o.dump_logits.is_some() || o.whole_model;
@@ -171,7 +188,7 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
         .transpose()?;
     let reference = match (&ref_src, o.gen.is_some() || (o.whole_model && o.kld)) {
         (Some(r), true) => Some(Llama::from_source(
-            r,
+            r.as_ref(),
             whole_dtype,
             &o.device,
             LoadOptions::default(),
@@ -193,10 +210,8 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
     for (k, v) in cand_hashes {
         inputs.insert(format!("candidate/{k}"), v);
     }
-    if let Some(ck) = &ref_ck {
-        for (k, v) in ck.input_hashes()? {
-            inputs.insert(format!("reference/{k}"), v);
-        }
+    for (k, v) in ref_hashes {
+        inputs.insert(format!("reference/{k}"), v);
     }
 
     let mut report = Report {
@@ -258,11 +273,13 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
             pass_chunks: o.chunks_per_pass(&cand_cfg),
             on: StatsOn::for_device(&o.device),
         };
-        let passes = chunks.len().div_ceil(plan_s.pass_chunks.max(1)).max(1);
+        // Token × block steps of every model run (the reference's too, for --kld).
+        let models = if o.kld { 2 } else { 1 };
+        let depth = (cand_cfg.num_hidden_layers * models) as u64;
         let pb = crate::progress::bar(
-            (passes * cand_cfg.num_hidden_layers) as u64,
-            "perplexity (blocks)",
-            false,
+            (chunks.len() * o.ctx) as u64 * depth,
+            if o.kld { "ppl + kld" } else { "perplexity" },
+            crate::progress::Unit::Tokens { passes: depth },
         );
         let t_eval = Instant::now();
         let mut nll = Vec::new();
@@ -270,11 +287,7 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
         let mut kld = Vec::new();
         let mut same = Vec::new();
         let mut per_chunk = Vec::new();
-        let ref_for_kld: Option<&dyn Source> = if o.kld {
-            ref_src.as_ref().map(|r| r as &dyn Source)
-        } else {
-            None
-        };
+        let ref_for_kld: Option<&dyn Source> = if o.kld { ref_src.as_deref() } else { None };
         let results = match (&cand, o.whole_model) {
             (Some(c), true) => {
                 let r = if o.kld { reference.as_ref() } else { None };
@@ -288,6 +301,7 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
                         plan.first_scored(),
                         plan_s.on,
                     )?);
+                    pb.inc(g.iter().map(|c| c.len() as u64).sum::<u64>() * depth);
                 }
                 all
             }
@@ -340,7 +354,11 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
         inputs.insert("prompts".into(), sha256_file(prompts_path)?);
         let prompts = read_prompts(prompts_path)?;
         let t_gen = Instant::now();
-        let pb = crate::progress::bar(prompts.len() as u64, "generate", false);
+        let pb = crate::progress::bar(
+            prompts.len() as u64,
+            "generate",
+            crate::progress::Unit::Items("prompts"),
+        );
         let mut results = Vec::new();
         let (mut prefill_tokens, mut prefill_s, mut decode_tokens, mut decode_s) =
             (0usize, 0f64, 0usize, 0f64);
@@ -364,6 +382,7 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
                 .and_then(|r| first_difference(&candidate, r));
             results.push(GenResult {
                 candidate_text: tok.decode(&candidate)?,
+                reference_text: reference.as_ref().map(|r| tok.decode(r)).transpose()?,
                 prompt: p,
                 prompt_ids: ids,
                 candidate,
@@ -393,16 +412,26 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
     Ok(report)
 }
 
-fn check_same_vocab(candidate_vocab: usize, b: &Checkpoint) -> Result<()> {
-    if candidate_vocab != b.config.vocab_size {
+fn check_same_vocab(candidate_vocab: usize, reference_vocab: usize, path: &Path) -> Result<()> {
+    if candidate_vocab != reference_vocab {
         return Err(Error::TensorMismatch {
-            path: b.dir.join("config.json"),
+            path: if path.is_dir() {
+                path.join("config.json")
+            } else {
+                path.to_owned()
+            },
             tensor: "vocab_size".into(),
             expected: format!("{candidate_vocab} (the candidate's)"),
-            found: b.config.vocab_size.to_string(),
+            found: reference_vocab.to_string(),
         });
     }
     Ok(())
+}
+
+/// A file's name for report keys.
+fn file_label(path: &Path) -> String {
+    path.file_name()
+        .map_or("model.gguf".into(), |f| f.to_string_lossy().into_owned())
 }
 
 fn machine_info() -> Machine {
@@ -470,6 +499,11 @@ pub fn table(r: &Report) -> String {
                 "gen         {:?} → {:?}{}",
                 p.prompt, p.candidate_text, status
             );
+            // A differing generation is shown beside the reference's, so the difference can
+            // be read, not only counted.
+            if let (Some(_), Some(rt)) = (p.first_diff, &p.reference_text) {
+                let _ = writeln!(s, "  reference {:?} → {:?}", p.prompt, rt);
+            }
         }
         if let Some(exact) = g.exact_match {
             let _ = writeln!(

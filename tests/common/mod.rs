@@ -84,8 +84,17 @@ pub fn run_err(name: &str, args: &[&str]) -> String {
 
 /// Runs, asserts a clean failure with exit status `code` (no panic, no backtrace) and returns
 /// stderr.
+///
+/// It runs with `RUST_BACKTRACE=1` and `RUST_LIB_BACKTRACE=1`, as a developer's shell often
+/// has them: a user's error must read the same there.
 pub fn run_err_code(name: &str, args: &[&str], code: i32) -> String {
-    let o = run(name, args);
+    let o = Command::new(bin(name))
+        .args(args)
+        .env_remove("RAYON_NUM_THREADS")
+        .env("RUST_BACKTRACE", "1")
+        .env("RUST_LIB_BACKTRACE", "1")
+        .output()
+        .expect("binary runs");
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(
         !o.status.success(),
@@ -96,8 +105,16 @@ pub fn run_err_code(name: &str, args: &[&str], code: i32) -> String {
         Some(code),
         "expected exit status {code}, stderr:\n{err}"
     );
+    let frame = |l: &str| {
+        let t = l.trim_start();
+        t.split_once(": ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
     assert!(
-        !err.contains("panicked") && !err.contains("stack backtrace"),
+        !err.contains("panicked")
+            && !err.contains("stack backtrace")
+            && !err.contains("Stack backtrace")
+            && !err.lines().any(frame),
         "panic or backtrace instead of an error:\n{err}"
     );
     err
