@@ -124,7 +124,7 @@ impl Tokenizer {
         }
         let mut inner = tokenizers::Tokenizer::from_gguf(&ct).map_err(|e| Error::Tokenizer {
             path: path.to_owned(),
-            msg: e.to_string(),
+            msg: crate::error::candle_message(&e),
         })?;
         if pre == "smollm" {
             // SmolLM's pre-tokenizer: single digits, then GPT-2's byte-level split (candle has
