@@ -9,8 +9,12 @@ use std::time::{Duration, Instant};
 
 use minitron::export::Target;
 
+/// Help text with its line wrapping undone (clap wraps at the terminal's width).
 fn help(bin_name: &str, args: &[&str]) -> String {
     run_ok(bin_name, args)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[test]

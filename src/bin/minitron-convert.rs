@@ -28,7 +28,7 @@ struct Cli {
     /// Input checkpoint folder (bf16 Hugging Face safetensors).
     model: Option<PathBuf>,
     /// Target format(s), comma-separated (one artifact each; with several, --out is a folder
-    /// holding `<target>/` checkpoint folders and `<mix>.gguf` files).
+    /// holding `<target>/` checkpoint folders and `<model>-<TYPE>.gguf` files).
     #[arg(long, value_delimiter = ',', value_name = "TARGET[,TARGET…]", value_parser = TargetNames)]
     to: Vec<String>,
     /// Output path: the artifact itself for one target (a folder, or a `.gguf` file); for several,

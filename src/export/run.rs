@@ -437,6 +437,8 @@ fn export_loop(
     };
     let total: u64 = items.iter().map(|s| stored(&s.name)).sum();
     let mut done = 0u64;
+    // The clock of the caller's rate and ETA starts here, not after the first tensor.
+    progress(0, total);
     let mut bytes_read = 0u64;
     let want_smooth = sinks.ck.iter().any(|s| s.target == Target::Int8);
     let mut smooth: Option<LayerSmoothing> = None;
