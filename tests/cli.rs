@@ -407,3 +407,39 @@ fn no_backtrace_on_a_users_error() {
     assert_eq!(e.trim().lines().count(), 1, "{e}");
     eprintln!("{}", e.trim());
 }
+
+/// On a terminal (a pseudo-terminal from util-linux's `script`), each phase draws its own bar in
+/// human units: calibration in tokens/s, conversion in bytes of the checkpoint.
+#[test]
+#[cfg_attr(
+    not(minitron_assets),
+    ignore = "needs the real assets: ../shared/tools/real-assets.sh"
+)]
+fn progress_on_a_terminal_counts_tokens_and_bytes() {
+    let model = assets().join("smollm2-135m");
+    let t = tempdir();
+    let cmd = format!(
+        "{} {} --to int8 --calib-samples 4 --calib-seq 256 --out {}",
+        bin("minitron-convert").display(),
+        model.display(),
+        t.path().join("o").display()
+    );
+    let o = std::process::Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .env_remove("CI")
+        .output()
+        .expect("util-linux `script` runs (it provides the pseudo-terminal)");
+    let screen = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{screen}");
+    let lines: Vec<&str> = screen.split(['\r', '\n']).collect();
+    let bar = |phase: &str, unit: &str| {
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("{phase} [")) && l.contains(unit))
+    };
+    assert!(bar("calibrate", " tokens/s "), "{screen:?}");
+    assert!(bar("convert", "MiB/256.57 MiB"), "{screen:?}");
+    // No bar for a phase that has not started: the first bar drawn is calibration's.
+    let first = lines.iter().find(|l| l.contains(" [")).unwrap();
+    assert!(first.contains("calibrate ["), "{first:?}");
+}

@@ -117,6 +117,8 @@ pub fn run_err_code(name: &str, args: &[&str], code: i32) -> String {
             && !err.lines().any(frame),
         "panic or backtrace instead of an error:\n{err}"
     );
+    // `--nocapture` lists every refusal with its status.
+    eprintln!("[exit {code}] {name}: {}", err.trim());
     err
 }
 
