@@ -51,11 +51,16 @@ struct Cli {
     /// through the smoothed calibration inputs' second moments). int8 only [default: rtn].
     #[arg(long, value_name = "MODE", value_parser = ["rtn", "gptq"])]
     int8_weights: Option<String>,
+    /// How W4A16 weights are rounded: `rtn` (nearest) or `gptq` (error feedback through the
+    /// calibration inputs' second moments; group scales fixed first). w4a16 only [default: rtn].
+    #[arg(long, value_name = "MODE", value_parser = ["rtn", "gptq"])]
+    int4_weights: Option<String>,
     /// SmoothQuant migration strength for --to int8: a number in (0, 1), or `auto` to choose it
     /// per layer from 0.3 … 0.9 by the calibrated output error [default: 0.8].
     #[arg(long, value_name = "ALPHA|auto")]
     smooth_alpha: Option<String>,
-    /// Scales per this many input columns for --to int8-w8a16 (default: one per output channel).
+    /// Scales per this many input columns: --to int8-w8a16 (default: one per output channel) and
+    /// w4a16 (default: 128).
     #[arg(long, value_name = "N")]
     group_size: Option<usize>,
     /// GGUF: importance matrix (llama.cpp's GGUF or legacy .dat format) for the quantizers.
@@ -333,7 +338,7 @@ fn check_applicable(cli: &Cli, targets: &[Target]) -> anyhow::Result<()> {
     };
     let any = |f: fn(Target) -> bool| targets.iter().any(|&t| f(t));
     let quantized_gguf = |t: Target| t.mix().is_some_and(|m| !m.is_float());
-    let rules: [(&str, bool, bool, &str); 10] = [
+    let rules: [(&str, bool, bool, &str); 11] = [
         (
             "--fp8-weights",
             cli.fp8_weights.is_some(),
@@ -355,8 +360,14 @@ fn check_applicable(cli: &Cli, targets: &[Target]) -> anyhow::Result<()> {
         (
             "--group-size",
             cli.group_size.is_some(),
-            any(|t| t == Target::Int8W8A16),
-            "--to int8-w8a16",
+            any(|t| t.packed_bits().is_some()),
+            "--to int8-w8a16 and w4a16",
+        ),
+        (
+            "--int4-weights",
+            cli.int4_weights.is_some(),
+            any(|t| t == Target::W4A16),
+            "--to w4a16",
         ),
         (
             "--imatrix",
@@ -454,6 +465,10 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
             Some("gptq") => WeightMode::Gptq,
             _ => WeightMode::Rtn,
         },
+        int4_weights: match cli.int4_weights.as_deref() {
+            Some("gptq") => WeightMode::Gptq,
+            _ => WeightMode::Rtn,
+        },
         smooth_alpha,
         group_size: cli.group_size,
         calib: cli.calib.options(),
@@ -471,7 +486,7 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
     };
     if opts.calib_asked && opts.calibrated_targets().is_empty() {
         bail!(
-            "{} applies to targets that calibrate (int8, fp8-static, FP8 with --fp8-weights search|gptq, quantized GGUF types), not to --to {}: drop it or add such a target",
+            "{} applies to targets that calibrate (int8, fp8-static, FP8 with --fp8-weights search|gptq, w4a16 with --int4-weights gptq, quantized GGUF types), not to --to {}: drop it or add such a target",
             cli.calib.first_given().unwrap_or("--calib"),
             opts.targets.iter().map(|t| t.name()).collect::<Vec<_>>().join(",")
         );

@@ -19,6 +19,9 @@ pub struct Manifest {
     pub target: String,
     pub fp8_weights: String,
     pub int8_weights: String,
+    /// Absent in manifests written before `w4a16` existed.
+    #[serde(default)]
+    pub int4_weights: Option<String>,
     pub input: InputRecord,
     pub calibration: Option<CalibInfo>,
     pub quantization_config: serde_json::Value,

@@ -48,13 +48,14 @@ pub fn linear_plan(
                 pt(format!("{stem}.weight_scale"), Dtype::BF16, vec![out, 1]),
             ]
         }
-        Target::Int8W8A16 => {
-            let groups = group.map_or(1, |g| shape[1] / g);
+        Target::Int8W8A16 | Target::W4A16 => {
+            let per_word = 32 / t.packed_bits().expect("packed") as usize;
+            let groups = t.group(group).map_or(1, |g| shape[1] / g);
             return vec![
                 pt(
                     format!("{stem}.weight_packed"),
                     Dtype::I32,
-                    vec![out, shape[1].div_ceil(4)],
+                    vec![out, shape[1].div_ceil(per_word)],
                 ),
                 pt(
                     format!("{stem}.weight_scale"),
@@ -94,7 +95,7 @@ pub fn linear_plan(
             dtype: Dtype::F32,
             shape: vec![out],
         }),
-        Target::Int8 | Target::Int8W8A16 => unreachable!("handled above"),
+        Target::Int8 | Target::Int8W8A16 | Target::W4A16 => unreachable!("handled above"),
         Target::Gguf(_) => unreachable!("GGUF targets are planned by export::gguf"),
     }
     v
@@ -139,7 +140,18 @@ fn ct_args(
     observer: Option<&str>,
     group_size: Option<usize>,
 ) -> Value {
-    json!({"actorder": null, "block_structure": null, "dynamic": dynamic, "group_size": group_size, "num_bits": 8,
+    ct_args_bits(ty, strategy, dynamic, observer, group_size, 8)
+}
+
+fn ct_args_bits(
+    ty: &str,
+    strategy: &str,
+    dynamic: bool,
+    observer: Option<&str>,
+    group_size: Option<usize>,
+    bits: u32,
+) -> Value {
+    json!({"actorder": null, "block_structure": null, "dynamic": dynamic, "group_size": group_size, "num_bits": bits,
            "observer": observer, "observer_kwargs": {}, "strategy": strategy, "symmetric": true, "type": ty})
 }
 
@@ -188,9 +200,18 @@ pub fn quantization_config(t: Target, group: Option<usize>) -> Value {
             ct_args("int", "token", true, None, None),
             Value::Null,
         ),
-        Target::Int8W8A16 => {
+        Target::Int8W8A16 | Target::W4A16 => {
+            let group = t.group(group);
             let strategy = if group.is_some() { "group" } else { "channel" };
-            let w = ct_args("int", strategy, false, Some("memoryless_minmax"), group);
+            let bits = t.packed_bits().expect("packed");
+            let w = ct_args_bits(
+                "int",
+                strategy,
+                false,
+                Some("memoryless_minmax"),
+                group,
+                bits,
+            );
             ct_config("pack-quantized", w, Value::Null, Value::Null)
         }
         Target::Gguf(_) => Value::Null,

@@ -45,6 +45,8 @@ pub struct ExportOptions {
     pub fp8_weights: WeightMode,
     /// `rtn` or `gptq` (W8A8 weights, after smoothing).
     pub int8_weights: WeightMode,
+    /// `rtn` or `gptq` (`w4a16` weights).
+    pub int4_weights: WeightMode,
     /// SmoothQuant migration strength for `int8` (`None`: choose per layer from a grid).
     pub smooth_alpha: Option<f64>,
     /// Group size for `int8-w8a16` (`None`: one scale per output channel).
@@ -86,7 +88,8 @@ impl ExportOptions {
                 || (has_fp8 && self.fp8_weights != WeightMode::Rtn)
                 || self.gguf_from_calibration(),
             hessians: (has_fp8 && self.fp8_weights == WeightMode::Gptq)
-                || (has(Target::Int8) && self.int8_weights == WeightMode::Gptq),
+                || (has(Target::Int8) && self.int8_weights == WeightMode::Gptq)
+                || (has(Target::W4A16) && self.int4_weights == WeightMode::Gptq),
         }
     }
 
@@ -100,6 +103,7 @@ impl ExportOptions {
                 Target::Fp8Static | Target::Int8 => true,
                 Target::Fp8 | Target::Fp8ModelOpt => self.fp8_weights != WeightMode::Rtn,
                 Target::Int8W8A16 => false,
+                Target::W4A16 => self.int4_weights != WeightMode::Rtn,
                 Target::Gguf(m) => gguf && !m.is_float(),
             })
             .collect()
@@ -176,13 +180,15 @@ pub fn run(
             ck.dir.display()
         )));
     }
-    if let Some(g) = o.group_size {
-        let c = &ck.config;
-        let widths = [c.hidden_size, c.q_dim(), c.intermediate_size];
-        if g == 0 || widths.iter().any(|w| w % g != 0) {
-            return Err(Error::Invalid(format!(
-                "--group-size {g} must divide every linear layer's input width ({widths:?})"
-            )));
+    for t in &o.targets {
+        if let Some(g) = t.group(o.group_size) {
+            let c = &ck.config;
+            let widths = [c.hidden_size, c.q_dim(), c.intermediate_size];
+            if g == 0 || widths.iter().any(|w| w % g != 0) {
+                return Err(Error::Invalid(format!(
+                    "{t}: group size {g} must divide every linear layer's input width ({widths:?}); choose one with --group-size"
+                )));
+            }
         }
     }
     // So is every input file named besides the checkpoint.
@@ -608,6 +614,36 @@ fn write_linear(
             s.writer
                 .write(&format!("{stem}.weight_shape"), &shape_bytes)?;
         }
+        Target::W4A16 => {
+            let group = s.target.group(c.o.group_size);
+            let m = match (c.o.int4_weights, c.hessians) {
+                (WeightMode::Gptq, Some(h)) => {
+                    let key = (layer, r.site().index());
+                    if factor.as_ref().map(|f| f.0) != Some(key) {
+                        let n = h.count.max(1) as f64;
+                        let mean: Vec<f64> = h.sums[key.0][key.1].iter().map(|v| v / n).collect();
+                        let u = crate::quant::gptq::GptqPlan::new(&mean, cols, 0.01)?;
+                        *factor = Some((key, mean, u));
+                    }
+                    let (_, _, u) = factor.as_ref().expect("just set");
+                    crate::quant::int8::quantize_gptq_bits(w, cols, group, u, 4)
+                }
+                _ => crate::quant::int8::quantize_bits(w, cols, group, 4),
+            };
+            s.errors.insert(name.to_owned(), m.relative_rms(w, cols));
+            s.writer.write(
+                &format!("{stem}.weight_packed"),
+                &crate::quant::int8::pack_bits(&m.q, cols, 4),
+            )?;
+            s.writer
+                .write(&format!("{stem}.weight_scale"), &bf16_bytes(&m.scales))?;
+            let shape_bytes: Vec<u8> = [c.shape[0] as i64, cols as i64]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            s.writer
+                .write(&format!("{stem}.weight_shape"), &shape_bytes)?;
+        }
         Target::Fp8 | Target::Fp8Static | Target::Fp8ModelOpt => {
             let style = s.target.style();
             if !cache.iter().any(|(st, _, _)| *st == style) {
@@ -794,6 +830,7 @@ fn finish_ck(
         target: s.target.name().into(),
         fp8_weights: o.fp8_weights.name().into(),
         int8_weights: o.int8_weights.name().into(),
+        int4_weights: (s.target == Target::W4A16).then(|| o.int4_weights.name().into()),
         input: InputRecord {
             dir: ck.dir.display().to_string(),
             sha256: input_hashes.iter().cloned().collect(),

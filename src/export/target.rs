@@ -8,6 +8,9 @@ use crate::error::{Error, Result};
 use crate::quant::fp8::ScaleStyle;
 use crate::quant::recipe::Mix;
 
+/// compressed-tensors' W4A16 preset group size.
+pub const W4A16_GROUP: usize = 128;
+
 /// An artifact kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Target {
@@ -21,18 +24,22 @@ pub enum Target {
     Int8,
     /// compressed-tensors weight-only INT8 (`pack-quantized`).
     Int8W8A16,
+    /// compressed-tensors weight-only INT4, symmetric, per group of 128 input columns by default
+    /// (`pack-quantized`, eight codes per int32).
+    W4A16,
     /// A GGUF file for llama.cpp under one of llama-quantize's mixes (or a float type).
     Gguf(Mix),
 }
 
 impl Target {
     /// Every target, in `--help` order.
-    pub const ALL: [Target; 16] = [
+    pub const ALL: [Target; 17] = [
         Target::Fp8,
         Target::Fp8Static,
         Target::Fp8ModelOpt,
         Target::Int8,
         Target::Int8W8A16,
+        Target::W4A16,
         Target::Gguf(Mix::F32),
         Target::Gguf(Mix::F16),
         Target::Gguf(Mix::BF16),
@@ -54,7 +61,27 @@ impl Target {
             Target::Fp8ModelOpt => "fp8-modelopt",
             Target::Int8 => "int8",
             Target::Int8W8A16 => "int8-w8a16",
+            Target::W4A16 => "w4a16",
             Target::Gguf(m) => m.target_name(),
+        }
+    }
+
+    /// Bits per weight code of a `pack-quantized` target.
+    pub fn packed_bits(self) -> Option<u32> {
+        match self {
+            Target::Int8W8A16 => Some(8),
+            Target::W4A16 => Some(4),
+            _ => None,
+        }
+    }
+
+    /// The input columns per weight scale this target uses given `--group-size`: W4A16 groups
+    /// by 128 unless told otherwise, INT8 weight-only only when told (else per channel).
+    pub fn group(self, group_size: Option<usize>) -> Option<usize> {
+        match self {
+            Target::W4A16 => Some(group_size.unwrap_or(W4A16_GROUP)),
+            Target::Int8W8A16 => group_size,
+            _ => None,
         }
     }
 

@@ -109,19 +109,22 @@ impl Checkpoint {
                 if spec.optional {
                     continue;
                 }
-                // pack-quantized layers store `weight_packed` (I32 [out, ceil(in/4)]) instead.
+                // pack-quantized layers store `weight_packed` (I32 [out, ceil(in / (32 / bits))])
+                // instead.
                 if let Some(stem) = spec.name.strip_suffix(".weight") {
                     let packed = format!("{stem}.weight_packed");
                     if let Some(&pi) = self.index.get(&packed) {
                         let f = &self.files[pi];
                         let t = &f.tensors[&packed];
-                        let want = vec![spec.shape[0], spec.shape[1].div_ceil(4)];
+                        let bits = self.packed_bits()?;
+                        let per = 32 / bits as usize;
+                        let want = vec![spec.shape[0], spec.shape[1].div_ceil(per)];
                         if t.dtype != Dtype::I32 || t.shape != want {
                             return Err(Error::TensorMismatch {
                                 path: f.path.clone(),
                                 tensor: packed,
                                 expected: format!(
-                                    "I32 {want:?} (8-bit values packed four per word)"
+                                    "I32 {want:?} ({bits}-bit values packed {per} per word)"
                                 ),
                                 found: format!("{} {:?}", t.dtype, t.shape),
                             });
@@ -170,6 +173,29 @@ impl Checkpoint {
             .cloned()
             .collect();
         Ok(self)
+    }
+
+    /// Bits per code of a `pack-quantized` checkpoint: the `num_bits` of its
+    /// `quantization_config` weights (8 when the config does not say). Only 4 and 8 are read.
+    pub fn packed_bits(&self) -> Result<u32> {
+        let groups = self
+            .config_json
+            .pointer("/quantization_config/config_groups")
+            .and_then(Value::as_object);
+        let bits = groups
+            .into_iter()
+            .flat_map(|g| g.values())
+            .filter_map(|g| g.pointer("/weights/num_bits").and_then(Value::as_u64))
+            .next()
+            .unwrap_or(8);
+        match bits {
+            4 | 8 => Ok(bits as u32),
+            b => Err(Error::config(
+                self.dir.join("config.json"),
+                "quantization_config.config_groups.*.weights.num_bits",
+                format!("expected 4 or 8 for pack-quantized weights, found {b}"),
+            )),
+        }
     }
 
     /// With `tie_word_embeddings` the head is the embedding matrix. A stored `lm_head.weight` is

@@ -87,13 +87,13 @@ fn cholesky_lower(a: &[f64], n: usize) -> Result<Vec<f64>> {
     Ok(l)
 }
 
-/// Rounds every row of `w` (`[rows, n]`) with `round(row, value) -> (dequantized value, code)`,
-/// propagating errors through `u` (from [`inverse_factor`]). Returns the codes.
+/// Rounds every row of `w` (`[rows, n]`) with `round(row, column, value) -> (dequantized value,
+/// code)`, propagating errors through `u` (from [`inverse_factor`]). Returns the codes.
 pub fn quantize_rows(
     w: &[f32],
     n: usize,
     u: &[f64],
-    round: impl Fn(usize, f64) -> (f64, u8) + Sync,
+    round: impl Fn(usize, usize, f64) -> (f64, u8) + Sync,
 ) -> Vec<u8> {
     let mut out = vec![0u8; w.len()];
     out.par_chunks_mut(n)
@@ -102,7 +102,7 @@ pub fn quantize_rows(
         .for_each(|(r, (o, row))| {
             let mut x: Vec<f64> = row.iter().map(|&v| v as f64).collect();
             for j in 0..n {
-                let (q, code) = round(r, x[j]);
+                let (q, code) = round(r, j, x[j]);
                 o[j] = code;
                 let err = (x[j] - q) / u[j * n + j];
                 let uj = &u[j * n..(j + 1) * n];
@@ -145,11 +145,22 @@ impl GptqPlan {
         n: usize,
         round: impl Fn(usize, f64) -> (f64, u8) + Sync,
     ) -> Vec<u8> {
+        self.quantize_rows_at(w, n, |r, _, v| round(r, v))
+    }
+
+    /// [`GptqPlan::quantize_rows`] with `round(row, column, value)` told each value's column in
+    /// the original order (for per-group scales).
+    pub fn quantize_rows_at(
+        &self,
+        w: &[f32],
+        n: usize,
+        round: impl Fn(usize, usize, f64) -> (f64, u8) + Sync,
+    ) -> Vec<u8> {
         let wp: Vec<f32> = w
             .chunks(n)
             .flat_map(|r| self.perm.iter().map(move |&p| r[p]))
             .collect();
-        let cp = quantize_rows(&wp, n, &self.u, round);
+        let cp = quantize_rows(&wp, n, &self.u, |r, j, v| round(r, self.perm[j], v));
         let mut codes = vec![0u8; cp.len()];
         for (row_out, row_in) in codes.chunks_mut(n).zip(cp.chunks(n)) {
             for (j, &p) in self.perm.iter().enumerate() {
@@ -203,7 +214,7 @@ mod tests {
         let w: Vec<f32> = (0..rows * n).map(|_| rng.unit_f32() - 0.5).collect();
         let grid = |v: f64| (v * 4.0).round() / 4.0; // coarse grid so rounding matters
         let u = inverse_factor(&h, n, 0.01).unwrap();
-        let codes = quantize_rows(&w, n, &u, |_, v| {
+        let codes = quantize_rows(&w, n, &u, |_, _, v| {
             let q = grid(v);
             (q, (q * 4.0 + 128.0) as u8)
         });

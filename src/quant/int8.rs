@@ -1,8 +1,10 @@
-//! Symmetric INT8 weights as compressed-tensors defines them (formats/int8.md#weights), the
-//! `pack-quantized` layout, and SmoothQuant's per-channel migration.
+//! Symmetric integer weights as compressed-tensors defines them (formats/int8.md#weights): INT8,
+//! and the 4-bit form of `w4a16`; the `pack-quantized` layout; SmoothQuant's per-channel
+//! migration.
 //!
-//! compressed-tensors' symmetric range is [−128, 127] with `scale = absmax / 127.5` (half the
-//! span), stored in bf16; `q = clamp(round(bf16(w / scale)), −128, 127)` with round-half-even.
+//! compressed-tensors' symmetric `b`-bit range is [−2^(b−1), 2^(b−1) − 1] with
+//! `scale = absmax / ((2^b − 1) / 2)` (half the span: 127.5 for INT8, 7.5 for INT4), stored in
+//! bf16; `q = clamp(round(bf16(w / scale)), lo, hi)` with round-half-even.
 
 use rayon::prelude::*;
 
@@ -19,18 +21,30 @@ pub struct Int8Matrix {
 const BF16_EPS: f32 = 0.0078125;
 
 multiversion! {
-    /// INT8 codes of one scale group: `round_half_even(bf16(x / s))`, clamped to ±127/−128
-    /// (the AVX-512 build inlines the rounding the baseline target calls out for).
-    fn group_codes(wg: &[f32], s: f32, qg: &mut [i8]) {
+    /// Integer codes of one scale group: `round_half_even(bf16(x / s))`, clamped to
+    /// `[lo, hi]` (the AVX-512 build inlines the rounding the baseline target calls out for).
+    fn group_codes(wg: &[f32], s: f32, lo: f32, hi: f32, qg: &mut [i8]) {
         for (o, &x) in qg.iter_mut().zip(wg) {
-            *o = round_bf16(x / s).round_ties_even().clamp(-128.0, 127.0) as i8;
+            *o = round_bf16(x / s).round_ties_even().clamp(lo, hi) as i8;
         }
     }
+}
+
+/// The symmetric `bits`-bit code range and the divisor of absmax that gives the scale.
+pub fn int_range(bits: u32) -> (f32, f32, f32) {
+    let half = (1i32 << (bits - 1)) as f32;
+    (-half, half - 1.0, half - 0.5)
 }
 
 /// Quantizes `w` (`[rows, cols]`, values already bf16-representable) per output channel, or per
 /// `group` input columns when given (which must divide `cols`).
 pub fn quantize(w: &[f32], cols: usize, group: Option<usize>) -> Int8Matrix {
+    quantize_bits(w, cols, group, 8)
+}
+
+/// [`quantize`] to symmetric `bits`-bit codes (2 ≤ bits ≤ 8), held one per `i8`.
+pub fn quantize_bits(w: &[f32], cols: usize, group: Option<usize>, bits: u32) -> Int8Matrix {
+    let (lo, hi, div) = int_range(bits);
     let g = group.unwrap_or(cols);
     let groups = cols / g;
     let mut q = vec![0i8; w.len()];
@@ -41,11 +55,11 @@ pub fn quantize(w: &[f32], cols: usize, group: Option<usize>) -> Int8Matrix {
             let mut ss = Vec::with_capacity(groups);
             for (qg, wg) in qr.chunks_mut(g).zip(row.chunks(g)) {
                 let amax = wg.iter().fold(0f32, |m, &v| m.max(v.abs()));
-                let mut s = round_bf16(amax / 127.5);
+                let mut s = round_bf16(amax / div);
                 if s == 0.0 {
                     s = BF16_EPS;
                 }
-                group_codes(wg, s, qg);
+                group_codes(wg, s, lo, hi, qg);
                 ss.push(s);
             }
             ss
@@ -70,6 +84,34 @@ pub fn quantize_gptq(w: &[f32], cols: usize, plan: &crate::quant::gptq::GptqPlan
         q: codes.into_iter().map(|c| c as i8).collect(),
         scales,
         groups: 1,
+    }
+}
+
+/// `bits`-bit codes with GPTQ error feedback and static group scales: the scales of
+/// [`quantize_bits`] are fixed from `w` first (as llm-compressor's observer fixes them before
+/// its GPTQ loop), then the codes are rounded in `plan`'s column order, each rounding error
+/// pushed onto the columns not yet rounded. The column order changes no scale, so the artifact
+/// needs no `g_idx`.
+pub fn quantize_gptq_bits(
+    w: &[f32],
+    cols: usize,
+    group: Option<usize>,
+    plan: &crate::quant::gptq::GptqPlan,
+    bits: u32,
+) -> Int8Matrix {
+    let (lo, hi, _) = int_range(bits);
+    let m = quantize_bits(w, cols, group, bits);
+    let (scales, groups) = (m.scales, m.groups);
+    let g = cols / groups;
+    let codes = plan.quantize_rows_at(w, cols, |r, c, v| {
+        let s = scales[r * groups + c / g];
+        let q = round_bf16((v as f32) / s).round_ties_even().clamp(lo, hi);
+        ((q * s) as f64, q as i8 as u8)
+    });
+    Int8Matrix {
+        q: codes.into_iter().map(|c| c as i8).collect(),
+        scales,
+        groups,
     }
 }
 
@@ -116,6 +158,49 @@ pub fn pack(q: &[i8], cols: usize) -> Vec<u8> {
             }
         });
     out
+}
+
+/// `pack-quantized` for `bits` bits (a divisor of 32): each code offset by 2^(bits−1) to an
+/// unsigned value, `32 / bits` of them per little-endian int32 along the row, code `i` of a row
+/// at bit `(i mod n)·bits` of word `i / n`; rows padded with zero bits to a whole word. For 8
+/// bits this is [`pack`].
+pub fn pack_bits(q: &[i8], cols: usize, bits: u32) -> Vec<u8> {
+    let per = (32 / bits) as usize;
+    let words = cols.div_ceil(per);
+    let off = 1i32 << (bits - 1);
+    let mask = (1u32 << bits) - 1;
+    let mut out = vec![0u8; q.len() / cols * words * 4];
+    out.par_chunks_mut(words * 4)
+        .zip(q.par_chunks(cols))
+        .for_each(|(o, r)| {
+            for (k, chunk) in r.chunks(per).enumerate() {
+                let mut word = 0u32;
+                for (i, &v) in chunk.iter().enumerate() {
+                    word |= ((v as i32 + off) as u32 & mask) << (i as u32 * bits);
+                }
+                o[4 * k..4 * k + 4].copy_from_slice(&word.to_le_bytes());
+            }
+        });
+    out
+}
+
+/// Inverse of [`pack_bits`].
+pub fn unpack_bits(bytes: &[u8], rows: usize, cols: usize, bits: u32) -> Vec<i8> {
+    let per = (32 / bits) as usize;
+    let words = cols.div_ceil(per);
+    let off = 1i32 << (bits - 1);
+    let mask = (1u32 << bits) - 1;
+    let mut q = vec![0i8; rows * cols];
+    q.par_chunks_mut(cols)
+        .zip(bytes.par_chunks(words * 4))
+        .for_each(|(o, b)| {
+            for (i, v) in o.iter_mut().enumerate() {
+                let k = i / per;
+                let word = u32::from_le_bytes([b[4 * k], b[4 * k + 1], b[4 * k + 2], b[4 * k + 3]]);
+                *v = (((word >> ((i % per) as u32 * bits)) & mask) as i32 - off) as i8;
+            }
+        });
+    q
 }
 
 /// Inverse of [`pack`].

@@ -90,9 +90,9 @@ impl<'a> SafetensorsSource<'a> {
             found,
         };
         let data = if ck.index.contains_key(&packed) {
-            // W8A16: dequantized weights, activations untouched (what Marlin computes).
+            // W8A16 / W4A16: dequantized weights, activations untouched (what Marlin computes).
             let (bytes, _) = ck.raw(&packed)?;
-            let q = crate::quant::int8::unpack(bytes, out, inp);
+            let q = crate::quant::int8::unpack_bits(bytes, out, inp, ck.packed_bits()?);
             let scales = ck.read_f32(&scale_name)?;
             let groups = scales.len() / out;
             if groups == 0 || scales.len() % out != 0 || inp % groups != 0 {
