@@ -254,7 +254,7 @@ fn every_target_is_the_same_for_any_thread_count() {
             &[
                 s(&tiny()),
                 "--to",
-                "fp8,fp8-static,fp8-modelopt,int8,int8-w8a16,gguf:bf16,gguf:q8_0,gguf:q4_k_m,gguf:q6_k",
+                "fp8,fp8-static,fp8-modelopt,int8,int8-w8a16,w4a16,gguf:bf16,gguf:q8_0,gguf:q4_k_m,gguf:q6_k",
                 "--calib-samples",
                 "4",
                 "--calib-seq",
@@ -269,7 +269,7 @@ fn every_target_is_the_same_for_any_thread_count() {
     };
     let one = run("1");
     let count = |suffix: &str| one.iter().filter(|(n, _)| n.ends_with(suffix)).count();
-    assert_eq!(count("/model.safetensors"), 5, "{one:?}");
+    assert_eq!(count("/model.safetensors"), 6, "{one:?}");
     assert_eq!(count(".gguf"), 4, "{one:?}");
     assert_eq!(one, run("3"));
 }

@@ -45,6 +45,9 @@ pub struct Calibration {
     pub hessians: Option<hessian::Hessians>,
     /// Forward passes run over the calibration text (0 or 1).
     pub passes: usize,
+    /// What the pass ran on and how long it took (also when it collected only GPTQ's second
+    /// moments), or the loaded statistics' record.
+    pub info: Option<CalibInfo>,
 }
 
 /// Calibrates once for everything `needs` asks: statistics are loaded (`--load-calib`) or
@@ -104,9 +107,19 @@ pub fn calibrate_for(
                 &|n| pb.inc(n),
             )?);
         } else if let Some(h) = hc.as_mut() {
+            let t0 = std::time::Instant::now();
             crate::runtime::observe_streamed(ck, pass_dtype(device), device, &chunks, h, &|n| {
                 pb.inc(n)
             })?;
+            out.info = Some(CalibInfo {
+                source: src.label.clone(),
+                sha256: src.sha256.clone(),
+                samples: chunks.len(),
+                seq_len: o.spec.seq_len,
+                tokens: chunks.iter().map(Vec::len).sum(),
+                shuffle_seed: o.spec.shuffle,
+                wall_s: t0.elapsed().as_secs_f64(),
+            });
         }
         pb.finish_and_clear();
         crate::runtime::release_free_memory();
@@ -115,6 +128,9 @@ pub fn calibrate_for(
     }
     if let (Some(p), Some(st)) = (&o.save, &out.stats) {
         st.save(p)?;
+    }
+    if let Some(st) = &out.stats {
+        out.info = Some(st.info.clone());
     }
     Ok(out)
 }

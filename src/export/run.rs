@@ -180,6 +180,23 @@ pub fn run(
             ck.dir.display()
         )));
     }
+    // Every input file named besides the checkpoint is opened before any work.
+    for p in [&o.calib.calib, &o.calib.load, &o.gguf.imatrix]
+        .into_iter()
+        .flatten()
+    {
+        std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+    }
+    // So is every output path: nothing is calibrated or written when one of them is in the way.
+    for &t in &o.targets {
+        let p = o.path(t, ck);
+        if p.exists() && !o.force {
+            return Err(Error::Invalid(format!(
+                "{} already exists (pass --force to replace it)",
+                p.display()
+            )));
+        }
+    }
     for t in &o.targets {
         if let Some(g) = t.group(o.group_size) {
             let c = &ck.config;
@@ -189,24 +206,6 @@ pub fn run(
                     "{t}: group size {g} must divide every linear layer's input width ({widths:?}); choose one with --group-size"
                 )));
             }
-        }
-    }
-    // So is every input file named besides the checkpoint.
-    for p in [&o.calib.calib, &o.calib.load, &o.gguf.imatrix]
-        .into_iter()
-        .flatten()
-    {
-        std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
-    }
-    // Every output path is checked before any work: nothing is calibrated or written when one
-    // of them is in the way.
-    for &t in &o.targets {
-        let p = o.path(t, ck);
-        if p.exists() && !o.force {
-            return Err(Error::Invalid(format!(
-                "{} already exists (pass --force to replace it)",
-                p.display()
-            )));
         }
     }
     // With several targets `out` is their folder; made when the sinks open, removed again if
@@ -266,7 +265,7 @@ pub fn run(
         let mut done: Vec<(Target, Artifact, Option<PathBuf>)> = Vec::new();
         for s in sinks.ck.drain(..) {
             let (t, path, tmp) = (s.target, s.out.clone(), s.tmp.clone());
-            let m = finish_ck(ck, o, cal.stats.as_ref(), s, &input_hashes, t0)?;
+            let m = finish_ck(ck, o, cal.info.as_ref(), s, &input_hashes, t0)?;
             let manifest = Box::new(m);
             done.push((t, Artifact::Checkpoint { path, manifest }, Some(tmp)));
         }
@@ -310,8 +309,8 @@ pub fn run(
     artifacts.sort_by_key(|(t, _)| o.targets.iter().position(|x| x == t));
     Ok(ExportReport {
         artifacts,
-        calibration: cal.stats.as_ref().map(|s| s.info.clone()),
-        calibrated: if cal.stats.is_some() {
+        calibration: cal.info.clone(),
+        calibrated: if cal.info.is_some() {
             o.calibrated_targets()
         } else {
             Vec::new()
@@ -773,7 +772,7 @@ fn write_gguf_manifest(
 fn finish_ck(
     ck: &Checkpoint,
     o: &ExportOptions,
-    stats: Option<&CalibStats>,
+    calibration: Option<&crate::calib::CalibInfo>,
     s: CkSink,
     input_hashes: &[(String, String)],
     t0: Instant,
@@ -835,7 +834,7 @@ fn finish_ck(
             dir: ck.dir.display().to_string(),
             sha256: input_hashes.iter().cloned().collect(),
         },
-        calibration: stats.map(|st| st.info.clone()),
+        calibration: calibration.cloned(),
         quantization_config: qc,
         total_bytes: files.iter().map(|f| f.bytes).sum(),
         files,
