@@ -296,10 +296,15 @@ impl Checkpoint {
     }
 
     /// Total parameters over the tensors the architecture uses.
+    /// A `pack-quantized` layer counts its logical `[out, in]` weight, not its packed words.
     pub fn parameter_count(&self) -> u64 {
+        let packed = |n: &str| {
+            n.strip_suffix(".weight")
+                .is_some_and(|stem| self.index.contains_key(&format!("{stem}.weight_packed")))
+        };
         self.specs()
             .iter()
-            .filter(|s| self.index.contains_key(&s.name))
+            .filter(|s| self.index.contains_key(&s.name) || packed(&s.name))
             .map(|s| s.shape.iter().product::<usize>() as u64)
             .sum()
     }
