@@ -84,7 +84,11 @@ fn options_no_target_uses_are_refused_naming_their_target() {
     let cases: &[(&str, &[&str], &str)] = &[
         ("fp8", &["--smooth-alpha", "0.5"], "--to int8"),
         ("fp8", &["--int8-weights", "gptq"], "--to int8"),
-        ("gguf:q8_0", &["--group-size", "64"], "--to int8-w8a16 and w4a16"),
+        (
+            "gguf:q8_0",
+            &["--group-size", "64"],
+            "--to int8-w8a16 and w4a16",
+        ),
         ("int8-w8a16", &["--int4-weights", "gptq"], "--to w4a16"),
         ("int8", &["--fp8-weights", "search"], "FP8 targets"),
         ("fp8", &["--imatrix", "x.gguf"], "quantized GGUF targets"),

@@ -599,19 +599,7 @@ fn write_linear(
         }
         Target::Int8W8A16 => {
             let m = crate::quant::int8::quantize(w, cols, c.o.group_size);
-            s.errors.insert(name.to_owned(), m.relative_rms(w, cols));
-            s.writer.write(
-                &format!("{stem}.weight_packed"),
-                &crate::quant::int8::pack(&m.q, cols),
-            )?;
-            s.writer
-                .write(&format!("{stem}.weight_scale"), &bf16_bytes(&m.scales))?;
-            let shape_bytes: Vec<u8> = [c.shape[0] as i64, cols as i64]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
-            s.writer
-                .write(&format!("{stem}.weight_shape"), &shape_bytes)?;
+            write_packed(s, name, c.shape, w, &m, 8)?;
         }
         Target::W4A16 => {
             let group = s.target.group(c.o.group_size);
@@ -629,19 +617,7 @@ fn write_linear(
                 }
                 _ => crate::quant::int8::quantize_bits(w, cols, group, 4),
             };
-            s.errors.insert(name.to_owned(), m.relative_rms(w, cols));
-            s.writer.write(
-                &format!("{stem}.weight_packed"),
-                &crate::quant::int8::pack_bits(&m.q, cols, 4),
-            )?;
-            s.writer
-                .write(&format!("{stem}.weight_scale"), &bf16_bytes(&m.scales))?;
-            let shape_bytes: Vec<u8> = [c.shape[0] as i64, cols as i64]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
-            s.writer
-                .write(&format!("{stem}.weight_shape"), &shape_bytes)?;
+            write_packed(s, name, c.shape, w, &m, 4)?;
         }
         Target::Fp8 | Target::Fp8Static | Target::Fp8ModelOpt => {
             let style = s.target.style();
@@ -688,6 +664,32 @@ fn write_linear(
         Target::Gguf(_) => unreachable!("GGUF targets have their own sinks"),
     }
     Ok(())
+}
+
+/// Writes a `pack-quantized` layer (formats/int8.md#w8a16, #w4a16): `bits`-bit codes packed
+/// into int32 words, the bf16 scales, the logical shape; records the layer's error.
+fn write_packed(
+    s: &mut CkSink,
+    name: &str,
+    shape: &[usize],
+    w: &[f32],
+    m: &crate::quant::int8::Int8Matrix,
+    bits: u32,
+) -> Result<()> {
+    let stem = name.strip_suffix(".weight").expect("weight");
+    let cols = shape[1];
+    s.errors.insert(name.to_owned(), m.relative_rms(w, cols));
+    s.writer.write(
+        &format!("{stem}.weight_packed"),
+        &crate::quant::int8::pack_bits(&m.q, cols, bits),
+    )?;
+    s.writer
+        .write(&format!("{stem}.weight_scale"), &bf16_bytes(&m.scales))?;
+    let dims: Vec<u8> = [shape[0] as i64, cols as i64]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    s.writer.write(&format!("{stem}.weight_shape"), &dims)
 }
 
 /// FP8 weights of one linear layer under `style` (RTN, clipping search or GPTQ).
