@@ -186,3 +186,69 @@ proptest! {
         );
     }
 }
+
+/// AWQ keeps the W4A16 layout (its scaling lives in the norms, `v_proj` and `up_proj`), records
+/// what it chose per block and input, runs, and is refused beside `int8`, whose SmoothQuant
+/// would rewrite the same norms differently.
+#[test]
+fn awq_keeps_the_layout_records_its_choices_and_runs() {
+    let t = tempdir();
+    let model = tiny();
+    let rtn = t.path().join("rtn");
+    let awq = t.path().join("awq");
+    run_ok(
+        "minitron-convert",
+        &[s(&model), "--to", "w4a16", "--out", s(&rtn)],
+    );
+    run_ok(
+        "minitron-convert",
+        &[
+            s(&model),
+            "--to",
+            "w4a16",
+            "--int4-weights",
+            "awq",
+            "--calib-seq",
+            "64",
+            "--out",
+            s(&awq),
+        ],
+    );
+    let layout = |d: &std::path::Path| -> Vec<(String, String, Vec<usize>)> {
+        tensors(d)
+            .into_iter()
+            .map(|(n, (dt, sh, _))| (n, dt, sh))
+            .collect()
+    };
+    assert_eq!(layout(&rtn), layout(&awq));
+    assert_eq!(
+        config(&rtn)["quantization_config"],
+        config(&awq)["quantization_config"]
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(awq.join("minitron-manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["int4_weights"], "awq");
+    assert_eq!(m["smoothquant"]["alpha"], "awq");
+    assert_eq!(m["smoothquant"]["per_layer"].as_array().unwrap().len(), 2);
+    let text = root().join("src/model/default_corpus.txt");
+    let r: serde_json::Value = serde_json::from_str(&run_ok(
+        "minitron-verify",
+        &[s(&awq), "--ppl", s(&text), "--ctx", "128", "--json"],
+    ))
+    .unwrap();
+    assert!(r["ppl"]["perplexity"]["ppl"].as_f64().unwrap().is_finite());
+    let e = run_err(
+        "minitron-convert",
+        &[
+            s(&model),
+            "--to",
+            "int8,w4a16",
+            "--int4-weights",
+            "awq",
+            "--out",
+            s(&t.path().join("both")),
+        ],
+    );
+    assert!(e.contains("convert them in two runs"), "{e}");
+}

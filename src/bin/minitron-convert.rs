@@ -51,9 +51,11 @@ struct Cli {
     /// through the smoothed calibration inputs' second moments). int8 only [default: rtn].
     #[arg(long, value_name = "MODE", value_parser = ["rtn", "gptq"])]
     int8_weights: Option<String>,
-    /// How W4A16 weights are rounded: `rtn` (nearest) or `gptq` (error feedback through the
-    /// calibration inputs' second moments; group scales fixed first). w4a16 only [default: rtn].
-    #[arg(long, value_name = "MODE", value_parser = ["rtn", "gptq"])]
+    /// How W4A16 weights are chosen: `rtn` (nearest), `gptq` (error feedback through the
+    /// calibration inputs' second moments; group scales fixed first) or `awq` (activation-aware
+    /// per-channel scales folded into the norms, v_proj and up_proj, searched per input).
+    /// w4a16 only [default: rtn].
+    #[arg(long, value_name = "MODE", value_parser = ["rtn", "gptq", "awq"])]
     int4_weights: Option<String>,
     /// SmoothQuant migration strength for --to int8: a number in (0, 1), or `auto` to choose it
     /// per layer from 0.3 … 0.9 by the calibrated output error [default: 0.8].
@@ -466,8 +468,9 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
             _ => WeightMode::Rtn,
         },
         int4_weights: match cli.int4_weights.as_deref() {
-            Some("gptq") => WeightMode::Gptq,
-            _ => WeightMode::Rtn,
+            Some("gptq") => minitron::quant::int8::Int4Method::Gptq,
+            Some("awq") => minitron::quant::int8::Int4Method::Awq,
+            _ => minitron::quant::int8::Int4Method::Rtn,
         },
         smooth_alpha,
         group_size: cli.group_size,
@@ -486,7 +489,7 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
     };
     if opts.calib_asked && opts.calibrated_targets().is_empty() {
         bail!(
-            "{} applies to targets that calibrate (int8, fp8-static, FP8 with --fp8-weights search|gptq, w4a16 with --int4-weights gptq, quantized GGUF types), not to --to {}: drop it or add such a target",
+            "{} applies to targets that calibrate (int8, fp8-static, FP8 with --fp8-weights search|gptq, w4a16 with --int4-weights gptq|awq, quantized GGUF types), not to --to {}: drop it or add such a target",
             cli.calib.first_given().unwrap_or("--calib"),
             opts.targets.iter().map(|t| t.name()).collect::<Vec<_>>().join(",")
         );

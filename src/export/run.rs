@@ -18,6 +18,7 @@ use crate::model::names::{InputSite, LinearRole, TensorRole};
 use crate::model::synth::MAX_SHARD_BYTES;
 use crate::model::Checkpoint;
 use crate::quant::fp8::{self, Fp8Matrix, ScaleStyle, WeightMode};
+use crate::quant::int8::Int4Method;
 use crate::quant::recipe::Recipe;
 use crate::quant::smoothquant::{LayerSmoothing, SmoothPlan};
 
@@ -45,8 +46,8 @@ pub struct ExportOptions {
     pub fp8_weights: WeightMode,
     /// `rtn` or `gptq` (W8A8 weights, after smoothing).
     pub int8_weights: WeightMode,
-    /// `rtn` or `gptq` (`w4a16` weights).
-    pub int4_weights: WeightMode,
+    /// `rtn`, `gptq` or `awq` (`w4a16` weights).
+    pub int4_weights: crate::quant::int8::Int4Method,
     /// SmoothQuant migration strength for `int8` (`None`: choose per layer from a grid).
     pub smooth_alpha: Option<f64>,
     /// Group size for `int8-w8a16` (`None`: one scale per output channel).
@@ -85,11 +86,12 @@ impl ExportOptions {
         Needs {
             stats: has(Target::Fp8Static)
                 || has(Target::Int8)
+                || (has(Target::W4A16) && self.int4_weights == Int4Method::Awq)
                 || (has_fp8 && self.fp8_weights != WeightMode::Rtn)
                 || self.gguf_from_calibration(),
             hessians: (has_fp8 && self.fp8_weights == WeightMode::Gptq)
                 || (has(Target::Int8) && self.int8_weights == WeightMode::Gptq)
-                || (has(Target::W4A16) && self.int4_weights == WeightMode::Gptq),
+                || (has(Target::W4A16) && self.int4_weights == Int4Method::Gptq),
         }
     }
 
@@ -103,7 +105,7 @@ impl ExportOptions {
                 Target::Fp8Static | Target::Int8 => true,
                 Target::Fp8 | Target::Fp8ModelOpt => self.fp8_weights != WeightMode::Rtn,
                 Target::Int8W8A16 => false,
-                Target::W4A16 => self.int4_weights != WeightMode::Rtn,
+                Target::W4A16 => self.int4_weights != Int4Method::Rtn,
                 Target::Gguf(m) => gguf && !m.is_float(),
             })
             .collect()
@@ -186,6 +188,14 @@ pub fn run(
         .flatten()
     {
         std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+    }
+    if o.int4_weights == Int4Method::Awq
+        && o.targets.contains(&Target::W4A16)
+        && o.targets.contains(&Target::Int8)
+    {
+        return Err(Error::Invalid(
+            "--to int8 and --to w4a16 --int4-weights awq rewrite the norm weights each their own way: convert them in two runs".into(),
+        ));
     }
     // So is every output path: nothing is calibrated or written when one of them is in the way.
     for &t in &o.targets {
@@ -445,21 +455,33 @@ fn export_loop(
     // The clock of the caller's rate and ETA starts here, not after the first tensor.
     progress(0, total);
     let mut bytes_read = 0u64;
-    let want_smooth = sinks.ck.iter().any(|s| s.target == Target::Int8);
+    // INT8 (SmoothQuant) and W4A16 with AWQ rewrite the norms, each its own way; the two are
+    // refused together before any work (see `run`).
+    let awq = o.int4_weights == Int4Method::Awq && o.targets.contains(&Target::W4A16);
+    let want_smooth = awq || sinks.ck.iter().any(|s| s.target == Target::Int8);
     let mut smooth: Option<LayerSmoothing> = None;
     for spec in &items {
         let (name, shape) = (&spec.name, &spec.shape);
         let norm_of = spec.role.norm_site();
         if let (true, Some(l)) = (want_smooth, spec.role.layer()) {
             if smooth.as_ref().map(|s| s.layer) != Some(l) {
-                let st = stats.ok_or_else(|| Error::Invalid("int8 needs calibration".into()))?;
-                let plan = SmoothPlan::from_alpha(o.smooth_alpha);
+                let st = stats.ok_or_else(|| {
+                    Error::Invalid("int8 and w4a16 with awq need calibration".into())
+                })?;
+                let plan = match Target::W4A16.group(o.group_size) {
+                    Some(g) if awq => SmoothPlan::awq(g),
+                    _ => SmoothPlan::from_alpha(o.smooth_alpha),
+                };
                 let sm = LayerSmoothing::compute(ck, &st.activations(l), l, plan)?;
                 let sites: BTreeMap<String, f64> = InputSite::ALL
                     .into_iter()
                     .filter_map(|site| sm.alpha(site).map(|a| (site.name().to_owned(), a)))
                     .collect();
-                for s in sinks.ck.iter_mut().filter(|s| s.target == Target::Int8) {
+                for s in sinks
+                    .ck
+                    .iter_mut()
+                    .filter(|s| s.target == Target::Int8 || (awq && s.target == Target::W4A16))
+                {
                     s.alphas.push(LayerAlpha {
                         layer: l,
                         sites: sites.clone(),
@@ -521,7 +543,9 @@ fn export_loop(
                 let bytes = f.bytes(name).expect("listed");
                 for s in sinks.ck.iter_mut() {
                     match (s.target, norm_of, smooth.as_ref()) {
-                        (Target::Int8, Some((_, site)), Some(sm)) => {
+                        (t, Some((_, site)), Some(sm))
+                            if t == Target::Int8 || (awq && t == Target::W4A16) =>
+                        {
                             let g = ck.read_f32(name)?;
                             s.writer
                                 .write(name, &bf16_bytes(&sm.smooth_norm(site, &g)))?;
@@ -604,7 +628,7 @@ fn write_linear(
         Target::W4A16 => {
             let group = s.target.group(c.o.group_size);
             let m = match (c.o.int4_weights, c.hessians) {
-                (WeightMode::Gptq, Some(h)) => {
+                (Int4Method::Gptq, Some(h)) => {
                     let key = (layer, r.site().index());
                     if factor.as_ref().map(|f| f.0) != Some(key) {
                         let n = h.count.max(1) as f64;
@@ -614,6 +638,13 @@ fn write_linear(
                     }
                     let (_, _, u) = factor.as_ref().expect("just set");
                     crate::quant::int8::quantize_gptq_bits(w, cols, group, u, 4)
+                }
+                (Int4Method::Awq, _) => {
+                    let sm = c.smooth.expect("computed for this layer");
+                    let ws = sm.smooth_weight(r, w, cols);
+                    let m = crate::quant::int8::quantize_bits(&ws, cols, group, 4);
+                    // The error is against the scaled weights the codes stand for.
+                    return write_packed(s, name, c.shape, &ws, &m, 4);
                 }
                 _ => crate::quant::int8::quantize_bits(w, cols, group, 4),
             };
@@ -840,11 +871,15 @@ fn finish_ck(
         quantization_config: qc,
         total_bytes: files.iter().map(|f| f.bytes).sum(),
         files,
-        smoothquant: (s.target == Target::Int8).then(|| SmoothQuantRecord {
-            alpha: o
-                .smooth_alpha
-                .map_or(serde_json::json!("auto"), |a| serde_json::json!(a)),
-            per_layer: s.alphas,
+        smoothquant: (s.target == Target::Int8 || !s.alphas.is_empty()).then(|| {
+            SmoothQuantRecord {
+                alpha: match (s.target, o.smooth_alpha) {
+                    (Target::W4A16, _) => serde_json::json!("awq"),
+                    (_, None) => serde_json::json!("auto"),
+                    (_, Some(a)) => serde_json::json!(a),
+                },
+                per_layer: s.alphas,
+            }
         }),
         tensor_error: TensorError::new(s.errors),
         wall_s: t0.elapsed().as_secs_f64(),

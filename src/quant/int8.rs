@@ -10,6 +10,29 @@ use rayon::prelude::*;
 
 use crate::numerics::fp8::round_bf16;
 
+/// How `w4a16` weights are chosen (`--int4-weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Int4Method {
+    /// Round to nearest under the group absmax scale.
+    #[default]
+    Rtn,
+    /// GPTQ error feedback, group scales fixed first.
+    Gptq,
+    /// AWQ: activation-aware per-channel scaling folded into the producing norm or layer
+    /// (quant::smoothquant), then round to nearest.
+    Awq,
+}
+
+impl Int4Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Int4Method::Rtn => "rtn",
+            Int4Method::Gptq => "gptq",
+            Int4Method::Awq => "awq",
+        }
+    }
+}
+
 /// A quantized `[rows, cols]` matrix with `groups` scales per row.
 pub struct Int8Matrix {
     pub q: Vec<i8>,

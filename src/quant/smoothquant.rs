@@ -17,9 +17,28 @@ use crate::quant::int8::{column_absmax, quantize, smooth_factors};
 /// The α grid searched by `--smooth-alpha auto`.
 pub const ALPHA_GRID: [f64; 7] = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
 
+/// Which quantizer the factors are chosen for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// W8A8 (SmoothQuant): `s = max|X|^α / max|W|^(1−α)`, error under INT8 weights and
+    /// per-token INT8 activations.
+    SmoothQuant,
+    /// Weight-only INT4 in groups of `group` input columns (AWQ, Lin et al. 2023, as
+    /// llm-compressor's AWQModifier scales with `duo_scaling`): `s = mean|X|^α / mean|Ŵ|^(1−α)`
+    /// (Ŵ: each weight divided by its group's absmax, averaged over the output rows of every
+    /// layer reading the input), normalised by `sqrt(max s · min s)`; α from 0, 0.05, …, 0.95
+    /// by the error of the unquantized activations times the INT4 weights; an input no α
+    /// improves on plain rounding for is left unscaled.
+    Awq { group: usize },
+}
+
+/// AWQ's α grid (llm-compressor's `n_grid` 20).
+pub const AWQ_GRID: usize = 20;
+
 /// Which migrations to make and how to choose α.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SmoothPlan {
+    pub method: Method,
     /// A fixed α for every smoothed input; `None`: per layer and input, the α of
     /// [`ALPHA_GRID`] with the smallest quantized output error on the calibration samples.
     pub alpha: Option<f64>,
@@ -34,8 +53,18 @@ impl SmoothPlan {
     /// mappings); `auto` searches α per input and smooths all four.
     pub fn from_alpha(alpha: Option<f64>) -> Self {
         SmoothPlan {
+            method: Method::SmoothQuant,
             alpha,
             extended: alpha.is_none(),
+        }
+    }
+
+    /// AWQ for INT4 weights in groups of `group`: α searched per input, all four inputs.
+    pub fn awq(group: usize) -> Self {
+        SmoothPlan {
+            method: Method::Awq { group },
+            alpha: None,
+            extended: true,
         }
     }
 }
@@ -121,9 +150,39 @@ impl LayerSmoothing {
                     s
                 }
             };
-            let (s, a) = match plan.alpha {
-                Some(a) => (smooth_factors(&amax, &wmax, a), a),
-                None => {
+            let (s, a) = match (plan.method, plan.alpha) {
+                (Method::Awq { group }, _) => {
+                    let x = acts[site.index()].samples;
+                    if x.is_empty() {
+                        return Err(Error::Invalid(
+                            "--int4-weights awq needs activation samples, which saved statistics do not keep: calibrate again instead of --load-calib".into(),
+                        ));
+                    }
+                    let mut xmean = mean_abs_columns(x, cols);
+                    let mut wmean = group_normalised_mean(&refs, cols, group);
+                    if site == InputSite::AttnOut {
+                        xmean = reduce_mean(&xmean, c.kv_dim(), &kv_of);
+                        wmean = reduce_mean(&wmean, c.kv_dim(), &kv_of);
+                    }
+                    // No scaling is a candidate too: an input where no α beats plain rounding
+                    // on the calibration rows stays as it is.
+                    let plain = w4_output_error(x, &refs, cols, &vec![1.0; cols], group);
+                    let mut best = (plain, f64::NAN, Vec::new());
+                    for i in 0..AWQ_GRID {
+                        let a = i as f64 / AWQ_GRID as f64;
+                        let s = awq_factors(&xmean, &wmean, a);
+                        let e = w4_output_error(x, &refs, cols, &expand(s.clone()), group);
+                        if e < best.0 {
+                            best = (e, a, s);
+                        }
+                    }
+                    if best.2.is_empty() {
+                        continue;
+                    }
+                    (best.2, best.1)
+                }
+                (Method::SmoothQuant, Some(a)) => (smooth_factors(&amax, &wmax, a), a),
+                (Method::SmoothQuant, None) => {
                     let x = acts[site.index()].samples;
                     if x.is_empty() {
                         return Err(Error::Invalid(
@@ -218,6 +277,109 @@ impl LayerSmoothing {
     }
 }
 
+/// Mean of `|x|` per column of row-major `x`.
+fn mean_abs_columns(x: &[f32], cols: usize) -> Vec<f32> {
+    let rows = (x.len() / cols).max(1) as f64;
+    let mut m = vec![0f64; cols];
+    for r in x.chunks(cols) {
+        for (a, &v) in m.iter_mut().zip(r) {
+            *a += v.abs() as f64;
+        }
+    }
+    m.iter().map(|v| (v / rows) as f32).collect()
+}
+
+/// Per input column, the mean over every output row of every weight of `|w| / absmax(w's
+/// group)`.
+fn group_normalised_mean(ws: &[&[f32]], cols: usize, group: usize) -> Vec<f32> {
+    let mut m = vec![0f64; cols];
+    let mut rows = 0usize;
+    for w in ws {
+        for r in w.chunks(cols) {
+            rows += 1;
+            for (mg, g) in m.chunks_mut(group).zip(r.chunks(group)) {
+                let amax = g.iter().fold(0f32, |a, &v| a.max(v.abs()));
+                if amax > 0.0 {
+                    for (a, &v) in mg.iter_mut().zip(g) {
+                        *a += (v.abs() / amax) as f64;
+                    }
+                }
+            }
+        }
+    }
+    m.iter().map(|v| (v / rows.max(1) as f64) as f32).collect()
+}
+
+/// The mean over the attention-output columns that one KV channel feeds.
+fn reduce_mean(v: &[f32], n: usize, kv_of: &dyn Fn(usize) -> usize) -> Vec<f32> {
+    let mut sum = vec![0f64; n];
+    let mut cnt = vec![0usize; n];
+    for (col, &x) in v.iter().enumerate() {
+        sum[kv_of(col)] += x as f64;
+        cnt[kv_of(col)] += 1;
+    }
+    sum.iter()
+        .zip(&cnt)
+        .map(|(s, &c)| (s / c.max(1) as f64) as f32)
+        .collect()
+}
+
+/// AWQ's factors for strength `a`: `mean|X|^a / (mean|Ŵ|^(1−a) + 1e-4)`, floored at 1e-4,
+/// divided by `sqrt(max · min)` so they centre on 1.
+fn awq_factors(xmean: &[f32], wmean: &[f32], a: f64) -> Vec<f32> {
+    let s: Vec<f64> = xmean
+        .iter()
+        .zip(wmean)
+        .map(|(&x, &w)| ((x as f64).powf(a) / ((w as f64).powf(1.0 - a) + 1e-4)).max(1e-4))
+        .collect();
+    let (lo, hi) = s
+        .iter()
+        .fold((f64::INFINITY, 0f64), |(l, h), &v| (l.min(v), h.max(v)));
+    let norm = (lo * hi).sqrt();
+    s.iter().map(|v| (v / norm) as f32).collect()
+}
+
+/// Σ‖X Wᵀ − (X/s) Q₄(W·s)ᵀ‖² / Σ‖X Wᵀ‖² over the weights sharing one input: the error of
+/// AWQ-scaled INT4 weights (groups of `group`) under unquantized activations.
+fn w4_output_error(x: &[f32], ws: &[&[f32]], cols: usize, s: &[f32], group: usize) -> f64 {
+    let xs: Vec<f32> = x
+        .chunks(cols)
+        .flat_map(|r| r.iter().zip(s).map(|(&v, &f)| v / f))
+        .collect();
+    let (mut num, mut den) = (0f64, 0f64);
+    for w in ws {
+        let scaled: Vec<f32> = w
+            .chunks(cols)
+            .flat_map(|r| r.iter().zip(s).map(|(&v, &f)| round_bf16(v * f)))
+            .collect();
+        let wq = crate::quant::int8::quantize_bits(&scaled, cols, Some(group), 4).dequantize(cols);
+        let y = matmul_t(x, w, cols);
+        let yq = matmul_t(&xs, &wq, cols);
+        for (a, b) in y.iter().zip(&yq) {
+            num += ((a - b) as f64).powi(2);
+            den += (*a as f64).powi(2);
+        }
+    }
+    if den == 0.0 {
+        0.0
+    } else {
+        num / den
+    }
+}
+
+/// `a · bᵀ` for row-major `a` `[rows, cols]` and `b` `[out, cols]` (f32, candle's CPU matmul).
+fn matmul_t(a: &[f32], b: &[f32], cols: usize) -> Vec<f32> {
+    use candle_core::{Device, Tensor};
+    let ta = Tensor::from_slice(a, (a.len() / cols, cols), &Device::Cpu).expect("shape");
+    let tb = Tensor::from_slice(b, (b.len() / cols, cols), &Device::Cpu).expect("shape");
+    ta.matmul(&tb.t().expect("t"))
+        .expect("matmul")
+        .flatten_all()
+        .expect("flat")
+        .to_vec1()
+        .expect("vec")
+}
+
 /// Dynamic per-token INT8 fake quantization of activation rows as vLLM does it:
 /// `scale = absmax/127`, `q = round_half_even(x/scale)` saturated to ±127.
 pub fn int8_token_round_trip(x: &mut [f32], cols: usize) {
@@ -272,5 +434,56 @@ fn output_error(x: &[f32], ws: &[&[f32]], cols: usize, s: &[f32]) -> f64 {
         0.0
     } else {
         num / den
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::numerics::rng::SplitMix64;
+
+    /// Inputs with a few channels far larger than the rest (what AWQ is for): the best AWQ
+    /// scaling on the grid cuts the INT4 output error clearly below plain rounding's (measured
+    /// 0.52 × with this draw; the bound 0.75 × leaves room for other draws while still
+    /// failing a scaling that does not help), and its factors favour the loud channels.
+    #[test]
+    fn awq_scaling_protects_the_salient_channels() {
+        let (rows, cols, out, group) = (64, 128, 48, 32);
+        let mut rng = SplitMix64::new(7);
+        let mut normal = || {
+            // Sum of uniforms: close enough to a normal for this purpose.
+            (0..12).map(|_| rng.unit_f32()).sum::<f32>() - 6.0
+        };
+        let loud = [3usize, 40, 77, 100];
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let v = normal();
+                if loud.contains(&(i % cols)) {
+                    40.0 * v
+                } else {
+                    v
+                }
+            })
+            .collect();
+        let w: Vec<f32> = (0..out * cols)
+            .map(|_| round_bf16(0.05 * normal()))
+            .collect();
+        let refs = [w.as_slice()];
+        let plain = w4_output_error(&x, &refs, cols, &vec![1.0; cols], group);
+        let xmean = mean_abs_columns(&x, cols);
+        let wmean = group_normalised_mean(&refs, cols, group);
+        let (best, s) = (0..AWQ_GRID)
+            .map(|i| {
+                let s = awq_factors(&xmean, &wmean, i as f64 / AWQ_GRID as f64);
+                (w4_output_error(&x, &refs, cols, &s, group), s)
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+            .unwrap();
+        assert!(best < 0.75 * plain, "awq {best} vs plain {plain}");
+        let quiet_max = (0..cols)
+            .filter(|j| !loud.contains(j))
+            .map(|j| s[j])
+            .fold(0f32, f32::max);
+        assert!(loud.iter().all(|&j| s[j] > quiet_max), "{s:?}");
     }
 }
