@@ -118,6 +118,7 @@ fn smoothing_alone_is_an_identity() {
         );
     }
     let plan = minitron::quant::smoothquant::SmoothPlan {
+        method: minitron::quant::smoothquant::Method::SmoothQuant,
         alpha: Some(0.8),
         extended: true,
     };
