@@ -166,12 +166,14 @@ impl LayerSmoothing {
                     }
                     // No scaling is a candidate too: an input where no α beats plain rounding
                     // on the calibration rows stays as it is.
-                    let plain = w4_output_error(x, &refs, cols, &vec![1.0; cols], group);
+                    // The unquantized outputs, once for every candidate.
+                    let ys: Vec<Vec<f32>> = refs.iter().map(|w| matmul_t(x, w, cols)).collect();
+                    let plain = w4_output_error(x, &refs, &ys, cols, &vec![1.0; cols], group);
                     let mut best = (plain, f64::NAN, Vec::new());
                     for i in 0..AWQ_GRID {
                         let a = i as f64 / AWQ_GRID as f64;
                         let s = awq_factors(&xmean, &wmean, a);
-                        let e = w4_output_error(x, &refs, cols, &expand(s.clone()), group);
+                        let e = w4_output_error(x, &refs, &ys, cols, &expand(s.clone()), group);
                         if e < best.0 {
                             best = (e, a, s);
                         }
@@ -340,20 +342,27 @@ fn awq_factors(xmean: &[f32], wmean: &[f32], a: f64) -> Vec<f32> {
 }
 
 /// Σ‖X Wᵀ − (X/s) Q₄(W·s)ᵀ‖² / Σ‖X Wᵀ‖² over the weights sharing one input: the error of
-/// AWQ-scaled INT4 weights (groups of `group`) under unquantized activations.
-fn w4_output_error(x: &[f32], ws: &[&[f32]], cols: usize, s: &[f32], group: usize) -> f64 {
+/// AWQ-scaled INT4 weights (groups of `group`) under unquantized activations. `ys` holds each
+/// weight's `X Wᵀ`.
+fn w4_output_error(
+    x: &[f32],
+    ws: &[&[f32]],
+    ys: &[Vec<f32>],
+    cols: usize,
+    s: &[f32],
+    group: usize,
+) -> f64 {
     let xs: Vec<f32> = x
         .chunks(cols)
         .flat_map(|r| r.iter().zip(s).map(|(&v, &f)| v / f))
         .collect();
     let (mut num, mut den) = (0f64, 0f64);
-    for w in ws {
+    for (w, y) in ws.iter().zip(ys) {
         let scaled: Vec<f32> = w
             .chunks(cols)
             .flat_map(|r| r.iter().zip(s).map(|(&v, &f)| round_bf16(v * f)))
             .collect();
         let wq = crate::quant::int8::quantize_bits(&scaled, cols, Some(group), 4).dequantize(cols);
-        let y = matmul_t(x, w, cols);
         let yq = matmul_t(&xs, &wq, cols);
         for (a, b) in y.iter().zip(&yq) {
             num += ((a - b) as f64).powi(2);
@@ -469,13 +478,14 @@ mod tests {
             .map(|_| round_bf16(0.05 * normal()))
             .collect();
         let refs = [w.as_slice()];
-        let plain = w4_output_error(&x, &refs, cols, &vec![1.0; cols], group);
+        let ys = [matmul_t(&x, &w, cols)];
+        let plain = w4_output_error(&x, &refs, &ys, cols, &vec![1.0; cols], group);
         let xmean = mean_abs_columns(&x, cols);
         let wmean = group_normalised_mean(&refs, cols, group);
         let (best, s) = (0..AWQ_GRID)
             .map(|i| {
                 let s = awq_factors(&xmean, &wmean, i as f64 / AWQ_GRID as f64);
-                (w4_output_error(&x, &refs, cols, &s, group), s)
+                (w4_output_error(&x, &refs, &ys, cols, &s, group), s)
             })
             .min_by(|a, b| a.0.total_cmp(&b.0))
             .unwrap();
