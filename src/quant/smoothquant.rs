@@ -165,9 +165,9 @@ impl LayerSmoothing {
                         wmean = reduce_mean(&wmean, c.kv_dim(), &kv_of);
                     }
                     // No scaling is a candidate too: an input where no α beats plain rounding
-                    // on the calibration rows stays as it is.
-                    // The unquantized outputs, once for every candidate.
-                    let ys: Vec<Vec<f32>> = refs.iter().map(|w| matmul_t(x, w, cols)).collect();
+                    // on the calibration rows stays as it is. The unquantized outputs are
+                    // computed once for every candidate.
+                    let ys = outputs(x, &refs, cols);
                     let plain = w4_output_error(x, &refs, &ys, cols, &vec![1.0; cols], group);
                     let mut best = (plain, f64::NAN, Vec::new());
                     for i in 0..AWQ_GRID {
@@ -191,10 +191,11 @@ impl LayerSmoothing {
                             "--smooth-alpha auto needs activation samples, which saved statistics do not keep: calibrate again instead of --load-calib".into(),
                         ));
                     }
+                    let ys = outputs(x, &refs, cols);
                     let mut best = (f64::INFINITY, 0.0, Vec::new());
                     for &a in &ALPHA_GRID {
                         let s = smooth_factors(&amax, &wmax, a);
-                        let e = output_error(x, &refs, cols, &expand(s.clone()));
+                        let e = output_error(x, &refs, &ys, cols, &expand(s.clone()));
                         if e < best.0 {
                             best = (e, a, s);
                         }
@@ -343,7 +344,7 @@ fn awq_factors(xmean: &[f32], wmean: &[f32], a: f64) -> Vec<f32> {
 
 /// Σ‖X Wᵀ − (X/s) Q₄(W·s)ᵀ‖² / Σ‖X Wᵀ‖² over the weights sharing one input: the error of
 /// AWQ-scaled INT4 weights (groups of `group`) under unquantized activations. `ys` holds each
-/// weight's `X Wᵀ`.
+/// weight's `X Wᵀ` ([`outputs`]).
 fn w4_output_error(
     x: &[f32],
     ws: &[&[f32]],
@@ -352,18 +353,42 @@ fn w4_output_error(
     s: &[f32],
     group: usize,
 ) -> f64 {
-    let xs: Vec<f32> = x
-        .chunks(cols)
+    scaled_error(&divided(x, cols, s), ws, ys, cols, s, |w| {
+        crate::quant::int8::quantize_bits(w, cols, Some(group), 4).dequantize(cols)
+    })
+}
+
+/// Each weight's unquantized output `X Wᵀ`, computed once per input for every candidate.
+fn outputs(x: &[f32], ws: &[&[f32]], cols: usize) -> Vec<Vec<f32>> {
+    ws.iter().map(|w| matmul_t(x, w, cols)).collect()
+}
+
+/// The rows of `x` with column `j` divided by `s_j`.
+fn divided(x: &[f32], cols: usize, s: &[f32]) -> Vec<f32> {
+    x.chunks(cols)
         .flat_map(|r| r.iter().zip(s).map(|(&v, &f)| v / f))
-        .collect();
+        .collect()
+}
+
+/// `Σ‖y − xq · Q(bf16(W·s))ᵀ‖² / Σ‖y‖²` over the weights `ws` and their outputs `ys` (f32
+/// matmuls, f64 sums): the relative output error of one smoothing `s` under the weight
+/// quantizer `q` (which returns dequantized values), with `xq` the activations as the
+/// quantized layer sees them.
+fn scaled_error(
+    xq: &[f32],
+    ws: &[&[f32]],
+    ys: &[Vec<f32>],
+    cols: usize,
+    s: &[f32],
+    q: impl Fn(&[f32]) -> Vec<f32>,
+) -> f64 {
     let (mut num, mut den) = (0f64, 0f64);
     for (w, y) in ws.iter().zip(ys) {
         let scaled: Vec<f32> = w
             .chunks(cols)
             .flat_map(|r| r.iter().zip(s).map(|(&v, &f)| round_bf16(v * f)))
             .collect();
-        let wq = crate::quant::int8::quantize_bits(&scaled, cols, Some(group), 4).dequantize(cols);
-        let yq = matmul_t(&xs, &wq, cols);
+        let yq = matmul_t(xq, &q(&scaled), cols);
         for (a, b) in y.iter().zip(&yq) {
             num += ((a - b) as f64).powi(2);
             den += (*a as f64).powi(2);
@@ -404,46 +429,14 @@ pub fn int8_token_round_trip(x: &mut [f32], cols: usize) {
     });
 }
 
-/// Σ‖X Wᵀ − Q(X/s) Q(W·s)ᵀ‖² / Σ‖X Wᵀ‖² over the weights sharing one input (f32 matmuls,
-/// f64 sums).
-fn output_error(x: &[f32], ws: &[&[f32]], cols: usize, s: &[f32]) -> f64 {
-    use candle_core::{Device, Tensor};
-    let rows = x.len() / cols;
-    let mut xq: Vec<f32> = x
-        .chunks(cols)
-        .flat_map(|r| r.iter().zip(s).map(|(&v, &f)| v / f))
-        .collect();
+/// Σ‖X Wᵀ − Q(X/s) Q(W·s)ᵀ‖² / Σ‖X Wᵀ‖² over the weights sharing one input: W8A8 with
+/// per-token INT8 activations. `ys` holds each weight's `X Wᵀ` ([`outputs`]).
+fn output_error(x: &[f32], ws: &[&[f32]], ys: &[Vec<f32>], cols: usize, s: &[f32]) -> f64 {
+    let mut xq = divided(x, cols, s);
     int8_token_round_trip(&mut xq, cols);
-    let mm = |a: &[f32], b: &[f32]| -> Vec<f32> {
-        let out = b.len() / cols;
-        let ta = Tensor::from_slice(a, (rows, cols), &Device::Cpu).expect("shape");
-        let tb = Tensor::from_slice(b, (out, cols), &Device::Cpu).expect("shape");
-        ta.matmul(&tb.t().expect("t"))
-            .expect("matmul")
-            .flatten_all()
-            .expect("flat")
-            .to_vec1()
-            .expect("vec")
-    };
-    let (mut num, mut den) = (0f64, 0f64);
-    for w in ws {
-        let smoothed: Vec<f32> = w
-            .chunks(cols)
-            .flat_map(|r| r.iter().zip(s).map(|(&v, &f)| round_bf16(v * f)))
-            .collect();
-        let wq = quantize(&smoothed, cols, None).dequantize(cols);
-        let y = mm(x, w);
-        let yq = mm(&xq, &wq);
-        for (a, b) in y.iter().zip(&yq) {
-            num += ((a - b) as f64).powi(2);
-            den += (*a as f64).powi(2);
-        }
-    }
-    if den == 0.0 {
-        0.0
-    } else {
-        num / den
-    }
+    scaled_error(&xq, ws, ys, cols, s, |w| {
+        quantize(w, cols, None).dequantize(cols)
+    })
 }
 
 #[cfg(test)]
