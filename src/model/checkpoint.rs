@@ -56,7 +56,9 @@ impl Checkpoint {
         )
         .map_err(|e| Error::format(&config_path, format!("not valid JSON: {e}")))?;
 
-        let shard_names = weight_files(dir)?;
+        // The index is read once: it names the shards and is checked against them below.
+        let map = weight_map(dir)?;
+        let shard_names = files_of(dir, map.as_deref())?;
         let files = shard_names
             .par_iter()
             .map(|p| SafetensorsFile::open(p))
@@ -75,12 +77,12 @@ impl Checkpoint {
                 }
             }
         }
-        if let Some(map) = weight_map(dir)? {
+        if let Some(map) = &map {
             let idx = dir.join("model.safetensors.index.json");
             for (t, f) in map {
                 let holds = files
                     .iter()
-                    .any(|x| x.path.file_name() == Some(f.as_ref()) && x.tensors.contains_key(&t));
+                    .any(|x| x.path.file_name() == Some(f.as_ref()) && x.tensors.contains_key(t));
                 if !holds {
                     return Err(Error::format(
                         &idx,
@@ -348,7 +350,12 @@ impl Checkpoint {
 
 /// The weight files of `dir`: the shards listed by the index, or the single file.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    if let Some(map) = weight_map(dir)? {
+    files_of(dir, weight_map(dir)?.as_deref())
+}
+
+/// [`weight_files`] given the folder's parsed index (`None`: it has none).
+fn files_of(dir: &Path, map: Option<&[(String, String)]>) -> Result<Vec<PathBuf>> {
+    if let Some(map) = map {
         let mut names: Vec<String> = map.iter().map(|(_, f)| f.clone()).collect();
         names.sort();
         names.dedup();
