@@ -8,8 +8,14 @@ use crate::error::{Error, Result};
 
 /// Reads `path` as text; see [`decode`].
 pub fn read(path: &Path) -> Result<String> {
+    Ok(read_hashed(path)?.0)
+}
+
+/// [`read`], with the sha256 of the file's bytes (one read for both).
+pub fn read_hashed(path: &Path) -> Result<(String, String)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode(path, bytes)
+    let sha = crate::format::safetensors::sha256_bytes(&bytes);
+    Ok((decode(path, bytes)?, sha))
 }
 
 /// Checks that `bytes` are text: valid UTF-8, no NUL byte, and no more than one control

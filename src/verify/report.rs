@@ -247,8 +247,8 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
     };
 
     if let Some(text_path) = &o.ppl {
-        inputs.insert("ppl_text".into(), sha256_file(text_path)?);
-        let text = crate::format::text::read(text_path)?;
+        let (text, sha) = crate::format::text::read_hashed(text_path)?;
+        inputs.insert("ppl_text".into(), sha);
         let t_tok = Instant::now();
         let tokens = tok.encode(&text, true)?;
         let tok_s = t_tok.elapsed().as_secs_f64();
