@@ -65,6 +65,33 @@ pub fn linear_plan(
                 pt(format!("{stem}.weight_shape"), Dtype::I64, vec![2]),
             ];
         }
+        Target::Nvfp4 | Target::Nvfp4A16 | Target::Nvfp4ModelOpt => {
+            let packed = vec![out, shape[1] / 2];
+            let scales = vec![out, shape[1] / crate::quant::nvfp4::GROUP];
+            return if t == Target::Nvfp4ModelOpt {
+                // ModelOpt's per-tensor scales are 0-dimensional.
+                vec![
+                    pt(name.to_owned(), Dtype::U8, packed),
+                    pt(format!("{stem}.weight_scale"), Dtype::F8E4M3, scales),
+                    pt(format!("{stem}.weight_scale_2"), Dtype::F32, vec![]),
+                    pt(format!("{stem}.input_scale"), Dtype::F32, vec![]),
+                ]
+            } else {
+                let mut v = vec![
+                    pt(format!("{stem}.weight_packed"), Dtype::U8, packed),
+                    pt(format!("{stem}.weight_scale"), Dtype::F8E4M3, scales),
+                    pt(format!("{stem}.weight_global_scale"), Dtype::F32, vec![1]),
+                ];
+                if t == Target::Nvfp4 {
+                    v.push(pt(
+                        format!("{stem}.input_global_scale"),
+                        Dtype::F32,
+                        vec![1],
+                    ));
+                }
+                v
+            };
+        }
         _ => {}
     }
     let mut v = vec![PlannedTensor {
@@ -95,7 +122,12 @@ pub fn linear_plan(
             dtype: Dtype::F32,
             shape: vec![out],
         }),
-        Target::Int8 | Target::Int8W8A16 | Target::W4A16 => unreachable!("handled above"),
+        Target::Int8
+        | Target::Int8W8A16
+        | Target::W4A16
+        | Target::Nvfp4
+        | Target::Nvfp4A16
+        | Target::Nvfp4ModelOpt => unreachable!("handled above"),
         Target::Gguf(_) => unreachable!("GGUF targets are planned by export::gguf"),
     }
     v
@@ -152,7 +184,8 @@ fn ct_args_bits(
     bits: u32,
 ) -> Value {
     json!({"actorder": null, "block_structure": null, "dynamic": dynamic, "group_size": group_size, "num_bits": bits,
-           "observer": observer, "observer_kwargs": {}, "strategy": strategy, "symmetric": true, "type": ty})
+           "observer": observer, "observer_kwargs": {}, "scale_dtype": null, "strategy": strategy, "symmetric": true,
+           "type": ty, "zp_dtype": null})
 }
 
 /// A compressed-tensors `quantization_config` with one `Linear` group.
@@ -213,6 +246,41 @@ pub fn quantization_config(t: Target, group: Option<usize>) -> Value {
                 bits,
             );
             ct_config("pack-quantized", w, Value::Null, Value::Null)
+        }
+        Target::Nvfp4 | Target::Nvfp4A16 => {
+            let args = |dynamic: Value, observer: &str| {
+                json!({"actorder": null, "block_structure": null, "dynamic": dynamic,
+                       "group_size": crate::quant::nvfp4::GROUP, "num_bits": 4,
+                       "observer": observer, "observer_kwargs": {},
+                       "scale_dtype": "torch.float8_e4m3fn", "strategy": "tensor_group",
+                       "symmetric": true, "type": "float", "zp_dtype": null})
+            };
+            let inputs = if t == Target::Nvfp4 {
+                args(json!("local"), "minmax")
+            } else {
+                Value::Null
+            };
+            ct_config(
+                "nvfp4-pack-quantized",
+                args(json!(false), "memoryless_minmax"),
+                inputs,
+                Value::Null,
+            )
+        }
+        Target::Nvfp4ModelOpt => {
+            let g = crate::quant::nvfp4::GROUP;
+            let args = json!({"dynamic": false, "num_bits": 4, "type": "float", "group_size": g});
+            json!({
+                "config_groups": {"group_0": {
+                    "input_activations": args,
+                    "weights": args,
+                    "targets": ["Linear"],
+                }},
+                "ignore": ["lm_head"],
+                "quant_algo": "NVFP4",
+                "producer": {"name": "minitron", "version": crate::VERSION},
+                "quant_method": "modelopt"
+            })
         }
         Target::Gguf(_) => Value::Null,
         Target::Fp8ModelOpt => json!({

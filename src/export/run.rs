@@ -86,6 +86,7 @@ impl ExportOptions {
         Needs {
             stats: has(Target::Fp8Static)
                 || has(Target::Int8)
+                || self.targets.iter().any(|t| t.nvfp4_activations())
                 || (has(Target::W4A16) && self.int4_weights == Int4Method::Awq)
                 || (has_fp8 && self.fp8_weights != WeightMode::Rtn)
                 || self.gguf_from_calibration(),
@@ -104,7 +105,8 @@ impl ExportOptions {
             .filter(|&t| match t {
                 Target::Fp8Static | Target::Int8 => true,
                 Target::Fp8 | Target::Fp8ModelOpt => self.fp8_weights != WeightMode::Rtn,
-                Target::Int8W8A16 => false,
+                Target::Int8W8A16 | Target::Nvfp4A16 => false,
+                Target::Nvfp4 | Target::Nvfp4ModelOpt => true,
                 Target::W4A16 => self.int4_weights != Int4Method::Rtn,
                 Target::Gguf(m) => gguf && !m.is_float(),
             })
@@ -208,12 +210,22 @@ pub fn run(
         }
     }
     for t in &o.targets {
-        if let Some(g) = t.group(o.group_size) {
+        let g = if t.nvfp4().is_some() {
+            Some(crate::quant::nvfp4::GROUP)
+        } else {
+            t.group(o.group_size)
+        };
+        if let Some(g) = g {
             let c = &ck.config;
             let widths = [c.hidden_size, c.q_dim(), c.intermediate_size];
             if g == 0 || widths.iter().any(|w| w % g != 0) {
+                let fix = if t.nvfp4().is_some() {
+                    "NVFP4's group size is fixed"
+                } else {
+                    "choose one with --group-size"
+                };
                 return Err(Error::Invalid(format!(
-                    "{t}: group size {g} must divide every linear layer's input width ({widths:?}); choose one with --group-size"
+                    "{t}: group size {g} must divide every linear layer's input width ({widths:?}); {fix}"
                 )));
             }
         }
@@ -460,6 +472,10 @@ fn export_loop(
     let awq = o.int4_weights == Int4Method::Awq && o.targets.contains(&Target::W4A16);
     let want_smooth = awq || sinks.ck.iter().any(|s| s.target == Target::Int8);
     let mut smooth: Option<LayerSmoothing> = None;
+    // NVFP4: layers reading one input (q/k/v, gate/up) share one per-tensor scale, taken from
+    // the largest magnitude among them, as vLLM requires of fused projections.
+    let want_group_absmax = sinks.ck.iter().any(|s| s.target.nvfp4().is_some());
+    let mut group_absmax: Option<((usize, usize), f32)> = None;
     for spec in &items {
         let (name, shape) = (&spec.name, &spec.shape);
         let norm_of = spec.role.norm_site();
@@ -519,6 +535,20 @@ fn export_loop(
                     progress(done, total);
                     continue;
                 }
+                let key = (layer, r.site().index());
+                if want_group_absmax && group_absmax.map(|g| g.0) != Some(key) {
+                    let mut m = 0f32;
+                    for r2 in LinearRole::ALL
+                        .into_iter()
+                        .filter(|r2| r2.site() == r.site())
+                    {
+                        let n2 = crate::model::names::hf_linear(layer, r2);
+                        let (f2, i2) = ck.info(&n2).expect("validated");
+                        let raw = f2.bytes(&n2).expect("listed");
+                        m = m.max(crate::numerics::convert::absmax(raw, i2.dtype).unwrap_or(0.0));
+                    }
+                    group_absmax = Some((key, m));
+                }
                 let w = ck.read_f32(name)?;
                 // FP8 weights computed once per scale layout; targets share them.
                 let mut cache: Vec<(ScaleStyle, Fp8Matrix, f64)> = Vec::new();
@@ -532,6 +562,7 @@ fn export_loop(
                         shape,
                         layer,
                         role: r,
+                        group_absmax: group_absmax.map(|g| g.1),
                     };
                     write_linear(&ctx, s, &w, &mut cache, &mut factor, &mut int8_factor)?;
                 }
@@ -577,6 +608,8 @@ struct LinearCtx<'a> {
     shape: &'a [usize],
     layer: usize,
     role: LinearRole,
+    /// The largest weight magnitude among the layers sharing this layer's input (NVFP4).
+    group_absmax: Option<f32>,
 }
 
 /// Quantizes linear weight `w` for checkpoint sink `s` and writes its tensors.
@@ -690,6 +723,42 @@ fn write_linear(
                 _ => s
                     .writer
                     .write(&format!("{stem}.weight_scale"), &f32_bytes(&m.scales))?,
+            }
+        }
+        Target::Nvfp4 | Target::Nvfp4A16 | Target::Nvfp4ModelOpt => {
+            use crate::quant::nvfp4;
+            let flavor = s.target.nvfp4().expect("NVFP4 target");
+            let amax = c.group_absmax.expect("computed for NVFP4 sinks");
+            let m = nvfp4::quantize(w, cols, nvfp4::tensor_scale(amax, flavor), flavor);
+            s.errors.insert(name.to_owned(), m.relative_rms(w, cols));
+            let modelopt = flavor == nvfp4::Flavor::ModelOpt;
+            let packed = if modelopt {
+                name.to_owned()
+            } else {
+                format!("{stem}.weight_packed")
+            };
+            s.writer.write(&packed, &m.packed)?;
+            s.writer.write(&format!("{stem}.weight_scale"), &m.scales)?;
+            let tensor = if modelopt {
+                "weight_scale_2"
+            } else {
+                "weight_global_scale"
+            };
+            s.writer
+                .write(&format!("{stem}.{tensor}"), &f32_bytes(&[m.tensor]))?;
+            if s.target.nvfp4_activations() {
+                let st = c
+                    .stats
+                    .ok_or_else(|| Error::Invalid(format!("{} needs calibration", s.target)))?;
+                // q/k/v (and gate/up) read one input: one scale serves the fused group.
+                let a = nvfp4::input_scale(st.site(layer, r.site()).tensor_absmax(), flavor);
+                let input = if modelopt {
+                    "input_scale"
+                } else {
+                    "input_global_scale"
+                };
+                s.writer
+                    .write(&format!("{stem}.{input}"), &f32_bytes(&[a]))?;
             }
         }
         Target::Gguf(_) => unreachable!("GGUF targets have their own sinks"),
@@ -829,10 +898,17 @@ fn finish_ck(
         serde_json::to_string_pretty(&cfg).expect("json") + "\n",
         &mut files,
     )?;
-    if s.target == Target::Fp8ModelOpt {
+    if matches!(s.target, Target::Fp8ModelOpt | Target::Nvfp4ModelOpt) {
+        let quantization = if s.target == Target::Nvfp4ModelOpt {
+            serde_json::json!({"quant_algo": "NVFP4", "kv_cache_quant_algo": null,
+                               "group_size": crate::quant::nvfp4::GROUP, "exclude_modules": ["lm_head"]})
+        } else {
+            serde_json::json!({"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN", "kv_cache_quant_algo": null,
+                               "exclude_modules": ["lm_head"]})
+        };
         let hq = serde_json::json!({
             "producer": {"name": "minitron", "version": crate::VERSION},
-            "quantization": {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN", "kv_cache_quant_algo": null, "exclude_modules": ["lm_head"]}
+            "quantization": quantization,
         });
         write(
             "hf_quant_config.json",

@@ -27,19 +27,29 @@ pub enum Target {
     /// compressed-tensors weight-only INT4, symmetric, per group of 128 input columns by default
     /// (`pack-quantized`, eight codes per int32).
     W4A16,
+    /// compressed-tensors NVFP4 (`nvfp4-pack-quantized`): E2M1 weights with E4M3 scales per 16
+    /// and a per-tensor global scale; activations NVFP4 with a calibrated global scale.
+    Nvfp4,
+    /// compressed-tensors NVFP4A16: the weights of [`Target::Nvfp4`], activations untouched.
+    Nvfp4A16,
+    /// ModelOpt unified HF checkpoint, NVFP4 weights and activations.
+    Nvfp4ModelOpt,
     /// A GGUF file for llama.cpp under one of llama-quantize's mixes (or a float type).
     Gguf(Mix),
 }
 
 impl Target {
     /// Every target, in `--help` order.
-    pub const ALL: [Target; 17] = [
+    pub const ALL: [Target; 20] = [
         Target::Fp8,
         Target::Fp8Static,
         Target::Fp8ModelOpt,
         Target::Int8,
         Target::Int8W8A16,
         Target::W4A16,
+        Target::Nvfp4,
+        Target::Nvfp4A16,
+        Target::Nvfp4ModelOpt,
         Target::Gguf(Mix::F32),
         Target::Gguf(Mix::F16),
         Target::Gguf(Mix::BF16),
@@ -62,6 +72,9 @@ impl Target {
             Target::Int8 => "int8",
             Target::Int8W8A16 => "int8-w8a16",
             Target::W4A16 => "w4a16",
+            Target::Nvfp4 => "nvfp4",
+            Target::Nvfp4A16 => "nvfp4-a16",
+            Target::Nvfp4ModelOpt => "nvfp4-modelopt",
             Target::Gguf(m) => m.target_name(),
         }
     }
@@ -83,6 +96,22 @@ impl Target {
             Target::Int8W8A16 => group_size,
             _ => None,
         }
+    }
+
+    /// Whose NVFP4 arithmetic and layout this target uses, for an NVFP4 target.
+    pub fn nvfp4(self) -> Option<crate::quant::nvfp4::Flavor> {
+        use crate::quant::nvfp4::Flavor;
+        match self {
+            Target::Nvfp4 | Target::Nvfp4A16 => Some(Flavor::CompressedTensors),
+            Target::Nvfp4ModelOpt => Some(Flavor::ModelOpt),
+            _ => None,
+        }
+    }
+
+    /// Whether this NVFP4 target quantizes activations too (and so needs their calibrated
+    /// global scale).
+    pub fn nvfp4_activations(self) -> bool {
+        matches!(self, Target::Nvfp4 | Target::Nvfp4ModelOpt)
     }
 
     pub fn is_fp8(self) -> bool {

@@ -21,8 +21,11 @@ pub use crate::numerics::dtype::Dtype;
 
 pub use crate::format::safetensors::{SafetensorsFile, TensorInfo};
 
-/// Companion tensors of quantized layers (formats/fp8.md, formats/int8.md).
-const QUANT_SUFFIXES: [&str; 7] = [
+/// Companion tensors of quantized layers (formats/fp8.md, formats/int8.md, formats/nvfp4.md).
+const QUANT_SUFFIXES: [&str; 10] = [
+    ".weight_global_scale",
+    ".input_global_scale",
+    ".weight_scale_2",
     ".weight_scale",
     ".input_scale",
     ".k_scale",
@@ -118,6 +121,10 @@ impl Checkpoint {
                     if let Some(&pi) = self.index.get(&packed) {
                         let f = &self.files[pi];
                         let t = &f.tensors[&packed];
+                        if self.nvfp4_layer(stem).is_some() {
+                            self.check_nvfp4_codes(f, &packed, t, &spec.shape)?;
+                            continue;
+                        }
                         let bits = self.packed_bits()?;
                         let per = 32 / bits as usize;
                         let want = vec![spec.shape[0], spec.shape[1].div_ceil(per)];
@@ -142,6 +149,12 @@ impl Checkpoint {
             };
             let f = &self.files[fi];
             let t = &f.tensors[&spec.name];
+            let stem = spec.name.strip_suffix(".weight").unwrap_or(&spec.name);
+            if t.dtype == Dtype::U8 && self.nvfp4_layer(stem).is_some() {
+                // ModelOpt NVFP4 keeps the packed codes under the weight's own name.
+                self.check_nvfp4_codes(f, &spec.name, t, &spec.shape)?;
+                continue;
+            }
             if t.shape != spec.shape {
                 return Err(Error::TensorMismatch {
                     path: f.path.clone(),
@@ -175,6 +188,42 @@ impl Checkpoint {
             .cloned()
             .collect();
         Ok(self)
+    }
+
+    /// Whose NVFP4 layout linear layer `stem` (`model.layers.N.self_attn.q_proj`) is stored
+    /// in, if NVFP4: compressed-tensors (`weight_global_scale`) or ModelOpt (`weight_scale_2`).
+    pub fn nvfp4_layer(&self, stem: &str) -> Option<crate::quant::nvfp4::Flavor> {
+        use crate::quant::nvfp4::Flavor;
+        if self
+            .index
+            .contains_key(&format!("{stem}.weight_global_scale"))
+        {
+            Some(Flavor::CompressedTensors)
+        } else if self.index.contains_key(&format!("{stem}.weight_scale_2")) {
+            Some(Flavor::ModelOpt)
+        } else {
+            None
+        }
+    }
+
+    /// NVFP4 codes must be U8 `[out, in / 2]` for a layer of shape `[out, in]`.
+    fn check_nvfp4_codes(
+        &self,
+        f: &SafetensorsFile,
+        name: &str,
+        t: &TensorInfo,
+        shape: &[usize],
+    ) -> Result<()> {
+        let want = vec![shape[0], shape[1] / 2];
+        if t.dtype != Dtype::U8 || t.shape != want || shape[1] % 2 != 0 {
+            return Err(Error::TensorMismatch {
+                path: f.path.clone(),
+                tensor: name.into(),
+                expected: format!("U8 {want:?} (two FP4 codes per byte)"),
+                found: format!("{} {:?}", t.dtype, t.shape),
+            });
+        }
+        Ok(())
     }
 
     /// Bits per code of a `pack-quantized` checkpoint: the `num_bits` of its

@@ -83,6 +83,30 @@ pub fn first_nonfinite(bytes: &[u8], dtype: Dtype) -> Option<usize> {
     }
 }
 
+/// The largest magnitude among little-endian float `bytes` of `dtype` (NaNs skipped); `None`
+/// for non-float dtypes. Order-free, so the same for any thread count.
+pub fn absmax(bytes: &[u8], dtype: Dtype) -> Option<f32> {
+    let es = dtype.size();
+    if !matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
+        return None;
+    }
+    Some(
+        bytes
+            .par_chunks(CHUNK * es)
+            .map(|b| {
+                b.chunks_exact(es).fold(0f32, |m, e| {
+                    let v = match dtype {
+                        Dtype::BF16 => bf16::from_le_bytes([e[0], e[1]]).to_f32(),
+                        Dtype::F16 => f16::from_le_bytes([e[0], e[1]]).to_f32(),
+                        _ => f32::from_le_bytes([e[0], e[1], e[2], e[3]]),
+                    };
+                    m.max(v.abs())
+                })
+            })
+            .reduce(|| 0f32, f32::max),
+    )
+}
+
 pub fn f32_to_bf16_bytes(src: &[f32]) -> Vec<u8> {
     let mut out = vec![0u8; src.len() * 2];
     out.par_chunks_mut(CHUNK * 2)

@@ -1,4 +1,4 @@
-//! Quantizers (FP8, INT8, SmoothQuant, GPTQ, ggml blocks) and llama-quantize's mix recipes:
+//! Quantizers (FP8, INT8, NVFP4, SmoothQuant, GPTQ, ggml blocks) and llama-quantize's mix recipes:
 //! which tensor becomes which type with which scales. They take plain statistics, never
 //! calibration's own types.
 pub mod fp8;
@@ -6,5 +6,6 @@ pub mod ggml;
 pub mod gptq;
 pub mod int8;
 mod kfast;
+pub mod nvfp4;
 pub mod recipe;
 pub mod smoothquant;

@@ -21,6 +21,9 @@ pub enum ActQuant {
     DynamicToken,
     /// One static per-tensor scale from calibration.
     Static(f32),
+    /// NVFP4: E2M1 values per 16 with E4M3 group scales under this global scale (a
+    /// multiplier), as `quant::nvfp4::quantize_activation_row` rounds them.
+    Nvfp4(f32),
 }
 
 /// A linear map `y = x Wᵀ` without bias.
@@ -112,6 +115,30 @@ fn fp8_round_trip(x: &Tensor, s: &Tensor) -> Result<Tensor> {
 pub fn round_half_even(v: &Tensor) -> Result<Tensor> {
     const MAGIC: f64 = 12_582_912.0;
     Ok(((v + MAGIC)? - MAGIC)?)
+}
+
+/// NVFP4 activation rows `[rows, inp]` as `q · s` values (`quant::nvfp4`).
+fn nvfp4_rows(x: &[f32], inp: usize, g: f32) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut q = vec![0f32; x.len()];
+    q.par_chunks_mut(inp.max(1))
+        .zip(x.par_chunks(inp.max(1)))
+        .for_each(|(o, r)| crate::quant::nvfp4::quantize_activation_row(r, g, o));
+    q
+}
+
+/// NVFP4 fake quantization of `x` (`[.., in]`) with global scale `g`: the dequantized
+/// activations `q · s / g`, computed on the host.
+pub fn nvfp4_activations(x: &Tensor, g: f32) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let inp = *dims.last().expect("rank ≥ 1");
+    let v: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let inv = if g == 0.0 { 0.0 } else { 1.0 / g };
+    let q: Vec<f32> = nvfp4_rows(&v, inp, g)
+        .into_iter()
+        .map(|v| v * inv)
+        .collect();
+    Ok(Tensor::from_vec(q, dims, x.device())?.to_dtype(x.dtype())?)
 }
 
 /// Per-token dynamic FP8 fake quantization of `x` (`[.., in]`).
@@ -230,6 +257,15 @@ fn prepare_rows(rule: InputRule, x: &[f32], inp: usize) -> Result<Prepared> {
         InputRule::Packed(lda, None) => {
             Prepared::Packed(crate::runtime::gemm::to_bf16_rows(x, inp, lda), None, rows)
         }
+        InputRule::Packed(lda, Some(ActQuant::Nvfp4(g))) => {
+            let q = nvfp4_rows(x, inp, g);
+            let inv = if g == 0.0 { 0.0 } else { 1.0 / g };
+            Prepared::Packed(
+                crate::runtime::gemm::to_bf16_rows(&q, inp, lda),
+                Some(vec![inv; rows]),
+                rows,
+            )
+        }
         InputRule::Packed(lda, Some(act)) => {
             let (c, s) = fp8_code_rows(x, inp, lda, act);
             Prepared::Packed(c, Some(s), rows)
@@ -264,6 +300,13 @@ pub enum WeightData<'a> {
         q: Vec<i8>,
         scales: Vec<f32>,
         dynamic: bool,
+    },
+    /// NVFP4: `e2m1 · e4m3` per value (exact in bf16), the per-tensor factor that multiplies
+    /// them, and the activation rule ([`ActQuant::Nvfp4`] or none).
+    Nvfp4 {
+        values: Vec<f32>,
+        multiplier: f32,
+        act: ActQuant,
     },
 }
 
@@ -370,6 +413,28 @@ impl Linear {
                     act: ActQuant::None,
                     fp8_act: false,
                 }
+            }
+            WeightData::Nvfp4 {
+                values,
+                multiplier,
+                act,
+            } if packed => Linear::Packed {
+                // Every value is exact in bf16; the tensor factor multiplies the f32 sum, and
+                // NVFP4 activations enter as `q · s` with `1 / g` per row: the products are
+                // exact and the sum is what the FP4 tensor cores accumulate.
+                w: Arc::new(PackedBf16::from_f32(&values, out, inp)),
+                col_scale: Some(vec![multiplier; out]),
+                act,
+                fp8_act: act != ActQuant::None,
+            },
+            WeightData::Nvfp4 {
+                mut values,
+                multiplier,
+                act,
+            } => {
+                values.iter_mut().for_each(|v| *v *= multiplier);
+                let weight = Tensor::from_vec(values, (out, inp), device)?.to_dtype(dtype)?;
+                Linear::Fp8 { weight, act }
             }
             WeightData::Int8 { q, scales, dynamic } if !device.is_cpu() => {
                 Linear::int8_bf16(&q, scales, out, inp, dynamic, device)?
@@ -506,6 +571,7 @@ impl Linear {
                 let xq = match act {
                     ActQuant::DynamicToken => fp8_dynamic_token(x)?,
                     ActQuant::Static(s) => fp8_static(x, s)?,
+                    ActQuant::Nvfp4(g) => nvfp4_activations(x, g)?,
                     ActQuant::None => x.clone(),
                 };
                 Prepared::Plain(xq.to_dtype(dt)?)
@@ -530,6 +596,11 @@ impl Linear {
                 let xf = x.to_dtype(DType::F32)?;
                 let s = match act {
                     ActQuant::None => None,
+                    ActQuant::Nvfp4(_) => {
+                        return Err(crate::error::Error::Invalid(
+                            "internal: NVFP4 activations on an FP8 code layer".into(),
+                        ))
+                    }
                     ActQuant::Static(v) => Some(Tensor::new(&[[v]], x.device())?),
                     ActQuant::DynamicToken => {
                         let amax = xf.abs()?.max_keepdim(candle_core::D::Minus1)?;

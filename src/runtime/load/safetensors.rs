@@ -89,7 +89,42 @@ impl<'a> SafetensorsSource<'a> {
             expected,
             found,
         };
-        let data = if ck.index.contains_key(&packed) {
+        let data = if let Some(flavor) = ck.nvfp4_layer(stem) {
+            use crate::quant::nvfp4::{self, Flavor};
+            // NVFP4: codes as E2M1 values times their E4M3 group scales; the tensor scale and
+            // the activation rule as the runtimes apply them (formats/nvfp4.md).
+            let codes_name = if flavor == Flavor::ModelOpt {
+                &name
+            } else {
+                &packed
+            };
+            let (bytes, _) = ck.raw(codes_name)?;
+            let (sbytes, sinfo) = ck.raw(&scale_name)?;
+            let want = [out, inp / nvfp4::GROUP];
+            if sinfo.dtype != Dtype::F8E4M3 || sinfo.shape != want {
+                return Err(mismatch(
+                    &scale_name,
+                    format!("F8_E4M3 {want:?} (one scale per {} values)", nvfp4::GROUP),
+                    format!("{} {:?}", sinfo.dtype, sinfo.shape),
+                ));
+            }
+            let (tensor_name, input_name) = match flavor {
+                Flavor::CompressedTensors => ("weight_global_scale", "input_global_scale"),
+                Flavor::ModelOpt => ("weight_scale_2", "input_scale"),
+            };
+            let tensor = self
+                .scalar(&format!("{stem}.{tensor_name}"))?
+                .expect("nvfp4_layer found it");
+            let act = match self.scalar(&format!("{stem}.{input_name}"))? {
+                Some(v) if !opts.weight_only => ActQuant::Nvfp4(nvfp4::act_multiplier(v, flavor)),
+                _ => ActQuant::None,
+            };
+            WeightData::Nvfp4 {
+                values: nvfp4::decode_unscaled(bytes, sbytes, inp),
+                multiplier: nvfp4::decode_multiplier(tensor, flavor),
+                act,
+            }
+        } else if ck.index.contains_key(&packed) {
             // W8A16 / W4A16: dequantized weights, activations untouched (what Marlin computes).
             let (bytes, _) = ck.raw(&packed)?;
             let q = crate::quant::int8::unpack_bits(bytes, out, inp, ck.packed_bits()?);
