@@ -215,7 +215,7 @@ impl Checkpoint {
         shape: &[usize],
     ) -> Result<()> {
         let want = vec![shape[0], shape[1] / 2];
-        if t.dtype != Dtype::U8 || t.shape != want || shape[1] % 2 != 0 {
+        if t.dtype != Dtype::U8 || t.shape != want || !shape[1].is_multiple_of(2) {
             return Err(Error::TensorMismatch {
                 path: f.path.clone(),
                 tensor: name.into(),
