@@ -256,7 +256,7 @@ pub fn quantization_config(t: Target, group: Option<usize>) -> Value {
                        "symmetric": true, "type": "float", "zp_dtype": null})
             };
             let inputs = if t == Target::Nvfp4 {
-                args(json!("local"), "minmax")
+                args(json!("local"), "static_minmax")
             } else {
                 Value::Null
             };

@@ -234,6 +234,19 @@ pub fn decode_multiplier(tensor: f32, flavor: Flavor) -> f32 {
     }
 }
 
+/// Packs 4-bit codes two per byte, element `2k` in the low nibble (an odd count pads with 0).
+pub fn pack_codes(codes: &[u8]) -> Vec<u8> {
+    codes
+        .chunks(2)
+        .map(|p| (p[0] & 0xF) | (p.get(1).copied().unwrap_or(0) & 0xF) << 4)
+        .collect()
+}
+
+/// The 4-bit codes of packed bytes, low nibble first.
+pub fn unpack_codes(bytes: &[u8]) -> Vec<u8> {
+    bytes.iter().flat_map(|&b| [b & 0xF, b >> 4]).collect()
+}
+
 /// `e2m1(code) · e4m3(group scale)` for every value of packed rows (`[rows, cols / 2]` bytes,
 /// `[rows, cols / 16]` scale codes): exact in bf16 (at most 6 significant bits).
 pub fn decode_unscaled(packed: &[u8], scales: &[u8], cols: usize) -> Vec<f32> {
