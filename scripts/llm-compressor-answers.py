@@ -49,7 +49,7 @@ def run(scheme, out):
         for name in sorted(f.keys()):
             if name.rsplit(".", 1)[1] in QUANTIZED:
                 t = f.get_slice(name)
-                raw = f.get_tensor(name).contiguous().view(torch.uint8).numpy().tobytes()
+                raw = f.get_tensor(name).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                 tensors[name] = {"dtype": t.get_dtype(), "shape": t.get_shape(),
                                  "sha256": hashlib.sha256(raw).hexdigest()}
     config = json.load(open(f"{out}/config.json"))["quantization_config"]

@@ -400,3 +400,65 @@ fn smollm2_equals_llm_compressor_byte_for_byte() {
         );
     }
 }
+
+#[test]
+#[cfg_attr(
+    not(minitron_assets),
+    ignore = "needs the real assets: ../shared/tools/real-assets.sh"
+)]
+fn smollm2_modelopt_equals_modelopt_byte_for_byte() {
+    let a = assets();
+    let want: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("fixtures/modelopt-smollm2.json")).unwrap(),
+    )
+    .unwrap();
+    let t = tempdir();
+    let out = t.path().join("mo");
+    let text = shared().join("data/wikitext2-valid.txt");
+    run_ok(
+        "minitron-convert",
+        &[
+            s(&a.join("smollm2-135m")),
+            "--to",
+            "nvfp4-modelopt",
+            "--calib",
+            s(&text),
+            "--calib-samples",
+            "8",
+            "--out",
+            s(&out),
+        ],
+    );
+    let ours = tensors(&out);
+    let theirs = want["tensors"].as_object().unwrap();
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
+    let mut hashed = 0;
+    for (name, v) in theirs {
+        let (dtype, shape, sha) = &ours[name];
+        assert_eq!(dtype, v["dtype"].as_str().unwrap(), "{name}");
+        let shape_want: Vec<usize> = v["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(shape, &shape_want, "{name}");
+        if let Some(h) = v["sha256"].as_str() {
+            assert_eq!(sha, h, "{name}");
+            hashed += 1;
+        }
+    }
+    // Every weight-side tensor: 210 layers × 3 plus the 62 bf16 tensors copied through.
+    assert_eq!(hashed, 210 * 3 + 62);
+    let mut q = config(&out)["quantization_config"].clone();
+    q.as_object_mut().unwrap().remove("producer");
+    assert_eq!(q, want["quantization_config"]);
+    let mut hq: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("hf_quant_config.json")).unwrap())
+            .unwrap();
+    hq.as_object_mut().unwrap().remove("producer");
+    assert_eq!(hq, want["hf_quant_config"]);
+}

@@ -276,7 +276,8 @@ pub fn quantization_config(t: Target, group: Option<usize>) -> Value {
                     "weights": args,
                     "targets": ["Linear"],
                 }},
-                "ignore": ["lm_head"],
+                // ModelOpt lists the embedding among the modules it leaves alone.
+                "ignore": ["lm_head", "model.embed_tokens"],
                 "quant_algo": "NVFP4",
                 "producer": {"name": "minitron", "version": crate::VERSION},
                 "quant_method": "modelopt"

@@ -901,7 +901,8 @@ fn finish_ck(
     if matches!(s.target, Target::Fp8ModelOpt | Target::Nvfp4ModelOpt) {
         let quantization = if s.target == Target::Nvfp4ModelOpt {
             serde_json::json!({"quant_algo": "NVFP4", "kv_cache_quant_algo": null,
-                               "group_size": crate::quant::nvfp4::GROUP, "exclude_modules": ["lm_head"]})
+                               "group_size": crate::quant::nvfp4::GROUP,
+                               "exclude_modules": ["lm_head", "model.embed_tokens"]})
         } else {
             serde_json::json!({"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN", "kv_cache_quant_algo": null,
                                "exclude_modules": ["lm_head"]})
