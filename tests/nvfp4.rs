@@ -336,6 +336,35 @@ fn tiny_model_equals_a_plain_reimplementation_of_both_producers() {
     assert!(w4a4 > a16, "{w4a4} vs {a16}");
 }
 
+/// Checks our tensors against a producer's record (`{name: {dtype, shape, sha256?}}`): every
+/// recorded name present with its dtype and shape; returns how many hashes were compared and
+/// the names whose bytes differ.
+fn against_record(
+    ours: &std::collections::BTreeMap<String, (String, Vec<usize>, String)>,
+    theirs: &serde_json::Map<String, serde_json::Value>,
+) -> (usize, Vec<String>) {
+    let mut hashed = 0;
+    let mut differing = Vec::new();
+    for (name, v) in theirs {
+        let (dtype, shape, sha) = &ours[name];
+        assert_eq!(dtype, v["dtype"].as_str().unwrap(), "{name}");
+        let shape_want: Vec<usize> = v["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(shape, &shape_want, "{name}");
+        if let Some(h) = v["sha256"].as_str() {
+            hashed += 1;
+            if sha != h {
+                differing.push(name.clone());
+            }
+        }
+    }
+    (hashed, differing)
+}
+
 #[test]
 #[cfg_attr(
     not(minitron_assets),
@@ -374,21 +403,8 @@ fn smollm2_equals_llm_compressor_byte_for_byte() {
         let ours = tensors(&out.join(dir));
         let theirs = want[scheme]["tensors"].as_object().unwrap();
         assert_eq!(theirs.len(), 210 * 3);
-        let mut differing = Vec::new();
-        for (name, v) in theirs {
-            let (dtype, shape, sha) = &ours[name];
-            assert_eq!(dtype, v["dtype"].as_str().unwrap(), "{name}");
-            let shape_want: Vec<usize> = v["shape"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as usize)
-                .collect();
-            assert_eq!(shape, &shape_want, "{name}");
-            if sha != v["sha256"].as_str().unwrap() {
-                differing.push(name.clone());
-            }
-        }
+        let (hashed, differing) = against_record(&ours, theirs);
+        assert_eq!(hashed, 210 * 3);
         assert!(
             differing.is_empty(),
             "{scheme}: differing from llm-compressor: {differing:?}"
@@ -435,22 +451,11 @@ fn smollm2_modelopt_equals_modelopt_byte_for_byte() {
         ours.keys().collect::<Vec<_>>(),
         theirs.keys().collect::<Vec<_>>()
     );
-    let mut hashed = 0;
-    for (name, v) in theirs {
-        let (dtype, shape, sha) = &ours[name];
-        assert_eq!(dtype, v["dtype"].as_str().unwrap(), "{name}");
-        let shape_want: Vec<usize> = v["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as usize)
-            .collect();
-        assert_eq!(shape, &shape_want, "{name}");
-        if let Some(h) = v["sha256"].as_str() {
-            assert_eq!(sha, h, "{name}");
-            hashed += 1;
-        }
-    }
+    let (hashed, differing) = against_record(&ours, theirs);
+    assert!(
+        differing.is_empty(),
+        "differing from ModelOpt: {differing:?}"
+    );
     // Every weight-side tensor: 210 layers × 3 plus the 62 bf16 tensors copied through.
     assert_eq!(hashed, 210 * 3 + 62);
     let mut q = config(&out)["quantization_config"].clone();

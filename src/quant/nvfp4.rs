@@ -39,33 +39,26 @@ pub enum Flavor {
     ModelOpt,
 }
 
+/// Midpoints between consecutive E2M1 magnitudes, and whether a value exactly on one goes up
+/// (to the even code above) rather than down.
+const MIDPOINTS: [(f32, bool); 7] = [
+    (0.25, false),
+    (0.75, true),
+    (1.25, false),
+    (1.75, true),
+    (2.5, false),
+    (3.5, true),
+    (5.0, false),
+];
+
 /// The E2M1 magnitude code of `a` ≥ 0: nearest value, ties to even, saturating at 6; NaN
 /// gives 0.
 #[inline]
 pub fn magnitude_code(a: f32) -> u8 {
-    let mut m = 0u8;
-    if a > 0.25 {
-        m = 1;
-    }
-    if a >= 0.75 {
-        m = 2;
-    }
-    if a > 1.25 {
-        m = 3;
-    }
-    if a >= 1.75 {
-        m = 4;
-    }
-    if a > 2.5 {
-        m = 5;
-    }
-    if a >= 3.5 {
-        m = 6;
-    }
-    if a > 5.0 {
-        m = 7;
-    }
-    m
+    MIDPOINTS
+        .iter()
+        .filter(|&&(m, up)| a > m || (up && a == m))
+        .count() as u8
 }
 
 /// The signed value of a 4-bit code.
