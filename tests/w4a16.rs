@@ -151,6 +151,12 @@ fn gptq_lowers_the_w4a16_divergence_and_the_runner_reads_both() {
         ))
         .unwrap();
         assert!(r["ppl"]["perplexity"]["ppl"].as_f64().unwrap().is_finite());
+        // GPTQ's group scales come from an error search, and the config says so.
+        let observer = config(&out)["quantization_config"]["config_groups"]["group_0"]["weights"]
+            ["observer"]
+            .clone();
+        let gptq = extra.contains(&"gptq");
+        assert_eq!(observer, if gptq { "mse" } else { "memoryless_minmax" });
         r["kld"]["divergence"]["mean_kld"].as_f64().unwrap()
     };
     let rtn = kld(&[]);

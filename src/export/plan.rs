@@ -211,7 +211,9 @@ fn ct_config(format: &str, weights: Value, inputs: Value, kv: Value) -> Value {
 }
 
 /// The `quantization_config` block of config.json (formats/fp8.md#config, formats/int8.md).
-pub fn quantization_config(t: Target, group: Option<usize>) -> Value {
+/// `searched`: the weight scales were chosen by error search rather than the absmax (the
+/// observer is then named `mse`).
+pub fn quantization_config(t: Target, group: Option<usize>, searched: bool) -> Value {
     let weights = |ty| ct_args(ty, "channel", false, Some("memoryless_minmax"), None);
     let static_fp8 = || ct_args("float", "tensor", false, Some("static_minmax"), None);
     match t {
@@ -237,14 +239,8 @@ pub fn quantization_config(t: Target, group: Option<usize>) -> Value {
             let group = t.group(group);
             let strategy = if group.is_some() { "group" } else { "channel" };
             let bits = t.packed_bits().expect("packed");
-            let w = ct_args_bits(
-                "int",
-                strategy,
-                false,
-                Some("memoryless_minmax"),
-                group,
-                bits,
-            );
+            let observer = if searched { "mse" } else { "memoryless_minmax" };
+            let w = ct_args_bits("int", strategy, false, Some(observer), group, bits);
             ct_config("pack-quantized", w, Value::Null, Value::Null)
         }
         Target::Nvfp4 | Target::Nvfp4A16 => {

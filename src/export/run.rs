@@ -669,8 +669,9 @@ fn write_linear(
                         let u = crate::quant::gptq::GptqPlan::new(&mean, cols, 0.01)?;
                         *factor = Some((key, mean, u));
                     }
-                    let (_, _, u) = factor.as_ref().expect("just set");
-                    crate::quant::int8::quantize_gptq_bits(w, cols, group, u, 4)
+                    let (_, mean, u) = factor.as_ref().expect("just set");
+                    let imp: Vec<f64> = (0..cols).map(|j| mean[j * cols + j]).collect();
+                    crate::quant::int8::quantize_gptq_bits(w, cols, group, u, 4, Some(&imp))
                 }
                 (Int4Method::Awq, _) => {
                     let sm = c.smooth.expect("computed for this layer");
@@ -890,7 +891,8 @@ fn finish_ck(
         });
         Ok(())
     };
-    let qc = quantization_config(s.target, o.group_size);
+    let searched = s.target == Target::W4A16 && o.int4_weights == Int4Method::Gptq;
+    let qc = quantization_config(s.target, o.group_size, searched);
     let mut cfg = ck.config_json.clone();
     cfg["quantization_config"] = qc.clone();
     write(

@@ -25,25 +25,28 @@ pub fn inverse_factor(h: &[f64], n: usize, damp: f64) -> Result<Vec<f64>> {
     }
     // A = L Lᵀ.
     let l = cholesky_lower(&a, n)?;
-    // A⁻¹ = L⁻ᵀ L⁻¹: invert L (lower triangular), then multiply.
-    let mut linv = vec![0f64; n * n];
-    for i in 0..n {
-        linv[i * n + i] = 1.0 / l[i * n + i];
-        for j in 0..i {
+    // A⁻¹ = L⁻ᵀ L⁻¹: invert L (lower triangular) one column at a time (the columns are
+    // independent; `t` holds column j of L⁻¹ as its row j), then multiply.
+    let mut t = vec![0f64; n * n];
+    t.par_chunks_mut(n).enumerate().for_each(|(j, col)| {
+        col[j] = 1.0 / l[j * n + j];
+        for i in j + 1..n {
+            let li = &l[i * n..(i + 1) * n];
             let mut s = 0.0;
             for k in j..i {
-                s += l[i * n + k] * linv[k * n + j];
+                s += li[k] * col[k];
             }
-            linv[i * n + j] = -s / l[i * n + i];
+            col[i] = -s / li[i];
         }
-    }
+    });
     let mut inv = vec![0f64; n * n];
     inv.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+        let ti = &t[i * n..(i + 1) * n];
         for (j, v) in row.iter_mut().enumerate() {
-            let start = i.max(j);
+            let tj = &t[j * n..(j + 1) * n];
             let mut s = 0.0;
-            for k in start..n {
-                s += linv[k * n + i] * linv[k * n + j];
+            for k in i.max(j)..n {
+                s += ti[k] * tj[k];
             }
             *v = s;
         }
@@ -87,6 +90,22 @@ fn cholesky_lower(a: &[f64], n: usize) -> Result<Vec<f64>> {
     Ok(l)
 }
 
+/// Rows rounded together: each row of the factor, read once, updates all of them.
+const ROW_BLOCK: usize = 8;
+
+multiversion! {
+    /// `x_r[k] −= e_r · u[k]` for `k` in `from..n` over the rows of one block (`xs` is
+    /// `[rows, n]`): the same subtraction of the same product per element as one row at a time,
+    /// so any row blocking and either build gives the same bits.
+    fn subtract_outer(xs: &mut [f64], n: usize, errs: &[f64], u: &[f64], from: usize) {
+        for (x, &e) in xs.chunks_mut(n).zip(errs) {
+            for (xk, &uk) in x[from..].iter_mut().zip(&u[from..]) {
+                *xk -= e * uk;
+            }
+        }
+    }
+}
+
 /// Rounds every row of `w` (`[rows, n]`) with `round(row, column, value) -> (dequantized value,
 /// code)`, propagating errors through `u` (from [`inverse_factor`]). Returns the codes.
 pub fn quantize_rows(
@@ -96,19 +115,20 @@ pub fn quantize_rows(
     round: impl Fn(usize, usize, f64) -> (f64, u8) + Sync,
 ) -> Vec<u8> {
     let mut out = vec![0u8; w.len()];
-    out.par_chunks_mut(n)
-        .zip(w.par_chunks(n))
+    out.par_chunks_mut(n * ROW_BLOCK)
+        .zip(w.par_chunks(n * ROW_BLOCK))
         .enumerate()
-        .for_each(|(r, (o, row))| {
-            let mut x: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+        .for_each(|(b, (o, rows))| {
+            let mut x: Vec<f64> = rows.iter().map(|&v| v as f64).collect();
+            let count = rows.len() / n;
+            let mut errs = [0f64; ROW_BLOCK];
             for j in 0..n {
-                let (q, code) = round(r, j, x[j]);
-                o[j] = code;
-                let err = (x[j] - q) / u[j * n + j];
-                let uj = &u[j * n..(j + 1) * n];
-                for k in j + 1..n {
-                    x[k] -= err * uj[k];
+                for (i, e) in errs.iter_mut().enumerate().take(count) {
+                    let (q, code) = round(b * ROW_BLOCK + i, j, x[i * n + j]);
+                    o[i * n + j] = code;
+                    *e = (x[i * n + j] - q) / u[j * n + j];
                 }
+                subtract_outer(&mut x, n, &errs[..count], &u[j * n..(j + 1) * n], j + 1);
             }
         });
     out

@@ -110,21 +110,83 @@ pub fn quantize_gptq(w: &[f32], cols: usize, plan: &crate::quant::gptq::GptqPlan
     }
 }
 
-/// `bits`-bit codes with GPTQ error feedback and static group scales: the scales of
-/// [`quantize_bits`] are fixed from `w` first (as llm-compressor's observer fixes them before
-/// its GPTQ loop), then the codes are rounded in `plan`'s column order, each rounding error
-/// pushed onto the columns not yet rounded. The column order changes no scale, so the artifact
-/// needs no `g_idx`.
+/// Shrink factors of the group absmax tried by [`searched_scales`]: 1.00 down to 0.60.
+const SHRINK_STEPS: usize = 41;
+
+/// Group scales chosen by importance-weighted error: for each group, the candidates
+/// `bf16(f · absmax / d)` for `f` = 1.00, 0.99, … 0.60 (`d` as [`quantize_bits`] divides), each
+/// rounding the group to nearest; the one with the least `Σ imp_j (w_j − q_j s)²` wins, the
+/// larger `f` on a tie. `importance` is per input column (`E[x_j²]` of the calibration inputs,
+/// the diagonal GPTQ's second-moment matrix carries). Clipping the few largest weights of a
+/// group buys a finer step for all the others; the importance says which columns' errors the
+/// layer's outputs feel.
+pub fn searched_scales(
+    w: &[f32],
+    cols: usize,
+    group: Option<usize>,
+    bits: u32,
+    importance: &[f64],
+) -> Vec<f32> {
+    let (lo, hi, div) = int_range(bits);
+    let g = group.unwrap_or(cols);
+    w.par_chunks(cols)
+        .flat_map_iter(|row| {
+            row.chunks(g)
+                .zip(importance.chunks(g))
+                .map(|(wg, ig)| {
+                    let amax = wg.iter().fold(0f32, |m, &v| m.max(v.abs()));
+                    let mut best = (f64::INFINITY, BF16_EPS);
+                    for k in 0..SHRINK_STEPS {
+                        let f = 1.0 - k as f32 * 0.01;
+                        let s = round_bf16(f * amax / div);
+                        if s == 0.0 {
+                            continue;
+                        }
+                        let err: f64 = wg
+                            .iter()
+                            .zip(ig)
+                            .map(|(&x, &i)| {
+                                let q = round_bf16(x / s).round_ties_even().clamp(lo, hi);
+                                let e = (x - q * s) as f64;
+                                i * e * e
+                            })
+                            .sum();
+                        if err < best.0 {
+                            best = (err, s);
+                        }
+                    }
+                    best.1
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// `bits`-bit codes with GPTQ error feedback and static group scales: the scales are fixed
+/// first (those of [`quantize_bits`], as llm-compressor's observer fixes them before its GPTQ
+/// loop, or [`searched_scales`] given `importance`), then the codes are rounded in `plan`'s
+/// column order, each rounding error pushed onto the columns not yet rounded. The column order
+/// changes no scale, so the artifact needs no `g_idx`.
 pub fn quantize_gptq_bits(
     w: &[f32],
     cols: usize,
     group: Option<usize>,
     plan: &crate::quant::gptq::GptqPlan,
     bits: u32,
+    importance: Option<&[f64]>,
 ) -> Int8Matrix {
     let (lo, hi, _) = int_range(bits);
-    let m = quantize_bits(w, cols, group, bits);
-    let (scales, groups) = (m.scales, m.groups);
+    let (scales, groups) = match importance {
+        Some(imp) => {
+            let s = searched_scales(w, cols, group, bits, imp);
+            let groups = s.len() / (w.len() / cols.max(1)).max(1);
+            (s, groups)
+        }
+        None => {
+            let m = quantize_bits(w, cols, group, bits);
+            (m.scales, m.groups)
+        }
+    };
     let g = cols / groups;
     let codes = plan.quantize_rows_at(w, cols, |r, c, v| {
         let s = scales[r * groups + c / g];
@@ -273,6 +335,47 @@ pub fn column_absmax(ws: &[&[f32]], cols: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn searched_scales_never_lose_to_the_absmax_scale() {
+        let mut rng = crate::numerics::rng::SplitMix64::new(3);
+        let (rows, cols, g) = (8, 128, 32);
+        // Heavy-tailed weights (a few large values per group) and uneven column importance.
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let v = rng.unit_f32() - 0.5;
+                round_bf16(if i % 29 == 0 { v * 8.0 } else { v })
+            })
+            .collect();
+        let imp: Vec<f64> = (0..cols).map(|j| 1.0 + (j % 7) as f64).collect();
+        let err = |scales: &[f32]| -> f64 {
+            let (lo, hi, _) = int_range(4);
+            w.chunks(cols)
+                .enumerate()
+                .map(|(r, row)| {
+                    row.iter()
+                        .enumerate()
+                        .map(|(j, &x)| {
+                            let s = scales[r * (cols / g) + j / g];
+                            let q = round_bf16(x / s).round_ties_even().clamp(lo, hi);
+                            imp[j] * ((x - q * s) as f64).powi(2)
+                        })
+                        .sum::<f64>()
+                })
+                .sum()
+        };
+        let plain = quantize_bits(&w, cols, Some(g), 4).scales;
+        let searched = searched_scales(&w, cols, Some(g), 4, &imp);
+        assert_eq!(searched.len(), plain.len());
+        // The absmax scale is the first candidate, so the search can only do better.
+        assert!(
+            err(&searched) < 0.9 * err(&plain),
+            "{} vs {}",
+            err(&searched),
+            err(&plain)
+        );
+        assert_eq!(searched, searched_scales(&w, cols, Some(g), 4, &imp));
+    }
 
     #[test]
     fn compressed_tensors_range_and_rounding() {
