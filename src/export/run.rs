@@ -676,7 +676,17 @@ fn write_linear(
                 (Int4Method::Awq, _) => {
                     let sm = c.smooth.expect("computed for this layer");
                     let ws = sm.smooth_weight(r, w, cols);
-                    let m = crate::quant::int8::quantize_bits(&ws, cols, group, 4);
+                    // AWQ's clipping step: group scales searched under the importance of the
+                    // scaled inputs x / s, E[x²] / s².
+                    let st = c.stats.expect("AWQ calibrates");
+                    let mut imp = st.site(layer, r.site()).mean_sq();
+                    if let Some(f) = sm.factors[r.site().index()].as_deref() {
+                        for (i, &f) in imp.iter_mut().zip(f) {
+                            *i /= (f as f64) * (f as f64);
+                        }
+                    }
+                    let scales = crate::quant::int8::searched_scales(&ws, cols, group, 4, &imp);
+                    let m = crate::quant::int8::quantize_with_scales(&ws, cols, group, 4, scales);
                     // The error is against the scaled weights the codes stand for.
                     return write_packed(s, name, c.shape, &ws, &m, 4);
                 }
@@ -891,7 +901,7 @@ fn finish_ck(
         });
         Ok(())
     };
-    let searched = s.target == Target::W4A16 && o.int4_weights == Int4Method::Gptq;
+    let searched = s.target == Target::W4A16 && o.int4_weights != Int4Method::Rtn;
     let qc = quantization_config(s.target, o.group_size, searched);
     let mut cfg = ck.config_json.clone();
     cfg["quantization_config"] = qc.clone();

@@ -162,6 +162,30 @@ pub fn searched_scales(
         .collect()
 }
 
+/// `bits`-bit codes of `w` rounded to nearest under the given group scales (`[rows, groups]`,
+/// e.g. from [`searched_scales`]).
+pub fn quantize_with_scales(
+    w: &[f32],
+    cols: usize,
+    group: Option<usize>,
+    bits: u32,
+    scales: Vec<f32>,
+) -> Int8Matrix {
+    let (lo, hi, _) = int_range(bits);
+    let g = group.unwrap_or(cols);
+    let groups = cols / g;
+    let mut q = vec![0i8; w.len()];
+    q.par_chunks_mut(cols)
+        .zip(w.par_chunks(cols))
+        .zip(scales.par_chunks(groups))
+        .for_each(|((qr, row), ss)| {
+            for ((qg, wg), &s) in qr.chunks_mut(g).zip(row.chunks(g)).zip(ss) {
+                group_codes(wg, s, lo, hi, qg);
+            }
+        });
+    Int8Matrix { q, scales, groups }
+}
+
 /// `bits`-bit codes with GPTQ error feedback and static group scales: the scales are fixed
 /// first (those of [`quantize_bits`], as llm-compressor's observer fixes them before its GPTQ
 /// loop, or [`searched_scales`] given `importance`), then the codes are rounded in `plan`'s
