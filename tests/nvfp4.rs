@@ -365,35 +365,49 @@ fn against_record(
     (hashed, differing)
 }
 
+/// SmolLM2 converted to `targets` with `extra` options, calibrated on the first 8 × 512 tokens
+/// of the dev text as the producers were, and the producer's recorded output.
+fn smollm2_against(
+    fixture: &str,
+    targets: &str,
+    extra: &[&str],
+) -> (tempfile::TempDir, std::path::PathBuf, serde_json::Value) {
+    let want: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("fixtures").join(fixture)).unwrap(),
+    )
+    .unwrap();
+    let (t, model, text) = (
+        tempdir(),
+        assets().join("smollm2-135m"),
+        shared().join("data/wikitext2-valid.txt"),
+    );
+    let out = t.path().join("arts");
+    let mut args = vec![
+        s(&model),
+        "--to",
+        targets,
+        "--calib",
+        s(&text),
+        "--calib-samples",
+        "8",
+        "--out",
+        s(&out),
+    ];
+    args.extend_from_slice(extra);
+    run_ok("minitron-convert", &args);
+    (t, out, want)
+}
+
 #[test]
 #[cfg_attr(
     not(minitron_assets),
     ignore = "needs the real assets: ../shared/tools/real-assets.sh"
 )]
 fn smollm2_equals_llm_compressor_byte_for_byte() {
-    let a = assets();
-    let want: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("fixtures/llm-compressor-smollm2.json")).unwrap(),
-    )
-    .unwrap();
-    let t = tempdir();
-    let out = t.path().join("arts");
-    let text = shared().join("data/wikitext2-valid.txt");
-    run_ok(
-        "minitron-convert",
-        &[
-            s(&a.join("smollm2-135m")),
-            "--to",
-            "nvfp4-a16,nvfp4,w4a16",
-            "--group-size",
-            "64",
-            "--calib",
-            s(&text),
-            "--calib-samples",
-            "8",
-            "--out",
-            s(&out),
-        ],
+    let (_t, out, want) = smollm2_against(
+        "llm-compressor-smollm2.json",
+        "nvfp4-a16,nvfp4,w4a16",
+        &["--group-size", "64"],
     );
     for (scheme, dir) in [
         ("NVFP4A16", "nvfp4-a16"),
@@ -423,28 +437,7 @@ fn smollm2_equals_llm_compressor_byte_for_byte() {
     ignore = "needs the real assets: ../shared/tools/real-assets.sh"
 )]
 fn smollm2_modelopt_equals_modelopt_byte_for_byte() {
-    let a = assets();
-    let want: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("fixtures/modelopt-smollm2.json")).unwrap(),
-    )
-    .unwrap();
-    let t = tempdir();
-    let out = t.path().join("mo");
-    let text = shared().join("data/wikitext2-valid.txt");
-    run_ok(
-        "minitron-convert",
-        &[
-            s(&a.join("smollm2-135m")),
-            "--to",
-            "nvfp4-modelopt",
-            "--calib",
-            s(&text),
-            "--calib-samples",
-            "8",
-            "--out",
-            s(&out),
-        ],
-    );
+    let (_t, out, want) = smollm2_against("modelopt-smollm2.json", "nvfp4-modelopt", &[]);
     let ours = tensors(&out);
     let theirs = want["tensors"].as_object().unwrap();
     assert_eq!(
