@@ -727,3 +727,46 @@ fn damaged_or_foreign_imatrices_are_refused() {
         eprintln!("{what}: {}", e.trim());
     }
 }
+
+#[test]
+fn damaged_nvfp4_layers_are_refused_with_the_tensor() {
+    let t = tempdir();
+    let art = t.path().join("nv");
+    run_ok(
+        "minitron-convert",
+        &[s(&tiny()), "--to", "nvfp4-a16", "--out", s(&art)],
+    );
+    let damaged = |name: &str, shape: serde_json::Value| {
+        let d = t.path().join(name.replace('.', "-"));
+        copy_dir(&art, &d);
+        edit_header(&d, |h| h[name]["shape"] = shape);
+        d
+    };
+    // Codes with the right byte count in the wrong shape: the checkpoint check names them.
+    let codes = "model.layers.0.self_attn.k_proj.weight_packed";
+    let e = inspect_err(&damaged(codes, serde_json::json!([32, 128])));
+    assert!(
+        e.contains(codes)
+            && e.contains("expected U8 [64, 64] (two FP4 codes per byte), found U8 [32, 128]"),
+        "{e}"
+    );
+    // Group scales transposed: the runner names them before it reads a value.
+    let scales = "model.layers.0.self_attn.k_proj.weight_scale";
+    let e = run_err(
+        "minitron-verify",
+        &[
+            s(&damaged(scales, serde_json::json!([8, 64]))),
+            "--ppl",
+            "fixtures/prompts.txt",
+            "--ctx",
+            "16",
+        ],
+    );
+    assert!(
+        e.contains(scales)
+            && e.contains(
+                "expected F8_E4M3 [64, 8] (one scale per 16 values), found F8_E4M3 [8, 64]"
+            ),
+        "{e}"
+    );
+}
