@@ -811,6 +811,87 @@ impl Linear {
 mod tests {
     use super::*;
 
+    /// NVFP4 with NVFP4 activations, in both runner forms (bf16 panels on the CPU GEMM; f32
+    /// dense with the activations rounded on the host), against an f64 sum of the dequantized
+    /// values, the activation rounding written out from its definition: per 16, scale
+    /// `e4m3(G · amax / 6)`, values to the nearest E2M1 magnitude (ties to even) of
+    /// `x / (s / G)` clamped to ±6. The products are exact, so only the f32 accumulation differs.
+    #[test]
+    fn nvfp4_forms_match_an_f64_reference() {
+        use crate::numerics::fp8::{e4m3_to_f32, f32_to_e4m3};
+        let (out, inp, rows) = (24usize, 64usize, 5usize);
+        let mut rng = crate::numerics::rng::SplitMix64::new(29);
+        let packed: Vec<u8> = (0..out * inp / 2).map(|_| rng.next_u64() as u8).collect();
+        let scales: Vec<u8> = (0..out * inp / 16)
+            .map(|_| 0x30 + (rng.next_u64() % 32) as u8)
+            .collect();
+        let values = crate::quant::nvfp4::decode_unscaled(&packed, &scales, inp);
+        let m = 1.0f32 / 300.0;
+        let x: Vec<f32> = (0..rows * inp)
+            .map(|i| {
+                ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * (1.0 + (i % 7) as f32)
+            })
+            .collect();
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let g = 2688.0 / amax;
+        let grid = [0.0f64, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+        let xq: Vec<f64> = x
+            .chunks(16)
+            .flat_map(|grp| {
+                let a = grp.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let s = e4m3_to_f32(f32_to_e4m3((g * (a * (1.0 / 6.0))).min(448.0)));
+                grp.iter()
+                    .map(|&v| {
+                        if s == 0.0 {
+                            return 0.0;
+                        }
+                        let t = ((v * (1.0 / (s * (1.0 / g)))) as f64).clamp(-6.0, 6.0);
+                        let mut best = (0usize, f64::INFINITY);
+                        for (i, q) in grid.iter().enumerate() {
+                            let d = (t.abs() - q).abs();
+                            if d < best.1 || (d == best.1 && i % 2 == 0) {
+                                best = (i, d);
+                            }
+                        }
+                        grid[best.0].copysign(t) * s as f64 / g as f64
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let xt = Tensor::from_vec(x, (1, rows, inp), &Device::Cpu).unwrap();
+        for dtype in [DType::BF16, DType::F32] {
+            let data = WeightData::Nvfp4 {
+                values: values.clone(),
+                multiplier: m,
+                act: ActQuant::Nvfp4(g),
+            };
+            let l = Linear::build(data, out, inp, dtype, &Device::Cpu).unwrap();
+            let y: Vec<f32> = l
+                .forward(&xt)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for r in 0..rows {
+                for o in 0..out {
+                    let terms =
+                        (0..inp).map(|k| xq[r * inp + k] * values[o * inp + k] as f64 * m as f64);
+                    let (sum, abs) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+                    let got = y[r * out + o] as f64;
+                    // f32 accumulation and scaling: a few units of 2^-24 of Σ|terms|; the f32
+                    // form's bf16-free weights differ from exact only by the f32 multiplier.
+                    assert!(
+                        (got - sum).abs() <= 1e-5 * abs + 1e-9,
+                        "{dtype:?} [{r},{o}]: {got} vs {sum}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn shared_int8_activations_equal_separate_layers() {
         let (out, inp, rows) = (16usize, 64usize, 3usize);
