@@ -51,10 +51,11 @@ struct Cli {
     /// through the smoothed calibration inputs' second moments). int8 only [default: rtn].
     #[arg(long, value_name = "MODE", value_parser = ["rtn", "gptq"])]
     int8_weights: Option<String>,
-    /// How W4A16 weights are chosen: `rtn` (nearest), `gptq` (error feedback through the
-    /// calibration inputs' second moments; group scales fixed first) or `awq` (activation-aware
-    /// per-channel scales folded into the norms, v_proj and up_proj, searched per input).
-    /// w4a16 only [default: rtn].
+    /// How W4A16 weights are chosen: `rtn` (nearest under the absmax scales, as llm-compressor
+    /// rounds), `gptq` (group scales searched by calibrated error first, then error feedback
+    /// through the calibration inputs' second moments) or `awq` (activation-aware per-channel
+    /// scales folded into the norms, v_proj and up_proj, searched per input, then the same scale
+    /// search). w4a16 only [default: rtn].
     #[arg(long, value_name = "MODE", value_parser = ["rtn", "gptq", "awq"])]
     int4_weights: Option<String>,
     /// SmoothQuant migration strength for --to int8: a number in (0, 1), or `auto` to choose it
