@@ -6,7 +6,8 @@
 #
 # (a) the tiny fixture on CPU and on CUDA: perplexity and the first chunk's logits;
 # (b) a synthetic minitron-4b-depth checkpoint generated here, bf16 on CUDA;
-# (c) its fp8, int8 and gguf:q4_k_m artifacts made here, on CUDA.
+# (c) its fp8, int8 and gguf:q4_k_m artifacts made here, on CUDA; the tiny fixture as NVFP4 on
+# both devices.
 # Prints one table (ppl, prefill and decode tokens/s, peak GPU memory) and writes it, the
 # JSON reports and the logs into OUT_DIR.
 set -uo pipefail
@@ -122,6 +123,22 @@ rel = 100 * abs(pb / pa - 1)
 print(f"tiny CPU vs CUDA: max |Δlogit| {d:.3e} (bound 2e-2), ppl {pa:.4f} vs {pb:.4f} ({rel:.3f} %, bound 0.2 %)")
 print("PASS" if d < 2e-2 and rel < 0.2 else "FAIL")
 PY
+
+# --- (a2) tiny fixture as NVFP4 (weights and activations), CPU vs CUDA: the CUDA form holds
+# the weights dense in bf16 and rounds the activations on the host, so only bf16 rounding
+# should separate the two.
+say "tiny nvfp4: CPU vs CUDA"
+if "$C" fixtures/tiny-llama3 --to nvfp4 --calib-samples 4 --calib-seq 64 --out "$W/tiny-nvfp4" \
+     --force > "$OUT/convert-tiny-nvfp4.txt" 2>&1 \
+   && "$V" "$W/tiny-nvfp4" --ppl "$TEXT" --ctx 64 --chunks 8 --device cpu \
+     --report "$OUT/tiny-nvfp4-cpu.json" > "$OUT/tiny-nvfp4-cpu.txt" 2>&1 \
+   && peak_mem "$V" "$W/tiny-nvfp4" --ppl "$TEXT" --ctx 64 --chunks 8 --device cuda \
+     --report "$OUT/tiny-nvfp4-cuda.json" > "$OUT/tiny-nvfp4-cuda.txt" 2>&1; then
+  row "tiny nvfp4, CPU" "$OUT/tiny-nvfp4-cpu.json" "-"
+  row "tiny nvfp4, CUDA" "$OUT/tiny-nvfp4-cuda.json" "$PEAK"
+else
+  say "tiny nvfp4 FAILED (see $OUT/*tiny-nvfp4*.txt)"
+fi
 
 # --- (b) synthetic 4.5 B checkpoint, bf16 on CUDA.
 say "synth minitron-4b-depth"
