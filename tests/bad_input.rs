@@ -742,6 +742,16 @@ fn damaged_nvfp4_layers_are_refused_with_the_tensor() {
         edit_header(&d, |h| h[name]["shape"] = shape);
         d
     };
+    // A quantized artifact is not an input to convert again.
+    let e = run_err(
+        "minitron-convert",
+        &[s(&art), "--to", "fp8", "--out", s(&t.path().join("again"))],
+    );
+    assert!(
+        e.contains("config.json: field `quantization_config`: expected an unquantized (bf16, f16 or f32) checkpoint, found one already quantized (compressed-tensors)"),
+        "{e}"
+    );
+    assert!(!t.path().join("again").exists());
     // Codes with the right byte count in the wrong shape: the checkpoint check names them.
     let codes = "model.layers.0.self_attn.k_proj.weight_packed";
     let e = inspect_err(&damaged(codes, serde_json::json!([32, 128])));

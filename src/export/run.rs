@@ -177,6 +177,21 @@ pub fn run(
     if o.targets.is_empty() {
         return Err(Error::Invalid("--to needs at least one target".into()));
     }
+    // A quantized checkpoint is not an input: its linear layers are codes and scales, and
+    // re-quantizing them would compound the rounding (or, for packed layouts, drop them).
+    if let Some(q) = ck.config_json.get("quantization_config") {
+        let method = q
+            .get("quant_method")
+            .and_then(|m| m.as_str())
+            .unwrap_or("unknown");
+        return Err(Error::config(
+            ck.dir.join("config.json"),
+            "quantization_config",
+            format!(
+                "expected an unquantized (bf16, f16 or f32) checkpoint, found one already quantized ({method}); convert from the original"
+            ),
+        ));
+    }
     if is_inside(&o.out, &ck.dir) {
         return Err(Error::Invalid(format!(
             "--out {} is inside the input folder {}: write artifacts elsewhere, so that an input is never replaced or read back as one",
