@@ -67,28 +67,21 @@ pub fn quantize(w: &[f32], cols: usize, group: Option<usize>) -> Int8Matrix {
 
 /// [`quantize`] to symmetric `bits`-bit codes (2 ≤ bits ≤ 8), held one per `i8`.
 pub fn quantize_bits(w: &[f32], cols: usize, group: Option<usize>, bits: u32) -> Int8Matrix {
-    let (lo, hi, div) = int_range(bits);
-    let g = group.unwrap_or(cols);
-    let groups = cols / g;
-    let mut q = vec![0i8; w.len()];
-    let scales: Vec<f32> = q
-        .par_chunks_mut(cols)
-        .zip(w.par_chunks(cols))
-        .flat_map_iter(|(qr, row)| {
-            let mut ss = Vec::with_capacity(groups);
-            for (qg, wg) in qr.chunks_mut(g).zip(row.chunks(g)) {
-                let amax = wg.iter().fold(0f32, |m, &v| m.max(v.abs()));
-                let mut s = round_bf16(amax / div);
-                if s == 0.0 {
-                    s = BF16_EPS;
-                }
-                group_codes(wg, s, lo, hi, qg);
-                ss.push(s);
+    let (_, _, div) = int_range(bits);
+    // Groups divide rows, so consecutive groups of `w` are the row-major `[rows, groups]`.
+    let scales = w
+        .par_chunks(group.unwrap_or(cols))
+        .map(|wg| {
+            let amax = wg.iter().fold(0f32, |m, &v| m.max(v.abs()));
+            let s = round_bf16(amax / div);
+            if s == 0.0 {
+                BF16_EPS
+            } else {
+                s
             }
-            ss
         })
         .collect();
-    Int8Matrix { q, scales, groups }
+    quantize_with_scales(w, cols, group, bits, scales)
 }
 
 /// Per-channel INT8 with GPTQ error feedback: the scales of [`quantize`] (per output channel),
