@@ -66,4 +66,44 @@ fn main() {
     {
         println!("cargo:rustc-cfg=minitron_avx512bf16");
     }
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        build_kernels(&root);
+    }
+}
+
+/// With the `cuda` feature: compiles `src/runtime/kernels.cu` to PTX in `OUT_DIR` (embedded by
+/// `runtime::devform`) with the `nvcc` that scripts/build-cuda.sh puts on PATH, for the compute
+/// capability in `CUDA_COMPUTE_CAP` (default 80; the driver compiles PTX for newer chips).
+/// `-fmad=false` keeps every multiply and add separately rounded, as the kernels' CPU twins
+/// compute them.
+fn build_kernels(root: &Path) {
+    let src = root.join("src/runtime/kernels.cu");
+    println!("cargo:rerun-if-changed={}", src.display());
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rerun-if-env-changed=NVCC");
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("set by cargo"))
+        .join("minitron_kernels.ptx");
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
+    let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
+    let status = std::process::Command::new(&nvcc)
+        .args(["--ptx", "-O3", "-fmad=false", "-std=c++17"])
+        .arg(format!("-arch=compute_{cap}"))
+        .arg("-o")
+        .arg(&out)
+        .arg(&src)
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => {
+            eprintln!("{nvcc} failed on {} ({s})", src.display());
+            std::process::exit(1);
+        }
+        Err(e) => {
+            eprintln!(
+                "the cuda feature needs nvcc to compile {}: {e} (scripts/build-cuda.sh installs it)",
+                src.display()
+            );
+            std::process::exit(1);
+        }
+    }
 }

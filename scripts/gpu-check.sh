@@ -1,38 +1,96 @@
 #!/usr/bin/env bash
-# One prepared check for a bare GPU host (CUDA 13.0 driver, nvcc and PyTorch installed, no
-# network, no Rust): runs the binaries built by scripts/build-cuda.sh.
+# One prepared check for a bare GPU host (CUDA 13.0 driver, Python, no network, no Rust), run
+# with the binaries built by scripts/build-cuda.sh; or, with --rehearse, the same steps on this
+# machine's CPU (the GPU forms through their CPU twins, `--emulate-gpu-forms`) on the tiny
+# fixture and a small synthetic, so the script itself is tested before a GPU sees it.
 #
-#   scripts/gpu-check.sh OUT_DIR [BIN_DIR]      (BIN_DIR default: target/gpu-bundle)
+#   scripts/gpu-check.sh [--rehearse] OUT_DIR [BIN_DIR]     (BIN_DIR default: target/gpu-bundle)
 #
-# (a) the tiny fixture on CPU and on CUDA: perplexity and the first chunk's logits;
-# (b) a synthetic minitron-4b-depth checkpoint generated here, bf16 on CUDA;
-# (c) its fp8, int8 and gguf:q4_k_m artifacts made here, on CUDA; the tiny fixture as NVFP4 on
-# both devices.
-# Prints one table (ppl, prefill and decode tokens/s, peak GPU memory) and writes it, the
-# JSON reports and the logs into OUT_DIR.
+# Steps, each with its own timeout and exit status (a failed step fails what depends on it and
+# the script's exit status; the others still run):
+#  (a) tiny fixture as every artifact type: the GPU against the CPU `--dtype bf16` path, with
+#      max |Δlogit|, Δppl and greedy tokens each gated by a bound;
+#  (b) the synthetic 4.5 B minitron-4b-depth (made here; in a rehearsal a second tiny model):
+#      bf16, fp8, int8, w4a16, nvfp4, gguf:q4_k_m, converted in the background while the GPU
+#      runs: ppl (8 × 512), a 2,048-token prefill, 128-token decode, peak GPU memory; the KLD
+#      of fp8 against bf16.
+# Writes into OUT_DIR: table.md (printed last), summary.json, logs.tar.gz, gpu-check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:?usage: scripts/gpu-check.sh OUT_DIR [BIN_DIR]}
+REHEARSE=0
+if [ "${1:-}" = "--rehearse" ]; then REHEARSE=1; shift; fi
+OUT=${1:?usage: scripts/gpu-check.sh [--rehearse] OUT_DIR [BIN_DIR]}
 BIN=${2:-target/gpu-bundle}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-LOG=$OUT/gpu-check.log
-exec > >(tee -a "$LOG") 2>&1
+W=$(mktemp -d "${TMPDIR:-/tmp}/minitron-gpu-check.XXXXXX")
+mkdir -p "$W/logs"
+exec > >(tee "$OUT/gpu-check.log") 2>&1
 T0=$(date +%s)
 say() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+PY=$(command -v python3 || command -v python)
+V=$BIN/minitron-verify
+C=$BIN/minitron-convert
+TEXT=src/model/default_corpus.txt
+PROMPTS=fixtures/prompts.txt
+STEPS=$W/steps.tsv
+: > "$STEPS"
+FAILED=0
 
-# --- CUDA libraries: ldconfig, /usr/local/cuda*, the Python environment's nvidia packages.
-dirs=()
-for lib in libcublas.so.13 libcurand.so.10 libcudart.so.13 libcublasLt.so.13; do
-  p=$(ldconfig -p 2>/dev/null | awk -v l="$lib" '$1==l {print $NF; exit}')
-  [ -n "$p" ] && dirs+=("$(dirname "$p")")
-done
-for d in /usr/local/cuda/lib64 /usr/local/cuda-13*/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-  [ -d "$d" ] && dirs+=("$d")
-done
-py=$(command -v python3 || true)
-if [ -n "$py" ]; then
-  while IFS= read -r d; do [ -n "$d" ] && dirs+=("$d"); done < <("$py" - <<'PY' 2>/dev/null
+finish() {
+  tar -czf "$OUT/logs.tar.gz" -C "$W" logs steps.tsv 2>/dev/null
+  "$PY" - "$W" "$OUT" "$REHEARSE" <<'PY'
+import json, os, sys
+w, out, rehearse = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+steps = [l.rstrip("\n").split("\t") for l in open(os.path.join(w, "steps.tsv")) if l.strip()]
+rows = [json.loads(l) for l in open(os.path.join(w, "rows.jsonl"))] if os.path.exists(os.path.join(w, "rows.jsonl")) else []
+json.dump({"rehearsal": rehearse, "steps": [{"step": s[0], "rc": int(s[1]), "seconds": float(s[2])} for s in steps], "rows": rows},
+          open(os.path.join(out, "summary.json"), "w"), indent=1)
+PY
+  rm -rf "$W"
+}
+trap finish EXIT
+
+# step NAME TIMEOUT_S CMD...: runs CMD with its output in logs/NAME.log, records rc and seconds.
+step() {
+  local name=$1 limit=$2; shift 2
+  local s; s=$(date +%s%N)
+  if [ "$1" = with_peak ]; then
+    shift
+    with_peak timeout "$limit" "$@" > "$W/logs/$name.log" 2>&1
+  else
+    timeout "$limit" "$@" > "$W/logs/$name.log" 2>&1
+  fi
+  local rc=$?
+  local ms=$(( ($(date +%s%N) - s) / 1000000 ))
+  printf '%s\t%s\t%d.%03d\n' "$name" "$rc" $((ms / 1000)) $((ms % 1000)) >> "$STEPS"
+  if [ "$rc" != 0 ]; then
+    FAILED=1
+    say "FAILED ($rc): $name — last lines of its log:"
+    tail -n 5 "$W/logs/$name.log" | sed 's/^/    /'
+  else
+    say "ok: $name"
+  fi
+  return "$rc"
+}
+
+if [ "$REHEARSE" = 1 ]; then
+  DEV=(--device cpu --emulate-gpu-forms)
+  BIG_PRESET=tiny; BIG_CTX=128; BIG_CHUNKS=4; PREFILL_CTX=256; DECODE=16
+  say "REHEARSAL on the CPU: GPU forms through their CPU twins"
+else
+  DEV=(--device cuda)
+  BIG_PRESET=minitron-4b-depth; BIG_CTX=512; BIG_CHUNKS=8; PREFILL_CTX=2048; DECODE=128
+  # CUDA libraries: ldconfig, /usr/local/cuda*, the Python environment's nvidia packages.
+  dirs=()
+  for lib in libcublas.so.13 libcurand.so.10 libcudart.so.13 libcublasLt.so.13; do
+    p=$(ldconfig -p 2>/dev/null | awk -v l="$lib" '$1==l {print $NF; exit}')
+    [ -n "$p" ] && dirs+=("$(dirname "$p")")
+  done
+  for d in /usr/local/cuda/lib64 /usr/local/cuda-13*/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -d "$d" ] && dirs+=("$d")
+  done
+  while IFS= read -r d; do [ -n "$d" ] && dirs+=("$d"); done < <("$PY" - <<'PY' 2>/dev/null
 import glob, os
 try:
     import nvidia
@@ -43,131 +101,168 @@ except Exception:
     pass
 PY
 )
+  LD=$(printf '%s\n' "${dirs[@]}" | awk '!seen[$0]++' | paste -sd: -)
+  export LD_LIBRARY_PATH=${LD}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  missing=$(ldd "$V" | grep "not found" || true)
+  if [ -n "$missing" ]; then say "minitron-verify cannot find: $missing"; exit 1; fi
 fi
-LD=$(printf '%s\n' "${dirs[@]}" | awk '!seen[$0]++' | paste -sd: -)
-export LD_LIBRARY_PATH=${LD}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-say "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-missing=$(ldd "$BIN/minitron-verify" | grep "not found" || true)
-if [ -n "$missing" ]; then
-  say "minitron-verify cannot find: $missing"
-  exit 1
-fi
-V=$BIN/minitron-verify
-C=$BIN/minitron-convert
-TEXT=src/model/default_corpus.txt
-PROMPTS=fixtures/prompts.txt
-W=${GPU_CHECK_WORK:-/tmp/minitron-gpu-check}
-mkdir -p "$W"
 
-# Peak GPU memory of one command, sampled every 100 ms.
-peak_mem() {
-  local f=$W/mem.$$; : > "$f"
+# Peak GPU memory of one command (MiB, sampled every 100 ms; "-" in a rehearsal).
+PEAK=-
+with_peak() {
+  PEAK=-
+  if [ "$REHEARSE" = 1 ]; then "$@"; return $?; fi
+  local f=$W/mem.txt; : > "$f"
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$f" 2>/dev/null &
   local s=$!
   "$@"; local rc=$?
   kill $s 2>/dev/null; wait $s 2>/dev/null
-  PEAK=$(sort -n "$f" | tail -n 1); PEAK=${PEAK:-?}
+  PEAK=$(sort -n "$f" | tail -n 1); PEAK=${PEAK:--}
   return $rc
 }
 
-# The table grows row by row, so a run cut short still leaves what it measured.
-TABLE=$OUT/table.md
-{
-  echo "| run | ppl | prefill tokens/s (ppl chunks) | prefill tokens/s (prompts) | decode tokens/s | peak GPU memory |"
-  echo "|---|---|---|---|---|---|"
-} > "$TABLE"
-row() { # name report.json peak
-  "${py:-python3}" - "$2" "$1" "$3" <<'PY' | tee -a "$TABLE"
-import json, sys
-r = json.load(open(sys.argv[1]))
-nan = float("nan")
-pp = r.get("ppl", {})
-p = pp.get("perplexity", {}).get("ppl", nan)
-g = r.get("gen", {})
-print(f"| {sys.argv[2]} | {p:.4f} | {pp.get('tokens_per_s', nan):.0f} | {g.get('prefill_tokens_per_s', nan):.0f} "
-      f"| {g.get('decode_tokens_per_s', nan):.1f} | {sys.argv[3]} MiB |")
+# row KIND NAME [args for the comparison]: one line of rows.jsonl from the reports.
+row() {
+  "$PY" - "$W" "$@" <<'PY'
+import json, os, sys
+from array import array
+w, kind, name = sys.argv[1], sys.argv[2], sys.argv[3]
+def rep(p):
+    try:
+        return json.load(open(p))
+    except Exception:
+        return {}
+def ppl(r):
+    return (r.get("ppl") or {}).get("perplexity", {}).get("ppl")
+r = {"kind": kind, "name": name}
+if kind == "tiny":
+    cpu, dev, bound = rep(sys.argv[4]), rep(sys.argv[5]), float(sys.argv[8])
+    a, b = array("f"), array("f")
+    try:
+        a.frombytes(open(sys.argv[6], "rb").read()); b.frombytes(open(sys.argv[7], "rb").read())
+        d = max(abs(x - y) for x, y in zip(a, b)) if len(a) == len(b) and len(a) else None
+    except Exception:
+        d = None
+    pa, pb = ppl(cpu), ppl(dev)
+    dp = 100 * abs(pb / pa - 1) if pa and pb else None
+    ga = [p.get("candidate") for p in (cpu.get("gen") or {}).get("prompts", [])]
+    gb = [p.get("candidate") for p in (dev.get("gen") or {}).get("prompts", [])]
+    same = sum(x == y for x, y in zip(ga, gb)) if ga and len(ga) == len(gb) else None
+    r.update(ppl_cpu=pa, ppl_dev=pb, dppl_pct=dp, max_dlogit=d, logit_bound=bound,
+             greedy_same=same, greedy_of=len(ga))
+    r["pass"] = (d is not None and d <= bound and dp is not None and dp <= 0.05
+                 and same is not None and same == len(ga))
+else:
+    run, pre = rep(sys.argv[4]), rep(sys.argv[5])
+    g = run.get("gen") or {}
+    r.update(ppl=ppl(run), ppl_tokens_per_s=(run.get("ppl") or {}).get("tokens_per_s"),
+             prefill_tokens_per_s=(pre.get("ppl") or {}).get("tokens_per_s"),
+             decode_tokens_per_s=g.get("decode_tokens_per_s"), peak_mib=sys.argv[6])
+    if len(sys.argv) > 7:
+        k = rep(sys.argv[7]).get("kld") or {}
+        r["kld_vs_bf16"] = (k.get("divergence") or {}).get("mean_kld")
+    r["pass"] = r["ppl"] is not None
+open(os.path.join(w, "rows.jsonl"), "a").write(json.dumps(r) + "\n")
 PY
 }
 
-# --- (a) tiny fixture, CPU vs CUDA.
-say "tiny fixture: CPU"
-"$V" fixtures/tiny-llama3 --ppl "$TEXT" --ctx 64 --chunks 8 --gen "$PROMPTS" --tokens 16 \
-  --device cpu --dump-logits "$W/tiny-cpu.f32" --report "$OUT/tiny-cpu.json" > "$OUT/tiny-cpu.txt"
-say "tiny fixture: CPU, bf16 numerics"
-"$V" fixtures/tiny-llama3 --ppl "$TEXT" --ctx 64 --chunks 8 --device cpu --dtype bf16 \
-  --dump-logits "$W/tiny-cpu-bf16.f32" --report "$OUT/tiny-cpu-bf16.json" > "$OUT/tiny-cpu-bf16.txt"
-say "tiny fixture: CUDA"
-peak_mem "$V" fixtures/tiny-llama3 --ppl "$TEXT" --ctx 64 --chunks 8 --gen "$PROMPTS" --tokens 16 \
-  --device cuda --dump-logits "$W/tiny-cuda.f32" --report "$OUT/tiny-cuda.json" > "$OUT/tiny-cuda.txt"
-row "tiny, CPU f32" "$OUT/tiny-cpu.json" "-"
-row "tiny, CUDA bf16" "$OUT/tiny-cuda.json" "$PEAK"
-"${py:-python3}" - "$W/tiny-cpu.f32" "$W/tiny-cuda.f32" "$OUT/tiny-cpu.json" "$OUT/tiny-cuda.json" "$W/tiny-cpu-bf16.f32" <<'PY' | tee "$OUT/tiny-compare.txt"
-import json, sys
-from array import array
-def load(p):
-    a = array("f")
-    with open(p, "rb") as f:
-        a.frombytes(f.read())
-    if sys.byteorder != "little":
-        a.byteswap()
-    return a
-def maxdiff(x, y):
-    return max(abs(u - v) for u, v in zip(x, y))
-a, b, c = load(sys.argv[1]), load(sys.argv[2]), load(sys.argv[5])
-# The same bf16 numerics on the CPU: separates bf16 rounding from device differences.
-print(f"tiny CUDA vs CPU --dtype bf16: max |Δlogit| {maxdiff(c, b):.3e}; CPU bf16 vs CPU f32: {maxdiff(c, a):.3e}")
-pa = json.load(open(sys.argv[3]))["ppl"]["perplexity"]["ppl"]; pb = json.load(open(sys.argv[4]))["ppl"]["perplexity"]["ppl"]
-d = maxdiff(a, b)
-rel = 100 * abs(pb / pa - 1)
-print(f"tiny CPU vs CUDA: max |Δlogit| {d:.3e} (bound 2e-2), ppl {pa:.4f} vs {pb:.4f} ({rel:.3f} %, bound 0.2 %)")
-print("PASS" if d < 2e-2 and rel < 0.2 else "FAIL")
-PY
+# ---- (a) the tiny fixture as every artifact type, GPU form against the CPU's bf16 path.
+TYPES="bf16 fp8 fp8-static int8 int8-w8a16 w4a16 nvfp4 nvfp4-a16 gguf:q8_0 gguf:q4_k_m"
+calib_for() { case $1 in fp8-static|int8|nvfp4) echo "--calib-samples 4 --calib-seq 64";; esac; }
+# Bounds on max |Δlogit|: products are exact in both, so only f32 summation order differs;
+# with activation codes (fp8, int8, nvfp4) one code may land on the other side of a rounding
+# boundary, which moves that activation by one grid step.
+bound_for() { case $1 in fp8|fp8-static|int8|nvfp4) echo 0.1;; *) echo 0.02;; esac; }
+for t in $TYPES; do
+  n=tiny-${t/:/-}
+  art=fixtures/tiny-llama3
+  if [ "$t" != bf16 ]; then
+    art=$W/$n; case $t in gguf:*) art=$art.gguf;; esac
+    # shellcheck disable=SC2046
+    step "convert-$n" 120 "$C" fixtures/tiny-llama3 --to "$t" $(calib_for "$t") --out "$art" --force || continue
+  fi
+  common=(--ppl "$TEXT" --ctx 64 --chunks 8 --gen "$PROMPTS" --tokens 16 --dtype bf16)
+  step "cpu-$n" 120 "$V" "$art" "${common[@]}" --device cpu \
+    --dump-logits "$W/$n.cpu.f32" --report "$W/$n.cpu.json" || continue
+  step "dev-$n" 120 with_peak "$V" "$art" "${common[@]}" "${DEV[@]}" \
+    --dump-logits "$W/$n.dev.f32" --report "$W/$n.dev.json" || continue
+  row tiny "$t" "$W/$n.cpu.json" "$W/$n.dev.json" "$W/$n.cpu.f32" "$W/$n.dev.f32" "$(bound_for "$t")"
+done
 
-# --- (a2) tiny fixture as NVFP4 (weights and activations), CPU vs CUDA: the CUDA form holds
-# the weights dense in bf16 and rounds the activations on the host, so only bf16 rounding
-# should separate the two.
-say "tiny nvfp4: CPU vs CUDA"
-if "$C" fixtures/tiny-llama3 --to nvfp4 --calib-samples 4 --calib-seq 64 --out "$W/tiny-nvfp4" \
-     --force > "$OUT/convert-tiny-nvfp4.txt" 2>&1 \
-   && "$V" "$W/tiny-nvfp4" --ppl "$TEXT" --ctx 64 --chunks 8 --device cpu \
-     --report "$OUT/tiny-nvfp4-cpu.json" > "$OUT/tiny-nvfp4-cpu.txt" 2>&1 \
-   && peak_mem "$V" "$W/tiny-nvfp4" --ppl "$TEXT" --ctx 64 --chunks 8 --device cuda \
-     --report "$OUT/tiny-nvfp4-cuda.json" > "$OUT/tiny-nvfp4-cuda.txt" 2>&1; then
-  row "tiny nvfp4, CPU" "$OUT/tiny-nvfp4-cpu.json" "-"
-  row "tiny nvfp4, CUDA" "$OUT/tiny-nvfp4-cuda.json" "$PEAK"
-else
-  say "tiny nvfp4 FAILED (see $OUT/*tiny-nvfp4*.txt)"
+# ---- (b) the synthetic model: conversions in the background while the device runs.
+if step synth-big 300 "$C" synth --preset "$BIG_PRESET" --seed 1 --out "$W/big" --force; then
+  BIG_TYPES="fp8 int8 w4a16 nvfp4 gguf:q4_k_m"
+  (
+    for t in $BIG_TYPES; do
+      n=big-${t/:/-}; art=$W/$n; case $t in gguf:*) art=$art.gguf;; esac
+      extra=; case $t in int8|nvfp4) extra="--calib-samples 2 --calib-seq 256";; esac
+      # shellcheck disable=SC2086
+      timeout 300 "$C" "$W/big" --to "$t" $extra --out "$art" --force > "$W/logs/convert-$n.log" 2>&1
+      echo $? > "$W/$n.rc"
+    done
+  ) &
+  bg=$!
+  run_big() { # name artifact
+    local n=$1 art=$2
+    step "run-$n" 240 with_peak "$V" "$art" --ppl "$TEXT" --ctx "$BIG_CTX" --chunks "$BIG_CHUNKS" \
+      --gen "$PROMPTS" --tokens "$DECODE" "${DEV[@]}" --dtype bf16 --report "$W/$n.json" || return 1
+    local peak=$PEAK
+    step "prefill-$n" 120 "$V" "$art" --ppl "$TEXT" --ctx "$PREFILL_CTX" --chunks 1 "${DEV[@]}" \
+      --dtype bf16 --report "$W/$n.prefill.json" || return 1
+    PEAK=$peak
+  }
+  run_big big-bf16 "$W/big" && row big bf16 "$W/big-bf16.json" "$W/big-bf16.prefill.json" "$PEAK"
+  for t in $BIG_TYPES; do
+    n=big-${t/:/-}; art=$W/$n; case $t in gguf:*) art=$art.gguf;; esac
+    while [ ! -f "$W/$n.rc" ] && kill -0 $bg 2>/dev/null; do sleep 1; done
+    rc=$(cat "$W/$n.rc" 2>/dev/null || echo 1)
+    printf '%s\t%s\t%s\n' "convert-$n" "$rc" "0" >> "$STEPS"
+    if [ "$rc" != 0 ]; then FAILED=1; say "FAILED ($rc): convert-$n"; continue; fi
+    if run_big "$n" "$art"; then
+      peak=$PEAK
+      if [ "$t" = fp8 ]; then
+        step kld-big-fp8 240 "$V" "$art" --reference "$W/big" --kld --ppl "$TEXT" --ctx "$BIG_CTX" \
+          --chunks 4 "${DEV[@]}" --dtype bf16 --report "$W/big-fp8.kld.json"
+        row big "$t" "$W/$n.json" "$W/$n.prefill.json" "$peak" "$W/big-fp8.kld.json"
+      else
+        row big "$t" "$W/$n.json" "$W/$n.prefill.json" "$peak"
+      fi
+    fi
+    rm -rf "$art"
+  done
+  wait $bg
 fi
 
-# --- (b) synthetic 4.5 B checkpoint, bf16 on CUDA.
-say "synth minitron-4b-depth"
-"$C" synth --preset minitron-4b-depth --seed 1 --out "$W/big" --force > "$OUT/synth.txt"
-say "bf16 on CUDA"
-peak_mem "$V" "$W/big" --ppl "$TEXT" --ctx 512 --chunks 8 --gen "$PROMPTS" --tokens 128 --device cuda --report "$OUT/big-bf16.json" > "$OUT/big-bf16.txt"
-row "4.5B bf16" "$OUT/big-bf16.json" "$PEAK"
-
-# --- (c) artifacts made here.
-say "convert fp8"
-"$C" "$W/big" --to fp8 --out "$W/big-fp8" --force > "$OUT/convert-fp8.txt"
-peak_mem "$V" "$W/big-fp8" --ppl "$TEXT" --ctx 512 --chunks 8 --gen "$PROMPTS" --tokens 128 --device cuda --report "$OUT/big-fp8.json" > "$OUT/big-fp8.txt"
-row "4.5B fp8" "$OUT/big-fp8.json" "$PEAK"
-# FP8 held as E4M3 bytes on the device; KLD against bf16 with both models streamed block by block.
-say "fp8 KLD vs bf16 (streamed)"
-peak_mem "$V" "$W/big-fp8" --reference "$W/big" --kld --ppl "$TEXT" --ctx 512 --chunks 4 --device cuda --report "$OUT/big-fp8-kld.json" > "$OUT/big-fp8-kld.txt"
-say "fp8 KLD: $(grep -E '^KLD' "$OUT/big-fp8-kld.txt"), peak GPU memory $PEAK"
-rm -rf "$W/big-fp8"
-say "convert gguf:q4_k_m"
-"$C" "$W/big" --to gguf:q4_k_m --out "$W/big-q4_k_m.gguf" --force > "$OUT/convert-q4km.txt"
-peak_mem "$V" "$W/big-q4_k_m.gguf" --ppl "$TEXT" --ctx 512 --chunks 8 --gen "$PROMPTS" --tokens 128 --device cuda --report "$OUT/big-q4km.json" > "$OUT/big-q4km.txt"
-row "4.5B gguf:q4_k_m" "$OUT/big-q4km.json" "$PEAK"
-
-rm -f "$W/big-q4_k_m.gguf"
-say "convert int8"
-"$C" "$W/big" --to int8 --calib-samples 2 --calib-seq 256 --out "$W/big-int8" --force > "$OUT/convert-int8.txt"
-peak_mem "$V" "$W/big-int8" --ppl "$TEXT" --ctx 512 --chunks 8 --gen "$PROMPTS" --tokens 128 --device cuda --report "$OUT/big-int8.json" > "$OUT/big-int8.txt"
-row "4.5B int8" "$OUT/big-int8.json" "$PEAK"
-rm -rf "$W/big-int8"
-cat "$OUT/tiny-compare.txt" >> "$TABLE"
-say "done"
-cat "$TABLE"
+# ---- The table, last.
+"$PY" - "$W" "$REHEARSE" <<'PY' | tee "$OUT/table.md"
+import json, os, sys
+w, rehearse = sys.argv[1], sys.argv[2] == "1"
+f = lambda v, p=4: "-" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))
+rows = [json.loads(l) for l in open(os.path.join(w, "rows.jsonl"))] if os.path.exists(os.path.join(w, "rows.jsonl")) else []
+dev = "CPU twins (rehearsal)" if rehearse else "CUDA"
+print(f"| tiny artifact | ppl CPU bf16 | ppl {dev} | Δppl % (≤ 0.05) | max abs Δlogit (bound) | greedy same | verdict |")
+print("|---|---|---|---|---|---|---|")
+for r in rows:
+    if r["kind"] == "tiny":
+        print(f"| {r['name']} | {f(r['ppl_cpu'])} | {f(r['ppl_dev'])} | {f(r['dppl_pct'], 4)} | "
+              f"{f(r['max_dlogit'], 5)} ({r['logit_bound']}) | {r['greedy_same']}/{r['greedy_of']} | "
+              f"{'PASS' if r['pass'] else 'FAIL'} |")
+print()
+print(f"| synthetic model on {dev} | ppl | ppl tokens/s | prefill tokens/s | decode tokens/s | peak GPU MiB | KLD vs bf16 |")
+print("|---|---|---|---|---|---|---|")
+for r in rows:
+    if r["kind"] == "big":
+        print(f"| {r['name']} | {f(r['ppl'])} | {f(r['ppl_tokens_per_s'], 0)} | {f(r['prefill_tokens_per_s'], 0)} | "
+              f"{f(r['decode_tokens_per_s'], 1)} | {r['peak_mib']} | {f(r.get('kld_vs_bf16'), 6)} |")
+print()
+steps = [l.rstrip("\n").split("\t") for l in open(os.path.join(w, "steps.tsv")) if l.strip()]
+bad = [s for s in steps if s[1] != "0"]
+print(f"steps: {len(steps)}, failed: {len(bad)}" + "".join(f"\n  {s[0]} (rc {s[1]})" for s in bad))
+fails = [r["name"] for r in rows if not r["pass"]]
+if fails:
+    print("rows over their bounds: " + ", ".join(fails))
+PY
+grep -q '"pass": false' "$W/rows.jsonl" 2>/dev/null && FAILED=1
+say "done in $(( $(date +%s) - T0 )) s"
+exit $FAILED

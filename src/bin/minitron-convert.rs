@@ -149,6 +149,10 @@ enum Cmd {
         #[arg(long)]
         full: bool,
     },
+    /// List every CUDA kernel name the GPU runner can request, `module name` per line (for
+    /// scripts/build-cuda.sh's preflight).
+    #[command(hide = true)]
+    CudaKernels,
 }
 
 /// `--to` values as given, listed in `--help`; each is parsed by the library's own `FromStr`
@@ -279,6 +283,12 @@ fn main() -> std::process::ExitCode {
                     i.tokens as f64 / i.wall_s.max(1e-9)
                 );
                 Ok(())
+            }
+            Some(Cmd::CudaKernels) => {
+                for (module, name) in minitron::runtime::devform::requested_kernels() {
+                    println!("{module} {name}");
+                }
+                return Ok(());
             }
             Some(Cmd::Dump { file, json, full }) => {
                 let g = minitron::format::gguf::GgufFile::open(&file)?;

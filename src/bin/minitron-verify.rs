@@ -49,6 +49,10 @@ struct Args {
     /// cpu, or cuda[:N] in a CUDA build.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// On a CPU with bf16, run every layer in its GPU form through the CUDA kernels' CPU twins
+    /// (what `scripts/gpu-check.sh --rehearse` uses to exercise the GPU arithmetic here).
+    #[arg(long, hide = true)]
+    emulate_gpu_forms: bool,
     /// Write the full report as JSON here.
     #[arg(long, value_name = "FILE.json")]
     report: Option<PathBuf>,
@@ -93,6 +97,7 @@ fn main() -> std::process::ExitCode {
             .clone()
             .expect("clap requires it without --manifest");
         let device = minitron::runtime::pick_device(&a.device)?;
+        minitron::runtime::devform::set_emulate(a.emulate_gpu_forms);
         let opts = minitron::verify::report::VerifyOptions {
             candidate,
             reference: a.reference,

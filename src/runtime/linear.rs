@@ -2,8 +2,8 @@
 //! [`WeightData`] (bf16 bytes, FP8 codes and scales, INT8 codes and scales, ggml blocks, f32);
 //! [`Linear::build`] picks the form that runs it, keeping weights in their stored precision:
 //! on a CPU with bf16 compute, [`Linear::Packed`] panels for the bf16 GEMM (bf16 and FP8) and
-//! [`Linear::Int8Packed`] for the exact INT8 GEMM; on a GPU, byte codes widened per matmul
-//! ([`Linear::Fp8Codes`], [`Linear::Int8Bf16`]) or dense bf16; with `--dtype f32`, the exact
+//! [`Linear::Int8Packed`] for the exact INT8 GEMM; on a GPU, [`Linear::Device`] (weights in
+//! their stored precision, `runtime::devform`); with `--dtype f32`, the exact
 //! reference forms ([`Linear::Dense`], [`Linear::Fp8`], [`Linear::Int8`]); ggml blocks through
 //! candle's quantized matmul. The forward pass only calls [`Linear::forward`] (and the fused CPU
 //! block, `Linear::packed_rows`).
@@ -44,18 +44,6 @@ pub enum Linear {
         dequantized: Tensor,
         dynamic: bool,
     },
-    /// INT8 for GPU devices, held as one byte per weight (`code + 128`) and widened to bf16 per
-    /// matmul (integers up to ±256 are exact there): the matmul of
-    /// integer-valued activations (per-token dynamic `absmax/127`, round half to even, ±127;
-    /// or the activations as they are, weight-only) and integer weights runs in cuBLAS with f32
-    /// accumulation; its bf16 output is scaled by the per-token and per-channel scales. Differs
-    /// from the exact CPU sum only by that final bf16 rounding, as serving kernels' bf16
-    /// outputs do.
-    Int8Bf16 {
-        q: Tensor,
-        scale: Tensor,
-        dynamic: bool,
-    },
     /// bf16 panels multiplied by the runner's CPU GEMM (`runtime::gemm`): bf16 weights as
     /// stored, or FP8 E4M3 codes (exact in bf16) whose per-channel scale multiplies the f32 sum.
     /// Activations enter as bf16, or as E4M3 codes with their per-token or static scale: then
@@ -67,14 +55,9 @@ pub enum Linear {
         /// Whether the activations are FP8 codes (`act` then says which scale); otherwise bf16.
         fp8_act: bool,
     },
-    /// FP8 for GPU devices: the E4M3 codes held as one byte per weight and widened to bf16 per
-    /// matmul (exact), activations as E4M3 codes in bf16 (per-token or static scale) or as
-    /// bf16 (weight-only); the bf16 product is scaled by the row and channel scales in f32.
-    Fp8Codes {
-        codes: Tensor,
-        scale: Tensor,
-        act: ActQuant,
-    },
+    /// The GPU form: weights in stored precision on the device, activations rounded there, one
+    /// bf16 × bf16 → f32 GEMM (`runtime::devform`).
+    Device(crate::runtime::devform::DeviceLinear),
     /// INT8 W8A8 on the runner's exact integer GEMM (`runtime::gemm_i8`): per-token INT8
     /// activation codes times the weight codes summed exactly in i32, then scaled as
     /// [`Linear::Int8`] scales (same numbers, i8 weights held as i8).
@@ -130,6 +113,10 @@ fn nvfp4_rows(x: &[f32], inp: usize, g: f32) -> Vec<f32> {
 /// NVFP4 fake quantization of `x` (`[.., in]`) with global scale `g`: the dequantized
 /// activations `q · s / g`, computed on the host.
 pub fn nvfp4_activations(x: &Tensor, g: f32) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        // On a GPU the kernels round (`runtime::devform`); the arithmetic is the same.
+        return crate::runtime::devform::nvfp4_round_trip(x, g);
+    }
     let dims = x.dims().to_vec();
     let inp = *dims.last().expect("rank ≥ 1");
     let v: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
@@ -143,6 +130,10 @@ pub fn nvfp4_activations(x: &Tensor, g: f32) -> Result<Tensor> {
 
 /// Per-token dynamic FP8 fake quantization of `x` (`[.., in]`).
 pub fn fp8_dynamic_token(x: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        // candle's CUDA F8E4M3 casts are not in its kernel modules: our kernels round instead.
+        return crate::runtime::devform::fp8_round_trip(x, None);
+    }
     let amax = x.abs()?.max_keepdim(candle_core::D::Minus1)?;
     let s = (amax / crate::numerics::fp8::E4M3_MAX as f64)?.maximum(FP8_MIN_TOKEN_SCALE as f64)?;
     fp8_round_trip(x, &s)
@@ -150,19 +141,11 @@ pub fn fp8_dynamic_token(x: &Tensor) -> Result<Tensor> {
 
 /// Static per-tensor FP8 fake quantization of `x` with scale `scale`.
 pub fn fp8_static(x: &Tensor, scale: f32) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return crate::runtime::devform::fp8_round_trip(x, Some(scale));
+    }
     let s = Tensor::new(&[scale], x.device())?.to_dtype(x.dtype())?;
     fp8_round_trip(x, &s)
-}
-
-/// Per-token INT8 codes of `x` on its device (`absmax/127`, ties to even, ±127) as f32 values
-/// `[.., in]`, with the scales `[.., 1]`.
-fn int8_device_codes(x: &Tensor) -> Result<(Tensor, Tensor)> {
-    let xf = x.to_dtype(DType::F32)?;
-    let amax = xf.abs()?.max_keepdim(candle_core::D::Minus1)?;
-    // An all-zero row quantizes to zeros whatever its scale; the floor avoids 0/0.
-    let s = (amax / 127.0)?.maximum(f32::MIN_POSITIVE as f64)?;
-    let v = xf.broadcast_div(&s)?.clamp(-127f32, 127f32)?;
-    Ok((round_half_even(&v)?, s))
 }
 
 /// Per-token INT8 codes of `x` computed on the host, as f64 `[rows, in]` with f64 scales
@@ -301,13 +284,43 @@ pub enum WeightData<'a> {
         scales: Vec<f32>,
         dynamic: bool,
     },
-    /// NVFP4: `e2m1 · e4m3` per value (exact in bf16), the per-tensor factor that multiplies
-    /// them, and the activation rule ([`ActQuant::Nvfp4`] or none).
+    /// NVFP4: E2M1 nibbles `[out, in/2]` and E4M3 group scales `[out, in/16]` (their products,
+    /// `e2m1 · e4m3`, are exact in bf16), the per-tensor factor that multiplies them, and the
+    /// activation rule ([`ActQuant::Nvfp4`] or none).
     Nvfp4 {
-        values: Vec<f32>,
+        packed: &'a [u8],
+        scales: &'a [u8],
         multiplier: f32,
         act: ActQuant,
     },
+    /// compressed-tensors packed integers (W4A16, W8A16): little-endian u32 words of
+    /// `32 / bits` values `[out, words · 4]` bytes, f32 group scales `[out, groups]`;
+    /// activations untouched (what Marlin computes).
+    PackedInt {
+        words: &'a [u8],
+        scales: Vec<f32>,
+        bits: u32,
+        groups: usize,
+    },
+}
+
+impl WeightData<'_> {
+    /// Packed integers dequantized to f32 (`q · scale`, as the CPU forms hold them).
+    fn packed_int_values(
+        words: &[u8],
+        scales: &[f32],
+        out: usize,
+        inp: usize,
+        bits: u32,
+    ) -> Vec<f32> {
+        let q = crate::quant::int8::unpack_bits(words, out, inp, bits);
+        let groups = scales.len() / out.max(1);
+        let g = inp / groups.max(1);
+        q.iter()
+            .enumerate()
+            .map(|(i, &v)| v as f32 * scales[(i / inp) * groups + (i % inp) / g])
+            .collect()
+    }
 }
 
 impl Linear {
@@ -323,7 +336,21 @@ impl Linear {
     ) -> Result<Self> {
         use crate::runtime::gemm::PackedBf16;
         use std::sync::Arc;
+        if crate::runtime::devform::wanted(device, dtype) {
+            return Self::build_device(data, out, inp, device);
+        }
         let packed = device.is_cpu() && dtype == DType::BF16;
+        let data = match data {
+            WeightData::PackedInt {
+                words,
+                scales,
+                bits,
+                ..
+            } => WeightData::F32(WeightData::packed_int_values(
+                words, &scales, out, inp, bits,
+            )),
+            d => d,
+        };
         Ok(match data {
             WeightData::Bf16Bytes(b) if packed => Linear::Packed {
                 w: Arc::new(PackedBf16::from_bf16_bytes(b, out, inp)),
@@ -365,18 +392,6 @@ impl Linear {
                     fp8_act: act != ActQuant::None,
                 }
             }
-            WeightData::Fp8 { codes, scales, act } if !device.is_cpu() => {
-                let col = if scales.len() == 1 {
-                    vec![scales[0]; out]
-                } else {
-                    scales
-                };
-                Linear::Fp8Codes {
-                    codes: Tensor::from_raw_buffer(codes, DType::F8E4M3, &[out, inp], device)?,
-                    scale: Tensor::from_vec(col, (1, out), device)?,
-                    act,
-                }
-            }
             WeightData::Fp8 { codes, scales, act } => {
                 let table = crate::numerics::fp8::e4m3_table();
                 let per = if scales.len() == 1 { 0 } else { 1 };
@@ -415,34 +430,129 @@ impl Linear {
                 }
             }
             WeightData::Nvfp4 {
-                values,
+                packed: nibbles,
+                scales,
                 multiplier,
                 act,
             } if packed => Linear::Packed {
                 // Every value is exact in bf16; the tensor factor multiplies the f32 sum, and
                 // NVFP4 activations enter as `q · s` with `1 / g` per row: the products are
                 // exact and the sum is what the FP4 tensor cores accumulate.
-                w: Arc::new(PackedBf16::from_f32(&values, out, inp)),
+                w: Arc::new(PackedBf16::from_f32(
+                    &crate::quant::nvfp4::decode_unscaled(nibbles, scales, inp),
+                    out,
+                    inp,
+                )),
                 col_scale: Some(vec![multiplier; out]),
                 act,
                 fp8_act: act != ActQuant::None,
             },
             WeightData::Nvfp4 {
-                mut values,
+                packed: nibbles,
+                scales,
                 multiplier,
                 act,
             } => {
+                let mut values = crate::quant::nvfp4::decode_unscaled(nibbles, scales, inp);
                 values.iter_mut().for_each(|v| *v *= multiplier);
                 let weight = Tensor::from_vec(values, (out, inp), device)?.to_dtype(dtype)?;
                 Linear::Fp8 { weight, act }
             }
-            WeightData::Int8 { q, scales, dynamic } if !device.is_cpu() => {
-                Linear::int8_bf16(&q, scales, out, inp, dynamic, device)?
-            }
             WeightData::Int8 { q, scales, dynamic } => {
                 Linear::int8(&q, scales, out, inp, dynamic, dtype, device)?
             }
+            WeightData::PackedInt { .. } => unreachable!("dequantized above"),
         })
+    }
+
+    /// The GPU form of `data` ([`Linear::Device`]) on `device`; on a CPU it runs the kernels'
+    /// twins (tests, `--emulate-gpu-forms`).
+    pub fn build_device(
+        data: WeightData<'_>,
+        out: usize,
+        inp: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        use crate::runtime::devform::{DevAct, DevWeight, DeviceLinear};
+        let bytes = |b: &[u8], cols: usize| -> Result<Tensor> {
+            Ok(Tensor::from_raw_buffer(b, DType::U8, &[out, cols], device)?)
+        };
+        let cols = |v: Vec<f32>| -> Result<Option<Tensor>> {
+            let v = if v.len() == 1 { vec![v[0]; out] } else { v };
+            Ok(Some(Tensor::from_vec(v, (1, out), device)?))
+        };
+        let act_of = |a: ActQuant| match a {
+            ActQuant::None => DevAct::Bf16,
+            ActQuant::DynamicToken => DevAct::Fp8Token,
+            ActQuant::Static(s) => DevAct::Fp8Static(s),
+            ActQuant::Nvfp4(g) => DevAct::Nvfp4(g),
+        };
+        let bf16_of = |v: &[f32]| -> Result<Tensor> {
+            let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            Ok(Tensor::from_vec(h, (out, inp), device)?)
+        };
+        let (w, col_scale, act) = match data {
+            WeightData::Bf16Bytes(b) => (
+                DevWeight::Bf16(Tensor::from_raw_buffer(
+                    b,
+                    DType::BF16,
+                    &[out, inp],
+                    device,
+                )?),
+                None,
+                DevAct::Bf16,
+            ),
+            WeightData::F32(v) => (DevWeight::Bf16(bf16_of(&v)?), None, DevAct::Bf16),
+            WeightData::Fp8 { codes, scales, act } => (
+                DevWeight::E4m3(bytes(codes, inp)?),
+                cols(scales)?,
+                act_of(act),
+            ),
+            WeightData::Int8 { q, scales, dynamic } => {
+                let b: Vec<u8> = q.iter().map(|&v| v as u8).collect();
+                let act = if dynamic {
+                    DevAct::Int8Token
+                } else {
+                    DevAct::Bf16
+                };
+                (DevWeight::I8(bytes(&b, inp)?), cols(scales)?, act)
+            }
+            WeightData::Nvfp4 {
+                packed,
+                scales,
+                multiplier,
+                act,
+            } => (
+                DevWeight::Nvfp4 {
+                    packed: bytes(packed, inp / 2)?,
+                    scales: bytes(scales, inp / crate::quant::nvfp4::GROUP)?,
+                },
+                cols(vec![multiplier])?,
+                act_of(act),
+            ),
+            WeightData::PackedInt {
+                words,
+                scales,
+                bits,
+                groups,
+            } => (
+                DevWeight::Packed {
+                    words: bytes(words, words.len() / out.max(1))?,
+                    scales: Tensor::from_vec(scales, (out, groups), device)?,
+                    bits,
+                    groups,
+                },
+                None,
+                DevAct::Bf16,
+            ),
+        };
+        Ok(Linear::Device(DeviceLinear {
+            w,
+            col_scale,
+            act,
+            out,
+            inp,
+        }))
     }
 }
 
@@ -455,27 +565,24 @@ enum InputRule {
     Fp8(ActQuant, DType),
     /// Per-token INT8 codes on the host (f64, for the exact sum).
     Int8Exact,
-    /// bf16 INT8 codes on the device (or bf16 activations, weight-only).
-    Int8Bf16 { dynamic: bool },
     /// bf16 rows for the CPU GEMM (lda, FP8 activation rule when the codes are FP8).
     Packed(usize, Option<ActQuant>),
     /// INT8 codes for the integer GEMM (lda).
     PackedI8(usize),
-    /// E4M3 activation codes (or bf16 activations) on the device.
-    Fp8Codes(ActQuant),
+    /// The GPU form's activation rule.
+    Device(crate::runtime::devform::DevAct),
 }
 
 /// A prepared input.
 enum Prepared {
     Plain(Tensor),
     Int8Exact(Tensor, Tensor),
-    Int8Bf16(Tensor, Option<Tensor>),
     /// bf16 bit patterns `[rows, lda]`, the per-row scales of FP8 codes, the row count.
     Packed(Vec<u16>, Option<Vec<f32>>, usize),
     /// `code + 128` bytes `[rows, lda]`, per-row scales, the row count.
     PackedI8(Vec<u8>, Vec<f32>, usize),
-    /// bf16 activation codes and their per-row scales `[.., 1]` (none: plain bf16).
-    Fp8Codes(Tensor, Option<Tensor>),
+    /// The GPU form's bf16 GEMM input `[rows, in]` and per-row scales `[rows, 1]`.
+    Device(Tensor, Option<Tensor>),
 }
 
 impl Linear {
@@ -520,24 +627,6 @@ impl Linear {
         })
     }
 
-    /// The GPU form of [`Linear::int8`] (see [`Linear::Int8Bf16`]); any device.
-    pub fn int8_bf16(
-        q: &[i8],
-        scales: Vec<f32>,
-        out: usize,
-        inp: usize,
-        dynamic: bool,
-        device: &Device,
-    ) -> Result<Self> {
-        // One byte per weight on the device (`code + 128`), widened to bf16 per matmul.
-        let qb: Vec<u8> = q.iter().map(|&v| (v as i16 + 128) as u8).collect();
-        Ok(Linear::Int8Bf16 {
-            q: Tensor::from_vec(qb, (out, inp), device)?,
-            scale: Tensor::from_vec(scales, (1, out), device)?,
-            dynamic,
-        })
-    }
-
     /// How this layer turns its input into what its matmul reads; layers with equal rules
     /// can share one preparation.
     fn input_rule(&self) -> InputRule {
@@ -554,13 +643,12 @@ impl Linear {
             } => InputRule::Cast(weight.dtype()),
             Linear::Fp8 { weight, act } => InputRule::Fp8(*act, weight.dtype()),
             Linear::Int8 { dynamic: true, .. } => InputRule::Int8Exact,
-            Linear::Int8Bf16 { dynamic, .. } => InputRule::Int8Bf16 { dynamic: *dynamic },
             Linear::Ggml { .. } => InputRule::Cast(DType::F32),
             Linear::Packed {
                 w, act, fp8_act, ..
             } => InputRule::Packed(w.lda(), fp8_act.then_some(*act)),
             Linear::Int8Packed { w, .. } => InputRule::PackedI8(w.lda()),
-            Linear::Fp8Codes { act, .. } => InputRule::Fp8Codes(*act),
+            Linear::Device(d) => InputRule::Device(d.act_key()),
         }
     }
 
@@ -580,48 +668,20 @@ impl Linear {
                 let (xq, xs) = int8_host_codes(x)?;
                 Prepared::Int8Exact(xq, xs)
             }
-            InputRule::Int8Bf16 { dynamic: true } => {
-                let (xq, xs) = int8_device_codes(x)?;
-                Prepared::Int8Bf16(xq.to_dtype(DType::BF16)?, Some(xs))
-            }
-            InputRule::Int8Bf16 { dynamic: false } => {
-                Prepared::Int8Bf16(x.to_dtype(DType::BF16)?, None)
-            }
             rule @ (InputRule::Packed(..) | InputRule::PackedI8(_)) => {
                 let inp = x.dim(candle_core::D::Minus1)?;
                 let v: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                 prepare_rows(rule, &v, inp)?
             }
-            InputRule::Fp8Codes(act) => {
-                let xf = x.to_dtype(DType::F32)?;
-                let s = match act {
-                    ActQuant::None => None,
-                    ActQuant::Nvfp4(_) => {
-                        return Err(crate::error::Error::Invalid(
-                            "internal: NVFP4 activations on an FP8 code layer".into(),
-                        ))
-                    }
-                    ActQuant::Static(v) => Some(Tensor::new(&[[v]], x.device())?),
-                    ActQuant::DynamicToken => {
-                        let amax = xf.abs()?.max_keepdim(candle_core::D::Minus1)?;
-                        Some(
-                            (amax / crate::numerics::fp8::E4M3_MAX as f64)?
-                                .maximum(FP8_MIN_TOKEN_SCALE as f64)?,
-                        )
-                    }
+            InputRule::Device(_) => {
+                let Linear::Device(d) = self else {
+                    return Err(crate::error::Error::Invalid(
+                        "internal: a device input rule on another layer".into(),
+                    ));
                 };
-                match s {
-                    None => Prepared::Fp8Codes(x.to_dtype(DType::BF16)?, None),
-                    Some(s) => {
-                        let m = crate::numerics::fp8::E4M3_MAX;
-                        let q = xf
-                            .broadcast_div(&s)?
-                            .clamp(-m, m)?
-                            .to_dtype(DType::F8E4M3)?
-                            .to_dtype(DType::BF16)?;
-                        Prepared::Fp8Codes(q, Some(s))
-                    }
-                }
+                let inp = x.dim(candle_core::D::Minus1)?;
+                let (a, s) = d.prepare(&x.reshape(((), inp))?)?;
+                Prepared::Device(a, s)
             }
         })
     }
@@ -650,16 +710,6 @@ impl Linear {
                 *out_dims.last_mut().expect("rank ≥ 1") = q.dim(0)?;
                 Ok(y.to_dtype(x.dtype())?.reshape(out_dims)?)
             }
-            (Linear::Int8Bf16 { q, scale, .. }, Prepared::Int8Bf16(xq, xs)) => {
-                // Codes 1..=255 and 128 are exact in bf16, so is their difference.
-                let w = (q.to_dtype(DType::BF16)? - 128.0)?;
-                let y = Self::matmul(xq, &w)?.to_dtype(DType::F32)?;
-                let y = match xs {
-                    Some(s) => y.broadcast_mul(s)?,
-                    None => y,
-                };
-                Ok(y.broadcast_mul(scale)?.to_dtype(x.dtype())?)
-            }
             (Linear::Packed { w, col_scale, .. }, Prepared::Packed(a, row_scale, rows)) => {
                 let y = crate::runtime::gemm::gemm(
                     crate::runtime::gemm::Isa::detect(),
@@ -673,14 +723,11 @@ impl Linear {
                 *out_dims.last_mut().expect("rank ≥ 1") = w.shape().0;
                 Ok(Tensor::from_vec(y, out_dims, x.device())?.to_dtype(x.dtype())?)
             }
-            (Linear::Fp8Codes { codes, scale, .. }, Prepared::Fp8Codes(xq, xs)) => {
-                let w = codes.to_dtype(DType::BF16)?;
-                let y = Self::matmul(xq, &w)?.to_dtype(DType::F32)?;
-                let y = match xs {
-                    Some(s) => y.broadcast_mul(s)?,
-                    None => y,
-                };
-                Ok(y.broadcast_mul(scale)?.to_dtype(x.dtype())?)
+            (Linear::Device(d), Prepared::Device(a, s)) => {
+                let y = d.apply(a, s.as_ref())?;
+                let mut out_dims = x.dims().to_vec();
+                *out_dims.last_mut().expect("rank ≥ 1") = d.out;
+                Ok(y.reshape(out_dims)?.to_dtype(x.dtype())?)
             }
             (Linear::Int8Packed { w, scale }, Prepared::PackedI8(a, xs, rows)) => {
                 let y = int8_apply(w, scale, a, xs, *rows);
@@ -778,7 +825,6 @@ impl Linear {
         match self {
             Linear::Dense { weight }
             | Linear::Fp8 { weight, .. }
-            | Linear::Int8Bf16 { q: weight, .. }
             | Linear::Int8 {
                 dequantized: weight,
                 ..
@@ -788,10 +834,7 @@ impl Linear {
             }
             Linear::Packed { w, .. } => w.shape(),
             Linear::Int8Packed { w, .. } => w.shape(),
-            Linear::Fp8Codes { codes, .. } => {
-                let d = codes.dims();
-                (d[0], d[1])
-            }
+            Linear::Device(d) => d.shape(),
             Linear::Ggml { w } => match w.as_ref() {
                 candle_core::quantized::QMatMul::QTensor(q) => {
                     let d = q.shape().dims();
@@ -861,7 +904,8 @@ mod tests {
         let xt = Tensor::from_vec(x, (1, rows, inp), &Device::Cpu).unwrap();
         for dtype in [DType::BF16, DType::F32] {
             let data = WeightData::Nvfp4 {
-                values: values.clone(),
+                packed: &packed,
+                scales: &scales,
                 multiplier: m,
                 act: ActQuant::Nvfp4(g),
             };
@@ -905,7 +949,12 @@ mod tests {
                     let q: Vec<i8> = (0..out * inp).map(|_| (uni() * 254.0) as i8).collect();
                     let sc: Vec<f32> = (0..out).map(|i| 1e-2 / (1.0 + i as f32)).collect();
                     if bf16 {
-                        Linear::int8_bf16(&q, sc, out, inp, true, &Device::Cpu).unwrap()
+                        let data = WeightData::Int8 {
+                            q,
+                            scales: sc,
+                            dynamic: true,
+                        };
+                        Linear::build_device(data, out, inp, &Device::Cpu).unwrap()
                     } else {
                         Linear::int8(&q, sc, out, inp, true, DType::F32, &Device::Cpu).unwrap()
                     }
@@ -963,56 +1012,6 @@ mod tests {
         assert_eq!(a, b);
     }
 
-    /// The GPU FP8 form (codes held as bytes, bf16 matmul of exact codes, scales after) against
-    /// the CPU packed form on the same layer: equal up to the bf16 rounding of the GPU form's
-    /// output (unit roundoff 2^-8), per-token dynamic, static and weight-only.
-    #[test]
-    fn fp8_code_form_agrees_with_the_packed_form() {
-        let (out, inp, rows) = (24usize, 96usize, 5usize);
-        let mut rng = crate::numerics::rng::SplitMix64::new(29);
-        let codes: Vec<u8> = (0..out * inp)
-            .map(|_| {
-                let c = (rng.next_u64() % 256) as u8;
-                if c & 0x7f == 0x7f {
-                    0
-                } else {
-                    c
-                }
-            })
-            .collect();
-        let sc: Vec<f32> = (0..out).map(|i| 1e-2 * (1.0 + i as f32)).collect();
-        let mut uni = || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-        let x: Vec<f32> = (0..rows * inp).map(|_| uni() * 8.0).collect();
-        let x = Tensor::from_vec(x, (rows, inp), &Device::Cpu).unwrap();
-        for act in [
-            ActQuant::DynamicToken,
-            ActQuant::Static(0.02),
-            ActQuant::None,
-        ] {
-            let data = WeightData::Fp8 {
-                codes: &codes,
-                scales: sc.clone(),
-                act,
-            };
-            let packed = Linear::build(data, out, inp, DType::BF16, &Device::Cpu).unwrap();
-            let gpu = Linear::Fp8Codes {
-                codes: Tensor::from_raw_buffer(&codes, DType::F8E4M3, &[out, inp], &Device::Cpu)
-                    .unwrap(),
-                scale: Tensor::from_vec(sc.clone(), (1, out), &Device::Cpu).unwrap(),
-                act,
-            };
-            assert_eq!(gpu.shape(), (out, inp));
-            let a: Vec<Vec<f32>> = packed.forward(&x).unwrap().to_vec2().unwrap();
-            let b: Vec<Vec<f32>> = gpu.forward(&x).unwrap().to_vec2().unwrap();
-            for (ra, rb) in a.iter().zip(&b) {
-                for (va, vb) in ra.iter().zip(rb) {
-                    let tol = 2f32.powi(-8) * va.abs() + 1e-5;
-                    assert!((va - vb).abs() <= tol, "{act:?}: {va} vs {vb}");
-                }
-            }
-        }
-    }
-
     #[test]
     fn round_half_even_matches_the_host_rule_on_ties_and_neighbours() {
         let mut v: Vec<f32> = (-254..=254).map(|k| k as f32 * 0.5).collect();
@@ -1024,59 +1023,240 @@ mod tests {
         }
     }
 
-    /// The GPU INT8 form (bf16 integers, f32 accumulation, bf16 output) against the exact CPU
-    /// form on the same codes, per-token dynamic and weight-only.
+    /// Activation rows with the cases rounding rules disagree on: zeros, exact ties of the
+    /// E4M3 / INT8 / E2M1 grids, saturation, tiny (subnormal E4M3) values, and noise.
+    fn awkward_rows(rows: usize, inp: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::numerics::rng::SplitMix64::new(seed);
+        let mut x: Vec<f32> = (0..rows * inp)
+            .map(|i| {
+                let u = (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                match i % 11 {
+                    0 => 0.0,
+                    1 => 1.0625 * (1 + i % 5) as f32, // E4M3 ties at unit scale
+                    2 => -2.5,
+                    3 => 1e-4 * u,
+                    4 => 3000.0 * u,
+                    _ => 6.0 * u,
+                }
+            })
+            .collect();
+        x[..inp].iter_mut().for_each(|v| *v = 0.0); // an all-zero row
+        x
+    }
+
+    /// Every device-form kernel's CPU twin against the CPU runner's own arithmetic, bit for
+    /// bit: weight widening (E4M3, INT8, packed INT4/INT8, NVFP4) and activation rounding (FP8
+    /// per token and static, INT8 per token, NVFP4).
     #[test]
-    fn int8_bf16_form_agrees_with_the_exact_form() {
-        let (out, inp, rows) = (24usize, 96usize, 5usize);
-        let mut rng = crate::numerics::rng::SplitMix64::new(7);
-        let mut uni = || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-        let q: Vec<i8> = (0..out * inp).map(|_| (uni() * 254.0) as i8).collect();
-        let scales: Vec<f32> = (0..out).map(|i| 1e-3 * (1.0 + i as f32)).collect();
-        let x: Vec<f32> = (0..rows * inp).map(|_| uni() * 4.0).collect();
-        let x = Tensor::from_vec(x, (rows, inp), &Device::Cpu).unwrap();
-        // Σ_j |x_j| |W_oj|: the bound for errors made per term.
-        let qa: Vec<i8> = q.iter().map(|v| v.saturating_abs()).collect();
-        let abs_layer = Linear::int8(
-            &qa,
-            scales.clone(),
-            out,
-            inp,
-            false,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
-        let abs_sum: Vec<Vec<f32>> = abs_layer
-            .forward(&x.abs().unwrap())
+    fn kernel_twins_equal_the_cpu_paths_bit_for_bit() {
+        use crate::runtime::devform::twin;
+        let b16 = |v: f32| half::bf16::from_f32(v).to_bits();
+        // Weights: all 256 codes.
+        let all: Vec<u8> = (0..=255).collect();
+        let table = crate::numerics::fp8::e4m3_table();
+        let want: Vec<u16> = all.iter().map(|&c| b16(table[c as usize])).collect();
+        assert_eq!(twin::widen_e4m3(&all), want);
+        let want: Vec<u16> = all.iter().map(|&c| b16(c as i8 as f32)).collect();
+        assert_eq!(twin::widen_i8(&all), want);
+        let mut rng = crate::numerics::rng::SplitMix64::new(41);
+        for (bits, inp, groups) in [(4u32, 96usize, 3usize), (8, 64, 2), (4, 40, 1)] {
+            let out = 7;
+            let words = inp.div_ceil((32 / bits) as usize);
+            let bytes: Vec<u8> = (0..out * words * 4).map(|_| rng.next_u64() as u8).collect();
+            let scales: Vec<f32> = (0..out * groups)
+                .map(|i| 1e-3 * (1.0 + i as f32) / 3.0)
+                .collect();
+            let cpu = WeightData::packed_int_values(&bytes, &scales, out, inp, bits);
+            let want: Vec<u16> = cpu.iter().map(|&v| b16(v)).collect();
+            let got = twin::widen_packed(&bytes, &scales, out, inp, bits, groups);
+            assert_eq!(got, want, "packed {bits} bits");
+        }
+        let (out, inp) = (5usize, 64usize);
+        let nib: Vec<u8> = (0..out * inp / 2).map(|_| rng.next_u64() as u8).collect();
+        let sc: Vec<u8> = (0..out * inp / 16).map(|i| (i * 37 % 0x7E) as u8).collect();
+        let cpu = crate::quant::nvfp4::decode_unscaled(&nib, &sc, inp);
+        let want: Vec<u16> = cpu.iter().map(|&v| b16(v)).collect();
+        assert_eq!(twin::widen_nvfp4(&nib, &sc), want);
+
+        // Activations.
+        let (rows, inp) = (6usize, 80usize);
+        let x = awkward_rows(rows, inp, 5);
+        for act in [ActQuant::DynamicToken, ActQuant::Static(0.037)] {
+            let (codes, scales) = fp8_code_rows(&x, inp, inp, act);
+            let s = match act {
+                ActQuant::Static(v) => vec![v],
+                _ => twin::row_scales(&x, inp, 0, 448.0, FP8_MIN_TOKEN_SCALE),
+            };
+            if let ActQuant::DynamicToken = act {
+                assert_eq!(s, scales);
+            }
+            assert_eq!(twin::act_codes(&x, &s, inp, 0), codes, "{act:?}");
+        }
+        let (a, s) = crate::runtime::gemm_i8::quantize_rows(&x, inp, inp);
+        assert_eq!(twin::row_scales(&x, inp, 1, 127.0, 0.0), s);
+        let want: Vec<u16> = a.iter().map(|&c| b16(c as f32 - 128.0)).collect();
+        assert_eq!(twin::act_codes(&x, &s, inp, 1), want);
+        for g in [2688.0 / 3000.0, 1.0, 448.0] {
+            let q = nvfp4_rows(&x, inp, g);
+            let want: Vec<u16> = q.iter().map(|&v| b16(v)).collect();
+            assert_eq!(twin::nvfp4_act(&x, g), want, "g {g}");
+        }
+    }
+
+    /// f64 reference of a device form from its twins' exact operands: `Σ a·w` per output with
+    /// `Σ |a·w|`, times the row and column scales.
+    fn device_reference(l: &Linear, x: &Tensor) -> (Vec<f64>, Vec<f64>) {
+        let Linear::Device(d) = l else {
+            panic!("not a device form")
+        };
+        let (a, rs) = d.prepare(x).unwrap();
+        let a: Vec<f32> = a
+            .to_dtype(DType::F32)
             .unwrap()
-            .to_vec2()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
             .unwrap();
-        for dynamic in [true, false] {
-            let exact = Linear::int8(
-                &q,
-                scales.clone(),
-                out,
-                inp,
-                dynamic,
-                DType::F32,
-                &Device::Cpu,
+        let rs: Option<Vec<f32>> = rs.map(|t| t.flatten_all().unwrap().to_vec1().unwrap());
+        let w = d
+            .apply(
+                &Tensor::eye(d.inp, DType::BF16, &Device::Cpu).unwrap(),
+                None,
             )
             .unwrap();
-            let gpu =
-                Linear::int8_bf16(&q, scales.clone(), out, inp, dynamic, &Device::Cpu).unwrap();
-            assert_eq!(gpu.shape(), (out, inp));
-            let a: Vec<Vec<f32>> = exact.forward(&x).unwrap().to_vec2().unwrap();
-            let b: Vec<Vec<f32>> = gpu.forward(&x).unwrap().to_vec2().unwrap();
-            for ((ra, rb), rs) in a.iter().zip(&b).zip(&abs_sum) {
-                for ((va, vb), vs) in ra.iter().zip(rb).zip(rs) {
-                    // Dynamic: codes and integer products are exact in both forms, so only the
-                    // bf16 rounding of the output (unit roundoff 2^-8) separates them.
-                    // Weight-only: each activation is also rounded to bf16 (2^-8 per term).
-                    let u = 2f32.powi(-8);
-                    let tol = u * va.abs() + if dynamic { 0.0 } else { u * vs } + 1e-6;
-                    assert!((va - vb).abs() <= tol, "dynamic {dynamic}: {va} vs {vb}");
+        // `apply` on the identity gives Wᵀ times the column scales; undo those.
+        let cs: Vec<f32> = match &d.col_scale {
+            Some(c) => c.flatten_all().unwrap().to_vec1().unwrap(),
+            None => vec![1.0; d.out],
+        };
+        let wt: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        let rows = a.len() / d.inp;
+        let (mut y, mut abs) = (vec![0f64; rows * d.out], vec![0f64; rows * d.out]);
+        for r in 0..rows {
+            for o in 0..d.out {
+                let (mut s, mut m) = (0f64, 0f64);
+                for k in 0..d.inp {
+                    let t = a[r * d.inp + k] as f64 * (wt[k * d.out + o] / cs[o]) as f64;
+                    s += t;
+                    m += t.abs();
                 }
+                let f = rs.as_ref().map_or(1.0, |v| v[r] as f64) * cs[o] as f64;
+                y[r * d.out + o] = s * f;
+                abs[r * d.out + o] = m * f.abs();
+            }
+        }
+        (y, abs)
+    }
+
+    /// Each GPU form (run here by its twins) and the matching CPU form against the f64 sum of
+    /// the same exact products: both within the f32 summation bound `k · 2^-24 · Σ|a·w|` plus
+    /// the two f32 scalings (so CUDA and the CPU's `--dtype bf16` differ only in summation order).
+    #[test]
+    fn device_forms_match_the_cpu_forms_up_to_summation_order() {
+        let (out, inp, rows) = (24usize, 96usize, 6usize);
+        let mut rng = crate::numerics::rng::SplitMix64::new(29);
+        let codes: Vec<u8> = (0..out * inp)
+            .map(|_| (rng.next_u64() % 256) as u8)
+            .map(|c| if c & 0x7f == 0x7f { 0 } else { c })
+            .collect();
+        let q: Vec<i8> = codes.iter().map(|&c| c as i8).collect();
+        let sc: Vec<f32> = (0..out).map(|i| 1e-2 * (1.0 + i as f32)).collect();
+        let bf: Vec<u8> = codes
+            .iter()
+            .flat_map(|&c| {
+                half::bf16::from_f32(c as i8 as f32 / 37.0)
+                    .to_bits()
+                    .to_le_bytes()
+            })
+            .collect();
+        let words: Vec<u8> = (0..out * inp / 8 * 4)
+            .map(|_| rng.next_u64() as u8)
+            .collect();
+        let nib: Vec<u8> = codes[..out * inp / 2].to_vec();
+        let nsc: Vec<u8> = (0..out * inp / 16).map(|i| 0x28 + (i % 24) as u8).collect();
+        let x = Tensor::from_vec(awkward_rows(rows, inp, 9), (rows, inp), &Device::Cpu).unwrap();
+        let make = |k: usize| -> WeightData<'_> {
+            match k {
+                0 => WeightData::Bf16Bytes(&bf),
+                1 => WeightData::Fp8 {
+                    codes: &codes,
+                    scales: sc.clone(),
+                    act: ActQuant::DynamicToken,
+                },
+                2 => WeightData::Fp8 {
+                    codes: &codes,
+                    scales: vec![0.5],
+                    act: ActQuant::Static(0.02),
+                },
+                3 => WeightData::Fp8 {
+                    codes: &codes,
+                    scales: sc.clone(),
+                    act: ActQuant::None,
+                },
+                4 => WeightData::Int8 {
+                    q: q.clone(),
+                    scales: sc.clone(),
+                    dynamic: true,
+                },
+                5 => WeightData::Int8 {
+                    q: q.clone(),
+                    scales: sc.clone(),
+                    dynamic: false,
+                },
+                6 => WeightData::PackedInt {
+                    words: &words,
+                    scales: vec![0.01; out * 3],
+                    bits: 4,
+                    groups: 3,
+                },
+                7 => WeightData::Nvfp4 {
+                    packed: &nib,
+                    scales: &nsc,
+                    multiplier: 0.003,
+                    act: ActQuant::Nvfp4(1.5),
+                },
+                _ => WeightData::Nvfp4 {
+                    packed: &nib,
+                    scales: &nsc,
+                    multiplier: 0.003,
+                    act: ActQuant::None,
+                },
+            }
+        };
+        for k in 0..9 {
+            let cpu = Linear::build(make(k), out, inp, DType::BF16, &Device::Cpu).unwrap();
+            let gpu = Linear::build_device(make(k), out, inp, &Device::Cpu).unwrap();
+            assert_eq!(gpu.shape(), (out, inp));
+            let (want, abs) = device_reference(&gpu, &x);
+            let a: Vec<f32> = cpu
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let b: Vec<f32> = gpu
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let u = 2f64.powi(-24);
+            for i in 0..want.len() {
+                let tol = (inp as f64 + 2.0) * u * abs[i] + 3.0 * u * want[i].abs() + 1e-30;
+                assert!(
+                    (a[i] as f64 - want[i]).abs() <= tol,
+                    "case {k} CPU [{i}]: {} vs {}",
+                    a[i],
+                    want[i]
+                );
+                assert!(
+                    (b[i] as f64 - want[i]).abs() <= tol,
+                    "case {k} GPU [{i}]: {} vs {}",
+                    b[i],
+                    want[i]
+                );
             }
         }
     }

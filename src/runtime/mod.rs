@@ -2,6 +2,7 @@
 //! and hooks through which calibration observes each linear layer's input.
 pub mod block;
 pub mod cpu;
+pub mod devform;
 pub mod device;
 pub mod gemm;
 pub mod gemm_i8;

@@ -208,7 +208,8 @@ impl Source for GgufSource {
         let norm = self.vec1(names::GGUF_OUTPUT_NORM, stream_dtype(dtype), device)?;
         // A float head multiplies like the safetensors head (bf16 GEMM on a CPU with bf16, the
         // stream dtype elsewhere); a block-quantized one runs through the quantized matmul.
-        let packed = device.is_cpu() && dtype == DType::BF16;
+        let packed = dtype == DType::BF16
+            && (device.is_cpu() || crate::runtime::devform::wanted(device, dtype));
         let head_dtype = if packed { dtype } else { stream_dtype(dtype) };
         let head = self.linear(
             name,

@@ -120,14 +120,24 @@ impl<'a> SafetensorsSource<'a> {
                 _ => ActQuant::None,
             };
             WeightData::Nvfp4 {
-                values: nvfp4::decode_unscaled(bytes, sbytes, inp),
+                packed: bytes,
+                scales: sbytes,
                 multiplier: nvfp4::decode_multiplier(tensor, flavor),
                 act,
             }
         } else if ck.index.contains_key(&packed) {
-            // W8A16 / W4A16: dequantized weights, activations untouched (what Marlin computes).
+            // W8A16 / W4A16: packed integers and group scales, activations untouched (what
+            // Marlin computes); the CPU forms dequantize them, the GPU form keeps them packed.
             let (bytes, _) = ck.raw(&packed)?;
-            let q = crate::quant::int8::unpack_bits(bytes, out, inp, ck.packed_bits()?);
+            let bits = ck.packed_bits()?;
+            let words = inp.div_ceil((32 / bits) as usize);
+            if bytes.len() != out * words * 4 {
+                return Err(mismatch(
+                    &packed,
+                    format!("{} bytes ([{out}, {words}] i32 words)", out * words * 4),
+                    format!("{} bytes", bytes.len()),
+                ));
+            }
             let scales = ck.read_f32(&scale_name)?;
             let groups = scales.len() / out;
             if groups == 0 || scales.len() % out != 0 || inp % groups != 0 {
@@ -137,13 +147,12 @@ impl<'a> SafetensorsSource<'a> {
                     format!("{} values", scales.len()),
                 ));
             }
-            let g = inp / groups;
-            WeightData::F32(
-                q.iter()
-                    .enumerate()
-                    .map(|(i, &v)| v as f32 * scales[(i / inp) * groups + (i % inp) / g])
-                    .collect(),
-            )
+            WeightData::PackedInt {
+                words: bytes,
+                scales,
+                bits,
+                groups,
+            }
         } else {
             let (bytes, info) = ck.raw(&name)?;
             if info.shape != [out, inp] {
@@ -331,9 +340,15 @@ impl Source for SafetensorsSource<'_> {
         }
         // On a CPU with bf16 the head is a bf16 GEMM like every other layer (a 128k-token
         // vocabulary's head in f32 would be the largest tensor in memory); elsewhere it
-        // multiplies in the stream dtype, so logits are never rounded to bf16.
-        let packed = device.is_cpu() && dtype == DType::BF16;
-        let head_dtype = if packed { dtype } else { stream_dtype(dtype) };
+        // multiplies in the stream dtype, so logits are never rounded to bf16. The GPU form
+        // holds it in bf16 with f32 outputs (the CPU's arithmetic).
+        let device_form = crate::runtime::devform::wanted(device, dtype);
+        let packed = device.is_cpu() && dtype == DType::BF16 && !device_form;
+        let head_dtype = if packed || device_form {
+            dtype
+        } else {
+            stream_dtype(dtype)
+        };
         let head = if packed && info.dtype == Dtype::BF16 {
             // Packed slice by slice, each slice's mapped pages dropped once packed.
             let w = crate::runtime::gemm::PackedBf16::from_bf16_bytes_releasing(

@@ -1,0 +1,179 @@
+// minitron's own CUDA kernels: weight widening from stored codes and activation rounding on the
+// device. Compiled to PTX by build.rs when the `cuda` feature is on (nvcc from
+// scripts/build-cuda.sh), loaded through candle's custom-module loader (runtime::devform).
+//
+// Every function here has a plain Rust twin in src/runtime/devform.rs (`twin`), which the tests
+// compare bit for bit with the CPU runner's own arithmetic. Keep the two in step: the same
+// operations in the same order, f32 throughout, no fused multiply-add (build.rs passes
+// -fmad=false), IEEE division (nvcc's default -prec-div=true).
+//
+// Layouts: row-major, contiguous. bf16 values are written as their 16-bit patterns.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+// f32 -> bf16, round to nearest even (NaN stays a quiet NaN with its sign).
+__device__ __forceinline__ u16 mt_bf16(float v) {
+  u32 b = __float_as_uint(v);
+  if (isnan(v)) return (u16)((b >> 16) | 0x40);
+  b += 0x7FFFu + ((b >> 16) & 1u);
+  return (u16)(b >> 16);
+}
+
+// E4M3 (OCP, "fn": no infinities, 0x7F/0xFF NaN) -> f32. Every value is exact in f32 and bf16.
+__device__ __forceinline__ float mt_e4m3_value(u8 c) {
+  int e = (c >> 3) & 0xF;
+  int m = c & 7;
+  if (e == 15 && m == 7) return __uint_as_float(0x7FC00000u);
+  float mag = e == 0 ? (float)m * 0.001953125f : ldexpf(1.0f + (float)m * 0.125f, e - 7);
+  return (c & 0x80) ? -mag : mag;
+}
+
+// f32 -> E4M3 code, nearest with ties to even, saturating at 448 (minitron's f32_to_e4m3).
+__device__ __forceinline__ u8 mt_e4m3_code(float x) {
+  u8 sign = (__float_as_uint(x) >> 31) ? 0x80 : 0;
+  if (isnan(x)) return sign | 0x7F;
+  float a = fabsf(x);
+  if (a >= 448.0f) return sign | 0x7E;
+  if (a < 0.015625f) return sign | (u8)rintf(a * 512.0f);
+  u32 bits = __float_as_uint(a);
+  u32 r = (bits + 0x7FFFFu + ((bits >> 20) & 1u)) >> 20;
+  int e = (int)(r >> 3) - 127 + 7;
+  return sign | (u8)(((u32)e << 3) | (r & 7u));
+}
+
+// E2M1 magnitude code of a >= 0: nearest of {0, .5, 1, 1.5, 2, 3, 4, 6}, ties to the even code.
+__device__ __forceinline__ u8 mt_e2m1_magnitude(float a) {
+  u8 c = 0;
+  c += a > 0.25f;
+  c += a >= 0.75f;
+  c += a > 1.25f;
+  c += a >= 1.75f;
+  c += a > 2.5f;
+  c += a >= 3.5f;
+  c += a > 5.0f;
+  return c;
+}
+
+__device__ __forceinline__ float mt_e2m1_value(u8 c) {
+  const float mags[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  float v = mags[c & 7];
+  return (c & 8) ? -v : v;
+}
+
+// Largest |x| of one row, by one block of 256 threads (max is exact: any order gives the same).
+__device__ float mt_row_amax(const float* x, int cols) {
+  __shared__ float part[256];
+  float m = 0.0f;
+  for (int i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, fabsf(x[i]));
+  part[threadIdx.x] = m;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) part[threadIdx.x] = fmaxf(part[threadIdx.x], part[threadIdx.x + s]);
+    __syncthreads();
+  }
+  float r = part[0];
+  __syncthreads();
+  return r;
+}
+
+extern "C" {
+
+// E4M3 weight codes -> bf16 (exact).
+__global__ void mt_widen_e4m3(const u8* codes, u16* out, unsigned long long n) {
+  unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) {
+    float v = mt_e4m3_value(codes[i]);
+    out[i] = isnan(v) ? (u16)0x7FC0 : (u16)(__float_as_uint(v) >> 16);
+  }
+}
+
+// INT8 weight codes (two's complement bytes) -> bf16 (exact).
+__global__ void mt_widen_i8(const u8* codes, u16* out, unsigned long long n) {
+  unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = mt_bf16((float)(signed char)codes[i]);
+}
+
+// compressed-tensors packed INT4/INT8 weights (little-endian u32 words, `32 / bits` values each,
+// stored with an offset of 2^(bits-1)) times f32 group scales [rows, groups], rounded to bf16.
+__global__ void mt_widen_packed(const u8* words, const float* scales, u16* out, int rows, int cols,
+                                int bits, int groups) {
+  unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (unsigned long long)rows * cols) return;
+  int r = (int)(i / cols), c = (int)(i % cols);
+  int per = 32 / bits;
+  int nwords = (cols + per - 1) / per;
+  const u8* w = words + ((size_t)r * nwords + c / per) * 4;
+  u32 word = (u32)w[0] | ((u32)w[1] << 8) | ((u32)w[2] << 16) | ((u32)w[3] << 24);
+  int q = (int)((word >> ((c % per) * bits)) & ((1u << bits) - 1u)) - (1 << (bits - 1));
+  int g = cols / groups;
+  out[i] = mt_bf16((float)q * scales[(size_t)r * groups + c / g]);
+}
+
+// NVFP4 weights: two E2M1 codes per byte (low nibble first) times E4M3 group scales (one per 16),
+// without the per-tensor factor (exact in bf16).
+__global__ void mt_widen_nvfp4(const u8* packed, const u8* scales, u16* out,
+                               unsigned long long n) {
+  unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  u8 b = packed[i / 2];
+  u8 code = (i & 1) ? (b >> 4) : (b & 0xF);
+  float v = mt_e2m1_value(code) * mt_e4m3_value(scales[i / 16]);
+  out[i] = mt_bf16(v);
+}
+
+// Per-row scales of activations [rows, cols] (one block of 256 threads per row):
+// mode 0, FP8 per token: max(amax / qmax, floor); mode 1, INT8 per token: amax / qmax, or 1
+// for an all-zero row.
+__global__ void mt_row_scales(const float* x, float* scales, int cols, int mode, float qmax,
+                              float floor_) {
+  int r = blockIdx.x;
+  float amax = mt_row_amax(x + (size_t)r * cols, cols);
+  if (threadIdx.x == 0) {
+    if (mode == 0) scales[r] = fmaxf(amax / qmax, floor_);
+    else scales[r] = amax > 0.0f ? amax / qmax : 1.0f;
+  }
+}
+
+// Activation codes as bf16 values [rows, cols] from per-row scales (`per_row` 0: one scale):
+// mode 0, E4M3 of clamp(x / s, ±448); mode 1, INT8 clamp(rint(x / s), ±127).
+__global__ void mt_act_codes(const float* x, const float* scales, u16* out, int rows, int cols,
+                             int per_row, int mode) {
+  unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (unsigned long long)rows * cols) return;
+  float s = scales[per_row ? (int)(i / cols) : 0];
+  float q = x[i] / s;
+  if (mode == 0) {
+    q = fminf(fmaxf(q, -448.0f), 448.0f);
+    float v = mt_e4m3_value(mt_e4m3_code(q));
+    out[i] = (u16)(__float_as_uint(v) >> 16);
+  } else {
+    // + 0 turns a -0 code into +0: integer codes have no signed zero.
+    q = fminf(fmaxf(rintf(q), -127.0f), 127.0f) + 0.0f;
+    out[i] = mt_bf16(q);
+  }
+}
+
+// NVFP4 activations [rows, cols] (cols a multiple of 16), one thread per group of 16, with the
+// global scale g as a multiplier: s = e4m3(min(g * (amax * (1/6)), 448)), q = E2M1 of
+// clamp(x * (1 / (s * (1/g))), ±6); writes q * s (exact in bf16). `sixth` and `inv_g` come from
+// the host (the same f32 values the CPU computes).
+__global__ void mt_nvfp4_act(const float* x, u16* out, unsigned long long groups, float g,
+                             float inv_g, float sixth) {
+  unsigned long long k = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (k >= groups) return;
+  const float* xg = x + k * 16;
+  float amax = 0.0f;
+  for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(xg[j]));
+  float s = mt_e4m3_value(mt_e4m3_code(fminf(g * (amax * sixth), 448.0f)));
+  float d = s * inv_g;
+  float r = d == 0.0f ? 0.0f : 1.0f / d;
+  for (int j = 0; j < 16; ++j) {
+    float q = fminf(fmaxf(xg[j] * r, -6.0f), 6.0f);
+    u8 code = (u8)((q < 0.0f) << 3) | mt_e2m1_magnitude(fabsf(q));
+    out[k * 16 + j] = mt_bf16(mt_e2m1_value(code) * s);
+  }
+}
+
+}  // extern "C"
