@@ -288,7 +288,7 @@ fn main() -> std::process::ExitCode {
                 for (module, name) in minitron::runtime::devform::requested_kernels() {
                     println!("{module} {name}");
                 }
-                return Ok(());
+                Ok(())
             }
             Some(Cmd::Dump { file, json, full }) => {
                 let g = minitron::format::gguf::GgufFile::open(&file)?;

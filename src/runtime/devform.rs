@@ -696,12 +696,15 @@ pub fn requested_kernels() -> Vec<(&'static str, String)> {
     for d in [f32_, bf16_, u8_, u32_] {
         v.push(("unary", format!("ucopy_{}", s(d))));
         v.push(("fill", format!("fill_{}", s(d))));
+        v.push(("fill", format!("const_set_{}", s(d))));
     }
     for d in [f32_, bf16_] {
         for op in ["badd", "bsub", "bmul", "bdiv", "bmaximum", "bminimum"] {
             v.push(("binary", format!("{op}_{}", s(d))));
         }
-        for op in ["uexp", "usilu", "usqrt", "uneg", "urecip", "uabs", "usqr"] {
+        for op in [
+            "uexp", "ulog", "usilu", "usqrt", "uneg", "urecip", "uabs", "usqr",
+        ] {
             v.push(("unary", format!("{op}_{}", s(d))));
         }
         v.push(("affine", format!("affine_{}", s(d))));
