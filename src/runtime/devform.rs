@@ -78,6 +78,9 @@ pub enum DevAct {
     Nvfp4(f32),
 }
 
+/// Inputs of at most this many rows (decode) are multiplied straight from the stored weights.
+pub const GEMV_ROWS: usize = 4;
+
 /// A linear layer in its GPU form (see the module documentation).
 #[derive(Debug, Clone)]
 pub struct DeviceLinear {
@@ -167,10 +170,64 @@ impl DeviceLinear {
         })
     }
 
-    /// `y = prepared · Wᵀ`, scaled: f32 `[rows, out]`.
+    /// The decode-size product's operands: kind, weight bytes, auxiliary data, bits, groups
+    /// (none for bf16 weights, which cuBLAS reads as they are).
+    fn gemv_operands(&self) -> Option<(u32, &Tensor, Option<&Tensor>, u32, usize)> {
+        match &self.w {
+            DevWeight::Bf16(_) => None,
+            DevWeight::E4m3(t) => Some((0, t, None, 0, 0)),
+            DevWeight::I8(t) => Some((1, t, None, 0, 0)),
+            DevWeight::Packed {
+                words,
+                scales,
+                bits,
+                groups,
+            } => Some((2, words, Some(scales), *bits, *groups)),
+            DevWeight::Nvfp4 { packed, scales } => Some((3, packed, Some(scales), 0, 0)),
+        }
+    }
+
+    /// `y = prepared · Wᵀ`, scaled: f32 `[rows, out]`. Up to [`GEMV_ROWS`] rows (decode) are
+    /// multiplied straight from the stored weight bytes (`mt_gemv`); more rows widen the
+    /// weight to bf16 once for cuBLAS. W8A8's integer sums are exact either way only on the
+    /// first path (i32); the second sums exact products in f32.
     pub(crate) fn apply(&self, a: &Tensor, row_scale: Option<&Tensor>) -> Result<Tensor> {
+        let rows = a.dim(0)?;
+        if let Some((kind, w, aux, bits, groups)) = self.gemv_operands() {
+            if rows <= GEMV_ROWS && self.inp % 8 == 0 {
+                let dummy;
+                let aux = match aux {
+                    Some(t) => t,
+                    None => {
+                        dummy = Tensor::zeros(1, DType::U8, a.device())?;
+                        &dummy
+                    }
+                };
+                let exact = self.act == DevAct::Int8Token;
+                let op = Gemv {
+                    kind,
+                    bits,
+                    groups,
+                    out: self.out,
+                    exact,
+                };
+                let y = a.apply_op3_no_bwd(w, aux, &op)?;
+                if exact {
+                    if let (Some(rs), Some(cs)) = (row_scale, &self.col_scale) {
+                        return Ok(y.apply_op3_no_bwd(rs, cs, &Int8Epilogue)?);
+                    }
+                }
+                return self.scale(y, row_scale);
+            }
+        }
         let w = self.widened()?;
-        let mut y = a.apply_op2_no_bwd(&w, &MatmulF32)?;
+        let y = a.apply_op2_no_bwd(&w, &MatmulF32)?;
+        self.scale(y, row_scale)
+    }
+
+    /// `y · row_scale · col_scale` in f32, in that order.
+    fn scale(&self, y: Tensor, row_scale: Option<&Tensor>) -> Result<Tensor> {
+        let mut y = y;
         if let Some(s) = row_scale {
             y = y.broadcast_mul(s)?;
         }
@@ -344,6 +401,131 @@ pub mod twin {
                     })
                     .collect::<Vec<_>>()
             })
+            .collect()
+    }
+
+    /// Auxiliary weight data of [`gemv`]: packed group scales (f32) or NVFP4 group scales (u8).
+    #[derive(Clone, Copy)]
+    pub enum Aux<'a> {
+        None,
+        F32(&'a [f32]),
+        U8(&'a [u8]),
+    }
+
+    /// `mt_weight`: weight `(o, j)` of a `[out, k]` weight in its stored form, as the f32 value
+    /// of its bf16 form (kind 0 E4M3, 1 INT8, 2 packed, 3 NVFP4).
+    #[allow(clippy::too_many_arguments)]
+    pub fn weight(
+        kind: u32,
+        w: &[u8],
+        aux: Aux,
+        o: usize,
+        j: usize,
+        k: usize,
+        bits: u32,
+        groups: usize,
+    ) -> f32 {
+        let from_bits = |b: u16| f32::from_bits((b as u32) << 16);
+        match (kind, aux) {
+            (0, _) => from_bits(e4m3_bf16(w[o * k + j])),
+            (1, _) => w[o * k + j] as i8 as f32,
+            (2, Aux::F32(s)) => {
+                let per = (32 / bits) as usize;
+                let nwords = k.div_ceil(per);
+                let p = &w[(o * nwords + j / per) * 4..][..4];
+                let word = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+                let q = ((word >> ((j % per) as u32 * bits)) & ((1u32 << bits) - 1)) as i32
+                    - (1i32 << (bits - 1));
+                from_bits(bf16_bits(q as f32 * s[o * groups + j / (k / groups)]))
+            }
+            (3, Aux::U8(s)) => {
+                let b = w[(o * k + j) / 2];
+                let code = if j & 1 == 1 { b >> 4 } else { b & 0xF };
+                e2m1(code) * e4m3_to_f32(s[(o * k + j) / 16])
+            }
+            _ => f32::NAN,
+        }
+    }
+
+    /// The per-lane order of `mt_gemv`: lane `l` takes runs of 8 consecutive `j` from
+    /// `8·l + 256·t`; then the xor butterfly over the 32 lane sums.
+    fn butterfly<T: Copy + std::ops::Add<Output = T>>(mut v: [T; 32]) -> T {
+        for off in [16usize, 8, 4, 2, 1] {
+            let prev = v;
+            for (l, x) in v.iter_mut().enumerate() {
+                *x = prev[l] + prev[l ^ off];
+            }
+        }
+        v[0]
+    }
+
+    /// `mt_gemv` (not exact): `y[r, o]` in f32, in the kernel's summation order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv(
+        a: &[u16],
+        w: &[u8],
+        aux: Aux,
+        rows: usize,
+        k: usize,
+        out: usize,
+        kind: u32,
+        bits: u32,
+        groups: usize,
+    ) -> Vec<f32> {
+        let mut y = vec![0f32; rows * out];
+        y.par_chunks_mut(rows.max(1))
+            .enumerate()
+            .for_each(|(o, ys)| {
+                for (r, yv) in ys.iter_mut().enumerate() {
+                    let mut lanes = [0f32; 32];
+                    for (l, acc) in lanes.iter_mut().enumerate() {
+                        for j0 in (8 * l..k).step_by(256) {
+                            for j in j0..j0 + 8 {
+                                let av = f32::from_bits((a[r * k + j] as u32) << 16);
+                                *acc += av * weight(kind, w, aux, o, j, k, bits, groups);
+                            }
+                        }
+                    }
+                    *yv = butterfly(lanes);
+                }
+            });
+        // Computed output-major above; the result is row-major [rows, out].
+        let mut t = vec![0f32; rows * out];
+        for o in 0..out {
+            for r in 0..rows {
+                t[r * out + o] = y[o * rows + r];
+            }
+        }
+        t
+    }
+
+    /// `mt_gemv` with `exact`: INT8 codes (as bf16 values) times INT8 weights summed in i32.
+    pub fn gemv_exact(a: &[u16], w: &[u8], rows: usize, k: usize, out: usize) -> Vec<i32> {
+        let mut y = vec![0i32; rows * out];
+        y.par_chunks_mut(out.max(1))
+            .enumerate()
+            .for_each(|(r, yr)| {
+                for (o, yv) in yr.iter_mut().enumerate() {
+                    let mut lanes = [0i32; 32];
+                    for (l, acc) in lanes.iter_mut().enumerate() {
+                        for j0 in (8 * l..k).step_by(256) {
+                            for j in j0..j0 + 8 {
+                                let av = f32::from_bits((a[r * k + j] as u32) << 16) as i32;
+                                *acc += av * (w[o * k + j] as i8 as i32);
+                            }
+                        }
+                    }
+                    *yv = butterfly(lanes);
+                }
+            });
+        y
+    }
+
+    /// `mt_int8_epilogue`: `f32((S · s_row) · s_col)` in f64.
+    pub fn int8_epilogue(acc: &[i32], rs: &[f32], cs: &[f32], out: usize) -> Vec<f32> {
+        acc.par_iter()
+            .enumerate()
+            .map(|(i, &q)| ((q as f64 * rs[i / out] as f64) * cs[i % out] as f64) as f32)
             .collect()
     }
 
@@ -628,6 +810,113 @@ impl CustomOp2 for MatmulF32 {
     }
 }
 
+/// Products for decode-size inputs straight from the stored weight (`mt_gemv`): inputs
+/// `(a bf16 [rows, k], w u8, aux)`, output f32 `[rows, out]` or, `exact`, i32 sums.
+struct Gemv {
+    kind: u32,
+    bits: u32,
+    groups: usize,
+    out: usize,
+    exact: bool,
+}
+
+impl candle_core::CustomOp3 for Gemv {
+    fn name(&self) -> &'static str {
+        "mt_gemv"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, k) = l1.shape().dims2()?;
+        let a: Vec<u16> = cpu_slice::<bf16>(s1, l1)?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        let w = cpu_slice::<u8>(s2, l2)?;
+        let shape = Shape::from((rows, self.out));
+        if self.exact {
+            let y = twin::gemv_exact(&a, w, rows, k, self.out);
+            return Ok((CpuStorage::I32(y), shape));
+        }
+        let aux = match (self.kind, s3) {
+            (2, CpuStorage::F32(_)) => twin::Aux::F32(cpu_slice::<f32>(s3, l3)?),
+            (3, CpuStorage::U8(_)) => twin::Aux::U8(cpu_slice::<u8>(s3, l3)?),
+            (0 | 1, _) => twin::Aux::None,
+            _ => return Err(op_err("mt_gemv: auxiliary data of the wrong type")),
+        };
+        let y = twin::gemv(
+            &a,
+            w,
+            aux,
+            rows,
+            k,
+            self.out,
+            self.kind,
+            self.bits,
+            self.groups,
+        );
+        Ok((CpuStorage::F32(y), shape))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::gemv(self, s1, l1, s2, l2, s3, l3)
+    }
+}
+
+/// W8A8's scaling of exact sums: `(acc i32 [rows, out], rs f32 [rows, 1], cs f32 [1, out])`.
+struct Int8Epilogue;
+
+impl candle_core::CustomOp3 for Int8Epilogue {
+    fn name(&self) -> &'static str {
+        "mt_int8_epilogue"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, out) = l1.shape().dims2()?;
+        let acc = cpu_slice::<i32>(s1, l1)?;
+        let y = twin::int8_epilogue(
+            acc,
+            cpu_slice::<f32>(s2, l2)?,
+            cpu_slice::<f32>(s3, l3)?,
+            out,
+        );
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::int8_epilogue(s1, l1, s2, l2, s3, l3)
+    }
+}
+
 /// Applies FP8 fake quantization on any device with the kernels' rounding: `codes · s` in f32,
 /// per token (`scale` none) or with one static scale.
 pub fn fp8_round_trip(x: &Tensor, scale: Option<f32>) -> Result<Tensor> {
@@ -677,6 +966,8 @@ pub fn requested_kernels() -> Vec<(&'static str, String)> {
         "mt_row_scales",
         "mt_act_codes",
         "mt_nvfp4_act",
+        "mt_gemv",
+        "mt_int8_epilogue",
     ]
     .iter()
     .map(|n| ("minitron", n.to_string()))
@@ -904,6 +1195,110 @@ mod cuda {
         lb.arg(&sixth);
         unsafe { lb.launch(grid(n / 16)).w()? };
         Ok((CudaStorage::wrap_cuda_slice(out, dev), l.shape().clone()))
+    }
+
+    pub(super) fn gemv(
+        op: &super::Gemv,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = s1.device.clone();
+        let (rows, k) = l1.shape().dims2()?;
+        let (a1, b1) = range(l1, "mt_gemv")?;
+        let (a2, b2) = range(l2, "mt_gemv")?;
+        let (a3, b3) = range(l3, "mt_gemv")?;
+        let a = s1.as_cuda_slice::<bf16>()?.slice(a1..b1);
+        let w = s2.as_cuda_slice::<u8>()?.slice(a2..b2);
+        let n = rows * op.out;
+        // The kernel takes both output pointers; the unused one is a 1-element buffer.
+        let (y, y_int) = if op.exact {
+            (unsafe { dev.alloc::<f32>(1)? }, unsafe {
+                dev.alloc::<i32>(n)?
+            })
+        } else {
+            (unsafe { dev.alloc::<f32>(n)? }, unsafe {
+                dev.alloc::<i32>(1)?
+            })
+        };
+        let f = dev.get_or_load_custom_func("mt_gemv", MODULE, PTX)?;
+        let aux_f32;
+        let aux_u8;
+        let (r, kk, o, kind, bits, groups, exact) = (
+            rows as i32,
+            k as i32,
+            op.out as i32,
+            op.kind as i32,
+            op.bits as i32,
+            op.groups as i32,
+            op.exact as i32,
+        );
+        let mut lb = f.builder();
+        lb.arg(&a);
+        lb.arg(&w);
+        if op.kind == 2 {
+            aux_f32 = s3.as_cuda_slice::<f32>()?.slice(a3..b3);
+            lb.arg(&aux_f32);
+        } else {
+            aux_u8 = s3.as_cuda_slice::<u8>()?.slice(a3..b3);
+            lb.arg(&aux_u8);
+        }
+        lb.arg(&y);
+        lb.arg(&y_int);
+        lb.arg(&r);
+        lb.arg(&kk);
+        lb.arg(&o);
+        lb.arg(&kind);
+        lb.arg(&bits);
+        lb.arg(&groups);
+        lb.arg(&exact);
+        // Four warps per block, one output channel per warp.
+        let cfg = LaunchConfig {
+            grid_dim: (op.out.div_ceil(4) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { lb.launch(cfg).w()? };
+        let shape = Shape::from((rows, op.out));
+        Ok(if op.exact {
+            (CudaStorage::wrap_cuda_slice(y_int, dev), shape)
+        } else {
+            (CudaStorage::wrap_cuda_slice(y, dev), shape)
+        })
+    }
+
+    pub(super) fn int8_epilogue(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = s1.device.clone();
+        let (rows, out) = l1.shape().dims2()?;
+        let (a1, b1) = range(l1, "mt_int8_epilogue")?;
+        let (a2, b2) = range(l2, "mt_int8_epilogue")?;
+        let (a3, b3) = range(l3, "mt_int8_epilogue")?;
+        let acc = s1.as_cuda_slice::<i32>()?.slice(a1..b1);
+        let rs = s2.as_cuda_slice::<f32>()?.slice(a2..b2);
+        let cs = s3.as_cuda_slice::<f32>()?.slice(a3..b3);
+        let n = rows * out;
+        let y = unsafe { dev.alloc::<f32>(n)? };
+        let f = dev.get_or_load_custom_func("mt_int8_epilogue", MODULE, PTX)?;
+        let (r, o) = (rows as i32, out as i32);
+        let mut lb = f.builder();
+        lb.arg(&acc);
+        lb.arg(&rs);
+        lb.arg(&cs);
+        lb.arg(&y);
+        lb.arg(&r);
+        lb.arg(&o);
+        unsafe { lb.launch(grid(n)).w()? };
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
     }
 
     /// cuBLAS GemmEx: bf16 A and W, f32 C, f32 compute (tensor cores, f32 accumulation).

@@ -177,3 +177,75 @@ __global__ void mt_nvfp4_act(const float* x, u16* out, unsigned long long groups
 }
 
 }  // extern "C"
+
+// ---- Decode-size products straight from the stored weights (no widened copy).
+
+// The exact bf16-representable value of weight (o, j) of a [out, k] weight in its stored form:
+// kind 0 E4M3, 1 INT8, 2 packed integers (q · group scale rounded to bf16, as mt_widen_packed),
+// 3 NVFP4 (e2m1 · e4m3).
+__device__ __forceinline__ float mt_weight(int kind, const u8* w, const void* aux, int o, int j,
+                                           int k, int bits, int groups) {
+  if (kind == 0) return mt_e4m3_value(w[(size_t)o * k + j]);
+  if (kind == 1) return (float)(signed char)w[(size_t)o * k + j];
+  if (kind == 2) {
+    int per = 32 / bits;
+    int nwords = (k + per - 1) / per;
+    const u8* p = w + ((size_t)o * nwords + j / per) * 4;
+    u32 word = (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24);
+    int q = (int)((word >> ((j % per) * bits)) & ((1u << bits) - 1u)) - (1 << (bits - 1));
+    const float* s = (const float*)aux;
+    return __uint_as_float((u32)mt_bf16((float)q * s[(size_t)o * groups + j / (k / groups)]) << 16);
+  }
+  u8 b = w[((size_t)o * k + j) / 2];
+  u8 code = (j & 1) ? (b >> 4) : (b & 0xF);
+  return mt_e2m1_value(code) * mt_e4m3_value(((const u8*)aux)[((size_t)o * k + j) / 16]);
+}
+
+#define MT_GEMV_ROWS 4
+
+// y[r, o] = Σ_j a[r, j] · w[o, j] for rows ≤ 4 (decode), one warp per output channel, k a
+// multiple of 8. Lane l takes the runs of 8 consecutive j starting at 8·l + 256·t (t = 0, 1, …)
+// in order, adding each exact product to its f32 sum; the 32 sums are then combined by the
+// butterfly `v += shfl_xor(v, 16, 8, 4, 2, 1)`. `exact` (INT8 codes times INT8 weights): the
+// same in i32, which is exact, written to y_int instead.
+extern "C" __global__ void mt_gemv(const u16* a, const u8* w, const void* aux, float* y,
+                                   int* y_int, int rows, int k, int out, int kind, int bits,
+                                   int groups, int exact) {
+  int o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  int lane = threadIdx.x & 31;
+  if (o >= out) return;
+  float acc[MT_GEMV_ROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
+  int iacc[MT_GEMV_ROWS] = {0, 0, 0, 0};
+  for (int j0 = 8 * lane; j0 < k; j0 += 256) {
+    for (int e = 0; e < 8; ++e) {
+      int j = j0 + e;
+      float wv = mt_weight(kind, w, aux, o, j, k, bits, groups);
+      for (int r = 0; r < rows; ++r) {
+        float av = __uint_as_float((u32)a[(size_t)r * k + j] << 16);
+        if (exact) iacc[r] += (int)av * (int)wv;
+        else acc[r] = acc[r] + av * wv;
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    float v = acc[r];
+    int iv = iacc[r];
+    for (int off = 16; off > 0; off >>= 1) {
+      v = v + __shfl_xor_sync(0xFFFFFFFFu, v, off);
+      iv += __shfl_xor_sync(0xFFFFFFFFu, iv, off);
+    }
+    if (lane == 0) {
+      if (exact) y_int[(size_t)r * out + o] = iv;
+      else y[(size_t)r * out + o] = v;
+    }
+  }
+}
+
+// W8A8's scaling of exact integer sums, as the CPU does it: f32((S · s_row) · s_col) in f64.
+extern "C" __global__ void mt_int8_epilogue(const int* acc, const float* rs, const float* cs,
+                                            float* y, int rows, int out) {
+  unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (unsigned long long)rows * out) return;
+  int r = (int)(i / out), o = (int)(i % out);
+  y[i] = (float)(((double)acc[i] * (double)rs[r]) * (double)cs[o]);
+}

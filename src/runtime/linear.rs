@@ -1174,7 +1174,6 @@ mod tests {
             .collect();
         let nib: Vec<u8> = codes[..out * inp / 2].to_vec();
         let nsc: Vec<u8> = (0..out * inp / 16).map(|i| 0x28 + (i % 24) as u8).collect();
-        let x = Tensor::from_vec(awkward_rows(rows, inp, 9), (rows, inp), &Device::Cpu).unwrap();
         let make = |k: usize| -> WeightData<'_> {
             match k {
                 0 => WeightData::Bf16Bytes(&bf),
@@ -1223,40 +1222,57 @@ mod tests {
                 },
             }
         };
-        for k in 0..9 {
-            let cpu = Linear::build(make(k), out, inp, DType::BF16, &Device::Cpu).unwrap();
-            let gpu = Linear::build_device(make(k), out, inp, &Device::Cpu).unwrap();
-            assert_eq!(gpu.shape(), (out, inp));
-            let (want, abs) = device_reference(&gpu, &x);
-            let a: Vec<f32> = cpu
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let b: Vec<f32> = gpu
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let u = 2f64.powi(-24);
-            for i in 0..want.len() {
-                let tol = (inp as f64 + 2.0) * u * abs[i] + 3.0 * u * want[i].abs() + 1e-30;
-                assert!(
-                    (a[i] as f64 - want[i]).abs() <= tol,
-                    "case {k} CPU [{i}]: {} vs {}",
-                    a[i],
-                    want[i]
-                );
-                assert!(
-                    (b[i] as f64 - want[i]).abs() <= tol,
-                    "case {k} GPU [{i}]: {} vs {}",
-                    b[i],
-                    want[i]
-                );
+        for rows in [1usize, 3, 6] {
+            // Up to `GEMV_ROWS` rows run `mt_gemv` on the stored bytes; more widen for cuBLAS.
+            let x = Tensor::from_vec(
+                awkward_rows(rows, inp, 9 + rows as u64),
+                (rows, inp),
+                &Device::Cpu,
+            )
+            .unwrap();
+            for k in 0..9 {
+                let cpu = Linear::build(make(k), out, inp, DType::BF16, &Device::Cpu).unwrap();
+                let gpu = Linear::build_device(make(k), out, inp, &Device::Cpu).unwrap();
+                assert_eq!(gpu.shape(), (out, inp));
+                let (want, abs) = device_reference(&gpu, &x);
+                let a: Vec<f32> = cpu
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let b: Vec<f32> = gpu
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                if k == 4 && rows <= crate::runtime::devform::GEMV_ROWS {
+                    // W8A8 at decode size: exact i32 sums and the CPU's f64 scaling.
+                    assert_eq!(
+                        a, b,
+                        "W8A8, {rows} rows: the GPU form equals the CPU bit for bit"
+                    );
+                }
+                let u = 2f64.powi(-24);
+                for i in 0..want.len() {
+                    let tol = (inp as f64 + 2.0) * u * abs[i] + 3.0 * u * want[i].abs() + 1e-30;
+                    let what = format!("case {k}, {rows} rows, [{i}]");
+                    assert!(
+                        (a[i] as f64 - want[i]).abs() <= tol,
+                        "{what} CPU: {} vs {}",
+                        a[i],
+                        want[i]
+                    );
+                    assert!(
+                        (b[i] as f64 - want[i]).abs() <= tol,
+                        "{what} GPU: {} vs {}",
+                        b[i],
+                        want[i]
+                    );
+                }
             }
         }
     }
