@@ -194,7 +194,7 @@ impl DeviceLinear {
     pub(crate) fn apply(&self, a: &Tensor, row_scale: Option<&Tensor>) -> Result<Tensor> {
         let rows = a.dim(0)?;
         if let Some((kind, w, aux, bits, groups)) = self.gemv_operands() {
-            if rows <= GEMV_ROWS && self.inp % 8 == 0 {
+            if rows <= GEMV_ROWS && self.inp.is_multiple_of(8) {
                 let dummy;
                 let aux = match aux {
                     Some(t) => t,

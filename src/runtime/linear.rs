@@ -1153,7 +1153,7 @@ mod tests {
     /// the two f32 scalings (so CUDA and the CPU's `--dtype bf16` differ only in summation order).
     #[test]
     fn device_forms_match_the_cpu_forms_up_to_summation_order() {
-        let (out, inp, rows) = (24usize, 96usize, 6usize);
+        let (out, inp) = (24usize, 96usize);
         let mut rng = crate::numerics::rng::SplitMix64::new(29);
         let codes: Vec<u8> = (0..out * inp)
             .map(|_| (rng.next_u64() % 256) as u8)
