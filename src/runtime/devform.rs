@@ -78,6 +78,12 @@ pub enum DevAct {
     Nvfp4(f32),
 }
 
+/// Prints `msg` to stderr the first time only.
+fn warn_once(msg: &str) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| eprintln!("warning: {msg}"));
+}
+
 /// Inputs of at most this many rows (decode) are multiplied straight from the stored weights.
 pub const GEMV_ROWS: usize = 4;
 
@@ -218,6 +224,37 @@ impl DeviceLinear {
                     }
                 }
                 return self.scale(y, row_scale);
+            }
+        }
+        if let (DevAct::Int8Token, DevWeight::I8(w), Some(rs), Some(cs)) =
+            (self.act, &self.w, row_scale, &self.col_scale)
+        {
+            // W8A8: INT8 × INT8 with exact i32 sums (vLLM's semantics, and the CPU's), then
+            // the CPU's f64 scaling. A GPU whose cuBLAS refuses the integer GEMM for these
+            // shapes falls back to the bf16 path below (exact products, f32 sums).
+            let exact = a
+                .apply_op1_no_bwd(&CodesToI8)
+                .and_then(|ai| ai.apply_op2_no_bwd(w, &MatmulI32))
+                .and_then(|acc| acc.apply_op3_no_bwd(rs, cs, &Int8Epilogue));
+            match exact {
+                Ok(y) => return Ok(y),
+                Err(e) => warn_once(&format!(
+                    "the INT8 GEMM is not available here ({e}); W8A8 falls back to bf16 products \
+                     with f32 sums"
+                )),
+            }
+        }
+        if let (DevAct::Fp8Token | DevAct::Fp8Static(_), DevWeight::E4m3(w)) = (self.act, &self.w) {
+            // FP8 × FP8 on the tensor cores (cuBLASLt), f32 output, our scaling after.
+            let fp8 = a
+                .apply_op1_no_bwd(&CodesToE4m3)
+                .and_then(|a8| a8.apply_op2_no_bwd(w, &MatmulE4m3));
+            match fp8 {
+                Ok(y) => return self.scale(y, row_scale),
+                Err(e) => warn_once(&format!(
+                    "the FP8 GEMM is not available here ({e}); FP8 falls back to bf16 products \
+                     with f32 sums (the same exact products)"
+                )),
             }
         }
         let w = self.widened()?;
@@ -519,6 +556,50 @@ pub mod twin {
                 }
             });
         y
+    }
+
+    /// `mt_codes_to_e4m3`.
+    pub fn codes_to_e4m3(a: &[u16]) -> Vec<u8> {
+        a.iter()
+            .map(|&b| f32_to_e4m3(f32::from_bits((b as u32) << 16)))
+            .collect()
+    }
+
+    /// The FP8 GEMM (cuBLASLt, E4M3 × E4M3, f32 accumulation and output): exact products
+    /// summed in f32 in ascending `k` (cuBLASLt's order is its own).
+    pub fn matmul_e4m3(a: &[u8], w: &[u8], rows: usize, k: usize, out: usize) -> Vec<f32> {
+        let (ab, wb): (Vec<u16>, Vec<u16>) = (
+            a.iter().map(|&c| e4m3_bf16(c)).collect(),
+            w.iter().map(|&c| e4m3_bf16(c)).collect(),
+        );
+        matmul_f32(&ab, &wb, rows, k, out)
+    }
+
+    /// `mt_codes_to_i8`.
+    pub fn codes_to_i8(a: &[u16]) -> Vec<u8> {
+        a.iter()
+            .map(|&b| f32::from_bits((b as u32) << 16) as i32 as i8 as u8)
+            .collect()
+    }
+
+    /// The integer GEMM (cuBLAS IMMA): `C[rows, out] = Σ_j a[r, j] · w[o, j]` in i32, exact in
+    /// any order.
+    pub fn matmul_i32(a: &[u8], w: &[u8], rows: usize, k: usize, out: usize) -> Vec<i32> {
+        let mut c = vec![0i32; rows * out];
+        c.par_chunks_mut(out.max(1))
+            .enumerate()
+            .for_each(|(r, cr)| {
+                let ar = &a[r * k..(r + 1) * k];
+                for (o, v) in cr.iter_mut().enumerate() {
+                    let wr = &w[o * k..(o + 1) * k];
+                    *v = ar
+                        .iter()
+                        .zip(wr)
+                        .map(|(&x, &y)| x as i8 as i32 * y as i8 as i32)
+                        .sum();
+                }
+            });
+        c
     }
 
     /// `mt_int8_epilogue`: `f32((S · s_row) · s_col)` in f64.
@@ -877,6 +958,134 @@ impl candle_core::CustomOp3 for Gemv {
     }
 }
 
+/// E4M3 bytes of E4M3-valued bf16 codes.
+struct CodesToE4m3;
+
+impl CustomOp1 for CodesToE4m3 {
+    fn name(&self) -> &'static str {
+        "mt_codes_to_e4m3"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a: Vec<u16> = cpu_slice::<bf16>(s, l)?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        Ok((CpuStorage::U8(twin::codes_to_e4m3(&a)), l.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::codes_to_bytes("mt_codes_to_e4m3", s, l)
+    }
+}
+
+/// `C[rows, out] = A[rows, k] · W[out, k]ᵀ` on E4M3 bytes, f32 (cuBLASLt FP8 on a GPU).
+struct MatmulE4m3;
+
+impl CustomOp2 for MatmulE4m3 {
+    fn name(&self) -> &'static str {
+        "mt_matmul_e4m3_f32"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, k) = l1.shape().dims2()?;
+        let (out, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            return Err(op_err(format!("mt_matmul_e4m3: inner sizes {k} vs {k2}")));
+        }
+        let c = twin::matmul_e4m3(
+            cpu_slice::<u8>(s1, l1)?,
+            cpu_slice::<u8>(s2, l2)?,
+            rows,
+            k,
+            out,
+        );
+        Ok((CpuStorage::F32(c), Shape::from((rows, out))))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::matmul_e4m3(s1, l1, s2, l2)
+    }
+}
+
+/// INT8 bytes of integer-valued bf16 codes.
+struct CodesToI8;
+
+impl CustomOp1 for CodesToI8 {
+    fn name(&self) -> &'static str {
+        "mt_codes_to_i8"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a: Vec<u16> = cpu_slice::<bf16>(s, l)?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        Ok((CpuStorage::U8(twin::codes_to_i8(&a)), l.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::codes_to_bytes("mt_codes_to_i8", s, l)
+    }
+}
+
+/// `C[rows, out] = A[rows, k] · W[out, k]ᵀ` on INT8 bytes, exact i32 (cuBLAS IMMA on a GPU).
+struct MatmulI32;
+
+impl CustomOp2 for MatmulI32 {
+    fn name(&self) -> &'static str {
+        "mt_matmul_i8_i32"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, k) = l1.shape().dims2()?;
+        let (out, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            return Err(op_err(format!("mt_matmul_i8: inner sizes {k} vs {k2}")));
+        }
+        let c = twin::matmul_i32(
+            cpu_slice::<u8>(s1, l1)?,
+            cpu_slice::<u8>(s2, l2)?,
+            rows,
+            k,
+            out,
+        );
+        Ok((CpuStorage::I32(c), Shape::from((rows, out))))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::matmul_i32(s1, l1, s2, l2)
+    }
+}
+
 /// W8A8's scaling of exact sums: `(acc i32 [rows, out], rs f32 [rows, 1], cs f32 [1, out])`.
 struct Int8Epilogue;
 
@@ -968,6 +1177,8 @@ pub fn requested_kernels() -> Vec<(&'static str, String)> {
         "mt_nvfp4_act",
         "mt_gemv",
         "mt_int8_epilogue",
+        "mt_codes_to_i8",
+        "mt_codes_to_e4m3",
     ]
     .iter()
     .map(|n| ("minitron", n.to_string()))
@@ -1299,6 +1510,226 @@ mod cuda {
         lb.arg(&o);
         unsafe { lb.launch(grid(n)).w()? };
         Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
+    }
+
+    pub(super) fn codes_to_bytes(
+        name: &str,
+        s: &CudaStorage,
+        l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = s.device.clone();
+        let (a, b) = range(l, name)?;
+        let src = s.as_cuda_slice::<bf16>()?.slice(a..b);
+        let n = b - a;
+        let out = unsafe { dev.alloc::<u8>(n)? };
+        let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let n64 = n as u64;
+        let mut lb = f.builder();
+        lb.arg(&src);
+        lb.arg(&out);
+        lb.arg(&n64);
+        unsafe { lb.launch(grid(n)).w()? };
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), l.shape().clone()))
+    }
+
+    /// cuBLAS GemmEx on INT8 (IMMA): A = W `[out, k]` transposed, B = activations `[rows, k]`,
+    /// i32 C and compute: the exact integer sums.
+    pub(super) fn matmul_i32(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::cuda::cudarc::cublas::{result, sys};
+        let dev = s1.device.clone();
+        let (rows, k) = l1.shape().dims2()?;
+        let (out, k2) = l2.shape().dims2()?;
+        if k != k2 || k % 4 != 0 || out % 4 != 0 {
+            return Err(candle_core::Error::Msg(format!(
+                "mt_matmul_i8: shapes [{rows}, {k}] · [{out}, {k2}]ᵀ (IMMA needs k and out multiples of 4)"
+            )));
+        }
+        let (a1, b1) = range(l1, "mt_matmul_i8")?;
+        let (a2, b2) = range(l2, "mt_matmul_i8")?;
+        let a = s1.as_cuda_slice::<u8>()?.slice(a1..b1);
+        let w = s2.as_cuda_slice::<u8>()?.slice(a2..b2);
+        let mut c = unsafe { dev.alloc::<i32>(rows * out)? };
+        let stream = dev.cuda_stream();
+        let blas = dev.cublas_handle();
+        let (alpha, beta) = (1i32, 0i32);
+        {
+            let (ap, _ga) = a.device_ptr(&stream);
+            let (wp, _gw) = w.device_ptr(&stream);
+            let (cp, _gc) = c.device_ptr_mut(&stream);
+            unsafe {
+                result::gemm_ex(
+                    *blas.handle(),
+                    sys::cublasOperation_t::CUBLAS_OP_T,
+                    sys::cublasOperation_t::CUBLAS_OP_N,
+                    out as i32,
+                    rows as i32,
+                    k as i32,
+                    &alpha as *const i32 as *const _,
+                    wp as *const _,
+                    sys::cudaDataType_t::CUDA_R_8I,
+                    k as i32,
+                    ap as *const _,
+                    sys::cudaDataType_t::CUDA_R_8I,
+                    k as i32,
+                    &beta as *const i32 as *const _,
+                    cp as *mut _,
+                    sys::cudaDataType_t::CUDA_R_32I,
+                    out as i32,
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32I,
+                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+                )
+                .w()?;
+            }
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(c, dev),
+            Shape::from((rows, out)),
+        ))
+    }
+
+    /// One cuBLASLt handle and its workspace for the process (the runner uses one device).
+    struct Lt {
+        handle: usize,
+        workspace: candle_core::cuda::cudarc::driver::CudaSlice<u8>,
+    }
+
+    static LT: std::sync::Mutex<Option<Lt>> = std::sync::Mutex::new(None);
+
+    fn lt_err(e: impl std::fmt::Debug) -> candle_core::Error {
+        candle_core::Error::Msg(format!("cuBLASLt: {e:?}"))
+    }
+
+    /// cuBLASLt FP8: A = W E4M3 `[out, k]` transposed, B = activation codes E4M3 `[rows, k]`
+    /// (the TN layout FP8 requires), f32 C and D, f32 compute, unit scales (ours come after).
+    pub(super) fn matmul_e4m3(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::cuda::cudarc::cublaslt::{result as lt, sys};
+        let dev = s1.device.clone();
+        let (rows, k) = l1.shape().dims2()?;
+        let (out, k2) = l2.shape().dims2()?;
+        if k != k2 || k % 16 != 0 || out % 16 != 0 {
+            return Err(candle_core::Error::Msg(format!(
+                "mt_matmul_e4m3: shapes [{rows}, {k}] · [{out}, {k2}]ᵀ (FP8 needs k and out multiples of 16)"
+            )));
+        }
+        let (a1, b1) = range(l1, "mt_matmul_e4m3")?;
+        let (a2, b2) = range(l2, "mt_matmul_e4m3")?;
+        let a = s1.as_cuda_slice::<u8>()?.slice(a1..b1);
+        let w = s2.as_cuda_slice::<u8>()?.slice(a2..b2);
+        let mut c = unsafe { dev.alloc::<f32>(rows * out)? };
+        let stream = dev.cuda_stream();
+        let mut guard = LT.lock().map_err(|_| lt_err("poisoned"))?;
+        if guard.is_none() {
+            let handle = lt::create_handle().map_err(lt_err)? as usize;
+            let workspace = unsafe { dev.alloc::<u8>(32 << 20)? };
+            *guard = Some(Lt { handle, workspace });
+        }
+        let st = guard.as_mut().expect("set above");
+        let handle = st.handle as sys::cublasLtHandle_t;
+        let ws_size = st.workspace.len();
+        let (alpha, beta) = (1f32, 0f32);
+        unsafe {
+            let desc = lt::create_matmul_desc(
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cudaDataType::CUDA_R_32F,
+            )
+            .map_err(lt_err)?;
+            // cublasOperation_t values (an int32 attribute).
+            use candle_core::cuda::cudarc::cublas::sys::cublasOperation_t as Op;
+            let ta = Op::CUBLAS_OP_T as i32;
+            let tb = Op::CUBLAS_OP_N as i32;
+            let attr = |a, v: &i32| {
+                lt::set_matmul_desc_attribute(
+                    desc,
+                    a,
+                    v as *const _ as *const _,
+                    std::mem::size_of::<i32>(),
+                )
+            };
+            let layouts = (|| {
+                attr(
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                    &ta,
+                )?;
+                attr(
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+                    &tb,
+                )?;
+                let la = lt::create_matrix_layout(
+                    sys::cudaDataType::CUDA_R_8F_E4M3,
+                    k as u64,
+                    out as u64,
+                    k as i64,
+                )?;
+                let lb = lt::create_matrix_layout(
+                    sys::cudaDataType::CUDA_R_8F_E4M3,
+                    k as u64,
+                    rows as u64,
+                    k as i64,
+                )?;
+                let lc = lt::create_matrix_layout(
+                    sys::cudaDataType::CUDA_R_32F,
+                    out as u64,
+                    rows as u64,
+                    out as i64,
+                )?;
+                Ok::<_, candle_core::cuda::cudarc::cublaslt::result::CublasError>((la, lb, lc))
+            })();
+            let run = layouts.and_then(|(la, lb, lc)| {
+                let pref = lt::create_matmul_pref()?;
+                let ws = ws_size as u64;
+                lt::set_matmul_pref_attribute(
+                    pref,
+                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    &ws as *const u64 as *const _,
+                    std::mem::size_of::<u64>(),
+                )?;
+                let r = lt::get_matmul_algo_heuristic(handle, desc, la, lb, lc, lc, pref).and_then(|h| {
+                    let (ap, _ga) = a.device_ptr(&stream);
+                    let (wp, _gw) = w.device_ptr(&stream);
+                    let (cp, _gc) = c.device_ptr_mut(&stream);
+                    let (wsp, _gws) = st.workspace.device_ptr_mut(&stream);
+                    lt::matmul(
+                        handle,
+                        desc,
+                        &alpha as *const f32 as *const _,
+                        &beta as *const f32 as *const _,
+                        wp as *const _,
+                        la,
+                        ap as *const _,
+                        lb,
+                        cp as *const _,
+                        lc,
+                        cp as *mut _,
+                        lc,
+                        &h.algo,
+                        wsp as *mut _,
+                        ws_size,
+                        stream.cu_stream() as sys::cudaStream_t,
+                    )
+                });
+                let _ = lt::destroy_matmul_pref(pref);
+                for l in [la, lb, lc] {
+                    let _ = lt::destroy_matrix_layout(l);
+                }
+                r
+            });
+            let _ = lt::destroy_matmul_desc(desc);
+            run.map_err(lt_err)?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(c, dev),
+            Shape::from((rows, out)),
+        ))
     }
 
     /// cuBLAS GemmEx: bf16 A and W, f32 C, f32 compute (tensor cores, f32 accumulation).

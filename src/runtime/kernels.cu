@@ -249,3 +249,16 @@ extern "C" __global__ void mt_int8_epilogue(const int* acc, const float* rs, con
   int r = (int)(i / out), o = (int)(i % out);
   y[i] = (float)(((double)acc[i] * (double)rs[r]) * (double)cs[o]);
 }
+
+// Integer-valued bf16 activation codes (|v| ≤ 127) to INT8 bytes, for the integer GEMM.
+extern "C" __global__ void mt_codes_to_i8(const u16* a, u8* out, unsigned long long n) {
+  unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = (u8)(signed char)(int)__uint_as_float((u32)a[i] << 16);
+}
+
+// E4M3-valued bf16 activation codes to their E4M3 bytes, for the FP8 GEMM (exact: every such
+// value is an E4M3 value).
+extern "C" __global__ void mt_codes_to_e4m3(const u16* a, u8* out, unsigned long long n) {
+  unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = mt_e4m3_code(__uint_as_float((u32)a[i] << 16));
+}

@@ -1078,6 +1078,15 @@ mod tests {
         let want: Vec<u16> = cpu.iter().map(|&v| b16(v)).collect();
         assert_eq!(twin::widen_nvfp4(&nib, &sc), want);
 
+        // Codes back to bytes for the FP8 and INT8 GEMMs: every non-NaN E4M3 code and every
+        // INT8 code round-trips.
+        let finite: Vec<u8> = all.iter().copied().filter(|c| c & 0x7F != 0x7F).collect();
+        let bits: Vec<u16> = finite.iter().map(|&c| twin::e4m3_bf16(c)).collect();
+        assert_eq!(twin::codes_to_e4m3(&bits), finite);
+        let ints: Vec<u16> = (-127..=127).map(|v| b16(v as f32)).collect();
+        let want: Vec<u8> = (-127i32..=127).map(|v| v as i8 as u8).collect();
+        assert_eq!(twin::codes_to_i8(&ints), want);
+
         // Activations.
         let (rows, inp) = (6usize, 80usize);
         let x = awkward_rows(rows, inp, 5);
