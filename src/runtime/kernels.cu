@@ -217,13 +217,28 @@ extern "C" __global__ void mt_gemv(const u16* a, const u8* w, const void* aux, f
   float acc[MT_GEMV_ROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
   int iacc[MT_GEMV_ROWS] = {0, 0, 0, 0};
   for (int j0 = 8 * lane; j0 < k; j0 += 256) {
-    for (int e = 0; e < 8; ++e) {
-      int j = j0 + e;
-      float wv = mt_weight(kind, w, aux, o, j, k, bits, groups);
-      for (int r = 0; r < rows; ++r) {
-        float av = __uint_as_float((u32)a[(size_t)r * k + j] << 16);
-        if (exact) iacc[r] += (int)av * (int)wv;
-        else acc[r] = acc[r] + av * wv;
+    // The run's 8 weights in one load where the format allows (values as mt_weight gives them).
+    float wv[8];
+    if (kind == 0 || kind == 1) {
+      uint2 v = *(const uint2*)(w + (size_t)o * k + j0);
+      for (int e = 0; e < 8; ++e) {
+        u8 c = (u8)(((e < 4 ? v.x : v.y) >> (8 * (e & 3))) & 0xFF);
+        wv[e] = kind == 0 ? mt_e4m3_value(c) : (float)(signed char)c;
+      }
+    } else if (kind == 3) {
+      u32 v = *(const u32*)(w + ((size_t)o * k + j0) / 2);
+      float sc = mt_e4m3_value(((const u8*)aux)[((size_t)o * k + j0) / 16]);
+      for (int e = 0; e < 8; ++e) wv[e] = mt_e2m1_value((u8)((v >> (4 * e)) & 0xF)) * sc;
+    } else {
+      for (int e = 0; e < 8; ++e) wv[e] = mt_weight(kind, w, aux, o, j0 + e, k, bits, groups);
+    }
+    for (int r = 0; r < rows; ++r) {
+      uint4 av4 = *(const uint4*)(a + (size_t)r * k + j0);
+      u32 aw[4] = {av4.x, av4.y, av4.z, av4.w};
+      for (int e = 0; e < 8; ++e) {
+        float av = __uint_as_float(((aw[e / 2] >> (16 * (e & 1))) & 0xFFFFu) << 16);
+        if (exact) iacc[r] += (int)av * (int)wv[e];
+        else acc[r] = acc[r] + av * wv[e];
       }
     }
   }
