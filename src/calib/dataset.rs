@@ -51,6 +51,55 @@ impl ChunkPlan {
     }
 }
 
+/// Tokens per window of a [`fingerprint`].
+pub const FINGERPRINT_WINDOW: usize = 16;
+
+/// FNV-1a of one window of token ids.
+fn window_hash(w: &[u32]) -> u64 {
+    w.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| {
+        t.to_le_bytes()
+            .iter()
+            .fold(h, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    })
+}
+
+/// The sampled windows of `chunks`: the hash of every window of [`FINGERPRINT_WINDOW`] tokens
+/// (after each chunk's first token, which may be a BOS put in its place), kept when it is 0
+/// mod 16. The choice depends on the tokens alone, not on where chunks start, so two cuts of
+/// the same text share their samples wherever their windows coincide. High 32 bits, in order.
+fn sampled(chunks: &[Vec<u32>]) -> Vec<u32> {
+    chunks
+        .iter()
+        .flat_map(|c| {
+            c.get(1..)
+                .unwrap_or(&[])
+                .windows(FINGERPRINT_WINDOW)
+                .map(window_hash)
+                .filter(|h| h % 16 == 0)
+                .map(|h| (h >> 32) as u32)
+        })
+        .collect()
+}
+
+/// Content fingerprint of calibration chunks (about one value per 16 tokens, sorted, without
+/// repeats), stored in artifact manifests.
+pub fn fingerprint(chunks: &[Vec<u32>]) -> Vec<u32> {
+    let mut v = sampled(chunks);
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Of `chunks`' sampled windows, how many there are and how many appear in `fingerprint`.
+pub fn shared_windows(chunks: &[Vec<u32>], fingerprint: &[u32]) -> (usize, usize) {
+    let s = sampled(chunks);
+    let shared = s
+        .iter()
+        .filter(|h| fingerprint.binary_search(h).is_ok())
+        .count();
+    (s.len(), shared)
+}
+
 /// Where calibration text comes from.
 #[derive(Debug, Clone)]
 pub struct CalibSource {

@@ -95,6 +95,7 @@ pub fn calibrate_for(
                 tokens: 0,
                 shuffle_seed: o.spec.shuffle,
                 wall_s: 0.0,
+                fingerprint: dataset::fingerprint(&chunks),
             };
             let also = hc.as_mut().map(|h| h as &mut dyn crate::runtime::Observer);
             out.stats = Some(CalibStats::collect_with(
@@ -119,6 +120,7 @@ pub fn calibrate_for(
                 tokens: chunks.iter().map(Vec::len).sum(),
                 shuffle_seed: o.spec.shuffle,
                 wall_s: t0.elapsed().as_secs_f64(),
+                fingerprint: dataset::fingerprint(&chunks),
             });
         }
         pb.finish_and_clear();

@@ -101,6 +101,11 @@ pub struct CalibInfo {
     pub tokens: usize,
     pub shuffle_seed: Option<u64>,
     pub wall_s: f64,
+    /// Content fingerprint of the calibration tokens (`dataset::fingerprint`), with which
+    /// `minitron-verify` tells when it is evaluating on text the artifact was calibrated on.
+    /// Empty in manifests written before it existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fingerprint: Vec<u32>,
 }
 
 /// Everything one calibration pass records; feeds FP8 static scales, SmoothQuant and imatrices.

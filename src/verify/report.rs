@@ -244,11 +244,12 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
         kld: None,
         gen: None,
         inputs_sha256: BTreeMap::new(),
+        calibration_overlap: None,
     };
 
     if let Some(text_path) = &o.ppl {
         let (text, sha) = crate::format::text::read_hashed(text_path)?;
-        inputs.insert("ppl_text".into(), sha);
+        inputs.insert("ppl_text".into(), sha.clone());
         let t_tok = Instant::now();
         let tokens = tok.encode(&text, true)?;
         let tok_s = t_tok.elapsed().as_secs_f64();
@@ -258,6 +259,7 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
             bos: if tok.adds_bos { tok.bos_id } else { None },
         };
         let chunks = plan.chunks(&tokens)?;
+        report.calibration_overlap = crate::verify::overlap::check(&o.candidate, &sha, &chunks);
         if let (Some(path), Some(first), Some(cand)) = (&o.dump_logits, chunks.first(), &cand) {
             let ids = candle_core::Tensor::from_slice(first, (1, first.len()), &o.device)?;
             let l = cand
@@ -469,6 +471,9 @@ pub fn table(r: &Report) -> String {
             pp.ppl, pp.stderr, p.chunks, r.settings.ctx, pp.tokens, p.tokens_per_s
         );
     }
+    if let Some(o) = &r.calibration_overlap {
+        let _ = writeln!(s, "WARNING     {}", o.warning);
+    }
     if let Some(k) = &r.kld {
         let d = &k.divergence;
         let _ = writeln!(
@@ -546,6 +551,9 @@ pub struct Report {
     pub gen: Option<GenRecord>,
     /// Input name → sha256 (`candidate/…`, `reference/…`, `ppl_text`, `prompts`).
     pub inputs_sha256: BTreeMap<String, String>,
+    /// Set when the evaluated text is, or overlaps, the candidate's calibration text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration_overlap: Option<crate::verify::overlap::CalibOverlap>,
 }
 
 /// How the measurement ran.
