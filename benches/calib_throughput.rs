@@ -53,6 +53,7 @@ fn main() {
         tokens: 0,
         shuffle_seed: None,
         wall_s: 0.0,
+        fingerprint: Vec::new(),
     };
     let dtype = minitron::calib::pass_dtype(&Device::Cpu);
     let t = Instant::now();
