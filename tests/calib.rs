@@ -20,6 +20,7 @@ fn info() -> CalibInfo {
         tokens: 0,
         shuffle_seed: None,
         wall_s: 0.0,
+        fingerprint: Vec::new(),
     }
 }
 

@@ -93,6 +93,7 @@ fn smoothing_alone_is_an_identity() {
         tokens: 0,
         shuffle_seed: None,
         wall_s: 0.0,
+        fingerprint: Vec::new(),
     };
     let stats =
         minitron::calib::CalibStats::collect(&ck, DType::F32, &Device::Cpu, &chunks, info, &|_| ())
