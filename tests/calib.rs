@@ -522,3 +522,28 @@ fn legacy_dat_reads_like_candle_does() {
         }
     }
 }
+
+/// The built-in corpus fills the default `--calib-samples 64` × `--calib-seq 512` under the
+/// Llama-3 tokenizer and SmolLM2's (so no "holds only" warning), with room to spare.
+#[test]
+#[cfg_attr(
+    not(minitron_assets),
+    ignore = "needs the real assets: ../shared/tools/real-assets.sh"
+)]
+fn built_in_corpus_fills_the_default_calibration() {
+    let src = minitron::calib::load_source(None).unwrap();
+    assert_eq!(src.label, "built-in");
+    for dir in ["llama3-tokenizer", "smollm2-135m"] {
+        let tok = Tokenizer::load(&assets().join(dir)).unwrap();
+        let spec = minitron::calib::CalibSpec {
+            samples: 64,
+            seq_len: 512,
+            shuffle: None,
+        };
+        let chunks = minitron::calib::calibration_chunks(&tok, &src, &spec).unwrap();
+        assert_eq!(chunks.len(), 64, "{dir}");
+        assert!(chunks.iter().all(|c| c.len() == 512), "{dir}");
+        let all = tok.encode(&src.text, true).unwrap().len();
+        assert!(all >= 96 * 512, "{dir}: {all} tokens");
+    }
+}

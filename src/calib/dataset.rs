@@ -116,7 +116,7 @@ pub struct CalibSource {
 pub fn load_source(path: Option<&Path>) -> Result<CalibSource> {
     use sha2::{Digest, Sha256};
     let Some(path) = path else {
-        let text = crate::calib::DEFAULT_CORPUS.to_owned();
+        let text = crate::calib::CALIB_CORPUS.to_owned();
         return Ok(CalibSource {
             label: "built-in".into(),
             sha256: crate::numerics::hex(&Sha256::digest(text.as_bytes())),

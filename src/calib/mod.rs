@@ -11,6 +11,13 @@ pub use stats::{CalibInfo, CalibStats};
 
 pub use crate::model::DEFAULT_CORPUS;
 
+/// The built-in calibration corpus (what `--calib` defaults to): about 240 kB interleaving
+/// English narrative and dialogue, speeches, the Universal Declaration of Human Rights in 16
+/// languages, mathematics (prose, LaTeX, code), source code and this project's own prose, so
+/// that any prefix of it mixes all of them. Sources and licences: formats/calibration.md;
+/// rebuilt by `scripts/build-calib-corpus.py`.
+pub const CALIB_CORPUS: &str = include_str!("corpus.txt");
+
 use std::path::PathBuf;
 
 use crate::error::Result;
