@@ -163,3 +163,18 @@ pub fn tensors(dir: &Path) -> std::collections::BTreeMap<String, (String, Vec<us
 pub fn config(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
 }
+
+/// The bundled corpus cut in two at a line break near its middle, written into `dir`:
+/// `(calibration half, evaluation half)`, so that quality checks never evaluate on the text
+/// they calibrated on.
+#[allow(dead_code)]
+pub fn split_corpus(dir: &Path) -> (PathBuf, PathBuf) {
+    let corpus = std::fs::read_to_string(root().join("src/model/default_corpus.txt")).unwrap();
+    let cut = corpus[..corpus.len() / 2]
+        .rfind('\n')
+        .expect("a line break");
+    let (a, b) = (dir.join("calib-half.txt"), dir.join("eval-half.txt"));
+    std::fs::write(&a, &corpus[..cut]).unwrap();
+    std::fs::write(&b, &corpus[cut..]).unwrap();
+    (a, b)
+}
