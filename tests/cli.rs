@@ -224,12 +224,16 @@ fn inputs_are_checked_before_the_model_is_loaded() {
 #[test]
 fn fewer_calibration_chunks_than_asked_are_reported() {
     let t = tempdir();
+    // The bundled 21 kB text: 20 chunks of 512 under the fixture's tokenizer.
+    let text = root().join("src/model/default_corpus.txt");
     let o = run(
         "minitron-convert",
         &[
             s(&tiny()),
             "--to",
             "int8",
+            "--calib",
+            s(&text),
             "--calib-samples",
             "500",
             "--out",
