@@ -233,7 +233,7 @@ impl DeviceLinear {
             // the CPU's f64 scaling. A GPU whose cuBLAS refuses the integer GEMM for these
             // shapes falls back to the bf16 path below (exact products, f32 sums).
             let exact = a
-                .apply_op1_no_bwd(&CodesToI8)
+                .apply_op1_no_bwd(&CodesToBytes::I8)
                 .and_then(|ai| ai.apply_op2_no_bwd(w, &MatmulI32))
                 .and_then(|acc| acc.apply_op3_no_bwd(rs, cs, &Int8Epilogue));
             match exact {
@@ -247,7 +247,7 @@ impl DeviceLinear {
         if let (DevAct::Fp8Token | DevAct::Fp8Static(_), DevWeight::E4m3(w)) = (self.act, &self.w) {
             // FP8 × FP8 on the tensor cores (cuBLASLt), f32 output, our scaling after.
             let fp8 = a
-                .apply_op1_no_bwd(&CodesToE4m3)
+                .apply_op1_no_bwd(&CodesToBytes::E4m3)
                 .and_then(|a8| a8.apply_op2_no_bwd(w, &MatmulE4m3));
             match fp8 {
                 Ok(y) => return self.scale(y, row_scale),
@@ -640,6 +640,10 @@ fn cpu_slice<'a, T: candle_core::WithDType>(
     Ok(&s.as_slice::<T>()?[a..b])
 }
 
+fn bf16_bits_of(v: &[bf16]) -> Vec<u16> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 fn bf16_storage(bits: Vec<u16>) -> CpuStorage {
     CpuStorage::BF16(bits.into_iter().map(bf16::from_bits).collect())
 }
@@ -871,9 +875,8 @@ impl CustomOp2 for MatmulF32 {
         }
         let a = cpu_slice::<bf16>(s1, l1)?;
         let w = cpu_slice::<bf16>(s2, l2)?;
-        // SAFETY-free reinterpretation: bf16 is a u16 newtype; copy the bits out.
-        let ab: Vec<u16> = a.iter().map(|v| v.to_bits()).collect();
-        let wb: Vec<u16> = w.iter().map(|v| v.to_bits()).collect();
+        let ab = bf16_bits_of(a);
+        let wb = bf16_bits_of(w);
         Ok((
             CpuStorage::F32(twin::matmul_f32(&ab, &wb, rows, k, out)),
             Shape::from((rows, out)),
@@ -915,10 +918,7 @@ impl candle_core::CustomOp3 for Gemv {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, k) = l1.shape().dims2()?;
-        let a: Vec<u16> = cpu_slice::<bf16>(s1, l1)?
-            .iter()
-            .map(|v| v.to_bits())
-            .collect();
+        let a: Vec<u16> = bf16_bits_of(cpu_slice::<bf16>(s1, l1)?);
         let w = cpu_slice::<u8>(s2, l2)?;
         let shape = Shape::from((rows, self.out));
         if self.exact {
@@ -958,19 +958,28 @@ impl candle_core::CustomOp3 for Gemv {
     }
 }
 
-/// E4M3 bytes of E4M3-valued bf16 codes.
-struct CodesToE4m3;
+/// Bytes of bf16 activation codes for the FP8 and integer GEMMs: E4M3 codes of E4M3-valued
+/// bf16, or INT8 bytes of integer-valued bf16.
+#[derive(Clone, Copy)]
+enum CodesToBytes {
+    E4m3,
+    I8,
+}
 
-impl CustomOp1 for CodesToE4m3 {
+impl CustomOp1 for CodesToBytes {
     fn name(&self) -> &'static str {
-        "mt_codes_to_e4m3"
+        match self {
+            CodesToBytes::E4m3 => "mt_codes_to_e4m3",
+            CodesToBytes::I8 => "mt_codes_to_i8",
+        }
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let a: Vec<u16> = cpu_slice::<bf16>(s, l)?
-            .iter()
-            .map(|v| v.to_bits())
-            .collect();
-        Ok((CpuStorage::U8(twin::codes_to_e4m3(&a)), l.shape().clone()))
+        let a = bf16_bits_of(cpu_slice::<bf16>(s, l)?);
+        let b = match self {
+            CodesToBytes::E4m3 => twin::codes_to_e4m3(&a),
+            CodesToBytes::I8 => twin::codes_to_i8(&a),
+        };
+        Ok((CpuStorage::U8(b), l.shape().clone()))
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -978,7 +987,7 @@ impl CustomOp1 for CodesToE4m3 {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::codes_to_bytes("mt_codes_to_e4m3", s, l)
+        cuda::codes_to_bytes(self.name(), s, l)
     }
 }
 
@@ -1019,30 +1028,6 @@ impl CustomOp2 for MatmulE4m3 {
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         cuda::matmul_e4m3(s1, l1, s2, l2)
-    }
-}
-
-/// INT8 bytes of integer-valued bf16 codes.
-struct CodesToI8;
-
-impl CustomOp1 for CodesToI8 {
-    fn name(&self) -> &'static str {
-        "mt_codes_to_i8"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let a: Vec<u16> = cpu_slice::<bf16>(s, l)?
-            .iter()
-            .map(|v| v.to_bits())
-            .collect();
-        Ok((CpuStorage::U8(twin::codes_to_i8(&a)), l.shape().clone()))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::codes_to_bytes("mt_codes_to_i8", s, l)
     }
 }
 
