@@ -87,7 +87,7 @@ else
     p=$(ldconfig -p 2>/dev/null | awk -v l="$lib" '$1==l {print $NF; exit}')
     [ -n "$p" ] && dirs+=("$(dirname "$p")")
   done
-  for d in /usr/local/cuda/lib64 /usr/local/cuda-13*/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  for d in /usr/local/nvidia/lib64 /usr/local/cuda/lib64 /usr/local/cuda-13*/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
     [ -d "$d" ] && dirs+=("$d")
   done
   while IFS= read -r d; do [ -n "$d" ] && dirs+=("$d"); done < <("$PY" - <<'PY' 2>/dev/null
@@ -106,6 +106,7 @@ PY
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   missing=$(ldd "$V" | grep "not found" || true)
   if [ -n "$missing" ]; then say "minitron-verify cannot find: $missing"; exit 1; fi
+  ldd "$V" | grep -E 'cu|nvrtc' || true
 fi
 
 # Peak GPU memory of one command (MiB, sampled every 100 ms; "-" in a rehearsal).
@@ -135,7 +136,7 @@ def rep(p):
         return {}
 def ppl(r):
     return (r.get("ppl") or {}).get("perplexity", {}).get("ppl")
-r = {"kind": kind, "name": name}
+r = {"kind": kind, "name": name, "diagnostic": os.environ.get("DIAG") == "1"}
 def maxdiff(p, q):
     a, b = array("f"), array("f")
     try:
@@ -153,14 +154,25 @@ if kind == "tiny":
     floor_p = 100 * abs(p32 / pa - 1) if pa and p32 else 0.0
     bound = max(bound, 2 * floor_d)
     pbound = max(0.05, 2 * floor_p)
-    ga = [p.get("candidate") for p in (cpu.get("gen") or {}).get("prompts", [])]
+    cp = (cpu.get("gen") or {}).get("prompts", [])
+    ga = [p.get("candidate") for p in cp]
     gb = [p.get("candidate") for p in (dev.get("gen") or {}).get("prompts", [])]
     same = sum(x == y for x, y in zip(ga, gb)) if ga and len(ga) == len(gb) else None
+    # A path that leaves the CPU's at a step where the CPU's top-2 margin is within the logit
+    # bound left at a near-tie (summation order alone can pick either token): counted apart.
+    ties, tie_margins = 0, []
+    for p, x, y in zip(cp, ga, gb):
+        if x != y and x and y:
+            i = next((j for j, (u, v) in enumerate(zip(x, y)) if u != v), None)
+            m = (p.get("candidate_margins") or [None] * len(x))[i] if i is not None else None
+            if m is not None and m <= bound:
+                ties += 1
+                tie_margins.append(m)
     r.update(ppl_cpu=pa, ppl_dev=pb, dppl_pct=dp, max_dlogit=d, logit_bound=bound,
              dppl_bound=pbound, floor_dlogit=floor_d, floor_dppl_pct=floor_p,
-             greedy_same=same, greedy_of=len(ga))
+             greedy_same=same, greedy_of=len(ga), greedy_ties=ties, tie_margins=tie_margins)
     r["pass"] = (d is not None and d <= bound and dp is not None and dp <= pbound
-                 and same is not None and same == len(ga))
+                 and same is not None and same + ties == len(ga))
 else:
     run, pre = rep(sys.argv[4]), rep(sys.argv[5])
     g = run.get("gen") or {}
@@ -182,6 +194,23 @@ calib_for() { case $1 in fp8-static|int8|nvfp4) echo "--calib-samples 4 --calib-
 # with activation codes (fp8, int8, nvfp4) one code may land on the other side of a rounding
 # boundary, which moves that activation by one grid step.
 bound_for() { case $1 in fp8|fp8-static|int8|nvfp4) echo 0.1;; *) echo 0.02;; esac; }
+# tiny_row NAME ARTIFACT BOUND [CPU and device options...]: CPU bf16, CPU f32 (the noise floor)
+# and the device on one artifact, then its row. Options after BOUND go to all three runs.
+tiny_row() {
+  local n=$1 art=$2 bound=$3 name=$4; shift 4
+  local common=(--ppl "$TEXT" --ctx 64 --chunks 8 --gen "$PROMPTS" --tokens 16 --dtype bf16 "$@")
+  step "cpu-$n" 120 "$V" "$art" "${common[@]}" --device cpu \
+    --dump-logits "$W/$n.cpu.f32" --report "$W/$n.cpu.json" || return 1
+  # The CPU's own f32 and bf16 forms differ only in summation order (and the f32 stream's
+  # roundings): that difference is this artifact's noise floor, and a bound below it would
+  # fail on noise (a per-token FP8 scale moves with one ulp of its row's absmax).
+  step "cpu32-$n" 120 "$V" "$art" --ppl "$TEXT" --ctx 64 --chunks 8 --dtype f32 --device cpu "$@" \
+    --dump-logits "$W/$n.cpu32.f32" --report "$W/$n.cpu32.json" || return 1
+  step "dev-$n" 120 with_peak "$V" "$art" "${common[@]}" "${DEV[@]}" \
+    --dump-logits "$W/$n.dev.f32" --report "$W/$n.dev.json" || return 1
+  row tiny "$name" "$W/$n.cpu.json" "$W/$n.dev.json" "$W/$n.cpu.f32" "$W/$n.dev.f32" "$bound" \
+    "$W/$n.cpu32.json" "$W/$n.cpu32.f32"
+}
 for t in $TYPES; do
   n=tiny-${t/:/-}
   art=fixtures/tiny-llama3
@@ -190,29 +219,33 @@ for t in $TYPES; do
     # shellcheck disable=SC2046
     step "convert-$n" 120 "$C" fixtures/tiny-llama3 --to "$t" $(calib_for "$t") --out "$art" --force || continue
   fi
-  common=(--ppl "$TEXT" --ctx 64 --chunks 8 --gen "$PROMPTS" --tokens 16 --dtype bf16)
-  step "cpu-$n" 120 "$V" "$art" "${common[@]}" --device cpu \
-    --dump-logits "$W/$n.cpu.f32" --report "$W/$n.cpu.json" || continue
-  # The CPU's own f32 and bf16 forms differ only in summation order (and the f32 stream's
-  # roundings): that difference is this artifact's noise floor, and a bound below it would
-  # fail on noise (a per-token FP8 scale moves with one ulp of its row's absmax).
-  step "cpu32-$n" 120 "$V" "$art" --ppl "$TEXT" --ctx 64 --chunks 8 --dtype f32 --device cpu \
-    --dump-logits "$W/$n.cpu32.f32" --report "$W/$n.cpu32.json" || continue
-  step "dev-$n" 120 with_peak "$V" "$art" "${common[@]}" "${DEV[@]}" \
-    --dump-logits "$W/$n.dev.f32" --report "$W/$n.dev.json" || continue
-  row tiny "$t" "$W/$n.cpu.json" "$W/$n.dev.json" "$W/$n.cpu.f32" "$W/$n.dev.f32" "$(bound_for "$t")" \
-    "$W/$n.cpu32.json" "$W/$n.cpu32.f32"
+  tiny_row "$n" "$art" "$(bound_for "$t")" "$t"
 done
+# Diagnostics that tell the tensor cores' and candle's arithmetic from ours (informational
+# rows, gated like the others): FP8 static with every GEMM widened to bf16 (exact products,
+# f32 sums) instead of cuBLASLt FP8, and GGUF dequantized to dense weights on both sides
+# instead of candle's quantized kernels (q8_1 activations on a GPU, Q8_K/Q8_0 on the CPU).
+if [ -d "$W/tiny-fp8-static" ]; then
+  DIAG=1 MINITRON_GPU_GEMM=native tiny_row diag-fp8-static-native "$W/tiny-fp8-static" 0.1 \
+    "(diagnostic) fp8-static, cuBLASLt FP8 GEMM"
+fi
+if [ -f "$W/tiny-gguf-q8_0.gguf" ]; then
+  DIAG=1 tiny_row diag-q8_0-dense "$W/tiny-gguf-q8_0.gguf" 0.02 "(diagnostic) gguf:q8_0, dense both" --gguf-dense
+fi
 
 # ---- (b) the synthetic model: conversions in the background while the device runs.
 if step synth-big 300 "$C" synth --preset "$BIG_PRESET" --seed 1 --out "$W/big" --force; then
   BIG_TYPES="fp8 int8 w4a16 nvfp4 gguf:q4_k_m"
+  CONVERT_THREADS=$(( $(nproc) > 6 ? $(nproc) - 4 : 2 ))
   (
     for t in $BIG_TYPES; do
       n=big-${t/:/-}; art=$W/$n; case $t in gguf:*) art=$art.gguf;; esac
       extra=; case $t in int8|nvfp4) extra="--calib-samples 2 --calib-seq 256";; esac
       # shellcheck disable=SC2086
-      timeout 300 "$C" "$W/big" --to "$t" $extra --out "$art" --force > "$W/logs/convert-$n.log" 2>&1
+      # Niced and four cores short: decode speed is bound by the host thread that issues the
+      # GPU's kernels, and conversions on every core moved it by a third between runs.
+      timeout 300 nice -n 19 "$C" "$W/big" --to "$t" $extra --threads "$CONVERT_THREADS" \
+        --out "$art" --force > "$W/logs/convert-$n.log" 2>&1
       echo $? > "$W/$n.rc"
     done
   ) &
@@ -261,7 +294,7 @@ for r in rows:
     if r["kind"] == "tiny":
         print(f"| {r['name']} | {f(r['ppl_cpu'])} | {f(r['ppl_dev'])} | {f(r['dppl_pct'], 4)} ({f(r['dppl_bound'], 3)}) | "
               f"{f(r['max_dlogit'], 5)} ({f(r['logit_bound'], 3)}) | {f(r['floor_dppl_pct'], 4)}, {f(r['floor_dlogit'], 5)} | "
-              f"{r['greedy_same']}/{r['greedy_of']} | "
+              f"{r['greedy_same']}/{r['greedy_of']}" + (f" (+{r['greedy_ties']} at near-ties, margins {', '.join(f'{m:.4f}' for m in r['tie_margins'])})" if r.get('greedy_ties') else "") + " | "
               f"{'PASS' if r['pass'] else 'FAIL'} |")
 print()
 print(f"| synthetic model on {dev} | ppl | ppl tokens/s | prefill tokens/s | decode tokens/s | peak GPU MiB | KLD vs bf16 |")
@@ -274,10 +307,13 @@ print()
 steps = [l.rstrip("\n").split("\t") for l in open(os.path.join(w, "steps.tsv")) if l.strip()]
 bad = [s for s in steps if s[1] != "0"]
 print(f"steps: {len(steps)}, failed: {len(bad)}" + "".join(f"\n  {s[0]} (rc {s[1]})" for s in bad))
-fails = [r["name"] for r in rows if not r["pass"]]
+fails = [r["name"] for r in rows if not r["pass"] and not r.get("diagnostic")]
 if fails:
     print("rows over their bounds: " + ", ".join(fails))
+diag = [r["name"] for r in rows if not r["pass"] and r.get("diagnostic")]
+if diag:
+    print("diagnostic rows over their bounds (informational, not gated): " + ", ".join(diag))
 PY
-grep -q '"pass": false' "$W/rows.jsonl" 2>/dev/null && FAILED=1
+grep '"diagnostic": false' "$W/rows.jsonl" 2>/dev/null | grep -q '"pass": false' && FAILED=1
 say "done in $(( $(date +%s) - T0 )) s"
 exit $FAILED

@@ -74,12 +74,22 @@ fn kv_cache_decoding_equals_full_forward() {
             assert!((x - y).abs() < 1e-4, "position {i}: {x} vs {y}");
         }
     }
-    // Greedy through the cache picks what the full forward would.
-    let g = model.greedy(&ids[..10], 3).unwrap();
+    // Greedy through the cache picks what the full forward would, and on a CPU reports each
+    // step's margin: the top logit minus the runner-up (1e-4 as above: cache vs full forward).
+    let g = model.greedy_timed(&ids[..10], 3).unwrap();
+    let margins = g.margins.expect("a CPU run reports margins");
+    assert_eq!(margins.len(), g.tokens.len());
     let mut seq = ids[..10].to_vec();
-    for &tok in &g {
+    for (&tok, &m) in g.tokens.iter().zip(&margins) {
         let l = model.logits(&seq).unwrap();
-        assert_eq!(tok, minitron::runtime::llama::argmax(l.last().unwrap()));
+        let last = l.last().unwrap();
+        assert_eq!(tok, minitron::runtime::llama::argmax(last));
+        let mut sorted = last.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        assert!(
+            m >= 0.0 && (m - (sorted[0] - sorted[1])).abs() < 1e-4,
+            "{m} vs {sorted:?}"
+        );
         seq.push(tok);
     }
 }

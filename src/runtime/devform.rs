@@ -98,6 +98,26 @@ pub struct DeviceLinear {
     pub inp: usize,
 }
 
+fn gpu_gemm_setting() -> &'static str {
+    static SETTING: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SETTING.get_or_init(|| std::env::var("MINITRON_GPU_GEMM").unwrap_or_default())
+}
+
+/// Whether prefill may use cuBLAS's integer GEMM for W8A8 (exact i32 sums, as the CPU): yes
+/// unless `MINITRON_GPU_GEMM=widen`, a diagnostic that sends every format through the widened
+/// bf16 GEMM (exact products, f32 sums).
+fn native_gemm() -> bool {
+    gpu_gemm_setting() != "widen"
+}
+
+/// Whether prefill uses cuBLASLt's FP8 GEMM: only with `MINITRON_GPU_GEMM=native`. On an H200
+/// its sums were not the f32 sums of the exact products: static FP8 on the tiny fixture moved
+/// perplexity 0.139 % from the CPU (the widened GEMM: 0.0000 %), and at this runner's sizes it
+/// was no faster than widening the codes to bf16 (README, CUDA section).
+fn native_fp8_gemm() -> bool {
+    gpu_gemm_setting() == "native"
+}
+
 impl DeviceLinear {
     /// `[out, in]`.
     pub fn shape(&self) -> (usize, usize) {
@@ -201,33 +221,25 @@ impl DeviceLinear {
         let rows = a.dim(0)?;
         if let Some((kind, w, aux, bits, groups)) = self.gemv_operands() {
             if rows <= GEMV_ROWS && self.inp.is_multiple_of(8) {
-                let dummy;
-                let aux = match aux {
-                    Some(t) => t,
-                    None => {
-                        dummy = Tensor::zeros(1, DType::U8, a.device())?;
-                        &dummy
-                    }
-                };
-                let exact = self.act == DevAct::Int8Token;
+                // Kinds without auxiliary data never read it: the weight stands in.
+                let aux = aux.unwrap_or(w);
                 let op = Gemv {
                     kind,
                     bits,
                     groups,
                     out: self.out,
-                    exact,
+                    exact: self.act == DevAct::Int8Token,
+                    row_scale: row_scale.cloned(),
+                    col_scale: self.col_scale.clone(),
                 };
-                let y = a.apply_op3_no_bwd(w, aux, &op)?;
-                if exact {
-                    if let (Some(rs), Some(cs)) = (row_scale, &self.col_scale) {
-                        return Ok(y.apply_op3_no_bwd(rs, cs, &Int8Epilogue)?);
-                    }
-                }
-                return self.scale(y, row_scale);
+                // Scaled in the kernel, in the order `scale` and `Int8Epilogue` use: one launch
+                // per decode product instead of three (decode is launch-bound).
+                return Ok(a.apply_op3_no_bwd(w, aux, &op)?);
             }
         }
-        if let (DevAct::Int8Token, DevWeight::I8(w), Some(rs), Some(cs)) =
-            (self.act, &self.w, row_scale, &self.col_scale)
+        let native = native_gemm();
+        if let (true, DevAct::Int8Token, DevWeight::I8(w), Some(rs), Some(cs)) =
+            (native, self.act, &self.w, row_scale, &self.col_scale)
         {
             // W8A8: INT8 × INT8 with exact i32 sums (vLLM's semantics, and the CPU's), then
             // the CPU's f64 scaling. A GPU whose cuBLAS refuses the integer GEMM for these
@@ -244,7 +256,9 @@ impl DeviceLinear {
                 )),
             }
         }
-        if let (DevAct::Fp8Token | DevAct::Fp8Static(_), DevWeight::E4m3(w)) = (self.act, &self.w) {
+        if let (true, DevAct::Fp8Token | DevAct::Fp8Static(_), DevWeight::E4m3(w)) =
+            (native_fp8_gemm(), self.act, &self.w)
+        {
             // FP8 × FP8 on the tensor cores (cuBLASLt), f32 output, our scaling after.
             let fp8 = a
                 .apply_op1_no_bwd(&CodesToBytes::E4m3)
@@ -902,6 +916,50 @@ struct Gemv {
     groups: usize,
     out: usize,
     exact: bool,
+    /// `[rows, 1]` f32, applied first.
+    row_scale: Option<Tensor>,
+    /// `[1, out]` f32, applied second.
+    col_scale: Option<Tensor>,
+}
+
+impl Gemv {
+    /// The scaling the kernel applies to row `r`, channel `o`: exact sums `(acc · rs) · cs` in
+    /// f64 (`Int8Epilogue`), f32 sums `(acc · rs) · cs` in f32 (`DeviceLinear::scale`).
+    fn scale_host(&self, acc: Vec<f64>, rows: usize) -> candle_core::Result<Vec<f32>> {
+        let v = |t: &Option<Tensor>| {
+            t.as_ref()
+                .map(|t| t.flatten_all()?.to_vec1::<f32>())
+                .transpose()
+        };
+        let (rs, cs) = (v(&self.row_scale)?, v(&self.col_scale)?);
+        let out = self.out;
+        let rs_at = |r: usize| rs.as_ref().map(|s| s[if s.len() == 1 { 0 } else { r }]);
+        let cs_at = |o: usize| cs.as_ref().map(|s| s[if s.len() == 1 { 0 } else { o }]);
+        Ok((0..rows * out)
+            .map(|i| {
+                let (r, o) = (i / out, i % out);
+                if self.exact {
+                    let mut y = acc[i];
+                    if let Some(s) = rs_at(r) {
+                        y *= s as f64;
+                    }
+                    if let Some(s) = cs_at(o) {
+                        y *= s as f64;
+                    }
+                    y as f32
+                } else {
+                    let mut y = acc[i] as f32;
+                    if let Some(s) = rs_at(r) {
+                        y *= s;
+                    }
+                    if let Some(s) = cs_at(o) {
+                        y *= s;
+                    }
+                    y
+                }
+            })
+            .collect())
+    }
 }
 
 impl candle_core::CustomOp3 for Gemv {
@@ -923,7 +981,8 @@ impl candle_core::CustomOp3 for Gemv {
         let shape = Shape::from((rows, self.out));
         if self.exact {
             let y = twin::gemv_exact(&a, w, rows, k, self.out);
-            return Ok((CpuStorage::I32(y), shape));
+            let y = self.scale_host(y.into_iter().map(f64::from).collect(), rows)?;
+            return Ok((CpuStorage::F32(y), shape));
         }
         let aux = match (self.kind, s3) {
             (2, CpuStorage::F32(_)) => twin::Aux::F32(cpu_slice::<f32>(s3, l3)?),
@@ -942,6 +1001,7 @@ impl candle_core::CustomOp3 for Gemv {
             self.bits,
             self.groups,
         );
+        let y = self.scale_host(y.into_iter().map(f64::from).collect(), rows)?;
         Ok((CpuStorage::F32(y), shape))
     }
     #[cfg(feature = "cuda")]
@@ -1223,6 +1283,25 @@ mod cuda {
             .ok_or_else(|| candle_core::Error::Msg(format!("{what}: input not contiguous")))
     }
 
+    /// A scale tensor's CUDA storage as an f32 view, with its length.
+    #[allow(clippy::type_complexity)]
+    fn scale_view<'a, 'b: 'a>(
+        g: &'a Option<(candle_core::StorageRef<'b>, &'b Layout)>,
+    ) -> Result<Option<(candle_core::cuda::cudarc::driver::CudaView<'a, f32>, usize)>> {
+        match g {
+            None => Ok(None),
+            Some((st, l)) => match &**st {
+                candle_core::Storage::Cuda(c) => {
+                    let (a, b) = range(l, "mt_gemv scales")?;
+                    Ok(Some((c.as_cuda_slice::<f32>()?.slice(a..b), b - a)))
+                }
+                _ => Err(candle_core::Error::Msg(
+                    "mt_gemv: scales are not on the GPU".into(),
+                )),
+            },
+        }
+    }
+
     fn grid(n: usize) -> LaunchConfig {
         LaunchConfig::for_num_elems(n as u32)
     }
@@ -1410,17 +1489,14 @@ mod cuda {
         let a = s1.as_cuda_slice::<bf16>()?.slice(a1..b1);
         let w = s2.as_cuda_slice::<u8>()?.slice(a2..b2);
         let n = rows * op.out;
-        // The kernel takes both output pointers; the unused one is a 1-element buffer.
-        let (y, y_int) = if op.exact {
-            (unsafe { dev.alloc::<f32>(1)? }, unsafe {
-                dev.alloc::<i32>(n)?
-            })
-        } else {
-            (unsafe { dev.alloc::<f32>(n)? }, unsafe {
-                dev.alloc::<i32>(1)?
-            })
-        };
+        let y = unsafe { dev.alloc::<f32>(n)? };
         let f = dev.get_or_load_custom_func("mt_gemv", MODULE, PTX)?;
+        // The scales, when given, as views of their CUDA storage (held for the launch).
+        let rs_guard = op.row_scale.as_ref().map(|t| t.storage_and_layout());
+        let cs_guard = op.col_scale.as_ref().map(|t| t.storage_and_layout());
+        let rs = scale_view(&rs_guard)?;
+        let cs = scale_view(&cs_guard)?;
+        let null: u64 = 0;
         let aux_f32;
         let aux_u8;
         let (r, kk, o, kind, bits, groups, exact) = (
@@ -1432,6 +1508,7 @@ mod cuda {
             op.groups as i32,
             op.exact as i32,
         );
+        let rs_n1: i32 = matches!(&rs, Some((_, 1))) as i32;
         let mut lb = f.builder();
         lb.arg(&a);
         lb.arg(&w);
@@ -1443,7 +1520,14 @@ mod cuda {
             lb.arg(&aux_u8);
         }
         lb.arg(&y);
-        lb.arg(&y_int);
+        match &rs {
+            Some((v, _)) => lb.arg(v),
+            None => lb.arg(&null),
+        };
+        match &cs {
+            Some((v, _)) => lb.arg(v),
+            None => lb.arg(&null),
+        };
         lb.arg(&r);
         lb.arg(&kk);
         lb.arg(&o);
@@ -1451,6 +1535,7 @@ mod cuda {
         lb.arg(&bits);
         lb.arg(&groups);
         lb.arg(&exact);
+        lb.arg(&rs_n1);
         // Four warps per block, one output channel per warp.
         let cfg = LaunchConfig {
             grid_dim: (op.out.div_ceil(4) as u32, 1, 1),
@@ -1458,12 +1543,10 @@ mod cuda {
             shared_mem_bytes: 0,
         };
         unsafe { lb.launch(cfg).w()? };
-        let shape = Shape::from((rows, op.out));
-        Ok(if op.exact {
-            (CudaStorage::wrap_cuda_slice(y_int, dev), shape)
-        } else {
-            (CudaStorage::wrap_cuda_slice(y, dev), shape)
-        })
+        Ok((
+            CudaStorage::wrap_cuda_slice(y, dev),
+            Shape::from((rows, op.out)),
+        ))
     }
 
     pub(super) fn int8_epilogue(

@@ -38,3 +38,59 @@ pub fn pick_device(name: &str) -> Result<Device> {
         ))),
     }
 }
+
+/// Free and total memory of a GPU in bytes; `None` on a CPU, or when the driver does not say.
+pub fn device_memory(device: &Device) -> Option<(usize, usize)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return d.cuda_stream().context().mem_get_info().ok();
+    }
+    let _ = device;
+    None
+}
+
+/// Bytes an artifact stores: a file's size, or a folder's `*.safetensors` together.
+pub fn stored_bytes(path: &std::path::Path) -> u64 {
+    if path.is_file() {
+        return std::fs::metadata(path).map(|m| m.len()).unwrap_or(u64::MAX);
+    }
+    std::fs::read_dir(path)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(u64::MAX)
+}
+
+/// Whether models of `bytes` (stored) fit on `device` with room for the activations and
+/// logits of a perplexity batch (`headroom` bytes): true only on a GPU that says how much is
+/// free. Weights stay in their stored precision on a GPU, so stored bytes are what they take.
+pub fn fits_resident(device: &Device, bytes: u64, headroom: u64) -> bool {
+    match device_memory(device) {
+        Some((free, _)) => bytes.saturating_add(bytes / 8).saturating_add(headroom) <= free as u64,
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cpu_never_holds_a_model_resident_for_perplexity() {
+        assert_eq!(device_memory(&Device::Cpu), None);
+        assert!(!fits_resident(&Device::Cpu, 1, 0));
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-llama3");
+        let st: u64 = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum();
+        assert!(st > 0);
+        assert_eq!(stored_bytes(&dir), st);
+    }
+}

@@ -22,12 +22,14 @@ __device__ __forceinline__ u16 mt_bf16(float v) {
 }
 
 // E4M3 (OCP, "fn": no infinities, 0x7F/0xFF NaN) -> f32. Every value is exact in f32 and bf16.
-__device__ __forceinline__ float mt_e4m3_value(u8 c) {
-  int e = (c >> 3) & 0xF;
-  int m = c & 7;
-  if (e == 15 && m == 7) return __uint_as_float(0x7FC00000u);
-  float mag = e == 0 ? (float)m * 0.001953125f : ldexpf(1.0f + (float)m * 0.125f, e - 7);
-  return (c & 0x80) ? -mag : mag;
+// Built from bits, without branches or ldexpf (the decode GEMV calls it once per weight): a
+// normal code 0eeeemmm is 2^(e-7)·(1 + m/8), f32 exponent field e + 120; a subnormal is m·2^-9.
+__device__ __forceinline__ float mt_e4m3_value(u32 c) {
+  u32 e = (c >> 3) & 0xFu, m = c & 7u;
+  float normal = __uint_as_float(((e + 120u) << 23) | (m << 20));
+  float mag = e ? normal : (float)m * 0.001953125f;
+  mag = (c & 0x7Fu) == 0x7Fu ? __uint_as_float(0x7FC00000u) : mag;
+  return (c & 0x80u) ? -mag : mag;
 }
 
 // f32 -> E4M3 code, nearest with ties to even, saturating at 448 (minitron's f32_to_e4m3).
@@ -56,10 +58,11 @@ __device__ __forceinline__ u8 mt_e2m1_magnitude(float a) {
   return c;
 }
 
-__device__ __forceinline__ float mt_e2m1_value(u8 c) {
-  const float mags[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-  float v = mags[c & 7];
-  return (c & 8) ? -v : v;
+// E2M1 code -> value. The magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6} times two are the nibbles of
+// 0xC8643210 (no lookup array: an indexed local array would live in local memory).
+__device__ __forceinline__ float mt_e2m1_value(u32 c) {
+  float v = (float)((0xC8643210u >> (4u * (c & 7u))) & 0xFu) * 0.5f;
+  return (c & 8u) ? -v : v;
 }
 
 // Largest |x| of one row, by one block of 256 threads (max is exact: any order gives the same).
@@ -203,57 +206,132 @@ __device__ __forceinline__ float mt_weight(int kind, const u8* w, const void* au
 
 #define MT_GEMV_ROWS 4
 
+// One run of 8 consecutive weights (o, j0 .. j0+7) as the exact bf16-representable values
+// mt_weight gives, loaded as wide as the format allows. KIND 2 takes this path only for 4- and
+// 8-bit words with group sizes that are multiples of 8 (`fast`); other layouts use mt_weight.
+template <int KIND>
+__device__ __forceinline__ void mt_run8(const u8* w, const void* aux, int o, int j0, int k,
+                                        int bits, int groups, int gsize, bool fast, float wv[8]) {
+  if (KIND == 0 || KIND == 1) {
+    uint2 v = __ldg((const uint2*)(w + (size_t)o * k + j0));
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      u32 c = ((e < 4 ? v.x : v.y) >> (8 * (e & 3))) & 0xFFu;
+      wv[e] = KIND == 0 ? mt_e4m3_value(c) : (float)(int)(signed char)c;
+    }
+  } else if (KIND == 3) {
+    u32 v = __ldg((const u32*)(w + ((size_t)o * k + j0) / 2));
+    float sc = mt_e4m3_value(__ldg((const u8*)aux + ((size_t)o * k + j0) / 16));
+#pragma unroll
+    for (int e = 0; e < 8; ++e) wv[e] = mt_e2m1_value((v >> (4 * e)) & 0xFu) * sc;
+  } else if (fast) {
+    float s = __ldg((const float*)aux + (size_t)o * groups + j0 / gsize);
+    if (bits == 4) {
+      u32 v = __ldg((const u32*)w + (size_t)o * (k / 8) + j0 / 8);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        int q = (int)((v >> (4 * e)) & 0xFu) - 8;
+        wv[e] = __uint_as_float((u32)mt_bf16((float)q * s) << 16);
+      }
+    } else {
+      uint2 v = __ldg((const uint2*)(w + (size_t)o * k + j0));
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        int q = (int)(((e < 4 ? v.x : v.y) >> (8 * (e & 3))) & 0xFFu) - 128;
+        wv[e] = __uint_as_float((u32)mt_bf16((float)q * s) << 16);
+      }
+    }
+  } else {
+    for (int e = 0; e < 8; ++e) wv[e] = mt_weight(KIND, w, aux, o, j0 + e, k, bits, groups);
+  }
+}
+
 // y[r, o] = Σ_j a[r, j] · w[o, j] for rows ≤ 4 (decode), one warp per output channel, k a
 // multiple of 8. Lane l takes the runs of 8 consecutive j starting at 8·l + 256·t (t = 0, 1, …)
 // in order, adding each exact product to its f32 sum; the 32 sums are then combined by the
-// butterfly `v += shfl_xor(v, 16, 8, 4, 2, 1)`. `exact` (INT8 codes times INT8 weights): the
-// same in i32, which is exact, written to y_int instead.
-extern "C" __global__ void mt_gemv(const u16* a, const u8* w, const void* aux, float* y,
-                                   int* y_int, int rows, int k, int out, int kind, int bits,
-                                   int groups, int exact) {
+// butterfly `v += shfl_xor(v, 16, 8, 4, 2, 1)`. EXACT (INT8 codes times INT8 weights): the
+// same in i32, which is exact, scaled in f64. Each sum is scaled before it is written. The row loops are unrolled to the
+// constant MT_GEMV_ROWS so the sums stay in registers.
+template <int KIND, bool EXACT>
+__device__ __forceinline__ void mt_gemv_impl(const u16* a, const u8* w, const void* aux,
+                                             float* y, const float* rs, const float* cs,
+                                             int rows, int k, int out, int bits, int groups,
+                                             int rs_n1) {
   int o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   int lane = threadIdx.x & 31;
   if (o >= out) return;
-  float acc[MT_GEMV_ROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
-  int iacc[MT_GEMV_ROWS] = {0, 0, 0, 0};
+  int gsize = KIND == 2 ? k / groups : 8;
+  bool fast = KIND != 2 || ((bits == 4 || bits == 8) && gsize % 8 == 0);
+  float acc[MT_GEMV_ROWS];
+  int iacc[MT_GEMV_ROWS];
+#pragma unroll
+  for (int r = 0; r < MT_GEMV_ROWS; ++r) {
+    acc[r] = 0.0f;
+    iacc[r] = 0;
+  }
+#pragma unroll 4
   for (int j0 = 8 * lane; j0 < k; j0 += 256) {
-    // The run's 8 weights in one load where the format allows (values as mt_weight gives them).
     float wv[8];
-    if (kind == 0 || kind == 1) {
-      uint2 v = *(const uint2*)(w + (size_t)o * k + j0);
-      for (int e = 0; e < 8; ++e) {
-        u8 c = (u8)(((e < 4 ? v.x : v.y) >> (8 * (e & 3))) & 0xFF);
-        wv[e] = kind == 0 ? mt_e4m3_value(c) : (float)(signed char)c;
-      }
-    } else if (kind == 3) {
-      u32 v = *(const u32*)(w + ((size_t)o * k + j0) / 2);
-      float sc = mt_e4m3_value(((const u8*)aux)[((size_t)o * k + j0) / 16]);
-      for (int e = 0; e < 8; ++e) wv[e] = mt_e2m1_value((u8)((v >> (4 * e)) & 0xF)) * sc;
-    } else {
-      for (int e = 0; e < 8; ++e) wv[e] = mt_weight(kind, w, aux, o, j0 + e, k, bits, groups);
-    }
-    for (int r = 0; r < rows; ++r) {
-      uint4 av4 = *(const uint4*)(a + (size_t)r * k + j0);
-      u32 aw[4] = {av4.x, av4.y, av4.z, av4.w};
-      for (int e = 0; e < 8; ++e) {
-        float av = __uint_as_float(((aw[e / 2] >> (16 * (e & 1))) & 0xFFFFu) << 16);
-        if (exact) iacc[r] += (int)av * (int)wv[e];
-        else acc[r] = acc[r] + av * wv[e];
+    mt_run8<KIND>(w, aux, o, j0, k, bits, groups, gsize, fast, wv);
+#pragma unroll
+    for (int r = 0; r < MT_GEMV_ROWS; ++r) {
+      if (r < rows) {
+        uint4 av4 = __ldg((const uint4*)(a + (size_t)r * k + j0));
+        u32 aw[4] = {av4.x, av4.y, av4.z, av4.w};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          float av = __uint_as_float(((aw[e / 2] >> (16 * (e & 1))) & 0xFFFFu) << 16);
+          if (EXACT) iacc[r] += (int)av * (int)wv[e];
+          else acc[r] = acc[r] + av * wv[e];
+        }
       }
     }
   }
-  for (int r = 0; r < rows; ++r) {
-    float v = acc[r];
-    int iv = iacc[r];
-    for (int off = 16; off > 0; off >>= 1) {
-      v = v + __shfl_xor_sync(0xFFFFFFFFu, v, off);
-      iv += __shfl_xor_sync(0xFFFFFFFFu, iv, off);
-    }
-    if (lane == 0) {
-      if (exact) y_int[(size_t)r * out + o] = iv;
-      else y[(size_t)r * out + o] = v;
+#pragma unroll
+  for (int r = 0; r < MT_GEMV_ROWS; ++r) {
+    if (r < rows) {
+      float v = acc[r];
+      int iv = iacc[r];
+      for (int off = 16; off > 0; off >>= 1) {
+        if (EXACT) iv += __shfl_xor_sync(0xFFFFFFFFu, iv, off);
+        else v = v + __shfl_xor_sync(0xFFFFFFFFu, v, off);
+      }
+      if (lane == 0) {
+        // The scaling, in the order of the prefill path: row scale, then column scale; exact
+        // sums in f64 (as the CPU's W8A8 epilogue), f32 sums in f32.
+        float res;
+        if (EXACT) {
+          double d = (double)iv;
+          if (rs) d = d * (double)rs[rs_n1 ? 0 : r];
+          if (cs) d = d * (double)cs[o];
+          res = (float)d;
+        } else {
+          res = v;
+          if (rs) res = res * rs[rs_n1 ? 0 : r];
+          if (cs) res = res * cs[o];
+        }
+        y[(size_t)r * out + o] = res;
+      }
     }
   }
+}
+
+// kind: 0 E4M3, 1 INT8, 2 packed integers, 3 NVFP4 (see mt_weight); `exact` only with kind 1.
+// `rs` (per row, or one value when `rs_n1`) and `cs` (per output channel) may be null.
+extern "C" __global__ void mt_gemv(const u16* a, const u8* w, const void* aux, float* y,
+                                   const float* rs, const float* cs, int rows, int k, int out,
+                                   int kind, int bits, int groups, int exact, int rs_n1) {
+#define MT_GEMV_ARGS a, w, aux, y, rs, cs, rows, k, out, bits, groups, rs_n1
+  switch (kind) {
+    case 0: mt_gemv_impl<0, false>(MT_GEMV_ARGS); break;
+    case 1:
+      if (exact) mt_gemv_impl<1, true>(MT_GEMV_ARGS);
+      else mt_gemv_impl<1, false>(MT_GEMV_ARGS);
+      break;
+    case 2: mt_gemv_impl<2, false>(MT_GEMV_ARGS); break;
+    default: mt_gemv_impl<3, false>(MT_GEMV_ARGS); break;
+  }
+#undef MT_GEMV_ARGS
 }
 
 // W8A8's scaling of exact integer sums, as the CPU does it: f32((S · s_row) · s_col) in f64.

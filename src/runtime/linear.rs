@@ -1286,3 +1286,39 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod cast_tests {
+    /// The CPU's FP8 round trip (`fp8_round_trip`, the KV cache's and FP8 activations' on a
+    /// CPU) rounds through candle's f32 → E4M3 cast; the GPU's through `mt_act_codes`, whose
+    /// twin is `numerics::fp8::f32_to_e4m3`. Both must give the same code for every value: a
+    /// geometric sweep over the whole range (both signs, subnormals included) and every tie
+    /// between neighbouring codes, where round-to-nearest-even decides.
+    #[test]
+    fn candle_cpu_e4m3_cast_equals_ours() {
+        use crate::numerics::fp8::{e4m3_to_f32, f32_to_e4m3};
+        use candle_core::{DType, Device, Tensor};
+        let mut xs = Vec::new();
+        let mut v = 1e-5f32;
+        while v < 460.0 {
+            xs.extend([v, -v]);
+            v *= 1.0007;
+        }
+        for c in 0u8..126 {
+            let mid = (e4m3_to_f32(c) + e4m3_to_f32(c + 1)) / 2.0;
+            xs.extend([mid, -mid]);
+        }
+        let t = Tensor::new(xs.as_slice(), &Device::Cpu).unwrap();
+        let got: Vec<f32> = t
+            .to_dtype(DType::F8E4M3)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (x, y) in xs.iter().zip(&got) {
+            let ours = e4m3_to_f32(f32_to_e4m3(x.clamp(-448.0, 448.0)));
+            assert_eq!(ours.to_bits(), y.to_bits(), "x = {x:e}");
+        }
+    }
+}

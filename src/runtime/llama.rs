@@ -127,6 +127,15 @@ impl Block {
     }
 }
 
+/// One greedy generation ([`Llama::greedy_timed`]).
+pub struct Greedy {
+    pub tokens: Vec<u32>,
+    /// Per step, the top logit minus the runner-up (CPU runs only).
+    pub margins: Option<Vec<f32>>,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+}
+
 /// A loaded model.
 pub struct Llama {
     pub config: LlamaConfig,
@@ -299,14 +308,17 @@ impl Llama {
 
     /// Greedy continuation of `prompt` by `n` tokens using the KV cache.
     pub fn greedy(&self, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
-        Ok(self.greedy_timed(prompt, n)?.0)
+        Ok(self.greedy_timed(prompt, n)?.tokens)
     }
 
     /// [`Llama::greedy`] with its prefill (prompt forward and first token) and decode (the
-    /// remaining tokens) wall times in seconds, each ended by a device synchronisation.
-    pub fn greedy_timed(&self, prompt: &[u32], n: usize) -> Result<(Vec<u32>, f64, f64)> {
+    /// remaining tokens) wall times in seconds, each ended by a device synchronisation, and on
+    /// a CPU each step's margin (top logit minus the runner-up): a greedy path that another
+    /// runner leaves at a step with a margin within its logit error left at a near-tie.
+    pub fn greedy_timed(&self, prompt: &[u32], n: usize) -> Result<Greedy> {
         let mut cache = KvCache::with_capacity(self.blocks.len(), prompt.len() + n);
         let mut out = Vec::with_capacity(n);
+        let mut margins = self.device.is_cpu().then(|| Vec::with_capacity(n));
         let t0 = std::time::Instant::now();
         let ids = Tensor::from_slice(prompt, (1, prompt.len()), &self.device)?;
         let mut logits = self.forward(&ids, Some(&mut cache), None)?;
@@ -314,8 +326,16 @@ impl Llama {
         let mut t1 = t0;
         for step in 0..n {
             let last = logits.squeeze(0)?.get(logits.dim(1)? - 1)?;
-            let next = if self.device.is_cpu() {
-                argmax(&last.to_vec1::<f32>()?)
+            let next = if let Some(m) = margins.as_mut() {
+                let v = last.to_vec1::<f32>()?;
+                let i = argmax(&v);
+                let second = v
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != i as usize)
+                    .fold(f32::NEG_INFINITY, |a, (_, &x)| a.max(x));
+                m.push(v[i as usize] - second);
+                i
             } else {
                 // On a GPU only the index crosses to the host (first maximum, as on the CPU).
                 last.argmax(0)?.to_scalar::<u32>()?
@@ -333,7 +353,12 @@ impl Llama {
             logits = self.forward(&ids, Some(&mut cache), None)?;
         }
         self.device.synchronize()?;
-        Ok((out, prefill_s, t1.elapsed().as_secs_f64()))
+        Ok(Greedy {
+            tokens: out,
+            margins,
+            prefill_s,
+            decode_s: t1.elapsed().as_secs_f64(),
+        })
     }
 
     /// Number of blocks.

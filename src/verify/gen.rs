@@ -8,6 +8,11 @@ pub struct GenResult {
     pub prompt: String,
     pub prompt_ids: Vec<u32>,
     pub candidate: Vec<u32>,
+    /// Per generated token, the candidate's top logit minus its runner-up (CPU runs only): a
+    /// divergence at a step whose margin is within the logit error between two runners is a
+    /// near-tie, not a difference in the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_margins: Option<Vec<f32>>,
     pub reference: Option<Vec<u32>>,
     /// Index of the first differing generated token (`None`: identical or no reference).
     pub first_diff: Option<usize>,

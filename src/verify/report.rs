@@ -181,12 +181,27 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
         (None, Vec::new())
     };
     // Generation (and the logits dump) run the whole model, resident in stored precision;
-    // perplexity and KL-divergence stream it block by block.
-    let whole = o.gen.is_some() || o.dump_logits.is_some() || o.whole_model;
+    // perplexity and KL-divergence stream it block by block, except on a GPU that holds the
+    // model (and the reference, for --kld) with room for a batch's logits: there streaming
+    // would re-send every weight from the host on every pass.
+    let resident = !o.device.is_cpu() && o.ppl.is_some() && {
+        let mut bytes = crate::runtime::device::stored_bytes(&o.candidate);
+        if o.kld {
+            if let Some(r) = &o.reference {
+                bytes = bytes.saturating_add(crate::runtime::device::stored_bytes(r));
+            }
+        }
+        let batch_tokens = (o.chunks_per_batch(&cand_cfg) * o.ctx) as u64;
+        // Logits in f32 and their log-softmax copies (×4), for both models, plus 4 GiB.
+        let headroom = 8 * 4 * batch_tokens * cand_cfg.vocab_size as u64 + (4 << 30);
+        crate::runtime::device::fits_resident(&o.device, bytes, headroom)
+    };
+    let whole_ppl = o.whole_model || resident;
+    let whole = o.gen.is_some() || o.dump_logits.is_some() || whole_ppl;
     let cand = whole
         .then(|| Llama::from_source(cand_src.as_ref(), whole_dtype, &o.device, opts))
         .transpose()?;
-    let reference = match (&ref_src, o.gen.is_some() || (o.whole_model && o.kld)) {
+    let reference = match (&ref_src, o.gen.is_some() || (whole_ppl && o.kld)) {
         (Some(r), true) => Some(Llama::from_source(
             r.as_ref(),
             whole_dtype,
@@ -232,7 +247,7 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
             gguf_dense: o.gguf_dense,
             ppl_batch: o.chunks_per_batch(&cand_cfg),
             ppl_pass_chunks: o.chunks_per_pass(&cand_cfg),
-            whole_model: o.whole_model,
+            whole_model: whole_ppl,
             kernel: crate::runtime::gemm::Isa::detect().name().into(),
         },
         machine: machine_info(),
@@ -290,7 +305,7 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
         let mut same = Vec::new();
         let mut per_chunk = Vec::new();
         let ref_for_kld: Option<&dyn Source> = if o.kld { ref_src.as_deref() } else { None };
-        let results = match (&cand, o.whole_model) {
+        let results = match (&cand, whole_ppl) {
             (Some(c), true) => {
                 let r = if o.kld { reference.as_ref() } else { None };
                 let mut all = Vec::new();
@@ -370,11 +385,12 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
                 return Err(Error::Invalid(format!("prompt {p:?} tokenizes to nothing")));
             }
             let cand = cand.as_ref().expect("loaded for generation");
-            let (candidate, pf, dc) = cand.greedy_timed(&ids, o.gen_tokens)?;
+            let g = cand.greedy_timed(&ids, o.gen_tokens)?;
+            let candidate = g.tokens;
             prefill_tokens += ids.len();
-            prefill_s += pf;
+            prefill_s += g.prefill_s;
             decode_tokens += candidate.len().saturating_sub(1);
-            decode_s += dc;
+            decode_s += g.decode_s;
             let reference = reference
                 .as_ref()
                 .map(|m| m.greedy(&ids, o.gen_tokens))
@@ -388,6 +404,7 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
                 prompt: p,
                 prompt_ids: ids,
                 candidate,
+                candidate_margins: g.margins,
                 reference,
                 first_diff,
             });
