@@ -35,6 +35,14 @@ const QUANT_SUFFIXES: [&str; 10] = [
     ".weight_zero_point",
 ];
 
+/// The two NVFP4 layouts (and arithmetics) a checkpoint can hold: compressed-tensors'
+/// (`weight_global_scale`) or ModelOpt's (`weight_scale_2`); see `quant::nvfp4`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nvfp4Flavor {
+    CompressedTensors,
+    ModelOpt,
+}
+
 /// A checkpoint folder, opened and checked against its config.
 pub struct Checkpoint {
     pub dir: PathBuf,
@@ -192,8 +200,8 @@ impl Checkpoint {
 
     /// Whose NVFP4 layout linear layer `stem` (`model.layers.N.self_attn.q_proj`) is stored
     /// in, if NVFP4: compressed-tensors (`weight_global_scale`) or ModelOpt (`weight_scale_2`).
-    pub fn nvfp4_layer(&self, stem: &str) -> Option<crate::quant::nvfp4::Flavor> {
-        use crate::quant::nvfp4::Flavor;
+    pub fn nvfp4_layer(&self, stem: &str) -> Option<Nvfp4Flavor> {
+        use Nvfp4Flavor as Flavor;
         if self
             .index
             .contains_key(&format!("{stem}.weight_global_scale"))

@@ -160,15 +160,6 @@ impl LlamaConfig {
     }
 
     /// Width of the Q projection's output.
-    /// Parameters of the architecture: embeddings, blocks, final norm and (untied) head.
-    pub fn parameter_count(&self) -> u64 {
-        crate::model::names::expected_tensors(self)
-            .iter()
-            .filter(|s| !s.optional)
-            .map(|s| s.shape.iter().product::<usize>() as u64)
-            .sum()
-    }
-
     pub fn q_dim(&self) -> usize {
         self.num_attention_heads * self.head_dim
     }

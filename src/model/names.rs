@@ -284,3 +284,14 @@ pub fn expected_tensors(c: &LlamaConfig) -> Vec<TensorSpec> {
     });
     v
 }
+
+impl LlamaConfig {
+    /// Parameters of the architecture: embeddings, blocks, final norm and (untied) head.
+    pub fn parameter_count(&self) -> u64 {
+        expected_tensors(self)
+            .iter()
+            .filter(|s| !s.optional)
+            .map(|s| s.shape.iter().product::<usize>() as u64)
+            .sum()
+    }
+}

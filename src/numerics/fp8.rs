@@ -9,6 +9,9 @@ use rayon::prelude::*;
 /// Largest finite E4M3 magnitude.
 pub const E4M3_MAX: f32 = 448.0;
 
+/// Smallest per-token scale vLLM uses for dynamic FP8 activations (1 / (448 · 512)).
+pub const FP8_MIN_TOKEN_SCALE: f32 = 1.0 / (448.0 * 512.0);
+
 /// Rounds `x` to the nearest E4M3 value (ties to even) and returns its code. Finite values
 /// beyond ±448 and infinities saturate to ±448, which is what clamping to ±448 before a
 /// non-saturating cast gives; NaN maps to the NaN code with the input's sign.

@@ -38,7 +38,7 @@ pub fn wanted(device: &Device, dtype: DType) -> bool {
 }
 
 /// FP8 per-token scale floor (vLLM's `1 / (448 · 512)`).
-const FP8_FLOOR: f32 = crate::runtime::linear::FP8_MIN_TOKEN_SCALE;
+const FP8_FLOOR: f32 = crate::numerics::fp8::FP8_MIN_TOKEN_SCALE;
 const E4M3_MAX: f32 = crate::numerics::fp8::E4M3_MAX;
 
 /// A weight as it is held on the device.

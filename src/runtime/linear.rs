@@ -72,8 +72,7 @@ pub enum Linear {
     },
 }
 
-/// Smallest per-token scale vLLM uses for dynamic FP8 activations (1 / (448 · 512)).
-pub const FP8_MIN_TOKEN_SCALE: f32 = 1.0 / (448.0 * 512.0);
+pub use crate::numerics::fp8::FP8_MIN_TOKEN_SCALE;
 
 /// Quantizes `x` to E4M3 with scale `s` (per row when `s` is `[.., 1]`) and back.
 fn fp8_round_trip(x: &Tensor, s: &Tensor) -> Result<Tensor> {
