@@ -47,6 +47,9 @@ pub enum Error {
     /// A tensor operation failed inside candle.
     #[error("tensor operation: {}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
+    /// Our own bug: a state the code should never reach, whatever the input.
+    #[error("internal error (a bug in minitron; please report it with the command line): {0}")]
+    Internal(String),
 }
 
 /// A candle error's message without the backtrace candle attaches to some errors (a user's
@@ -62,11 +65,11 @@ impl Error {
     /// The exit status a command-line tool should end with: 2 when the input or the arguments
     /// are at fault (a malformed or missing file, an unusable config, an unsupported feature, a
     /// bad option), 1 when the machine or we are (a failed write, a full disk, a tensor
-    /// operation).
+    /// operation, a bug of ours).
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Io { err, .. } if err.kind() == std::io::ErrorKind::NotFound => 2,
-            Error::Io { .. } | Error::Candle(_) => 1,
+            Error::Io { .. } | Error::Candle(_) | Error::Internal(_) => 1,
             Error::Format { .. }
             | Error::Config { .. }
             | Error::MissingTensor { .. }
@@ -114,5 +117,16 @@ mod tests {
         assert!(e.to_string().lines().count() > 1, "the backtrace is there");
         let shown = super::Error::from(e).to_string();
         assert_eq!(shown, "tensor operation: shape mismatch");
+    }
+
+    /// Our bugs exit 1 (the machine's or ours), bad input 2.
+    #[test]
+    fn internal_errors_exit_1_and_say_they_are_ours() {
+        let e = super::Error::Internal("a state nothing should reach".into());
+        assert_eq!(e.exit_code(), 1);
+        assert!(e
+            .to_string()
+            .starts_with("internal error (a bug in minitron"));
+        assert_eq!(super::Error::Invalid("bad flag".into()).exit_code(), 2);
     }
 }

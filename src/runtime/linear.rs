@@ -257,8 +257,8 @@ fn prepare_rows(rule: InputRule, x: &[f32], inp: usize) -> Result<Prepared> {
             Prepared::PackedI8(a, s, rows)
         }
         _ => {
-            return Err(crate::error::Error::Invalid(
-                "internal: host-row preparation for a layer that is not on the CPU GEMM".into(),
+            return Err(crate::error::Error::Internal(
+                "host-row preparation for a layer that is not on the CPU GEMM".into(),
             ))
         }
     })
@@ -674,8 +674,8 @@ impl Linear {
             }
             InputRule::Device(_) => {
                 let Linear::Device(d) = self else {
-                    return Err(crate::error::Error::Invalid(
-                        "internal: a device input rule on another layer".into(),
+                    return Err(crate::error::Error::Internal(
+                        "a device input rule on another layer".into(),
                     ));
                 };
                 let inp = x.dim(candle_core::D::Minus1)?;
@@ -734,8 +734,8 @@ impl Linear {
                 *out_dims.last_mut().expect("rank ≥ 1") = w.shape().0;
                 Ok(Tensor::from_vec(y, out_dims, x.device())?.to_dtype(x.dtype())?)
             }
-            _ => Err(crate::error::Error::Invalid(
-                "internal: a linear layer was given another layer's input preparation".into(),
+            _ => Err(crate::error::Error::Internal(
+                "a linear layer was given another layer's input preparation".into(),
             )),
         }
     }
@@ -769,8 +769,8 @@ impl Linear {
         let prepared = match rule {
             Some(r) if same => prepare_rows(r, x, inp)?,
             _ => {
-                return Err(crate::error::Error::Invalid(
-                    "internal: packed_rows on layers without one packed input rule".into(),
+                return Err(crate::error::Error::Internal(
+                    "packed_rows on layers without one packed input rule".into(),
                 ))
             }
         };
@@ -790,8 +790,8 @@ impl Linear {
                 (Linear::Int8Packed { w, scale }, Prepared::PackedI8(a, xs, rows)) => {
                     Ok(int8_apply(w, scale, a, xs, *rows))
                 }
-                _ => Err(crate::error::Error::Invalid(
-                    "internal: packed_rows layer and preparation disagree".into(),
+                _ => Err(crate::error::Error::Internal(
+                    "packed_rows layer and preparation disagree".into(),
                 )),
             })
             .collect()
