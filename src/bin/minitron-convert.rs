@@ -52,8 +52,9 @@ struct Cli {
     #[arg(long, value_name = "MODE", value_parser = ["rtn", "gptq"])]
     int8_weights: Option<String>,
     /// How W4A16 weights are chosen: `rtn` (nearest under the absmax scales, as llm-compressor
-    /// rounds), `gptq` (group scales searched by calibrated error first, then error feedback
-    /// through the calibration inputs' second moments) or `awq` (activation-aware per-channel
+    /// rounds), `gptq` (group scales searched by calibrated error, error feedback through the
+    /// calibration inputs' second moments with their correlations shrunk, scales refitted to
+    /// the codes) or `awq` (activation-aware per-channel
     /// scales folded into the norms, v_proj and up_proj, searched per input, then the same scale
     /// search). w4a16 only [default: rtn].
     #[arg(long, value_name = "MODE", value_parser = ["rtn", "gptq", "awq"])]

@@ -681,12 +681,27 @@ fn write_linear(
                     if factor.as_ref().map(|f| f.0) != Some(key) {
                         let n = h.count.max(1) as f64;
                         let mean: Vec<f64> = h.sums[key.0][key.1].iter().map(|v| v / n).collect();
-                        let u = crate::quant::gptq::GptqPlan::new(&mean, cols, 0.01)?;
+                        let u = crate::quant::gptq::GptqPlan::with_shrink(
+                            &mean,
+                            cols,
+                            0.01,
+                            crate::quant::int8::W4A16_GPTQ_SHRINK,
+                        )?;
                         *factor = Some((key, mean, u));
                     }
                     let (_, mean, u) = factor.as_ref().expect("just set");
-                    let imp: Vec<f64> = (0..cols).map(|j| mean[j * cols + j]).collect();
-                    crate::quant::int8::quantize_gptq_bits(w, cols, group, u, 4, Some(&imp))
+                    // Group scales searched under what each column's error costs after the
+                    // feedback, then refitted to the codes under the full second moments.
+                    let imp = u.error_weights();
+                    crate::quant::int8::quantize_gptq_bits(
+                        w,
+                        cols,
+                        group,
+                        u,
+                        4,
+                        Some(&imp),
+                        Some(mean),
+                    )
                 }
                 (Int4Method::Awq, _) => {
                     let sm = c.smooth.expect("computed for this layer");
