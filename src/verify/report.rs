@@ -185,10 +185,16 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
     // model (and the reference, for --kld) with room for a batch's logits: there streaming
     // would re-send every weight from the host on every pass.
     let resident = !o.device.is_cpu() && o.ppl.is_some() && {
-        let mut bytes = crate::runtime::device::stored_bytes(&o.candidate);
+        // bf16 compute keeps weights in their stored bytes (GPU forms); f32 widens every
+        // weight to 4 bytes.
+        let held = |p: &std::path::Path| match whole_dtype {
+            candle_core::DType::F32 => 4 * cand_cfg.parameter_count(),
+            _ => crate::runtime::device::stored_bytes(p),
+        };
+        let mut bytes = held(&o.candidate);
         if o.kld {
             if let Some(r) = &o.reference {
-                bytes = bytes.saturating_add(crate::runtime::device::stored_bytes(r));
+                bytes = bytes.saturating_add(held(r));
             }
         }
         let batch_tokens = (o.chunks_per_batch(&cand_cfg) * o.ctx) as u64;
