@@ -269,17 +269,17 @@ pub fn refit_scales(
                 m[a * groups + c] = (c * g..(c + 1) * g).map(|k| ha[k] * qr[k] as f64).sum();
             }
         }
+        // The error up to the constant wᵀHw, from the normal equations' own terms:
+        // (w − Q s)ᵀ H (w − Q s) = wᵀHw − 2 sᵀ b + sᵀ M s (O(groups²), not O(cols²)).
+        let (m0, b0) = (m.clone(), b.clone());
         let err = |s: &[f32]| -> f64 {
-            let e: Vec<f64> = (0..cols)
-                .map(|j| wr[j] as f64 - qr[j] as f64 * s[j / g] as f64)
-                .collect();
             let mut t = 0.0;
-            for (i, &ei) in e.iter().enumerate() {
-                if ei == 0.0 {
-                    continue;
+            for a in 0..groups {
+                let sa = s[a] as f64;
+                t -= 2.0 * sa * b0[a];
+                for c in 0..groups {
+                    t += sa * m0[a * groups + c] * s[c] as f64;
                 }
-                let hi = &h[i * cols..(i + 1) * cols];
-                t += ei * hi.iter().zip(&e).map(|(&x, &y)| x * y).sum::<f64>();
             }
             t
         };
