@@ -241,7 +241,7 @@ pub fn refit_scales(
     h: &[f64],
 ) -> Vec<f32> {
     let groups = cols / g;
-    let mut out = scales.clone();
+    let mut out = scales;
     out.par_chunks_mut(groups).enumerate().for_each(|(r, so)| {
         let wr = &w[r * cols..(r + 1) * cols];
         let qr = &q[r * cols..(r + 1) * cols];

@@ -49,20 +49,20 @@ pub fn device_memory(device: &Device) -> Option<(usize, usize)> {
     None
 }
 
-/// Bytes an artifact stores: a file's size, or a folder's `*.safetensors` together.
+/// Bytes an artifact stores: a GGUF file's size, or a checkpoint folder's weight files
+/// together (the shards its index lists, or its single file). `u64::MAX` when unreadable, so
+/// that nothing unreadable is judged to fit.
 pub fn stored_bytes(path: &std::path::Path) -> u64 {
     if path.is_file() {
         return std::fs::metadata(path).map(|m| m.len()).unwrap_or(u64::MAX);
     }
-    std::fs::read_dir(path)
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(u64::MAX)
+    match crate::model::checkpoint::weight_files(path) {
+        Ok(files) => files
+            .iter()
+            .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(u64::MAX))
+            .fold(0u64, u64::saturating_add),
+        Err(_) => u64::MAX,
+    }
 }
 
 /// Whether models of `bytes` (stored) fit on `device` with room for the activations and
@@ -84,13 +84,11 @@ mod tests {
         assert_eq!(device_memory(&Device::Cpu), None);
         assert!(!fits_resident(&Device::Cpu, 1, 0));
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-llama3");
-        let st: u64 = std::fs::read_dir(&dir)
+        let st = std::fs::metadata(dir.join("model.safetensors"))
             .unwrap()
-            .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
-            .map(|e| e.metadata().unwrap().len())
-            .sum();
+            .len();
         assert!(st > 0);
         assert_eq!(stored_bytes(&dir), st);
+        assert_eq!(stored_bytes(&dir.join("no-such-folder")), u64::MAX);
     }
 }

@@ -72,7 +72,7 @@ pub enum Linear {
     },
 }
 
-pub use crate::numerics::fp8::FP8_MIN_TOKEN_SCALE;
+use crate::numerics::fp8::FP8_MIN_TOKEN_SCALE;
 
 /// Quantizes `x` to E4M3 with scale `s` (per row when `s` is `[.., 1]`) and back.
 fn fp8_round_trip(x: &Tensor, s: &Tensor) -> Result<Tensor> {
