@@ -4,7 +4,7 @@
 
 use std::io::IsTerminal;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 /// Whether bars should be drawn.
 pub fn enabled() -> bool {
@@ -23,12 +23,17 @@ pub enum Unit {
     Items(&'static str),
 }
 
+/// Every bar of the process, stacked: phases that overlap (a block's calibration inside the
+/// conversion's stream) each keep their own line.
+fn multi() -> &'static MultiProgress {
+    static M: std::sync::OnceLock<MultiProgress> = std::sync::OnceLock::new();
+    M.get_or_init(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()))
+}
+
 /// A bar over `len` units labelled `what`; hidden when [`enabled`] is false.
 pub fn bar(len: u64, what: &str, unit: Unit) -> ProgressBar {
-    let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
-    if !enabled() {
-        pb.set_draw_target(ProgressDrawTarget::hidden());
-    }
+    let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::hidden());
+    let pb = if enabled() { multi().add(pb) } else { pb };
     pb.set_style(style(unit));
     pb.set_message(what.to_owned());
     pb

@@ -59,6 +59,12 @@ struct Cli {
     /// search). w4a16 only [default: rtn].
     #[arg(long, value_name = "MODE", value_parser = ["rtn", "gptq", "awq"])]
     int4_weights: Option<String>,
+    /// What each block is calibrated on: `original` (the bf16 blocks' outputs) or `quantized`
+    /// (the outputs of the blocks before it as already quantized, as GPTQ's paper and
+    /// llm-compressor's sequential pipeline do). `quantized` needs exactly one calibrated
+    /// checkpoint target [default: per mode, see README].
+    #[arg(long, value_name = "INPUTS", value_parser = ["original", "quantized"])]
+    calib_inputs: Option<String>,
     /// SmoothQuant migration strength for --to int8: a number in (0, 1), or `auto` to choose it
     /// per layer from 0.3 … 0.9 by the calibrated output error [default: 0.8].
     #[arg(long, value_name = "ALPHA|auto")]
@@ -498,6 +504,11 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
         },
         command_line: common::command_line(),
         allow_nonfinite: cli.allow_nonfinite,
+        calib_inputs: match cli.calib_inputs.as_deref() {
+            Some("quantized") => Some(minitron::calib::CalibInputs::Quantized),
+            Some(_) => Some(minitron::calib::CalibInputs::Original),
+            None => None,
+        },
     };
     if opts.calib_asked && opts.calibrated_targets().is_empty() {
         bail!(
@@ -521,7 +532,7 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
     if let Some(i) = &r.calibration {
         let used: Vec<&str> = r.calibrated.iter().map(|t| t.name()).collect();
         println!(
-            "calibrated once: {} chunks × {} tokens of {} (sha256 {}…), {} forward pass{}, {:.1} s; used by {}",
+            "calibrated once: {} chunks × {} tokens of {} (sha256 {}…), {} forward pass{}, {:.1} s, block by block on {} inputs; used by {}",
             i.samples,
             i.seq_len,
             i.source,
@@ -529,6 +540,7 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
             r.calibration_passes,
             if r.calibration_passes == 1 { "" } else { "es" },
             i.wall_s,
+            r.calib_inputs.map_or("original", |c| c.name()),
             if used.is_empty() { "-".to_string() } else { used.join(", ") }
         );
     }

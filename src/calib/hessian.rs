@@ -1,104 +1,71 @@
-//! Second-moment matrices `H = E[x xᵀ]` of every linear-layer input, for GPTQ-style weight
-//! rounding (formats/fp8.md#weights). One matrix per input site (q/k/v share one, gate/up another),
-//! accumulated in f64 from f32 products of each chunk.
+//! Second-moment matrices `H = E[x xᵀ]` of one block's linear-layer inputs, for GPTQ-style
+//! weight rounding (formats/fp8.md#weights). One matrix per input site (q/k/v share one,
+//! gate/up another), accumulated in f64 from the f32 products of each batch of rows.
+//!
+//! The export's block pipeline holds one block's matrices at a time: for Llama-3.1-Minitron-4B
+//! that is 3·4096² + 14336² values, 2.05 GB in f64, where every block at once would be 32.7 GB.
 
 use candle_core::{Device, Tensor};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::names::InputSite;
-use crate::model::{Checkpoint, LlamaConfig};
-use crate::runtime::Observer;
+use crate::model::LlamaConfig;
 
-/// Σ x xᵀ (row-major `[n, n]`) and the number of rows summed, per block and site.
-pub struct Hessians {
-    /// `[layer][site]`.
-    pub sums: Vec<Vec<Vec<f64>>>,
-    pub count: u64,
-}
-
-/// Bytes the matrices of a model need.
-pub fn bytes_needed(c: &LlamaConfig) -> u64 {
-    let per_layer: u64 = InputSite::ALL
-        .iter()
-        .map(|s| (s.width(c) as u64).pow(2))
-        .sum();
-    per_layer * c.num_hidden_layers as u64 * 8
-}
-
-/// The most memory we allow the matrices to take.
-pub const MAX_BYTES: u64 = 6_000_000_000;
-
-/// Accumulates the matrices as an [`Observer`] of a calibration pass.
-pub struct Collector {
-    sums: Vec<Vec<Vec<f64>>>,
-    /// Input width per site.
+/// Σ x xᵀ (row-major `[n, n]`) per input site of one block, and the rows summed per site.
+pub struct BlockHessians {
+    pub layer: usize,
+    /// By [`InputSite::index`]; emptied by [`BlockHessians::take_mean`].
+    sums: Vec<Vec<f64>>,
+    counts: [u64; 4],
     widths: [usize; 4],
 }
 
-impl Observer for Collector {
-    fn linear_input(&mut self, layer: usize, site: InputSite, x: &[f32]) -> Result<()> {
-        let n = self.widths[site.index()];
+/// Bytes one block's matrices take.
+pub fn block_bytes(c: &LlamaConfig) -> u64 {
+    InputSite::ALL
+        .iter()
+        .map(|s| (s.width(c) as u64).pow(2) * 8)
+        .sum()
+}
+
+impl BlockHessians {
+    /// Empty sums for block `layer` of `c`.
+    pub fn new(c: &LlamaConfig, layer: usize) -> Self {
+        BlockHessians {
+            layer,
+            widths: InputSite::ALL.map(|s| s.width(c)),
+            sums: InputSite::ALL
+                .iter()
+                .map(|s| vec![0f64; s.width(c).pow(2)])
+                .collect(),
+            counts: [0; 4],
+        }
+    }
+
+    /// Adds rows `x` (`[rows, width]`) seen at `site`.
+    pub fn add(&mut self, site: InputSite, x: &[f32]) -> Result<()> {
+        let i = site.index();
+        let n = self.widths[i];
         let rows = x.len() / n;
-        let x = Tensor::from_slice(x, (rows, n), &Device::Cpu)?;
-        let g = x.t()?.matmul(&x)?.flatten_all()?.to_vec1::<f32>()?;
-        for (acc, v) in self.sums[layer][site.index()].iter_mut().zip(g) {
+        let t = Tensor::from_slice(x, (rows, n), &Device::Cpu)?;
+        let g = t.t()?.matmul(&t)?.flatten_all()?.to_vec1::<f32>()?;
+        for (acc, v) in self.sums[i].iter_mut().zip(g) {
             *acc += v as f64;
         }
+        self.counts[i] += rows as u64;
         Ok(())
     }
-}
 
-impl Collector {
-    /// Empty sums for `c`; refuses a model whose matrices would pass [`MAX_BYTES`].
-    pub fn new(c: &LlamaConfig) -> Result<Self> {
-        let need = bytes_needed(c);
-        if need > MAX_BYTES {
-            return Err(Error::Unsupported(format!(
-                "GPTQ needs {:.1} GB of input second-moment matrices for this model (limit {:.1} GB); use --fp8-weights search or rtn",
-                need as f64 / 1e9,
-                MAX_BYTES as f64 / 1e9
-            )));
+    /// `E[x xᵀ]` at `site` (the sums divided by the rows seen), taken out of `self` so that the
+    /// sums' memory is reused rather than copied. Panics if taken twice.
+    pub fn take_mean(&mut self, site: InputSite) -> Vec<f64> {
+        let i = site.index();
+        let mut m = std::mem::take(&mut self.sums[i]);
+        assert!(!m.is_empty(), "second moments of a site taken twice");
+        let n = self.counts[i].max(1) as f64;
+        for v in m.iter_mut() {
+            *v /= n;
         }
-        Ok(Collector {
-            widths: InputSite::ALL.map(|s| s.width(c)),
-            sums: (0..c.num_hidden_layers)
-                .map(|_| {
-                    InputSite::ALL
-                        .iter()
-                        .map(|s| vec![0f64; s.width(c).pow(2)])
-                        .collect()
-                })
-                .collect(),
-        })
-    }
-
-    /// The matrices after a pass over `chunks`.
-    pub fn finish(self, chunks: &[Vec<u32>]) -> Hessians {
-        Hessians {
-            sums: self.sums,
-            count: chunks.iter().map(|c| c.len() as u64).sum(),
-        }
-    }
-}
-
-impl Hessians {
-    /// Runs the checkpoint's blocks over `chunks` (f32 on `device`, one block in memory at a
-    /// time) and accumulates the matrices.
-    pub fn collect(
-        ck: &Checkpoint,
-        device: &Device,
-        chunks: &[Vec<u32>],
-        on_tokens: &dyn Fn(u64),
-    ) -> Result<Self> {
-        let mut col = Collector::new(&ck.config)?;
-        crate::runtime::observe_streamed(
-            ck,
-            super::pass_dtype(device),
-            device,
-            chunks,
-            &mut col,
-            on_tokens,
-        )?;
-        Ok(col.finish(chunks))
+        m
     }
 }

@@ -127,16 +127,7 @@ impl Observer for Collector<'_> {
         if let Some(o) = self.also.as_deref_mut() {
             o.linear_input(layer, site, v)?;
         }
-        let s = &mut self.layers[layer].sites[site.index()];
-        let (w, seen) = (s.absmax.len(), s.count as usize);
-        s.add_rows(v);
-        let buf = &mut self.layers[layer].samples[site.index()];
-        let cap = sample_rows(w) * w;
-        for (i, row) in v.chunks(w).enumerate() {
-            if (seen + i) % SAMPLE_STRIDE == 0 && buf.len() < cap {
-                buf.extend_from_slice(row);
-            }
-        }
+        self.layers[layer].add_linear(site, v);
         Ok(())
     }
 
@@ -144,20 +135,41 @@ impl Observer for Collector<'_> {
         if let Some(o) = self.also.as_deref_mut() {
             o.kv(layer, k, v)?;
         }
+        self.layers[layer].add_kv(k, v);
+        Ok(())
+    }
+}
+
+impl LayerStats {
+    /// Records rows `v` seen at `site` (statistics and the sampled rows).
+    pub(crate) fn add_linear(&mut self, site: InputSite, v: &[f32]) {
+        let s = &mut self.sites[site.index()];
+        let (w, seen) = (s.absmax.len(), s.count as usize);
+        s.add_rows(v);
+        let buf = &mut self.samples[site.index()];
+        let cap = sample_rows(w) * w;
+        for (i, row) in v.chunks(w).enumerate() {
+            if (seen + i) % SAMPLE_STRIDE == 0 && buf.len() < cap {
+                buf.extend_from_slice(row);
+            }
+        }
+    }
+
+    /// Records the block's K (after RoPE) and V values.
+    pub(crate) fn add_kv(&mut self, k: &[f32], v: &[f32]) {
         let absmax = |x: &[f32]| {
             x.par_chunks(1 << 16)
                 .map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())))
                 .reduce(|| 0.0, f32::max)
         };
-        let l = &mut self.layers[layer];
-        l.k_absmax = l.k_absmax.max(absmax(k));
-        l.v_absmax = l.v_absmax.max(absmax(v));
-        Ok(())
+        self.k_absmax = self.k_absmax.max(absmax(k));
+        self.v_absmax = self.v_absmax.max(absmax(v));
     }
 }
 
 impl CalibStats {
-    fn empty(c: &LlamaConfig, info: CalibInfo) -> Self {
+    /// Statistics with nothing recorded yet.
+    pub(crate) fn empty(c: &LlamaConfig, info: CalibInfo) -> Self {
         CalibStats {
             layers: (0..c.num_hidden_layers)
                 .map(|_| LayerStats {

@@ -24,6 +24,10 @@ pub struct Manifest {
     pub int4_weights: Option<String>,
     pub input: InputRecord,
     pub calibration: Option<CalibInfo>,
+    /// What each block was calibrated on (`original` or `quantized`); absent without a pass
+    /// over calibration text, and in manifests written before the block pipeline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calib_inputs: Option<String>,
     pub quantization_config: serde_json::Value,
     pub files: Vec<WrittenFile>,
     pub total_bytes: u64,

@@ -6,21 +6,24 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::calib::{calibrate_for, CalibOptions, CalibStats, Calibration, Imatrix, Needs};
+use crate::calib::{
+    calibrate_stats, BlockCalibration, CalibInputs, CalibOptions, CalibStats, Calibration, Imatrix,
+    Needs,
+};
 use crate::error::{Error, Result};
 use crate::export::gguf::{GgufOptions, GgufReport, GgufSink, ImatrixUse};
-use crate::export::manifest::{InputRecord, LayerAlpha, Manifest, SmoothQuantRecord, TensorError};
-use crate::export::plan::{inputs, kv_scale_names, plan, quantization_config};
+use crate::export::linear::CkSink;
+use crate::export::manifest::{InputRecord, Manifest, SmoothQuantRecord, TensorError};
+use crate::export::pipeline::{export_loop, Sinks};
+use crate::export::plan::{plan, quantization_config};
 use crate::export::target::Target;
 use crate::format::gguf::GgmlType;
 use crate::format::safetensors::{begin_dir, commit_dir, sha256_bytes, ShardedWriter, WrittenFile};
-use crate::model::names::{InputSite, LinearRole, TensorRole};
 use crate::model::synth::MAX_SHARD_BYTES;
 use crate::model::Checkpoint;
-use crate::quant::fp8::{self, Fp8Matrix, ScaleStyle, WeightMode};
+use crate::quant::fp8::WeightMode;
 use crate::quant::int8::Int4Method;
 use crate::quant::recipe::Recipe;
-use crate::quant::smoothquant::{LayerSmoothing, SmoothPlan};
 
 /// GGUF settings shared by every GGUF target.
 #[derive(Debug, Clone, Default)]
@@ -61,6 +64,8 @@ pub struct ExportOptions {
     pub command_line: String,
     /// Convert weights holding NaN or infinite values instead of refusing them.
     pub allow_nonfinite: bool,
+    /// `--calib-inputs`; `None`: each mode's default (see [`ExportOptions::propagation`]).
+    pub calib_inputs: Option<CalibInputs>,
 }
 
 impl ExportOptions {
@@ -94,6 +99,45 @@ impl ExportOptions {
                 || (has(Target::Int8) && self.int8_weights == WeightMode::Gptq)
                 || (has(Target::W4A16) && self.int4_weights == Int4Method::Gptq),
         }
+    }
+
+    /// What blocks are calibrated on, and the target whose quantized blocks make the next
+    /// block's inputs when that is `quantized`. Quantized inputs follow one artifact, so they
+    /// need exactly one checkpoint target that calibrates: with several, every target would
+    /// need its own hidden states and its own pass through each block (and GGUF importance
+    /// matrices from this run are made before any block is quantized), so a run of several
+    /// calibrated targets calibrates on original inputs.
+    pub fn propagation(&self) -> Result<(CalibInputs, Option<Target>)> {
+        let calibrated: Vec<Target> = self
+            .calibrated_targets()
+            .into_iter()
+            .filter(|t| t.mix().is_none())
+            .collect();
+        let single = match calibrated.as_slice() {
+            [t] if !self.gguf_from_calibration() => Some(*t),
+            _ => None,
+        };
+        match (self.calib_inputs, single) {
+            (Some(CalibInputs::Quantized), Some(t)) => Ok((CalibInputs::Quantized, Some(t))),
+            (Some(CalibInputs::Quantized), None) => Err(Error::Invalid(format!(
+                "--calib-inputs quantized calibrates each block on the outputs of one artifact's quantized blocks, so it needs exactly one calibrated checkpoint target (and no GGUF importance matrix from this run); this run calibrates {}",
+                if calibrated.is_empty() {
+                    "none".to_owned()
+                } else {
+                    calibrated.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+                }
+            ))),
+            (Some(CalibInputs::Original), _) | (None, None) => Ok((CalibInputs::Original, None)),
+            (None, Some(t)) => Ok(match self.default_calib_inputs(t) {
+                CalibInputs::Quantized => (CalibInputs::Quantized, Some(t)),
+                CalibInputs::Original => (CalibInputs::Original, None),
+            }),
+        }
+    }
+
+    /// Each mode's default, as measured on SmolLM2 (README, calibration inputs).
+    fn default_calib_inputs(&self, _t: Target) -> CalibInputs {
+        CalibInputs::Original
     }
 
     /// The targets that use this run's calibration statistics.
@@ -142,38 +186,21 @@ pub struct ExportReport {
     /// The calibration used, if any, and the targets that used it.
     pub calibration: Option<crate::calib::CalibInfo>,
     pub calibrated: Vec<Target>,
-    /// Forward passes over calibration text (0 or 1).
+    /// Passes over calibration text (0, 1, or 2 when GGUF importance matrices from this run
+    /// share it with second moments).
     pub calibration_passes: usize,
+    /// What blocks were calibrated on, when a pass ran.
+    pub calib_inputs: Option<CalibInputs>,
     /// Input tensors read (each once) and their bytes.
     pub tensors_read: usize,
     pub bytes_read: u64,
     pub wall_s: f64,
 }
 
-/// A checkpoint artifact being written.
-struct CkSink {
-    target: Target,
-    out: PathBuf,
-    tmp: PathBuf,
-    writer: ShardedWriter,
-    errors: BTreeMap<String, f64>,
-    /// SmoothQuant α per block, for `int8`.
-    alphas: Vec<LayerAlpha>,
-}
-
-/// Every open artifact.
-struct Sinks {
-    ck: Vec<CkSink>,
-    gguf: Vec<(Target, GgufSink)>,
-}
-
-/// Runs the export; `progress(done, total)` counts input bytes converted.
-pub fn run(
-    ck: &Checkpoint,
-    o: &ExportOptions,
-    device: &candle_core::Device,
-    progress: &dyn Fn(u64, u64),
-) -> Result<ExportReport> {
+/// Refuses, before any work, a request that cannot succeed: a quantized input, an output inside
+/// the input, unreadable input files, targets that cannot share a run, outputs in the way, group
+/// sizes that do not divide the layers.
+fn check_request(ck: &Checkpoint, o: &ExportOptions) -> Result<()> {
     if o.targets.is_empty() {
         return Err(Error::Invalid("--to needs at least one target".into()));
     }
@@ -214,6 +241,7 @@ pub fn run(
             "--to int8 and --to w4a16 --int4-weights awq rewrite the norm weights each their own way: convert them in two runs".into(),
         ));
     }
+    o.propagation()?;
     // So is every output path: nothing is calibrated or written when one of them is in the way.
     for &t in &o.targets {
         let p = o.path(t, ck);
@@ -245,38 +273,69 @@ pub fn run(
             }
         }
     }
+    Ok(())
+}
+
+/// The importance matrix GGUF targets use: `--imatrix` (checked before any calibration), or
+/// one made from this run's statistics, which then come from a statistics pass over every
+/// block before the first GGUF tensor is written (the GGUF header records the matrix).
+fn gguf_imatrix(
+    ck: &Checkpoint,
+    o: &ExportOptions,
+    device: &candle_core::Device,
+) -> Result<(Option<ImatrixUse>, Option<Calibration>)> {
+    if let Some(p) = &o.gguf.imatrix {
+        let imatrix = Imatrix::read(p)?;
+        imatrix.check_against(&ck.config, p)?;
+        let file = p.display().to_string();
+        return Ok((Some(ImatrixUse { imatrix, file }), None));
+    }
+    if !o.gguf_from_calibration() {
+        return Ok((None, None));
+    }
+    let cal = calibrate_stats(ck, &o.calib, device)?;
+    let st = cal
+        .stats
+        .as_ref()
+        .ok_or_else(|| Error::Internal("a statistics pass gave no statistics".into()))?;
+    let mut im = Imatrix::from_stats(st);
+    if im.datasets.is_empty() {
+        im.datasets.push(st.info.source.clone());
+    }
+    let file = format!("(computed from {})", st.info.source);
+    Ok((Some(ImatrixUse { imatrix: im, file }), Some(cal)))
+}
+
+/// Runs the export; `progress(done, total)` counts input bytes converted.
+pub fn run(
+    ck: &Checkpoint,
+    o: &ExportOptions,
+    device: &candle_core::Device,
+    progress: &dyn Fn(u64, u64),
+) -> Result<ExportReport> {
+    check_request(ck, o)?;
+    let (inputs_mode, propagate) = o.propagation()?;
     // With several targets `out` is their folder; made when the sinks open, removed again if
     // the export fails and it was ours.
     let out_existed = o.out.exists();
     crate::runtime::tune_allocator();
     let t0 = Instant::now();
-    let imatrix_file = match &o.gguf.imatrix {
-        Some(p) => {
-            // Checked here, before calibration, so a foreign or damaged matrix costs no time.
-            let imatrix = Imatrix::read(p)?;
-            imatrix.check_against(&ck.config, p)?;
-            Some(ImatrixUse {
-                imatrix,
-                file: p.display().to_string(),
-            })
+    let (imatrix, pre) = gguf_imatrix(ck, o, device)?;
+    let src = crate::runtime::load::safetensors::SafetensorsSource::borrowed(ck);
+    let mut needs = o.needs();
+    let mut passes = 0;
+    let mut bc = match pre {
+        Some(cal) => {
+            // The statistics exist already; the pipeline gathers only second moments.
+            passes += cal.passes;
+            needs.stats = false;
+            let mut bc = BlockCalibration::start(ck, &src, &o.calib, needs, inputs_mode, device)?;
+            bc.use_stats(cal.stats, cal.info);
+            bc
         }
-        None => None,
+        None => BlockCalibration::start(ck, &src, &o.calib, needs, inputs_mode, device)?,
     };
-    let cal = calibrate_for(ck, &o.calib, o.needs(), device)?;
-    let imatrix = match (imatrix_file, &cal.stats) {
-        (Some(f), _) => Some(f),
-        (None, Some(st)) if o.gguf_from_calibration() => {
-            let mut im = Imatrix::from_stats(st);
-            if im.datasets.is_empty() {
-                im.datasets.push(st.info.source.clone());
-            }
-            Some(ImatrixUse {
-                imatrix: im,
-                file: format!("(computed from {})", st.info.source),
-            })
-        }
-        _ => None,
-    };
+    passes += usize::from(bc.runs());
     let mut sinks = Sinks {
         ck: Vec::new(),
         gguf: Vec::new(),
@@ -290,37 +349,26 @@ pub fn run(
         // runs over the same, already mapped pages.
         let (looped, input_hashes) = std::thread::scope(|sc| {
             let h = sc.spawn(|| ck.input_hashes_on(false));
-            let looped = export_loop(ck, o, &cal, &mut sinks, progress);
+            let looped = export_loop(ck, o, &mut bc, propagate, &mut sinks, progress);
             let hashes = h
                 .join()
-                .unwrap_or_else(|_| Err(Error::Invalid("input hashing panicked".into())));
+                .unwrap_or_else(|_| Err(Error::Internal("input hashing panicked".into())));
             (looped, hashes)
         });
         let (tensors, bytes) = looped?;
         let input_hashes = input_hashes?;
-        // Finished artifacts with the partial folder each checkpoint still has to be moved from.
-        let mut done: Vec<(Target, Artifact, Option<PathBuf>)> = Vec::new();
-        for s in sinks.ck.drain(..) {
-            let (t, path, tmp) = (s.target, s.out.clone(), s.tmp.clone());
-            let m = finish_ck(ck, o, cal.info.as_ref(), s, &input_hashes, t0)?;
-            let manifest = Box::new(m);
-            done.push((t, Artifact::Checkpoint { path, manifest }, Some(tmp)));
-        }
-        for (t, g) in sinks.gguf.drain(..) {
-            let (path, imatrix) = (g.path().to_owned(), g.imatrix_file());
-            let r = g.finish_then(|file| {
-                let m = GgufRecord {
-                    path: &path,
-                    file,
-                    imatrix,
-                };
-                write_gguf_manifest(o, t, &m, cal.stats.as_ref(), ck, &input_hashes, t0)
-            })?;
-            done.push((t, Artifact::Gguf(r), None));
-        }
-        Ok((tensors, bytes, done))
+        let (stats, info) = bc.finish()?;
+        let cal = Finished {
+            stats: stats.as_ref(),
+            info: info.as_ref(),
+            inputs: inputs_mode,
+            hashes: &input_hashes,
+            t0,
+        };
+        let done = finish_all(ck, o, &cal, &mut sinks)?;
+        Ok((tensors, bytes, done, info))
     });
-    let (tensors_read, bytes_read, done) = match result {
+    let (tensors_read, bytes_read, done, info) = match result {
         Ok(v) => v,
         Err(e) => {
             // GGUF sinks remove their temporary files when dropped.
@@ -346,17 +394,56 @@ pub fn run(
     artifacts.sort_by_key(|(t, _)| o.targets.iter().position(|x| x == t));
     Ok(ExportReport {
         artifacts,
-        calibration: cal.info.clone(),
-        calibrated: if cal.info.is_some() {
+        calibrated: if info.is_some() {
             o.calibrated_targets()
         } else {
             Vec::new()
         },
-        calibration_passes: cal.passes,
+        calibration: info,
+        calibration_passes: passes,
+        calib_inputs: (passes > 0).then_some(inputs_mode),
         tensors_read,
         bytes_read,
         wall_s: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// What the finished calibration gives the manifests.
+struct Finished<'a> {
+    stats: Option<&'a CalibStats>,
+    info: Option<&'a crate::calib::CalibInfo>,
+    inputs: CalibInputs,
+    hashes: &'a [(String, String)],
+    t0: Instant,
+}
+
+/// Finishes every sink: checkpoint folders get their config, copied files and manifest (still
+/// under their partial names), GGUF files their sidecar manifest and final name.
+fn finish_all(
+    ck: &Checkpoint,
+    o: &ExportOptions,
+    cal: &Finished<'_>,
+    sinks: &mut Sinks,
+) -> Result<Vec<(Target, Artifact, Option<PathBuf>)>> {
+    let mut done: Vec<(Target, Artifact, Option<PathBuf>)> = Vec::new();
+    for s in sinks.ck.drain(..) {
+        let (t, path, tmp) = (s.target, s.out.clone(), s.tmp.clone());
+        let manifest = Box::new(finish_ck(ck, o, cal, s)?);
+        done.push((t, Artifact::Checkpoint { path, manifest }, Some(tmp)));
+    }
+    for (t, g) in sinks.gguf.drain(..) {
+        let (path, imatrix) = (g.path().to_owned(), g.imatrix_file());
+        let r = g.finish_then(|file| {
+            let m = GgufRecord {
+                path: &path,
+                file,
+                imatrix,
+            };
+            write_gguf_manifest(o, t, &m, cal.stats, ck, cal.hashes, cal.t0)
+        })?;
+        done.push((t, Artifact::Gguf(r), None));
+    }
+    Ok(done)
 }
 
 fn open_sinks(
@@ -411,27 +498,6 @@ fn open_sinks(
     Ok(())
 }
 
-fn bf16_bytes(v: &[f32]) -> Vec<u8> {
-    crate::numerics::convert::f32_to_bf16_bytes(v)
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// compressed-tensors' static observer: `bf16(absmax / 448)`.
-fn fp8_static_scale(absmax: f32) -> f32 {
-    let s = crate::numerics::fp8::round_bf16(absmax / crate::numerics::fp8::E4M3_MAX);
-    if s == 0.0 {
-        0.0078125
-    } else {
-        s
-    }
-}
-
-/// A GPTQ factor cached for one (layer, site): key, E[x xᵀ], inverse factor.
-type GptqFactor = ((usize, usize), Vec<f64>, crate::quant::gptq::GptqPlan);
-
 /// Whether `path` (which need not exist yet) lies inside folder `dir`, links resolved.
 fn is_inside(path: &std::path::Path, dir: &std::path::Path) -> bool {
     let Ok(dir) = dir.canonicalize() else {
@@ -454,411 +520,6 @@ fn is_inside(path: &std::path::Path, dir: &std::path::Path) -> bool {
         }
     }
     existing.canonicalize().is_ok_and(|e| e.starts_with(&dir))
-}
-
-/// Streams every input tensor once to every sink; returns the tensors and bytes read.
-fn export_loop(
-    ck: &Checkpoint,
-    o: &ExportOptions,
-    cal: &Calibration,
-    sinks: &mut Sinks,
-    progress: &dyn Fn(u64, u64),
-) -> Result<(usize, u64)> {
-    let stats = cal.stats.as_ref();
-    let hessians = cal.hessians.as_ref();
-    let items = inputs(ck);
-    // GPTQ factor of the last (layer, site): q/k/v and gate/up share one.
-    let mut factor: Option<GptqFactor> = None;
-    // The same for the smoothed inputs INT8 weights see.
-    let mut int8_factor: Option<((usize, usize), crate::quant::gptq::GptqPlan)> = None;
-    // Progress counts input bytes: what a user can compare with the checkpoint's size.
-    let stored = |name: &str| {
-        ck.info(name).map_or(0, |(_, t)| {
-            (t.shape.iter().product::<usize>() * t.dtype.size()) as u64
-        })
-    };
-    let total: u64 = items.iter().map(|s| stored(&s.name)).sum();
-    let mut done = 0u64;
-    // The clock of the caller's rate and ETA starts here, not after the first tensor.
-    progress(0, total);
-    let mut bytes_read = 0u64;
-    // INT8 (SmoothQuant) and W4A16 with AWQ rewrite the norms, each its own way; the two are
-    // refused together before any work (see `run`).
-    let awq = o.int4_weights == Int4Method::Awq && o.targets.contains(&Target::W4A16);
-    let want_smooth = awq || sinks.ck.iter().any(|s| s.target == Target::Int8);
-    let mut smooth: Option<LayerSmoothing> = None;
-    // NVFP4: layers reading one input (q/k/v, gate/up) share one per-tensor scale, taken from
-    // the largest magnitude among them, as vLLM requires of fused projections.
-    let want_group_absmax = sinks.ck.iter().any(|s| s.target.nvfp4().is_some());
-    let mut group_absmax: Option<((usize, usize), f32)> = None;
-    for spec in &items {
-        let (name, shape) = (&spec.name, &spec.shape);
-        let norm_of = spec.role.norm_site();
-        if let (true, Some(l)) = (want_smooth, spec.role.layer()) {
-            if smooth.as_ref().map(|s| s.layer) != Some(l) {
-                let st = stats.ok_or_else(|| {
-                    Error::Invalid("int8 and w4a16 with awq need calibration".into())
-                })?;
-                let plan = match Target::W4A16.group(o.group_size) {
-                    Some(g) if awq => SmoothPlan::awq(g),
-                    _ => SmoothPlan::from_alpha(o.smooth_alpha),
-                };
-                let sm = LayerSmoothing::compute(ck, &st.activations(l), l, plan)?;
-                let sites: BTreeMap<String, f64> = InputSite::ALL
-                    .into_iter()
-                    .filter_map(|site| sm.alpha(site).map(|a| (site.name().to_owned(), a)))
-                    .collect();
-                for s in sinks
-                    .ck
-                    .iter_mut()
-                    .filter(|s| s.target == Target::Int8 || (awq && s.target == Target::W4A16))
-                {
-                    s.alphas.push(LayerAlpha {
-                        layer: l,
-                        sites: sites.clone(),
-                    });
-                }
-                smooth = Some(sm);
-            }
-        }
-        let (f, info) = ck.info(name).expect("listed");
-        if !o.allow_nonfinite {
-            let raw = f.bytes(name).expect("listed");
-            if let Some(i) = crate::numerics::convert::first_nonfinite(raw, info.dtype) {
-                return Err(Error::format(
-                    &f.path,
-                    format!(
-                        "tensor `{name}`: value {i} (flat index) is NaN or infinite; pass --allow-nonfinite to convert it anyway"
-                    ),
-                ));
-            }
-        }
-        bytes_read += (info.shape.iter().product::<usize>() * info.dtype.size()) as u64;
-        match spec.role {
-            TensorRole::Linear(layer, r) => {
-                // GGUF files that keep the stored dtype take the bytes as they are; the f32
-                // values are made only when some target needs them.
-                let mut f32_gguf = Vec::new();
-                for (gi, (_, g)) in sinks.gguf.iter_mut().enumerate() {
-                    if !g.write_same_dtype(ck, name)? {
-                        f32_gguf.push(gi);
-                    }
-                }
-                if sinks.ck.is_empty() && f32_gguf.is_empty() {
-                    ck.release(name);
-                    done += stored(name);
-                    progress(done, total);
-                    continue;
-                }
-                let key = (layer, r.site().index());
-                if want_group_absmax && group_absmax.map(|g| g.0) != Some(key) {
-                    let mut m = 0f32;
-                    for r2 in LinearRole::ALL
-                        .into_iter()
-                        .filter(|r2| r2.site() == r.site())
-                    {
-                        let n2 = crate::model::names::hf_linear(layer, r2);
-                        let (f2, i2) = ck.info(&n2).expect("validated");
-                        let raw = f2.bytes(&n2).expect("listed");
-                        m = m.max(crate::numerics::convert::absmax(raw, i2.dtype).unwrap_or(0.0));
-                    }
-                    group_absmax = Some((key, m));
-                }
-                let w = ck.read_f32(name)?;
-                // FP8 weights computed once per scale layout; targets share them.
-                let mut cache: Vec<(ScaleStyle, Fp8Matrix, f64)> = Vec::new();
-                for s in sinks.ck.iter_mut() {
-                    let ctx = LinearCtx {
-                        o,
-                        stats,
-                        hessians,
-                        smooth: smooth.as_ref(),
-                        name,
-                        shape,
-                        layer,
-                        role: r,
-                        group_absmax: group_absmax.map(|g| g.1),
-                    };
-                    write_linear(&ctx, s, &w, &mut cache, &mut factor, &mut int8_factor)?;
-                }
-                for gi in f32_gguf {
-                    sinks.gguf[gi].1.write_f32(name, &w)?;
-                }
-            }
-            _ => {
-                let bytes = f.bytes(name).expect("listed");
-                for s in sinks.ck.iter_mut() {
-                    match (s.target, norm_of, smooth.as_ref()) {
-                        (t, Some((_, site)), Some(sm))
-                            if t == Target::Int8 || (awq && t == Target::W4A16) =>
-                        {
-                            let g = ck.read_f32(name)?;
-                            s.writer
-                                .write(name, &bf16_bytes(&sm.smooth_norm(site, &g)))?;
-                        }
-                        _ => s.writer.write(name, bytes)?,
-                    }
-                }
-                for (_, g) in sinks.gguf.iter_mut() {
-                    if !g.write_same_dtype(ck, name)? {
-                        g.write_stored(ck, name)?;
-                    }
-                }
-            }
-        }
-        ck.release(name);
-        done += stored(name);
-        progress(done, total);
-    }
-    Ok((items.len(), bytes_read))
-}
-
-/// What writing one linear weight needs to know.
-struct LinearCtx<'a> {
-    o: &'a ExportOptions,
-    stats: Option<&'a CalibStats>,
-    hessians: Option<&'a crate::calib::hessian::Hessians>,
-    smooth: Option<&'a LayerSmoothing>,
-    name: &'a str,
-    shape: &'a [usize],
-    layer: usize,
-    role: LinearRole,
-    /// The largest weight magnitude among the layers sharing this layer's input (NVFP4).
-    group_absmax: Option<f32>,
-}
-
-/// Quantizes linear weight `w` for checkpoint sink `s` and writes its tensors.
-fn write_linear(
-    c: &LinearCtx<'_>,
-    s: &mut CkSink,
-    w: &[f32],
-    cache: &mut Vec<(ScaleStyle, Fp8Matrix, f64)>,
-    factor: &mut Option<GptqFactor>,
-    int8_factor: &mut Option<((usize, usize), crate::quant::gptq::GptqPlan)>,
-) -> Result<()> {
-    let (name, cols, layer, r) = (c.name, c.shape[1], c.layer, c.role);
-    let stem = name.strip_suffix(".weight").expect("weight");
-    match s.target {
-        Target::Int8 => {
-            let sm = c.smooth.expect("computed for this layer");
-            let ws = sm.smooth_weight(r, w, cols);
-            let m = match (c.o.int8_weights, c.hessians) {
-                (WeightMode::Gptq, Some(h)) => {
-                    let key = (layer, r.site().index());
-                    if int8_factor.as_ref().map(|f| f.0) != Some(key) {
-                        // Second moments of the smoothed input x/s.
-                        let n = h.count.max(1) as f64;
-                        let s = sm.factors[key.1].as_deref();
-                        let f = |j: usize| s.map_or(1.0, |s| s[j] as f64);
-                        let mean: Vec<f64> = h.sums[key.0][key.1]
-                            .iter()
-                            .enumerate()
-                            .map(|(ij, v)| v / n / (f(ij / cols) * f(ij % cols)))
-                            .collect();
-                        let u = crate::quant::gptq::GptqPlan::new(&mean, cols, 0.01)?;
-                        *int8_factor = Some((key, u));
-                    }
-                    let (_, u) = int8_factor.as_ref().expect("just set");
-                    crate::quant::int8::quantize_gptq(&ws, cols, u)
-                }
-                _ => crate::quant::int8::quantize(&ws, cols, None),
-            };
-            s.errors.insert(name.to_owned(), m.relative_rms(&ws, cols));
-            let bytes: Vec<u8> = m.q.iter().map(|&v| v as u8).collect();
-            s.writer.write(name, &bytes)?;
-            s.writer
-                .write(&format!("{stem}.weight_scale"), &bf16_bytes(&m.scales))?;
-        }
-        Target::Int8W8A16 => {
-            let m = crate::quant::int8::quantize(w, cols, c.o.group_size);
-            write_packed(s, name, c.shape, w, &m, 8)?;
-        }
-        Target::W4A16 => {
-            let group = s.target.group(c.o.group_size);
-            let m = match (c.o.int4_weights, c.hessians) {
-                (Int4Method::Gptq, Some(h)) => {
-                    let key = (layer, r.site().index());
-                    if factor.as_ref().map(|f| f.0) != Some(key) {
-                        let n = h.count.max(1) as f64;
-                        let mean: Vec<f64> = h.sums[key.0][key.1].iter().map(|v| v / n).collect();
-                        let u = crate::quant::gptq::GptqPlan::with_shrink(
-                            &mean,
-                            cols,
-                            0.01,
-                            crate::quant::int8::W4A16_GPTQ_SHRINK,
-                        )?;
-                        *factor = Some((key, mean, u));
-                    }
-                    let (_, mean, u) = factor.as_ref().expect("just set");
-                    // Group scales searched under what each column's error costs after the
-                    // feedback, then refitted to the codes under the full second moments.
-                    let imp = u.error_weights();
-                    crate::quant::int8::quantize_gptq_bits(
-                        w,
-                        cols,
-                        group,
-                        u,
-                        4,
-                        Some(&imp),
-                        Some(mean),
-                    )
-                }
-                (Int4Method::Awq, _) => {
-                    let sm = c.smooth.expect("computed for this layer");
-                    let ws = sm.smooth_weight(r, w, cols);
-                    // AWQ's clipping step: group scales searched under the importance of the
-                    // scaled inputs x / s, E[x²] / s².
-                    let st = c.stats.expect("AWQ calibrates");
-                    let mut imp = st.site(layer, r.site()).mean_sq();
-                    if let Some(f) = sm.factors[r.site().index()].as_deref() {
-                        for (i, &f) in imp.iter_mut().zip(f) {
-                            *i /= (f as f64) * (f as f64);
-                        }
-                    }
-                    let scales = crate::quant::int8::searched_scales(&ws, cols, group, 4, &imp);
-                    let m = crate::quant::int8::quantize_with_scales(&ws, cols, group, 4, scales);
-                    // The error is against the scaled weights the codes stand for.
-                    return write_packed(s, name, c.shape, &ws, &m, 4);
-                }
-                _ => crate::quant::int8::quantize_bits(w, cols, group, 4),
-            };
-            write_packed(s, name, c.shape, w, &m, 4)?;
-        }
-        Target::Fp8 | Target::Fp8Static | Target::Fp8ModelOpt => {
-            let style = s.target.style();
-            if !cache.iter().any(|(st, _, _)| *st == style) {
-                let m = fp8_weights(c, style, w, factor)?;
-                let err = m.relative_rms(w, c.shape[1]);
-                cache.push((style, m, err));
-            }
-            let (_, m, err) = cache
-                .iter()
-                .find(|(st, _, _)| *st == style)
-                .expect("cached");
-            s.errors.insert(name.to_owned(), *err);
-            s.writer.write(name, &m.codes)?;
-            match s.target {
-                Target::Fp8 => s
-                    .writer
-                    .write(&format!("{stem}.weight_scale"), &bf16_bytes(&m.scales))?,
-                Target::Fp8Static => {
-                    s.writer
-                        .write(&format!("{stem}.weight_scale"), &bf16_bytes(&m.scales))?;
-                    let st = c
-                        .stats
-                        .ok_or_else(|| Error::Invalid("fp8-static needs calibration".into()))?;
-                    // q/k/v (and gate/up) share one input, so the per-tensor scale is already
-                    // the max over the fused group that runtimes take.
-                    let scale = fp8_static_scale(st.site(layer, r.site()).tensor_absmax());
-                    s.writer
-                        .write(&format!("{stem}.input_scale"), &bf16_bytes(&[scale]))?;
-                    if r == LinearRole::V {
-                        let ls = &st.layers[layer];
-                        let [kn, vn] = kv_scale_names(layer);
-                        s.writer
-                            .write(&kn, &bf16_bytes(&[fp8_static_scale(ls.k_absmax)]))?;
-                        s.writer
-                            .write(&vn, &bf16_bytes(&[fp8_static_scale(ls.v_absmax)]))?;
-                    }
-                }
-                _ => s
-                    .writer
-                    .write(&format!("{stem}.weight_scale"), &f32_bytes(&m.scales))?,
-            }
-        }
-        Target::Nvfp4 | Target::Nvfp4A16 | Target::Nvfp4ModelOpt => {
-            use crate::quant::nvfp4;
-            let flavor = s.target.nvfp4().expect("NVFP4 target");
-            let amax = c.group_absmax.expect("computed for NVFP4 sinks");
-            let m = nvfp4::quantize(w, cols, nvfp4::tensor_scale(amax, flavor), flavor);
-            s.errors.insert(name.to_owned(), m.relative_rms(w, cols));
-            let modelopt = flavor == nvfp4::Flavor::ModelOpt;
-            let packed = if modelopt {
-                name.to_owned()
-            } else {
-                format!("{stem}.weight_packed")
-            };
-            s.writer.write(&packed, &m.packed)?;
-            s.writer.write(&format!("{stem}.weight_scale"), &m.scales)?;
-            let tensor = if modelopt {
-                "weight_scale_2"
-            } else {
-                "weight_global_scale"
-            };
-            s.writer
-                .write(&format!("{stem}.{tensor}"), &f32_bytes(&[m.tensor]))?;
-            if s.target.nvfp4_activations() {
-                let st = c
-                    .stats
-                    .ok_or_else(|| Error::Invalid(format!("{} needs calibration", s.target)))?;
-                // q/k/v (and gate/up) read one input: one scale serves the fused group.
-                let a = nvfp4::input_scale(st.site(layer, r.site()).tensor_absmax(), flavor);
-                let input = if modelopt {
-                    "input_scale"
-                } else {
-                    "input_global_scale"
-                };
-                s.writer
-                    .write(&format!("{stem}.{input}"), &f32_bytes(&[a]))?;
-            }
-        }
-        Target::Gguf(_) => unreachable!("GGUF targets have their own sinks"),
-    }
-    Ok(())
-}
-
-/// Writes a `pack-quantized` layer (formats/int8.md#w8a16, #w4a16): `bits`-bit codes packed
-/// into int32 words, the bf16 scales, the logical shape; records the layer's error.
-fn write_packed(
-    s: &mut CkSink,
-    name: &str,
-    shape: &[usize],
-    w: &[f32],
-    m: &crate::quant::int8::Int8Matrix,
-    bits: u32,
-) -> Result<()> {
-    let stem = name.strip_suffix(".weight").expect("weight");
-    let cols = shape[1];
-    s.errors.insert(name.to_owned(), m.relative_rms(w, cols));
-    s.writer.write(
-        &format!("{stem}.weight_packed"),
-        &crate::quant::int8::pack_bits(&m.q, cols, bits),
-    )?;
-    s.writer
-        .write(&format!("{stem}.weight_scale"), &bf16_bytes(&m.scales))?;
-    let dims: Vec<u8> = [shape[0] as i64, cols as i64]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    s.writer.write(&format!("{stem}.weight_shape"), &dims)
-}
-
-/// FP8 weights of one linear layer under `style` (RTN, clipping search or GPTQ).
-fn fp8_weights(
-    c: &LinearCtx<'_>,
-    style: ScaleStyle,
-    w: &[f32],
-    factor: &mut Option<GptqFactor>,
-) -> Result<Fp8Matrix> {
-    let cols = c.shape[1];
-    let m = match (c.o.fp8_weights, c.hessians) {
-        (WeightMode::Gptq, Some(h)) => {
-            let key = (c.layer, c.role.site().index());
-            if factor.as_ref().map(|f| f.0) != Some(key) {
-                let n = h.count.max(1) as f64;
-                let mean: Vec<f64> = h.sums[key.0][key.1].iter().map(|v| v / n).collect();
-                let u = crate::quant::gptq::GptqPlan::new(&mean, cols, 0.01)?;
-                *factor = Some((key, mean, u));
-            }
-            let (_, mean, u) = factor.as_ref().expect("just set");
-            fp8::quantize_gptq(w, cols, style, mean, u)
-        }
-        (mode, _) => {
-            let importance = c.stats.map(|st| st.site(c.layer, c.role.site()).mean_sq());
-            fp8::quantize(w, cols, style, mode, importance.as_deref())
-        }
-    };
-    Ok(m)
 }
 
 const COPIED_FILES: [&str; 5] = [
@@ -915,10 +576,8 @@ fn write_gguf_manifest(
 fn finish_ck(
     ck: &Checkpoint,
     o: &ExportOptions,
-    calibration: Option<&crate::calib::CalibInfo>,
+    cal: &Finished<'_>,
     s: CkSink,
-    input_hashes: &[(String, String)],
-    t0: Instant,
 ) -> Result<Manifest> {
     let mut files: Vec<WrittenFile> = s.writer.finish()?;
     let write = |name: &str, text: String, files: &mut Vec<WrittenFile>| -> Result<()> {
@@ -940,40 +599,10 @@ fn finish_ck(
         serde_json::to_string_pretty(&cfg).expect("json") + "\n",
         &mut files,
     )?;
-    if matches!(s.target, Target::Fp8ModelOpt | Target::Nvfp4ModelOpt) {
-        let quantization = if s.target == Target::Nvfp4ModelOpt {
-            serde_json::json!({"quant_algo": "NVFP4", "kv_cache_quant_algo": null,
-                               "group_size": crate::quant::nvfp4::GROUP,
-                               "exclude_modules": ["lm_head", "model.embed_tokens"]})
-        } else {
-            serde_json::json!({"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN", "kv_cache_quant_algo": null,
-                               "exclude_modules": ["lm_head"]})
-        };
-        let hq = serde_json::json!({
-            "producer": {"name": "minitron", "version": crate::VERSION},
-            "quantization": quantization,
-        });
-        write(
-            "hf_quant_config.json",
-            serde_json::to_string_pretty(&hq).expect("json") + "\n",
-            &mut files,
-        )?;
+    if let Some(text) = modelopt_config(s.target) {
+        write("hf_quant_config.json", text, &mut files)?;
     }
-    for f in COPIED_FILES {
-        let src = ck.dir.join(f);
-        if src.exists() {
-            let dst = s.tmp.join(f);
-            std::fs::copy(&src, &dst).map_err(|e| Error::io(&dst, e))?;
-            let sha = crate::model::checkpoint::sha256_file(&dst)?;
-            files.push(WrittenFile {
-                file: f.into(),
-                bytes: std::fs::metadata(&dst)
-                    .map_err(|e| Error::io(&dst, e))?
-                    .len(),
-                sha256: sha,
-            });
-        }
-    }
+    copy_side_files(ck, &s.tmp, &mut files)?;
     let manifest = Manifest {
         tool: "minitron-convert".into(),
         version: crate::VERSION.into(),
@@ -984,9 +613,10 @@ fn finish_ck(
         int4_weights: (s.target == Target::W4A16).then(|| o.int4_weights.name().into()),
         input: InputRecord {
             dir: ck.dir.display().to_string(),
-            sha256: input_hashes.iter().cloned().collect(),
+            sha256: cal.hashes.iter().cloned().collect(),
         },
-        calibration: calibration.cloned(),
+        calibration: cal.info.cloned(),
+        calib_inputs: cal.info.map(|_| cal.inputs.name().to_owned()),
         quantization_config: qc,
         total_bytes: files.iter().map(|f| f.bytes).sum(),
         files,
@@ -1001,10 +631,55 @@ fn finish_ck(
             }
         }),
         tensor_error: TensorError::new(s.errors),
-        wall_s: t0.elapsed().as_secs_f64(),
+        wall_s: cal.t0.elapsed().as_secs_f64(),
     };
     let text = serde_json::to_string_pretty(&manifest).expect("json") + "\n";
     let p = s.tmp.join(crate::export::manifest::MANIFEST_FILE);
     std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
     Ok(manifest)
+}
+
+/// ModelOpt's `hf_quant_config.json` for its targets.
+fn modelopt_config(t: Target) -> Option<String> {
+    let quantization = match t {
+        Target::Nvfp4ModelOpt => {
+            serde_json::json!({"quant_algo": "NVFP4", "kv_cache_quant_algo": null,
+                               "group_size": crate::quant::nvfp4::GROUP,
+                               "exclude_modules": ["lm_head", "model.embed_tokens"]})
+        }
+        Target::Fp8ModelOpt => {
+            serde_json::json!({"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN", "kv_cache_quant_algo": null,
+                               "exclude_modules": ["lm_head"]})
+        }
+        _ => return None,
+    };
+    let hq = serde_json::json!({
+        "producer": {"name": "minitron", "version": crate::VERSION},
+        "quantization": quantization,
+    });
+    Some(serde_json::to_string_pretty(&hq).expect("json") + "\n")
+}
+
+/// Copies the tokenizer and generation files the input has into folder `dir`.
+fn copy_side_files(
+    ck: &Checkpoint,
+    dir: &std::path::Path,
+    files: &mut Vec<WrittenFile>,
+) -> Result<()> {
+    for f in COPIED_FILES {
+        let src = ck.dir.join(f);
+        if src.exists() {
+            let dst = dir.join(f);
+            std::fs::copy(&src, &dst).map_err(|e| Error::io(&dst, e))?;
+            let sha = crate::model::checkpoint::sha256_file(&dst)?;
+            files.push(WrittenFile {
+                file: f.into(),
+                bytes: std::fs::metadata(&dst)
+                    .map_err(|e| Error::io(&dst, e))?
+                    .len(),
+                sha256: sha,
+            });
+        }
+    }
+    Ok(())
 }

@@ -492,10 +492,41 @@ impl<'a> Streamed<'a> {
         obs: Option<&mut dyn Observer>,
         on_tokens: &dyn Fn(u64),
     ) -> Result<()> {
+        let blk = self.next_stored()?;
+        self.run(&blk, obs, true, on_tokens)
+    }
+
+    /// The next block as the source stores it (its mapped pages released once loaded).
+    pub fn next_stored(&self) -> Result<Block> {
         let l = self.next_block;
         let blk = self.src.block(l, self.dtype, &self.device, self.opts)?;
         // The block owns what it runs on (packed panels or tensors): the mapped pages can go.
         self.src.release_block(l);
+        Ok(blk)
+    }
+
+    /// Index of the next block to run.
+    pub fn next_index(&self) -> usize {
+        self.next_block
+    }
+
+    /// The matmul dtype and device blocks run with.
+    pub fn dtype_device(&self) -> (DType, &Device) {
+        (self.dtype, &self.device)
+    }
+
+    /// Runs `blk` as the next block over every group (`obs` sees each group's sites in order).
+    /// With `commit` its outputs replace the residual streams and the next block comes up;
+    /// without, the outputs are dropped (an observation-only pass) and the same block index
+    /// runs again next.
+    pub fn run(
+        &mut self,
+        blk: &Block,
+        obs: Option<&mut dyn Observer>,
+        commit: bool,
+        on_tokens: &dyn Fn(u64),
+    ) -> Result<()> {
+        let l = self.next_block;
         let c = self.src.config();
         let mut obs = obs;
         for x in self.groups.iter_mut() {
@@ -510,11 +541,24 @@ impl<'a> Streamed<'a> {
                 t,
                 total: t,
             };
-            *x = blk.forward(l, x.clone(), &p, None, &mut obs)?;
+            let y = blk.forward(l, x.clone(), &p, None, &mut obs)?;
+            if commit {
+                *x = y;
+            }
             on_tokens((b * t) as u64);
         }
-        self.next_block += 1;
+        if commit {
+            self.next_block += 1;
+        }
         Ok(())
+    }
+
+    /// Bytes the residual streams hold.
+    pub fn state_bytes(&self) -> u64 {
+        self.groups
+            .iter()
+            .map(|g| (g.elem_count() * g.dtype().size_in_bytes()) as u64)
+            .sum()
     }
 
     /// Keeps positions `from..` of every group (what the head will read).
