@@ -220,10 +220,14 @@ pub fn quantize_gptq_bits(
         ((q * s) as f64, q as i8 as u8)
     });
     let q: Vec<i8> = codes.into_iter().map(|c| c as i8).collect();
+    let tr = std::time::Instant::now();
     let scales = match refit {
         Some(h) => refit_scales(w, cols, g, &q, scales, h),
         None => scales,
     };
+    if std::env::var_os("MINITRON_TRACE").is_some() {
+        eprintln!("  refit {:.2}s", tr.elapsed().as_secs_f64());
+    }
     Int8Matrix { q, scales, groups }
 }
 
@@ -242,66 +246,128 @@ pub fn refit_scales(
 ) -> Vec<f32> {
     let groups = cols / g;
     let mut out = scales;
-    out.par_chunks_mut(groups).enumerate().for_each(|(r, so)| {
-        let wr = &w[r * cols..(r + 1) * cols];
-        let qr = &q[r * cols..(r + 1) * cols];
-        // hq[a][j] = (H q_a)_j: H times group a's codes (zero outside the group).
-        let mut hq = vec![0f64; groups * cols];
-        for a in 0..groups {
-            let row = &mut hq[a * cols..(a + 1) * cols];
-            for k in a * g..(a + 1) * g {
-                let qk = qr[k] as f64;
-                if qk == 0.0 {
-                    continue;
-                }
-                let hk = &h[k * cols..(k + 1) * cols];
-                for (x, &hv) in row.iter_mut().zip(hk) {
-                    *x += qk * hv;
-                }
-            }
-        }
-        let mut m = vec![0f64; groups * groups];
-        let mut b = vec![0f64; groups];
-        for a in 0..groups {
-            let ha = &hq[a * cols..(a + 1) * cols];
-            b[a] = ha.iter().zip(wr).map(|(&x, &v)| x * v as f64).sum();
-            for c in 0..groups {
-                m[a * groups + c] = (c * g..(c + 1) * g).map(|k| ha[k] * qr[k] as f64).sum();
-            }
-        }
-        // The error up to the constant wᵀHw, from the normal equations' own terms:
-        // (w − Q s)ᵀ H (w − Q s) = wᵀHw − 2 sᵀ b + sᵀ M s (O(groups²), not O(cols²)).
-        let (m0, b0) = (m.clone(), b.clone());
-        let err = |s: &[f32]| -> f64 {
-            let mut t = 0.0;
-            for a in 0..groups {
-                let sa = s[a] as f64;
-                t -= 2.0 * sa * b0[a];
-                for c in 0..groups {
-                    t += sa * m0[a * groups + c] * s[c] as f64;
-                }
-            }
-            t
-        };
-        if let Some(sol) = solve(&mut m, &mut b, groups) {
-            let cand: Vec<f32> = sol
+    // Rows in tiles: each group's rows of H are read once per tile, not once per row.
+    out.par_chunks_mut(groups * REFIT_ROWS)
+        .enumerate()
+        .for_each(|(t, so_tile)| {
+            let r0 = t * REFIT_ROWS;
+            let nr = so_tile.len() / groups;
+            let qf: Vec<f64> = q[r0 * cols..(r0 + nr) * cols]
                 .iter()
-                .zip(so.iter())
-                .map(|(&v, &old)| {
-                    let v = round_bf16(v as f32);
-                    if v > 0.0 && v.is_finite() {
-                        v
-                    } else {
-                        old
-                    }
-                })
+                .map(|&v| v as f64)
                 .collect();
-            if err(&cand) < err(so) {
-                so.copy_from_slice(&cand);
+            let (m_all, b_all) = normal_equations(&qf, &w[r0 * cols..(r0 + nr) * cols], cols, g, h);
+            for (r, so) in so_tile.chunks_mut(groups).enumerate() {
+                let m = &m_all[r * groups * groups..(r + 1) * groups * groups];
+                let b = &b_all[r * groups..(r + 1) * groups];
+                refit_row(so, m, b, groups);
+            }
+        });
+    out
+}
+
+/// Rows refitted together (see [`refit_scales`]).
+const REFIT_ROWS: usize = 16;
+
+/// The normal equations of [`refit_scales`] for every row of a tile: `M = Qᵀ H Q`
+/// (`[rows, groups, groups]`) and `b = Qᵀ H w` (`[rows, groups]`), with `Q` the row's codes of
+/// each group in its own column. Group `c`'s block of `H`'s rows is read once for the tile:
+/// `y = H q_c` for every row, then `M[a][c] = q_aᵀ y` and `b[c] = wᵀ y` (H is symmetric).
+fn normal_equations(
+    qf: &[f64],
+    w: &[f32],
+    cols: usize,
+    g: usize,
+    h: &[f64],
+) -> (Vec<f64>, Vec<f64>) {
+    let groups = cols / g;
+    let nr = qf.len() / cols;
+    let mut m = vec![0f64; nr * groups * groups];
+    let mut b = vec![0f64; nr * groups];
+    let mut y = vec![0f64; nr * cols];
+    for c in 0..groups {
+        let hc = &h[c * g * cols..(c + 1) * g * cols];
+        y.iter_mut().for_each(|v| *v = 0.0);
+        moments_times_codes(&mut y, qf, hc, cols, c * g, g);
+        for r in 0..nr {
+            let yr = &y[r * cols..(r + 1) * cols];
+            let qr = &qf[r * cols..(r + 1) * cols];
+            let wr = &w[r * cols..(r + 1) * cols];
+            for a in 0..groups {
+                m[(r * groups + a) * groups + c] =
+                    (a * g..(a + 1) * g).map(|k| qr[k] * yr[k]).sum();
+            }
+            b[r * groups + c] = yr.iter().zip(wr).map(|(&x, &v)| x * v as f64).sum();
+        }
+    }
+    (m, b)
+}
+
+multiversion! {
+    /// `y_r += Σ_j q_r[j0 + j] · hc[j]` over the `g` rows `hc[j]` of `H` (each `cols` long), for
+    /// every row `r` of the tile; four rows of `H` per sweep over `y`.
+    fn moments_times_codes(y: &mut [f64], qf: &[f64], hc: &[f64], cols: usize, j0: usize, g: usize) {
+        let mut j = 0;
+        while j < g {
+            let jn = (j + 4).min(g);
+            for (yr, qr) in y.chunks_mut(cols).zip(qf.chunks(cols)) {
+                if jn - j == 4 {
+                    let (a, b, c, d) = (qr[j0 + j], qr[j0 + j + 1], qr[j0 + j + 2], qr[j0 + j + 3]);
+                    let h0 = &hc[j * cols..(j + 1) * cols];
+                    let h1 = &hc[(j + 1) * cols..(j + 2) * cols];
+                    let h2 = &hc[(j + 2) * cols..(j + 3) * cols];
+                    let h3 = &hc[(j + 3) * cols..(j + 4) * cols];
+                    for ((((v, &x0), &x1), &x2), &x3) in yr.iter_mut().zip(h0).zip(h1).zip(h2).zip(h3) {
+                        *v += (a * x0 + b * x1) + (c * x2 + d * x3);
+                    }
+                } else {
+                    for jj in j..jn {
+                        let a = qr[j0 + jj];
+                        for (v, &x) in yr.iter_mut().zip(&hc[jj * cols..(jj + 1) * cols]) {
+                            *v += a * x;
+                        }
+                    }
+                }
+            }
+            j = jn;
+        }
+    }
+}
+
+/// One row's refit from its normal equations `m s = b`: the solution rounded to bf16 where it
+/// lowers `(w − Q s)ᵀ H (w − Q s)`; the row's scales `so` are kept otherwise.
+fn refit_row(so: &mut [f32], m: &[f64], b: &[f64], groups: usize) {
+    // The error up to the constant wᵀHw, from the normal equations' own terms:
+    // (w − Q s)ᵀ H (w − Q s) = wᵀHw − 2 sᵀ b + sᵀ M s (O(groups²), not O(cols²)).
+    let err = |s: &[f32]| -> f64 {
+        let mut t = 0.0;
+        for a in 0..groups {
+            let sa = s[a] as f64;
+            t -= 2.0 * sa * b[a];
+            for c in 0..groups {
+                t += sa * m[a * groups + c] * s[c] as f64;
             }
         }
-    });
-    out
+        t
+    };
+    let (mut ms, mut bs) = (m.to_vec(), b.to_vec());
+    if let Some(sol) = solve(&mut ms, &mut bs, groups) {
+        let cand: Vec<f32> = sol
+            .iter()
+            .zip(so.iter())
+            .map(|(&v, &old)| {
+                let v = round_bf16(v as f32);
+                if v > 0.0 && v.is_finite() {
+                    v
+                } else {
+                    old
+                }
+            })
+            .collect();
+        if err(&cand) < err(so) {
+            so.copy_from_slice(&cand);
+        }
+    }
 }
 
 /// Gaussian elimination with partial pivoting on `m x = b` (`n × n`); `None` if singular.
