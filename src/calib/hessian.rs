@@ -20,6 +20,9 @@ pub struct BlockHessians {
     widths: [usize; 4],
 }
 
+/// Columns of `xᵀ x` computed at once (inputs up to this wide take one product).
+const TILE: usize = 2048;
+
 /// Bytes one block's matrices take.
 pub fn block_bytes(c: &LlamaConfig) -> u64 {
     InputSite::ALL
@@ -42,15 +45,28 @@ impl BlockHessians {
         }
     }
 
-    /// Adds rows `x` (`[rows, width]`) seen at `site`.
+    /// Adds rows `x` (`[rows, width]`) seen at `site`: `xᵀ x` in f32 on the GEMM, by tiles of
+    /// [`TILE`] columns so that the f32 product in flight stays near `width × 2048 × 4` bytes
+    /// (117 MB at 14336) instead of a second full matrix, then summed into the f64 totals.
     pub fn add(&mut self, site: InputSite, x: &[f32]) -> Result<()> {
         let i = site.index();
         let n = self.widths[i];
         let rows = x.len() / n;
         let t = Tensor::from_slice(x, (rows, n), &Device::Cpu)?;
-        let g = t.t()?.matmul(&t)?.flatten_all()?.to_vec1::<f32>()?;
-        for (acc, v) in self.sums[i].iter_mut().zip(g) {
-            *acc += v as f64;
+        let sums = &mut self.sums[i];
+        for j0 in (0..n).step_by(TILE) {
+            let w = TILE.min(n - j0);
+            let rhs = if w == n {
+                t.clone()
+            } else {
+                t.narrow(1, j0, w)?.contiguous()?
+            };
+            let g = t.t()?.matmul(&rhs)?.flatten_all()?.to_vec1::<f32>()?;
+            for (srow, grow) in sums.chunks_mut(n).zip(g.chunks(w)) {
+                for (acc, &v) in srow[j0..j0 + w].iter_mut().zip(grow) {
+                    *acc += v as f64;
+                }
+            }
         }
         self.counts[i] += rows as u64;
         Ok(())

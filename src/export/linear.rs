@@ -62,7 +62,9 @@ enum PlanKind {
 #[derive(Default)]
 pub(crate) struct GptqCache {
     key: Option<(usize, InputSite)>,
-    mean: Vec<f64>,
+    /// `E[x xᵀ]` rounded to f32: half the memory of the f64 sums it comes from (1.6 GB less
+    /// at a 14336-wide input), beside the f64 factor made from it.
+    mean: Vec<f32>,
     plans: Vec<(PlanKind, GptqPlan)>,
 }
 
@@ -73,7 +75,8 @@ impl GptqCache {
             // The previous site's matrices go first, so two are never held at once.
             self.plans.clear();
             self.mean = Vec::new();
-            self.mean = h.take_mean(site);
+            let m64 = h.take_mean(site);
+            self.mean = m64.iter().map(|&v| v as f32).collect();
             self.key = Some((layer, site));
         }
     }
@@ -83,7 +86,7 @@ impl GptqCache {
         kind: PlanKind,
         cols: usize,
         smooth: Option<&[f32]>,
-    ) -> Result<(&GptqPlan, &[f64])> {
+    ) -> Result<(&GptqPlan, &[f32])> {
         if self.mean.is_empty() {
             return Err(Error::Internal(
                 "GPTQ factor asked for before its site".into(),
@@ -101,13 +104,10 @@ impl GptqCache {
                 PlanKind::Int8 => {
                     // Second moments of the smoothed input x/s.
                     let f = |j: usize| smooth.map_or(1.0, |s| s[j] as f64);
-                    let mean: Vec<f64> = self
-                        .mean
-                        .iter()
-                        .enumerate()
-                        .map(|(ij, v)| v / (f(ij / cols) * f(ij % cols)))
-                        .collect();
-                    GptqPlan::new(&mean, cols, 0.01)?
+                    let mean = &self.mean;
+                    GptqPlan::from_fn(cols, 0.01, 0.0, |i, j| {
+                        mean[i * cols + j] as f64 / (f(i) * f(j))
+                    })?
                 }
             };
             self.plans.push((kind, p));

@@ -64,10 +64,10 @@ pub fn quantize_gptq(
     w: &[f32],
     cols: usize,
     style: ScaleStyle,
-    h_mean: &[f64],
+    h_mean: &[f32],
     plan: &crate::quant::gptq::GptqPlan,
 ) -> Fp8Matrix {
-    let importance: Vec<f64> = (0..cols).map(|j| h_mean[j * cols + j]).collect();
+    let importance: Vec<f64> = (0..cols).map(|j| h_mean[j * cols + j] as f64).collect();
     let scales = quantize(w, cols, style, WeightMode::Search, Some(&importance)).scales;
     let table = e4m3_table();
     let codes = plan.quantize_rows(w, cols, |r, v| {

@@ -336,7 +336,7 @@ pub struct GptqPlan {
 }
 
 impl GptqPlan {
-    pub fn new(h: &[f64], n: usize, damp: f64) -> Result<Self> {
+    pub fn new<T: Copy + Into<f64> + Sync>(h: &[T], n: usize, damp: f64) -> Result<Self> {
         Self::with_shrink(h, n, damp, 0.0)
     }
 
@@ -345,16 +345,31 @@ impl GptqPlan {
     /// carry over to other text less well than its per-column energies, and the error feedback
     /// leans on them hardest. Shrinking them toward the diagonal (0: plain GPTQ, 1: no feedback
     /// at all) trades some in-domain fit for text the calibration never saw (README, W4A16).
-    pub fn with_shrink(h: &[f64], n: usize, damp: f64, shrink: f64) -> Result<Self> {
+    pub fn with_shrink<T: Copy + Into<f64> + Sync>(
+        h: &[T],
+        n: usize,
+        damp: f64,
+        shrink: f64,
+    ) -> Result<Self> {
+        Self::from_fn(n, damp, shrink, |i, j| h[i * n + j].into())
+    }
+
+    /// [`GptqPlan::with_shrink`] on the matrix whose entry `(i, j)` is `h(i, j)`.
+    pub fn from_fn(
+        n: usize,
+        damp: f64,
+        shrink: f64,
+        h: impl Fn(usize, usize) -> f64 + Sync,
+    ) -> Result<Self> {
         let mut perm: Vec<usize> = (0..n).collect();
-        perm.sort_by(|&a, &b| h[b * n + b].total_cmp(&h[a * n + a]).then(a.cmp(&b)));
+        perm.sort_by(|&a, &b| h(b, b).total_cmp(&h(a, a)).then(a.cmp(&b)));
         let keep = 1.0 - shrink;
         // The permuted, shrunk matrix is the only copy: it becomes the factor in place.
         let mut hp = vec![0f64; n * n];
         hp.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
             let pi = perm[i];
             for (j, &pj) in perm.iter().enumerate() {
-                let v = h[pi * n + pj];
+                let v = h(pi, pj);
                 row[j] = if i == j { v } else { v * keep };
             }
         });

@@ -199,7 +199,7 @@ pub fn quantize_gptq_bits(
     plan: &crate::quant::gptq::GptqPlan,
     bits: u32,
     importance: Option<&[f64]>,
-    refit: Option<&[f64]>,
+    refit: Option<&[f32]>,
 ) -> Int8Matrix {
     let (lo, hi, _) = int_range(bits);
     let (scales, groups) = match importance {
@@ -242,7 +242,7 @@ pub fn refit_scales(
     g: usize,
     q: &[i8],
     scales: Vec<f32>,
-    h: &[f64],
+    h: &[f32],
 ) -> Vec<f32> {
     let groups = cols / g;
     let mut out = scales;
@@ -278,7 +278,7 @@ fn normal_equations(
     w: &[f32],
     cols: usize,
     g: usize,
-    h: &[f64],
+    h: &[f32],
 ) -> (Vec<f64>, Vec<f64>) {
     let groups = cols / g;
     let nr = qf.len() / cols;
@@ -306,7 +306,7 @@ fn normal_equations(
 multiversion! {
     /// `y_r += Σ_j q_r[j0 + j] · hc[j]` over the `g` rows `hc[j]` of `H` (each `cols` long), for
     /// every row `r` of the tile; four rows of `H` per sweep over `y`.
-    fn moments_times_codes(y: &mut [f64], qf: &[f64], hc: &[f64], cols: usize, j0: usize, g: usize) {
+    fn moments_times_codes(y: &mut [f64], qf: &[f64], hc: &[f32], cols: usize, j0: usize, g: usize) {
         let mut j = 0;
         while j < g {
             let jn = (j + 4).min(g);
@@ -318,13 +318,13 @@ multiversion! {
                     let h2 = &hc[(j + 2) * cols..(j + 3) * cols];
                     let h3 = &hc[(j + 3) * cols..(j + 4) * cols];
                     for ((((v, &x0), &x1), &x2), &x3) in yr.iter_mut().zip(h0).zip(h1).zip(h2).zip(h3) {
-                        *v += (a * x0 + b * x1) + (c * x2 + d * x3);
+                        *v += (a * x0 as f64 + b * x1 as f64) + (c * x2 as f64 + d * x3 as f64);
                     }
                 } else {
                     for jj in j..jn {
                         let a = qr[j0 + jj];
                         for (v, &x) in yr.iter_mut().zip(&hc[jj * cols..(jj + 1) * cols]) {
-                            *v += a * x;
+                            *v += a * x as f64;
                         }
                     }
                 }
@@ -572,7 +572,9 @@ mod tests {
                 })
                 .sum()
         };
-        let refit = refit_scales(&w, cols, g, &m.q, m.scales.clone(), &h);
+        // The refit reads the moments in f32 (as the export keeps them); the error is f64.
+        let h32: Vec<f32> = h.iter().map(|&v| v as f32).collect();
+        let refit = refit_scales(&w, cols, g, &m.q, m.scales.clone(), &h32);
         assert!(
             err(&refit) < err(&m.scales),
             "{} vs {}",
@@ -581,7 +583,7 @@ mod tests {
         );
 
         let one = quantize_bits(&w[..cols], cols, None, 4);
-        let mut eye = vec![0f64; cols * cols];
+        let mut eye = vec![0f32; cols * cols];
         for j in 0..cols {
             eye[j * cols + j] = 1.0;
         }
