@@ -273,3 +273,85 @@ fn every_target_is_the_same_for_any_thread_count() {
     assert_eq!(count(".gguf"), 4, "{one:?}");
     assert_eq!(one, run("3"));
 }
+
+/// The block pipeline's calibration inputs: `quantized` follows one artifact's quantized
+/// blocks, so it changes what later blocks are calibrated on (and thus their codes) but not the
+/// first block's; `original` is what a run without the option does for GPTQ; with two
+/// calibrated targets `quantized` is refused before any work.
+#[test]
+fn calib_inputs_quantized_follows_one_artifacts_blocks() {
+    let t = tempdir();
+    let model = tiny();
+    let conv = |dir: &Path, extra: &[&str]| {
+        let mut a = vec![
+            s(&model),
+            "--to",
+            "w4a16",
+            "--int4-weights",
+            "gptq",
+            "--group-size",
+            "32",
+            "--calib-samples",
+            "4",
+            "--calib-seq",
+            "32",
+            "--out",
+            s(dir),
+        ];
+        a.extend_from_slice(extra);
+        run_ok("minitron-convert", &a)
+    };
+    let (d, o, q) = (t.path().join("d"), t.path().join("o"), t.path().join("q"));
+    conv(&d, &[]);
+    conv(&o, &["--calib-inputs", "original"]);
+    let log = conv(&q, &["--calib-inputs", "quantized"]);
+    assert!(log.contains("block by block on quantized inputs"), "{log}");
+    assert_eq!(
+        tree(&d),
+        tree(&o),
+        "the default for GPTQ W4A16 is original inputs"
+    );
+    let read = |dir: &Path, name: &str| {
+        let st =
+            minitron::format::safetensors::SafetensorsFile::open(&dir.join("model.safetensors"))
+                .unwrap();
+        st.bytes(name).unwrap().to_vec()
+    };
+    let first = "model.layers.0.mlp.down_proj.weight_packed";
+    let last = "model.layers.1.mlp.down_proj.weight_packed";
+    assert_eq!(
+        read(&o, first),
+        read(&q, first),
+        "block 0 sees the same inputs"
+    );
+    assert_ne!(
+        read(&o, last),
+        read(&q, last),
+        "block 1 sees block 0's quantized outputs"
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(q.join("minitron-manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["calib_inputs"], "quantized");
+
+    let e = run_err(
+        "minitron-convert",
+        &[
+            s(&tiny()),
+            "--to",
+            "int8,fp8-static",
+            "--calib-inputs",
+            "quantized",
+            "--calib-samples",
+            "2",
+            "--out",
+            s(&t.path().join("two")),
+        ],
+    );
+    assert!(
+        e.contains("exactly one calibrated checkpoint target"),
+        "{e}"
+    );
+    assert!(e.contains("int8, fp8-static"), "{e}");
+    assert!(!t.path().join("two").exists());
+}

@@ -135,9 +135,16 @@ impl ExportOptions {
         }
     }
 
-    /// Each mode's default, as measured on SmolLM2 (README, calibration inputs).
-    fn default_calib_inputs(&self, _t: Target) -> CalibInputs {
-        CalibInputs::Original
+    /// Each mode's default, as measured on SmolLM2 (built-in corpus → dev text, README "The
+    /// export, block by block"): AWQ and SmoothQuant calibrate better on the quantized blocks'
+    /// outputs (mean KLD 0.952× and 0.994× of original inputs), GPTQ W4A16 on the bf16 blocks'
+    /// (quantized: 1.020×). Modes not measured keep original inputs.
+    fn default_calib_inputs(&self, t: Target) -> CalibInputs {
+        match t {
+            Target::W4A16 if self.int4_weights == Int4Method::Awq => CalibInputs::Quantized,
+            Target::Int8 if self.int8_weights == WeightMode::Rtn => CalibInputs::Quantized,
+            _ => CalibInputs::Original,
+        }
     }
 
     /// The targets that use this run's calibration statistics.
