@@ -231,12 +231,6 @@ impl<'a> BlockCalibration<'a> {
         stream.run(&blk, Some(&mut obs), commit, &|n| bar.inc(n))?;
         self.observed = Some(layer);
         self.wall_s += t0.elapsed().as_secs_f64();
-        if std::env::var_os("MINITRON_TRACE").is_some() {
-            eprintln!(
-                "calibrate block {layer}: {:.2}s",
-                t0.elapsed().as_secs_f64()
-            );
-        }
         Ok(())
     }
 

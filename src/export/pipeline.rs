@@ -92,15 +92,11 @@ pub(crate) fn export_loop(
             begin_block(ck, o, bc, sinks, &mut st, l)?;
         }
         bytes_read += check_finite(ck, o, &spec.name)?;
-        let tt = std::time::Instant::now();
         match spec.role {
             TensorRole::Linear(l, r) => {
                 write_linear_all(ck, o, bc, sinks, &mut st, &spec.name, &spec.shape, l, r)?
             }
             role => write_other(ck, o, sinks, &mut st, &spec.name, role)?,
-        }
-        if std::env::var_os("MINITRON_TRACE").is_some() {
-            eprintln!("{} {:.2}s", spec.name, tt.elapsed().as_secs_f64());
         }
         ck.release(&spec.name);
         done += stored(&spec.name);

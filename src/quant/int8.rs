@@ -220,14 +220,10 @@ pub fn quantize_gptq_bits(
         ((q * s) as f64, q as i8 as u8)
     });
     let q: Vec<i8> = codes.into_iter().map(|c| c as i8).collect();
-    let tr = std::time::Instant::now();
     let scales = match refit {
         Some(h) => refit_scales(w, cols, g, &q, scales, h),
         None => scales,
     };
-    if std::env::var_os("MINITRON_TRACE").is_some() {
-        eprintln!("  refit {:.2}s", tr.elapsed().as_secs_f64());
-    }
     Int8Matrix { q, scales, groups }
 }
 
