@@ -2,6 +2,7 @@
 //! synthetic ones.
 pub mod checkpoint;
 pub mod config;
+pub mod gguf_vocab;
 pub mod names;
 pub mod synth;
 pub mod tokenizer;
