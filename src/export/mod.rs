@@ -13,6 +13,7 @@
 pub mod gguf;
 mod linear;
 pub mod manifest;
+pub mod options;
 mod pipeline;
 pub mod plan;
 pub mod run;

@@ -11,8 +11,8 @@ use crate::error::{Error, Result};
 use crate::export::gguf::GgufSink;
 use crate::export::linear::{bf16_bytes, write_linear, CkSink, GptqCache, LinearCtx, Shared};
 use crate::export::manifest::LayerAlpha;
+use crate::export::options::ExportOptions;
 use crate::export::plan::inputs;
-use crate::export::run::ExportOptions;
 use crate::export::target::Target;
 use crate::model::names::{self, InputSite, LinearRole, TensorRole};
 use crate::model::Checkpoint;
@@ -210,7 +210,7 @@ fn decoded_block(ck: &Checkpoint, bc: &BlockCalibration<'_>, mut d: Decoded) -> 
     };
     let input_norm = norm(d.input_norm.take(), names::hf_input_norm(d.layer))?;
     let post_norm = norm(d.post_norm.take(), names::hf_post_norm(d.layer))?;
-    Block::from_f32(c, input_norm, post_norm, linears, dtype, device)
+    crate::runtime::load::dense_block(c, input_norm, post_norm, linears, dtype, device)
 }
 
 /// One linear weight to every sink (quantized per checkpoint target, or as GGUF wants it).

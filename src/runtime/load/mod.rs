@@ -10,7 +10,7 @@ pub mod gguf;
 pub mod safetensors;
 pub mod source;
 
-pub use source::{stream_dtype, LoadOptions, Source};
+pub use source::{dense_block, stream_dtype, LoadOptions, Source};
 
 use std::path::Path;
 

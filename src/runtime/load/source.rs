@@ -56,3 +56,39 @@ pub(crate) fn vector(v: Vec<f32>, dtype: DType, device: &Device) -> Result<Tenso
     let n = v.len();
     Ok(Tensor::from_vec(v, n, device)?.to_dtype(dtype)?)
 }
+
+/// A block from f32 norms and linear weights (`[out, in]` row-major, in
+/// [`crate::model::names::LinearRole::ALL`] order), each linear in the form the loaders give
+/// float weights for matmul dtype `dtype` on `device`.
+pub fn dense_block(
+    c: &crate::model::LlamaConfig,
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+    linears: Vec<Vec<f32>>,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<Block> {
+    use crate::model::names::LinearRole;
+    use crate::runtime::linear::WeightData;
+    let sd = stream_dtype(dtype);
+    let mut it = LinearRole::ALL.into_iter().zip(linears);
+    let mut next = || -> Result<Linear> {
+        let (r, w) = it.next().ok_or_else(|| {
+            crate::error::Error::Internal("a block needs seven linear layers".into())
+        })?;
+        let [out, inp] = r.shape(c);
+        Linear::build(WeightData::F32(w), out, inp, dtype, device)
+    };
+    Ok(Block {
+        input_norm: vector(input_norm, sd, device)?,
+        post_norm: vector(post_norm, sd, device)?,
+        q: next()?,
+        k: next()?,
+        v: next()?,
+        o: next()?,
+        gate: next()?,
+        up: next()?,
+        down: next()?,
+        kv_scales: None,
+    })
+}
