@@ -229,6 +229,10 @@ impl<'a> BlockCalibration<'a> {
         let commit = self.inputs == CalibInputs::Original;
         let bar = &self.bar;
         stream.run(&blk, Some(&mut obs), commit, &|n| bar.inc(n))?;
+        drop(blk);
+        // The block's weights and activations are free now: give them back before the export
+        // quantizes (the runner keeps freed buffers in the heap otherwise).
+        crate::runtime::release_free_memory();
         self.observed = Some(layer);
         self.wall_s += t0.elapsed().as_secs_f64();
         Ok(())
@@ -266,6 +270,7 @@ impl<'a> BlockCalibration<'a> {
             stream.run(&blk, None, true, &|_| ())?;
             self.wall_s += t0.elapsed().as_secs_f64();
         }
+        crate::runtime::release_free_memory();
         Ok(())
     }
 

@@ -74,6 +74,7 @@ impl GptqCache {
             // The previous site's matrices go first, so two are never held at once.
             self.plans.clear();
             self.mean = Vec::new();
+            crate::runtime::release_free_memory();
             self.mean = h.take_mean(site);
             self.key = Some((layer, site));
         }
