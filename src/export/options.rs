@@ -124,7 +124,8 @@ impl ExportOptions {
     /// Each mode's default, as measured on SmolLM2 (built-in corpus → dev text, README "The
     /// export, block by block"): AWQ and SmoothQuant calibrate better on the quantized blocks'
     /// outputs (mean KLD 0.952× and 0.994× of original inputs), GPTQ W4A16 on the bf16 blocks'
-    /// (quantized: 1.05×). Modes not measured keep original inputs.
+    /// (quantized inputs were 1.0–1.05× and unstable across builds that differ only in f32
+    /// rounding). Modes not measured keep original inputs.
     fn default_calib_inputs(&self, t: Target) -> CalibInputs {
         match t {
             Target::W4A16 if self.int4_weights == Int4Method::Awq => CalibInputs::Quantized,
