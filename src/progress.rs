@@ -85,6 +85,11 @@ pub fn rate(per_sec: f64, name: &str) -> String {
     }
 }
 
+/// A note on what the run is doing that a user should see whatever the terminal: stderr.
+pub fn note(msg: &str) {
+    eprintln!("{msg}");
+}
+
 /// A warning a user should see whatever the terminal: printed to stderr.
 pub fn warn(msg: &str) {
     eprintln!("warning: {msg}");

@@ -267,3 +267,259 @@ fn force_never_deletes_a_folder_we_did_not_write() {
     }
     assert!(manifest_ok(&ours));
 }
+
+/// Every file under `dir` (recursively) with its sha256, the manifests' run records aside: a
+/// manifest differs between runs by its command line and times, so only its `files` list (the
+/// sha256 of every other file) and its per-tensor errors and α are kept.
+fn artifact_digest(dir: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(dir).unwrap().display().to_string();
+            if p.is_dir() {
+                stack.push(p);
+            } else if rel.ends_with("manifest.json") {
+                let m: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+                let kept = serde_json::json!([m["files"], m["tensor_error"], m["smoothquant"]]);
+                out.push((rel, kept.to_string()));
+            } else {
+                out.push((rel, minitron::model::checkpoint::sha256_file(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Converts `model` with `args` once uninterrupted, then again with `--resume`, killing each
+/// attempt at a random moment (10 … 35 % of the uninterrupted run's duration) until one
+/// finishes: the resumed artifacts must equal the uninterrupted ones byte for byte, and at
+/// least `min_resumed` attempts must have continued from a journal (the kills land between
+/// records as well as at the start, so a resumed attempt is not guaranteed by each kill).
+fn resume_after_kills(
+    model: &Path,
+    args: &[&str],
+    seed: u64,
+    max_kills: usize,
+    min_resumed: usize,
+) {
+    let t = tempdir();
+    let reference = t.path().join("reference");
+    let out = t.path().join("out");
+    let with_out = |o: &Path, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = vec![s(model).to_owned()];
+        a.extend(args.iter().map(|x| x.to_string()));
+        a.extend(["--out".to_owned(), s(o).to_owned()]);
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let start = Instant::now();
+    let a = with_out(&reference, &[]);
+    run_ok(
+        "minitron-convert",
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let full = start.elapsed();
+    let want = artifact_digest(&reference);
+    let mut rng = SplitMix64::new(seed);
+    let (mut kills, mut resumed, mut finished) = (0, 0, false);
+    while kills < max_kills && !finished {
+        // 10 … 35 % of a whole run: most attempts are killed, after some blocks are written.
+        let frac = 0.1 + (rng.next_u64() % 250) as f64 / 1000.0;
+        let log = t.path().join(format!("attempt-{kills}.log"));
+        let mut child = Command::new(bin("minitron-convert"))
+            .args(with_out(&out, &["--resume", "--journal-every", "0"]))
+            .env_remove("RAYON_NUM_THREADS")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(full.mul_f64(frac));
+        finished = child.try_wait().unwrap().is_some();
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        resumed += usize::from(text.contains("resuming from the journal"));
+        if finished {
+            assert!(status.success(), "attempt {kills} failed:\n{text}");
+        } else {
+            kills += 1;
+        }
+    }
+    if !finished {
+        let a = with_out(&out, &["--resume"]);
+        let o = run(
+            "minitron-convert",
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let text = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "the last resumed run failed:\n{text}");
+        resumed += usize::from(text.contains("resuming from the journal"));
+    }
+    eprintln!(
+        "{kills} kills, {resumed} attempts resumed from a journal (uninterrupted run: {full:?})"
+    );
+    assert!(
+        resumed >= min_resumed,
+        "only {resumed} attempts resumed from a journal"
+    );
+    assert_eq!(artifact_digest(&out), want, "resumed output differs");
+    let left: Vec<String> = entries(t.path())
+        .into_iter()
+        .filter(|e| e.1)
+        .map(|e| e.0)
+        .collect();
+    assert!(
+        left.is_empty(),
+        "temporaries left after the resumed run: {left:?}"
+    );
+}
+
+const TINY_MULTI: [&str; 8] = [
+    "--to",
+    "fp8,int8,w4a16,gguf:q4_k_m",
+    "--int4-weights",
+    "gptq",
+    "--calib-samples",
+    "8",
+    "--calib-seq",
+    "64",
+];
+
+#[test]
+fn resumed_multi_target_runs_write_the_same_bytes() {
+    // The tiny model's run is short: most kills land before its first journal record, so this
+    // checks that --resume without a record starts over and still writes the same bytes.
+    resume_after_kills(&tiny(), &TINY_MULTI, 5, 4, 0);
+}
+
+/// A run that dies right after journal record `n` (the fault-injection variable aborts the
+/// process there, leaving everything as SIGKILL would), then `--resume`: same bytes as an
+/// uninterrupted run. The tiny model has two blocks, so its records come after block 0
+/// (block 1 next) and after block 1 (the final norm and head next).
+#[test]
+fn runs_that_die_after_each_journal_record_resume_to_the_same_bytes() {
+    let t = tempdir();
+    let args = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = vec![s(&tiny()).to_owned()];
+        a.extend(TINY_MULTI.iter().map(|x| x.to_string()));
+        a.extend(["--out".to_owned(), s(out).to_owned()]);
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let reference = t.path().join("reference");
+    let a = args(&reference, &[]);
+    run_ok(
+        "minitron-convert",
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let want = artifact_digest(&reference);
+    for n in 1..=2 {
+        let out = t.path().join(format!("out{n}"));
+        let a = args(&out, &["--journal-every", "0"]);
+        let o = Command::new(bin("minitron-convert"))
+            .args(&a)
+            .env("MINITRON_ABORT_AFTER_JOURNAL", n.to_string())
+            .env_remove("RAYON_NUM_THREADS")
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "record {n}: the run was not stopped");
+        assert_no_half_artifact(&out, &format!("stopped after record {n}"));
+        // Without --resume (or --force) the journal is not thrown away silently.
+        let a = args(&out, &[]);
+        let err = run_err(
+            "minitron-convert",
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        assert!(err.contains("--resume"), "{err}");
+        let a = args(&out, &["--resume"]);
+        let o = run(
+            "minitron-convert",
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let text = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success(),
+            "record {n}: the resumed run failed:\n{text}"
+        );
+        assert!(
+            text.contains("resuming from the journal"),
+            "record {n}: {text}"
+        );
+        assert_eq!(
+            artifact_digest(&out),
+            want,
+            "record {n}: resumed output differs"
+        );
+    }
+    let left: Vec<String> = entries(t.path())
+        .into_iter()
+        .filter(|e| e.1)
+        .map(|e| e.0)
+        .collect();
+    assert!(
+        left.is_empty(),
+        "temporaries left after the resumed runs: {left:?}"
+    );
+}
+
+/// A journal is for the command that wrote it: `--resume` with other options is refused.
+#[test]
+fn a_journal_from_other_options_is_refused() {
+    let t = tempdir();
+    let out = t.path().join("out");
+    let mut a: Vec<String> = vec![s(&tiny()).to_owned()];
+    a.extend(TINY_MULTI.iter().map(|x| x.to_string()));
+    a.extend([
+        "--out".to_owned(),
+        s(&out).to_owned(),
+        "--journal-every".into(),
+        "0".into(),
+    ]);
+    let o = Command::new(bin("minitron-convert"))
+        .args(&a)
+        .env("MINITRON_ABORT_AFTER_JOURNAL", "1")
+        .env_remove("RAYON_NUM_THREADS")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let i = a.iter().position(|x| x == "8").unwrap();
+    a[i] = "6".into();
+    a.push("--resume".into());
+    let err = run_err(
+        "minitron-convert",
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(err.contains("other options"), "{err}");
+}
+
+#[test]
+#[cfg_attr(
+    not(minitron_assets),
+    ignore = "needs the real assets: ../shared/tools/real-assets.sh"
+)]
+fn resumed_smollm2_gptq_runs_killed_at_random_moments_write_the_same_bytes() {
+    resume_after_kills(
+        &assets().join("smollm2-135m"),
+        &[
+            "--to",
+            "w4a16",
+            "--int4-weights",
+            "gptq",
+            "--group-size",
+            "64",
+            "--calib-samples",
+            "4",
+            "--calib-seq",
+            "256",
+            "--calib-inputs",
+            "quantized",
+        ],
+        13,
+        4,
+        2,
+    );
+}

@@ -38,6 +38,17 @@ struct Cli {
     /// Replace existing artifacts (only ones this tool wrote).
     #[arg(long)]
     force: bool,
+    /// Continue a killed or interrupted run of the same command from its journal (the
+    /// `.OUT.resume.partial` folder beside --out): blocks already written are kept, and the
+    /// output is byte for byte what an uninterrupted run writes. Without a journal the run
+    /// starts from the beginning.
+    #[arg(long)]
+    resume: bool,
+    /// Seconds between two journal records for --resume, each taken between two blocks
+    /// (0: after every block). A record syncs the outputs and saves the calibration's hidden
+    /// states.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    journal_every: u64,
     /// Convert weights that hold NaN or infinite values (refused by default, naming the tensor
     /// and the first such value).
     #[arg(long)]
@@ -509,6 +520,8 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
             Some(_) => Some(minitron::calib::CalibInputs::Original),
             None => None,
         },
+        resume: cli.resume,
+        journal_every_s: cli.journal_every,
     };
     if opts.calib_asked && opts.calibrated_targets().is_empty() {
         bail!(

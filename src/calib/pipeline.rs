@@ -39,6 +39,19 @@ impl CalibInputs {
     }
 }
 
+/// What the calibration carries between blocks, as a journal records it (files in the
+/// journal's folder).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct CalibCheckpoint {
+    pub next_block: usize,
+    /// The hidden states entering `next_block`.
+    pub hidden: Option<String>,
+    /// The statistics recorded so far (when this pass records them).
+    pub stats: Option<String>,
+    /// Seconds spent running blocks so far.
+    pub wall_s: f64,
+}
+
 /// One block's observer: its statistics and second moments, nothing of other blocks.
 struct BlockObserver<'s> {
     layer: usize,
@@ -271,6 +284,61 @@ impl<'a> BlockCalibration<'a> {
             self.wall_s += t0.elapsed().as_secs_f64();
         }
         crate::runtime::release_free_memory();
+        Ok(())
+    }
+
+    /// Saves what the calibration carries from one block to the next (the hidden states
+    /// entering the next block, the statistics recorded so far, the time spent) into folder
+    /// `dir`, between two blocks, for [`Self::restore_state`].
+    pub fn save_state(&self, dir: &std::path::Path) -> Result<CalibCheckpoint> {
+        let Some(stream) = self.stream.as_ref() else {
+            return Ok(CalibCheckpoint::default());
+        };
+        if self.hessians.is_some() {
+            return Err(Error::Internal(
+                "calibration state saved inside a block".into(),
+            ));
+        }
+        let next = stream.next_index();
+        let hidden = format!("hidden-{next}.safetensors");
+        stream.save(&dir.join(&hidden))?;
+        let stats = match (&self.stats, self.record_stats) {
+            (Some(st), true) => {
+                let name = format!("stats-{next}.safetensors");
+                st.save(&dir.join(&name))?;
+                Some(name)
+            }
+            _ => None,
+        };
+        Ok(CalibCheckpoint {
+            next_block: next,
+            hidden: Some(hidden),
+            stats,
+            wall_s: self.wall_s,
+        })
+    }
+
+    /// Continues from what [`Self::save_state`] saved in `dir`: the pass goes on at the saved
+    /// block with the saved hidden states and statistics.
+    pub fn restore_state(&mut self, dir: &std::path::Path, c: &CalibCheckpoint) -> Result<()> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(());
+        };
+        let hidden = c.hidden.as_ref().ok_or_else(|| {
+            Error::format(
+                dir,
+                "the journal holds no calibration hidden states, this run needs them",
+            )
+        })?;
+        stream.restore(&dir.join(hidden), c.next_block)?;
+        if let Some(name) = &c.stats {
+            if self.record_stats {
+                self.stats = Some(CalibStats::load(&dir.join(name), &self.ck.config)?);
+            }
+        }
+        self.wall_s = c.wall_s;
+        let tokens = self.info.as_ref().map_or(0, |i| i.tokens as u64);
+        self.bar.set_position(tokens * c.next_block as u64);
         Ok(())
     }
 

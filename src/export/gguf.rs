@@ -289,6 +289,26 @@ pub struct GgufSink {
 impl GgufSink {
     /// Plans `ck` under `o` and opens `out` (under a temporary name until [`Self::finish`]).
     pub fn create(ck: &Checkpoint, o: &GgufOptions, out: &Path) -> Result<Self> {
+        Self::open(ck, o, out, None)
+    }
+
+    /// Reopens the temporary file of an interrupted run with the same plan; the tensors
+    /// `written` marks (from [`Self::mark`]) are kept.
+    pub fn resume(ck: &Checkpoint, o: &GgufOptions, out: &Path, written: &[bool]) -> Result<Self> {
+        Self::open(ck, o, out, Some(written))
+    }
+
+    /// Waits until every tensor handed over is in the file; returns which are.
+    pub fn mark(&mut self) -> Result<Vec<bool>> {
+        self.writer.mark()
+    }
+
+    fn open(
+        ck: &Checkpoint,
+        o: &GgufOptions,
+        out: &Path,
+        written: Option<&[bool]>,
+    ) -> Result<Self> {
         if let Some(im) = &o.imatrix {
             im.imatrix.check_against(&ck.config, Path::new(&im.file))?;
         }
@@ -302,7 +322,10 @@ impl GgufSink {
                 ty: t.ty,
             })
             .collect();
-        let writer = GgufWriter::create(out, &md, &planned)?;
+        let writer = match written {
+            None => GgufWriter::create(out, &md, &planned)?,
+            Some(w) => GgufWriter::resume(out, &md, &planned, w)?,
+        };
         let by_hf = plan
             .iter()
             .enumerate()
@@ -320,6 +343,9 @@ impl GgufSink {
             search: o.search,
         };
         for i in 0..sink.plan.len() {
+            if written.is_some_and(|w| w[i]) {
+                continue;
+            }
             if let Source::RopeFreqs(f) = &sink.plan[i].source {
                 let bytes = sink.quantize(i, f)?;
                 sink.writer.write_at(i, &bytes)?;

@@ -11,6 +11,7 @@
 //! typed [`manifest`].
 
 pub mod gguf;
+pub(crate) mod journal;
 mod linear;
 pub mod manifest;
 pub mod options;

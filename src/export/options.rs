@@ -52,6 +52,10 @@ pub struct ExportOptions {
     pub allow_nonfinite: bool,
     /// `--calib-inputs`; `None`: each mode's default (see [`ExportOptions::propagation`]).
     pub calib_inputs: Option<CalibInputs>,
+    /// `--resume`: continue an interrupted run of the same request from its journal.
+    pub resume: bool,
+    /// `--journal-every`: seconds between two journal records (0: after every block).
+    pub journal_every_s: u64,
 }
 
 impl ExportOptions {

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use crate::calib::BlockCalibration;
 use crate::error::{Error, Result};
 use crate::export::gguf::GgufSink;
+use crate::export::journal::{CkRecord, GgufRecord, Journal, Record};
 use crate::export::linear::{bf16_bytes, write_linear, CkSink, GptqCache, LinearCtx, Shared};
 use crate::export::manifest::LayerAlpha;
 use crate::export::options::ExportOptions;
@@ -48,14 +49,26 @@ struct BlockState {
     propagate: Option<Target>,
 }
 
-/// Streams every input tensor once to every sink, calibrating block by block; returns the
-/// tensors and bytes read.
+/// Where the loop starts: at the beginning, or where a journal's record left off.
+#[derive(Default)]
+pub(crate) struct Start {
+    pub next_item: usize,
+    pub tensors_read: usize,
+    pub bytes_read: u64,
+}
+
+/// Streams every input tensor once to every sink, calibrating block by block (from `start`
+/// on, recording the journal between blocks when it is due); returns the tensors and bytes
+/// read.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn export_loop(
     ck: &Checkpoint,
     o: &ExportOptions,
     bc: &mut BlockCalibration<'_>,
     propagate: Option<Target>,
     sinks: &mut Sinks,
+    journal: &mut Journal,
+    start: Start,
     progress: &dyn Fn(u64, u64),
 ) -> Result<(usize, u64)> {
     let items = inputs(ck);
@@ -66,15 +79,20 @@ pub(crate) fn export_loop(
         })
     };
     let total: u64 = items.iter().map(|s| stored(&s.name)).sum();
-    let mut done = 0u64;
+    let mut done: u64 = items
+        .iter()
+        .take(start.next_item)
+        .map(|s| stored(&s.name))
+        .sum();
     // The first block is calibrated before anything is written (the embedding does not need
     // it, but the calibration's first step is then the first thing on screen).
-    if ck.config.num_hidden_layers > 0 {
+    if ck.config.num_hidden_layers > 0 && start.next_item == 0 {
         bc.prepare(0)?;
     }
     // The clock of the caller's rate and ETA starts here, not after the first tensor.
-    progress(0, total);
-    let mut bytes_read = 0u64;
+    progress(done, total);
+    let mut bytes_read = start.bytes_read;
+    let mut tensors_read = start.tensors_read;
     let mut st = BlockState {
         layer: None,
         smooth: None,
@@ -83,15 +101,19 @@ pub(crate) fn export_loop(
         decoded: None,
         propagate,
     };
-    for spec in &items {
+    for (i, spec) in items.iter().enumerate().skip(start.next_item) {
         let layer = spec.role.layer();
         if st.layer.is_some() && st.layer != layer {
             end_block(ck, bc, &mut st)?;
+            if journal.due() {
+                record(journal, sinks, bc, i, tensors_read, bytes_read)?;
+            }
         }
         if let (Some(l), None) = (layer, st.layer) {
             begin_block(ck, o, bc, sinks, &mut st, l)?;
         }
         bytes_read += check_finite(ck, o, &spec.name)?;
+        tensors_read += 1;
         match spec.role {
             TensorRole::Linear(l, r) => {
                 write_linear_all(ck, o, bc, sinks, &mut st, &spec.name, &spec.shape, l, r)?
@@ -105,7 +127,45 @@ pub(crate) fn export_loop(
     if st.layer.is_some() {
         end_block(ck, bc, &mut st)?;
     }
-    Ok((items.len(), bytes_read))
+    Ok((tensors_read, bytes_read))
+}
+
+/// Records the journal between two blocks: every writer synced and its place, what each
+/// artifact gathered for its manifest, the calibration's state; `next_item` is the first
+/// input tensor not yet handled.
+fn record(
+    journal: &mut Journal,
+    sinks: &mut Sinks,
+    bc: &BlockCalibration<'_>,
+    next_item: usize,
+    tensors_read: usize,
+    bytes_read: u64,
+) -> Result<()> {
+    journal.prepare()?;
+    let calib = bc.save_state(journal.dir())?;
+    let mut ck = Vec::new();
+    for s in sinks.ck.iter_mut() {
+        let mark = s.writer.mark()?;
+        ck.push(CkRecord::new(s.target.name(), mark, &s.errors, &s.alphas));
+    }
+    let mut gguf = Vec::new();
+    for (t, g) in sinks.gguf.iter_mut() {
+        gguf.push(GgufRecord {
+            target: t.name().into(),
+            written: g.mark()?,
+        });
+    }
+    journal.write(Record {
+        format: 0,
+        fingerprint: String::new(),
+        next_item,
+        tensors_read,
+        bytes_read,
+        ck,
+        gguf,
+        calib,
+        pre_stats: None,
+    })
 }
 
 /// Refuses a tensor holding NaN or infinite values (unless allowed); returns its stored bytes.

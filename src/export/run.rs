@@ -2,7 +2,6 @@
 //! read once and handed to every sink that holds it; artifacts renamed into place only when all
 //! of them are complete.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -11,13 +10,16 @@ use crate::calib::{
 };
 use crate::error::{Error, Result};
 use crate::export::gguf::{GgufOptions, GgufReport, GgufSink, ImatrixUse};
+use crate::export::journal::{CkRecord, Journal, Record};
 use crate::export::linear::CkSink;
 use crate::export::manifest::{InputRecord, Manifest, SmoothQuantRecord, TensorError};
 pub use crate::export::options::{model_name, ExportOptions, GgufSettings};
-use crate::export::pipeline::{export_loop, Sinks};
+use crate::export::pipeline::{export_loop, Sinks, Start};
 use crate::export::plan::{plan, quantization_config};
 use crate::export::target::Target;
-use crate::format::safetensors::{begin_dir, commit_dir, sha256_bytes, ShardedWriter, WrittenFile};
+use crate::format::safetensors::{
+    begin_dir, commit_dir, partial_dir, sha256_bytes, temp_path, ShardedWriter, WrittenFile,
+};
 use crate::model::synth::MAX_SHARD_BYTES;
 use crate::model::Checkpoint;
 use crate::quant::int8::Int4Method;
@@ -138,6 +140,7 @@ fn gguf_imatrix(
     ck: &Checkpoint,
     o: &ExportOptions,
     device: &candle_core::Device,
+    journal: &mut Journal,
 ) -> Result<(Option<ImatrixUse>, Option<Calibration>)> {
     if let Some(p) = &o.gguf.imatrix {
         let imatrix = Imatrix::read(p)?;
@@ -148,7 +151,21 @@ fn gguf_imatrix(
     if !o.gguf_from_calibration() {
         return Ok((None, None));
     }
-    let cal = calibrate_stats(ck, &o.calib, device)?;
+    // An interrupted run's statistics pass is not run again.
+    let cal = match journal.pre_stats_file() {
+        Some(p) => {
+            let stats = CalibStats::load(&p, &ck.config)?;
+            Calibration {
+                info: Some(stats.info.clone()),
+                stats: Some(stats),
+                passes: 1,
+            }
+        }
+        None => calibrate_stats(ck, &o.calib, device)?,
+    };
+    if let Some(st) = &cal.stats {
+        journal.save_pre_stats(st)?;
+    }
     let st = cal
         .stats
         .as_ref()
@@ -175,7 +192,15 @@ pub fn run(
     let out_existed = o.out.exists();
     crate::runtime::tune_allocator();
     let t0 = Instant::now();
-    let (imatrix, pre) = gguf_imatrix(ck, o, device)?;
+    let (mut journal, rec) = Journal::open(ck, o)?;
+    if let Some(r) = &rec {
+        crate::progress::note(&format!(
+            "resuming from the journal in {}: {} of the input tensors are written",
+            journal.dir().display(),
+            r.next_item
+        ));
+    }
+    let (imatrix, pre) = gguf_imatrix(ck, o, device, &mut journal)?;
     let src = crate::runtime::load::safetensors::SafetensorsSource::borrowed(ck);
     let mut needs = o.needs();
     let mut passes = 0;
@@ -195,16 +220,38 @@ pub fn run(
         ck: Vec::new(),
         gguf: Vec::new(),
     };
-    let opened = open_sinks(ck, o, imatrix, &mut sinks);
+    let opened = open_sinks(ck, o, imatrix, &mut sinks, rec.as_ref()).and_then(|()| match &rec {
+        Some(r) => bc.restore_state(journal.dir(), &r.calib),
+        None => Ok(()),
+    });
     // Every partial folder opened, removed again if anything below fails (finishing drains the
     // sinks, so they cannot be asked afterwards).
-    let partials: Vec<PathBuf> = sinks.ck.iter().map(|s| s.tmp.clone()).collect();
+    let partials: Vec<PathBuf> = o
+        .targets
+        .iter()
+        .filter(|t| t.mix().is_none())
+        .map(|&t| partial_dir(&o.path(t, ck)))
+        .collect();
+    let start = rec.as_ref().map_or_else(Start::default, |r| Start {
+        next_item: r.next_item,
+        tensors_read: r.tensors_read,
+        bytes_read: r.bytes_read,
+    });
     let result = opened.and_then(|()| {
         // The inputs' sha256 (for the manifests) is taken on its own thread while the loop
         // runs over the same, already mapped pages.
         let (looped, input_hashes) = std::thread::scope(|sc| {
             let h = sc.spawn(|| ck.input_hashes_on(false));
-            let looped = export_loop(ck, o, &mut bc, propagate, &mut sinks, progress);
+            let looped = export_loop(
+                ck,
+                o,
+                &mut bc,
+                propagate,
+                &mut sinks,
+                &mut journal,
+                start,
+                progress,
+            );
             let hashes = h
                 .join()
                 .unwrap_or_else(|_| Err(Error::Internal("input hashing panicked".into())));
@@ -231,6 +278,13 @@ pub fn run(
                 let _ = std::fs::remove_dir_all(tmp);
             }
             drop(sinks);
+            if rec.is_some() {
+                // GGUF files left by the interrupted run are not this run's sinks' to remove.
+                for t in o.targets.iter().filter(|t| t.mix().is_some()) {
+                    let _ = std::fs::remove_file(temp_path(&o.path(*t, ck)));
+                }
+            }
+            journal.remove();
             if !out_existed && o.targets.len() > 1 {
                 let _ = std::fs::remove_dir(&o.out);
             }
@@ -246,6 +300,7 @@ pub fn run(
         }
         artifacts.push((t, a));
     }
+    journal.remove();
     artifacts.sort_by_key(|(t, _)| o.targets.iter().position(|x| x == t));
     Ok(ExportReport {
         artifacts,
@@ -301,12 +356,21 @@ fn finish_all(
     Ok(done)
 }
 
+/// Opens every target's sink: new, or (`rec`) continued from an interrupted run's journal.
 fn open_sinks(
     ck: &Checkpoint,
     o: &ExportOptions,
     imatrix: Option<ImatrixUse>,
     sinks: &mut Sinks,
+    rec: Option<&Record>,
 ) -> Result<()> {
+    let mut ck_recs = rec.map(|r| r.ck.iter());
+    let mut gguf_recs = rec.map(|r| r.gguf.iter());
+    let mismatch = |t: Target| {
+        Error::Internal(format!(
+            "the journal's artifacts do not match this run's targets (at {t})"
+        ))
+    };
     for &t in &o.targets {
         let out = o.path(t, ck);
         if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -326,12 +390,45 @@ fn open_sinks(
                     pre: o.gguf.pre.clone(),
                     search: o.gguf.search,
                 };
-                sinks.gguf.push((t, GgufSink::create(ck, &g, &out)?));
+                let sink = match gguf_recs.as_mut() {
+                    None => GgufSink::create(ck, &g, &out)?,
+                    Some(recs) => {
+                        let r = recs.next().filter(|r| r.target == t.name());
+                        let r = r.ok_or_else(|| mismatch(t))?;
+                        GgufSink::resume(ck, &g, &out, &r.written)?
+                    }
+                };
+                sinks.gguf.push((t, sink));
             }
             None => {
-                let tmp = begin_dir(&out, o.force)?;
-                let writer =
-                    ShardedWriter::create(&tmp, plan(t, ck, o.group_size), MAX_SHARD_BYTES);
+                let r = match ck_recs.as_mut() {
+                    None => None,
+                    Some(recs) => Some(
+                        recs.next()
+                            .filter(|r| r.target == t.name())
+                            .ok_or_else(|| mismatch(t))?,
+                    ),
+                };
+                let tmp = match r {
+                    None => begin_dir(&out, o.force)?,
+                    Some(_) => {
+                        let tmp = partial_dir(&out);
+                        if !tmp.is_dir() {
+                            return Err(Error::Invalid(format!(
+                                "the journal continues {}, which is gone; start over with --force instead of --resume",
+                                tmp.display()
+                            )));
+                        }
+                        tmp
+                    }
+                };
+                let planned = plan(t, ck, o.group_size);
+                let writer = match r {
+                    None => ShardedWriter::create(&tmp, planned, MAX_SHARD_BYTES),
+                    Some(r) => {
+                        ShardedWriter::resume(&tmp, planned, MAX_SHARD_BYTES, r.writer.clone())
+                    }
+                };
                 let writer = match writer {
                     Ok(w) => w,
                     Err(e) => {
@@ -344,8 +441,8 @@ fn open_sinks(
                     out,
                     tmp,
                     writer,
-                    errors: BTreeMap::new(),
-                    alphas: Vec::new(),
+                    errors: r.map(CkRecord::errors).unwrap_or_default(),
+                    alphas: r.map(CkRecord::alphas).unwrap_or_default(),
                 });
             }
         }

@@ -338,6 +338,49 @@ pub fn write_file(
     std::fs::rename(&tmp, dest).map_err(|e| Error::io(dest, e))
 }
 
+/// Writes the tensors of `plan` (in that order) to `dest` atomically, asking `fill(i)` for
+/// tensor `i`'s bytes one at a time, so only one tensor is in memory beside the file.
+pub fn write_streamed(
+    dest: &Path,
+    plan: &[PlannedTensor],
+    fill: &mut dyn FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    let mut off = 0u64;
+    for t in plan {
+        header.insert(
+            t.name.clone(),
+            json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [off, off + t.nbytes()]}),
+        );
+        off += t.nbytes();
+    }
+    let mut hb = serde_json::to_vec(&serde_json::Value::Object(header)).expect("header serialises");
+    while !hb.len().is_multiple_of(8) {
+        hb.push(b' ');
+    }
+    let tmp = temp_path(dest);
+    let io = |e| Error::io(&tmp, e);
+    let mut f = std::io::BufWriter::new(File::create(&tmp).map_err(io)?);
+    f.write_all(&(hb.len() as u64).to_le_bytes()).map_err(io)?;
+    f.write_all(&hb).map_err(io)?;
+    for (i, t) in plan.iter().enumerate() {
+        let data = fill(i)?;
+        if data.len() as u64 != t.nbytes() {
+            return Err(Error::Internal(format!(
+                "tensor `{}`: {} bytes made, {} planned",
+                t.name,
+                data.len(),
+                t.nbytes()
+            )));
+        }
+        f.write_all(&data).map_err(io)?;
+    }
+    f.flush().map_err(io)?;
+    f.get_ref().sync_data().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, dest).map_err(|e| Error::io(dest, e))
+}
+
 /// One tensor of a planned output.
 #[derive(Debug, Clone)]
 pub struct PlannedTensor {
@@ -436,6 +479,27 @@ enum IoMsg {
     Data(Vec<u8>),
     /// Flush, sync and record the open shard.
     Close,
+    /// Reopen shard `path` of an interrupted run: cut it to `len` bytes, hash those, append.
+    Reopen {
+        path: PathBuf,
+        name: String,
+        len: u64,
+    },
+    /// Flush and sync the open shard; answer with the closed shards and the open one's length.
+    Mark(std::sync::mpsc::SyncSender<(Vec<WrittenFile>, u64)>),
+}
+
+/// Where a [`ShardedWriter`] stands between two tensors, enough to [`ShardedWriter::resume`]
+/// it after the process was killed.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct WriterMark {
+    /// The shard being written and the next tensor in it.
+    pub shard: usize,
+    pub pos: usize,
+    /// Bytes of the open shard on disk (its header included).
+    pub file_bytes: u64,
+    /// The shards already closed.
+    pub closed: Vec<WrittenFile>,
 }
 
 /// Asks the kernel to start writing `file`'s dirty pages back now (without waiting), so a
@@ -454,9 +518,11 @@ pub fn start_writeback(file: &File) {
 }
 
 /// The I/O thread: writes and hashes what it is sent, in order.
-fn io_thread(rx: std::sync::mpsc::Receiver<IoMsg>) -> Result<Vec<WrittenFile>> {
+fn io_thread(
+    rx: std::sync::mpsc::Receiver<IoMsg>,
+    mut written: Vec<WrittenFile>,
+) -> Result<Vec<WrittenFile>> {
     use sha2::Digest;
-    let mut written = Vec::new();
     let mut file: Option<(PathBuf, String, std::io::BufWriter<File>, sha2::Sha256, u64)> = None;
     for m in rx {
         match m {
@@ -489,6 +555,45 @@ fn io_thread(rx: std::sync::mpsc::Receiver<IoMsg>) -> Result<Vec<WrittenFile>> {
                     sha256: crate::numerics::hex(&h.finalize()),
                 });
             }
+            IoMsg::Reopen { path, name, len } => {
+                use std::io::{Read, Seek};
+                let io = |e| Error::io(&path, e);
+                let mut f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(io)?;
+                let have = f.metadata().map_err(io)?.len();
+                if have < len {
+                    return Err(Error::format(
+                        &path,
+                        format!("the journal counts {len} bytes written, the file holds {have}"),
+                    ));
+                }
+                f.set_len(len).map_err(io)?;
+                let mut h = sha2::Sha256::new();
+                let mut buf = vec![0u8; 1 << 22];
+                let mut left = len;
+                while left > 0 {
+                    let n = (left as usize).min(buf.len());
+                    f.read_exact(&mut buf[..n]).map_err(io)?;
+                    h.update(&buf[..n]);
+                    left -= n as u64;
+                }
+                f.seek(std::io::SeekFrom::Start(len)).map_err(io)?;
+                let w = std::io::BufWriter::with_capacity(1 << 22, f);
+                file = Some((path, name, w, h, len));
+            }
+            IoMsg::Mark(reply) => {
+                let mut len = 0;
+                if let Some((path, _, w, _, n)) = file.as_mut() {
+                    w.flush().map_err(|e| Error::io(&*path, e))?;
+                    w.get_ref().sync_data().map_err(|e| Error::io(&*path, e))?;
+                    len = *n;
+                }
+                // The writer waits for this answer; if it has gone, so has the run.
+                let _ = reply.send((written.clone(), len));
+            }
         }
     }
     Ok(written)
@@ -496,6 +601,51 @@ fn io_thread(rx: std::sync::mpsc::Receiver<IoMsg>) -> Result<Vec<WrittenFile>> {
 
 impl ShardedWriter {
     pub fn create(dir: &Path, plan: Vec<PlannedTensor>, max_shard_bytes: u64) -> Result<Self> {
+        let mut w = Self::start(dir, plan, max_shard_bytes, Vec::new())?;
+        w.open_shard()?;
+        Ok(w)
+    }
+
+    /// Continues the writer of an interrupted run over the same plan from `mark` (what
+    /// [`Self::mark`] returned): the open shard is cut back to the marked length and written on.
+    pub fn resume(
+        dir: &Path,
+        plan: Vec<PlannedTensor>,
+        max_shard_bytes: u64,
+        mark: WriterMark,
+    ) -> Result<Self> {
+        let mut w = Self::start(dir, plan, max_shard_bytes, mark.closed.clone())?;
+        let fits = mark.shard < w.shards.len() && mark.pos < w.shards[mark.shard].1.len()
+            || mark.shard == w.shards.len();
+        if !fits || mark.closed.len() != mark.shard {
+            return Err(Error::Invalid(format!(
+                "{}: the journal's writer position (shard {}, tensor {}) does not fit this output's {} shards",
+                dir.display(),
+                mark.shard,
+                mark.pos,
+                w.shards.len()
+            )));
+        }
+        w.shard = mark.shard;
+        w.pos = mark.pos;
+        if w.shard < w.shards.len() {
+            let name = w.shards[w.shard].0.clone();
+            w.send(IoMsg::Reopen {
+                path: dir.join(&name),
+                name,
+                len: mark.file_bytes,
+            })?;
+        }
+        Ok(w)
+    }
+
+    /// The writer with its I/O thread started and no shard open.
+    fn start(
+        dir: &Path,
+        plan: Vec<PlannedTensor>,
+        max_shard_bytes: u64,
+        closed: Vec<WrittenFile>,
+    ) -> Result<Self> {
         let total = plan.iter().map(PlannedTensor::nbytes).sum();
         let groups = plan_shards(plan.iter().map(PlannedTensor::nbytes), max_shard_bytes);
         let n = groups.len();
@@ -511,18 +661,40 @@ impl ShardedWriter {
         let (tx, rx) = std::sync::mpsc::sync_channel(IN_FLIGHT);
         let handle = std::thread::Builder::new()
             .name("minitron-writer".into())
-            .spawn(move || io_thread(rx))
+            .spawn(move || io_thread(rx, closed))
             .map_err(|e| Error::io(dir, e))?;
-        let mut w = ShardedWriter {
+        Ok(ShardedWriter {
             dir: dir.to_owned(),
             shards,
             shard: 0,
             pos: 0,
             total,
             io: Some((tx, handle)),
+        })
+    }
+
+    /// Waits until every tensor handed over so far is in its file (and synced); returns where
+    /// the writer stands, for [`Self::resume`].
+    pub fn mark(&mut self) -> Result<WriterMark> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.send(IoMsg::Mark(tx))?;
+        let (closed, file_bytes) = match rx.recv() {
+            Ok(v) => v,
+            Err(_) => {
+                // The I/O thread stopped: its error says why.
+                let (_, handle) = self.io.take().expect("writer open");
+                return match handle.join() {
+                    Ok(Err(e)) => Err(e),
+                    _ => Err(Error::Internal("the output writer stopped".into())),
+                };
+            }
         };
-        w.open_shard()?;
-        Ok(w)
+        Ok(WriterMark {
+            shard: self.shard,
+            pos: self.pos,
+            file_bytes,
+            closed,
+        })
     }
 
     /// Sends `m` to the I/O thread; if it has stopped, returns the error it stopped with.
@@ -655,6 +827,15 @@ pub fn sha256_bytes(b: &[u8]) -> String {
     crate::numerics::hex(&sha2::Sha256::digest(b))
 }
 
+/// `.NAME.partial` beside output folder `NAME`: where it is filled before it takes its name.
+pub fn partial_dir(out: &Path) -> PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    out.with_file_name(format!(".{name}.partial"))
+}
+
 /// Starts an output folder: returns the `.NAME.partial` folder to fill. `out` must not exist
 /// unless `force`.
 pub fn begin_dir(out: &Path, force: bool) -> Result<PathBuf> {
@@ -667,11 +848,7 @@ pub fn begin_dir(out: &Path, force: bool) -> Result<PathBuf> {
     if out.exists() {
         replaceable(out)?;
     }
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = out.with_file_name(format!(".{name}.partial"));
+    let tmp = partial_dir(out);
     for stale in [tmp.clone(), tmp.with_extension("old")] {
         if stale.exists() {
             std::fs::remove_dir_all(&stale).map_err(|e| Error::io(&stale, e))?;

@@ -553,6 +553,71 @@ impl<'a> Streamed<'a> {
         Ok(())
     }
 
+    /// Writes the residual streams to `dest` (f32 safetensors, one tensor per group, written
+    /// group by group), for [`Streamed::restore`].
+    pub fn save(&self, dest: &std::path::Path) -> Result<()> {
+        use crate::format::safetensors::{write_streamed, PlannedTensor};
+        let plan: Vec<PlannedTensor> = self
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(i, g)| PlannedTensor {
+                name: format!("group.{i}"),
+                dtype: crate::model::Dtype::F32,
+                shape: g.dims().to_vec(),
+            })
+            .collect();
+        write_streamed(dest, &plan, &mut |i| {
+            let v = self.groups[i]
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        })
+    }
+
+    /// Replaces the residual streams with those [`Streamed::save`] wrote for the same chunks
+    /// (exactly: the streams are f32 or narrower), block `next` coming up next.
+    pub fn restore(&mut self, path: &std::path::Path, next: usize) -> Result<()> {
+        let f = crate::format::safetensors::SafetensorsFile::open(path)?;
+        let mut restored = Vec::with_capacity(self.groups.len());
+        for (i, g) in self.groups.iter().enumerate() {
+            let name = format!("group.{i}");
+            let info = f
+                .tensors
+                .get(&name)
+                .ok_or_else(|| crate::error::Error::MissingTensor {
+                    path: path.to_owned(),
+                    tensor: name.clone(),
+                    expected: format!("f32 {:?}", g.dims()),
+                })?;
+            if info.dtype != crate::model::Dtype::F32 || info.shape != g.dims() {
+                return Err(crate::error::Error::TensorMismatch {
+                    path: path.to_owned(),
+                    tensor: name,
+                    expected: format!("f32 {:?}", g.dims()),
+                    found: format!("{} {:?}", info.dtype, info.shape),
+                });
+            }
+            let raw = f.bytes(&name).expect("indexed");
+            let t = Tensor::from_raw_buffer(raw, DType::F32, g.dims(), &self.device)?;
+            restored.push(t.to_dtype(g.dtype())?);
+        }
+        if f.tensors.len() != self.groups.len() {
+            return Err(crate::error::Error::format(
+                path,
+                format!(
+                    "{} saved groups, the calibration chunks make {}",
+                    f.tensors.len(),
+                    self.groups.len()
+                ),
+            ));
+        }
+        self.groups = restored;
+        self.next_block = next;
+        Ok(())
+    }
+
     /// Bytes the residual streams hold.
     pub fn state_bytes(&self) -> u64 {
         self.groups

@@ -445,7 +445,7 @@ impl GgufWriter {
         tensors: &[PlannedTensor],
     ) -> Result<Self> {
         let tmp = crate::format::safetensors::temp_path(dest);
-        let made = Self::create_at(dest, &tmp, metadata, tensors);
+        let made = Self::create_at(dest, &tmp, metadata, tensors, None);
         if made.is_err() {
             // A header that could not be written leaves no temporary behind.
             let _ = std::fs::remove_file(&tmp);
@@ -453,11 +453,33 @@ impl GgufWriter {
         made
     }
 
+    /// Reopens the temporary file of an interrupted [`Self::create`] with the same metadata and
+    /// plan: the tensors `written` marks (as [`Self::mark`] returned them) are kept, the rest
+    /// are written again. The header is written again too (the same bytes).
+    pub fn resume(
+        dest: &Path,
+        metadata: &[(String, Value)],
+        tensors: &[PlannedTensor],
+        written: &[bool],
+    ) -> Result<Self> {
+        let tmp = crate::format::safetensors::temp_path(dest);
+        if written.len() != tensors.len() {
+            return Err(Error::Invalid(format!(
+                "{}: the journal records {} tensors, the plan has {}",
+                tmp.display(),
+                written.len(),
+                tensors.len()
+            )));
+        }
+        Self::create_at(dest, &tmp, metadata, tensors, Some(written))
+    }
+
     fn create_at(
         dest: &Path,
         tmp: &Path,
         metadata: &[(String, Value)],
         tensors: &[PlannedTensor],
+        resume: Option<&[bool]>,
     ) -> Result<Self> {
         let tmp = tmp.to_owned();
         let alignment = match metadata.iter().find(|(k, _)| k == keys::GENERAL_ALIGNMENT) {
@@ -497,11 +519,19 @@ impl GgufWriter {
             plan.push(info);
         }
         // Readable too: the file's hash reads back what was not hashed in order.
+        let had = match resume {
+            Some(_) => Some(
+                std::fs::metadata(&tmp)
+                    .map_err(|e| Error::io(&tmp, e))?
+                    .len(),
+            ),
+            None => None,
+        };
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(resume.is_none())
             .open(&tmp)
             .map_err(|e| Error::io(&tmp, e))?;
         let mut w = BufWriter::with_capacity(1 << 22, f);
@@ -534,12 +564,18 @@ impl GgufWriter {
         let file = w
             .into_inner()
             .map_err(|e| Error::io(&tmp, e.into_error()))?;
+        if let Some(have) = had.filter(|&h| h != data_start + off) {
+            return Err(Error::format(
+                &tmp,
+                format!(
+                    "an interrupted GGUF file of this plan holds {} bytes, this one {have}",
+                    data_start + off
+                ),
+            ));
+        }
         // The data section's final length; unwritten gaps (padding) read as zeros.
         file.set_len(data_start + off)
             .map_err(|e| Error::io(&tmp, e))?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(WRITE_PIECES_IN_FLIGHT);
-        let out = file.try_clone().map_err(|e| Error::io(&tmp, e))?;
-        let path = tmp.clone();
         let mut extents: Vec<(u64, u64)> = plan
             .iter()
             .map(|t| {
@@ -551,32 +587,19 @@ impl GgufWriter {
             .collect();
         extents.sort_unstable();
         let file_len = data_start + off;
-        let handle = std::thread::Builder::new()
-            .name("minitron-gguf-writer".into())
-            .spawn(move || -> Result<OrderedHash> {
-                use std::os::unix::fs::FileExt;
-                let mut hash = OrderedHash::start(&out, &path, data_start, extents, file_len)?;
-                let mut since = 0usize;
-                for (at, bytes) in rx {
-                    out.write_all_at(&bytes, at)
-                        .map_err(|e| Error::io(&path, e))?;
-                    hash.feed(at, &bytes);
-                    since += bytes.len();
-                    if since >= 1 << 28 {
-                        crate::format::safetensors::start_writeback(&out);
-                        since = 0;
-                    }
-                }
-                Ok(hash)
-            })
-            .map_err(|e| Error::io(&tmp, e))?;
+        let mut hash = OrderedHash::start(&file, &tmp, data_start, extents, file_len)?;
+        if resume.is_some() {
+            // What was written before the interruption is read back at the end.
+            hash.in_order = false;
+        }
+        let io = spawn_writer(&file, &tmp, hash)?;
         Ok(GgufWriter {
             tmp,
             dest: dest.to_owned(),
             file,
-            io: Some((tx, handle)),
+            io: Some(io),
             hash: None,
-            written: vec![false; plan.len()],
+            written: resume.map_or_else(|| vec![false; plan.len()], <[bool]>::to_vec),
             plan,
             data_start,
             finished: false,
@@ -586,6 +609,19 @@ impl GgufWriter {
     /// The planned tensors, in file order.
     pub fn plan(&self) -> &[TensorInfo] {
         &self.plan
+    }
+
+    /// Waits until every tensor handed over so far is in the file (and synced); returns which
+    /// planned tensors are written, for [`Self::resume`].
+    pub fn mark(&mut self) -> Result<Vec<bool>> {
+        self.join_io()?;
+        self.file.sync_data().map_err(|e| Error::io(&self.tmp, e))?;
+        let hash = self
+            .hash
+            .take()
+            .expect("the writing thread returned its hash");
+        self.io = Some(spawn_writer(&self.file, &self.tmp, hash)?);
+        Ok(self.written.clone())
     }
 
     /// Writes planned tensor `index`'s bytes at its place in the file (copied, in pieces, to the
@@ -708,6 +744,36 @@ impl GgufWriter {
         self.finished = true;
         Ok(record)
     }
+}
+
+/// Starts the thread that writes pieces `(offset, bytes)` into `file` and feeds `hash`.
+fn spawn_writer(
+    file: &File,
+    path: &Path,
+    mut hash: OrderedHash,
+) -> Result<(PieceSender, std::thread::JoinHandle<Result<OrderedHash>>)> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(WRITE_PIECES_IN_FLIGHT);
+    let out = file.try_clone().map_err(|e| Error::io(path, e))?;
+    let owned = path.to_owned();
+    let handle = std::thread::Builder::new()
+        .name("minitron-gguf-writer".into())
+        .spawn(move || -> Result<OrderedHash> {
+            use std::os::unix::fs::FileExt;
+            let mut since = 0usize;
+            for (at, bytes) in rx {
+                out.write_all_at(&bytes, at)
+                    .map_err(|e| Error::io(&owned, e))?;
+                hash.feed(at, &bytes);
+                since += bytes.len();
+                if since >= 1 << 28 {
+                    crate::format::safetensors::start_writeback(&out);
+                    since = 0;
+                }
+            }
+            Ok(hash)
+        })
+        .map_err(|e| Error::io(path, e))?;
+    Ok((tx, handle))
 }
 
 /// The sha256 of a GGUF file being written, taken as its pieces arrive while they arrive in
