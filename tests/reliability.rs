@@ -523,3 +523,53 @@ fn resumed_smollm2_gptq_runs_killed_at_random_moments_write_the_same_bytes() {
         2,
     );
 }
+
+/// Hidden states past `--calib-hidden-mib` live in a temporary file instead of memory: the
+/// same bytes come out (for original and quantized inputs), and no file is left behind.
+#[test]
+fn spilled_hidden_states_write_the_same_bytes() {
+    let t = tempdir();
+    let model = tiny();
+    for (k, args) in [
+        &[
+            "--to",
+            "w4a16",
+            "--int4-weights",
+            "gptq",
+            "--calib-inputs",
+            "quantized",
+        ][..],
+        &["--to", "fp8,int8,gguf:q4_k_m", "--int8-weights", "gptq"][..],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let convert = |out: &Path, extra: &[&str]| {
+            let mut a: Vec<&str> = vec![s(&model)];
+            a.extend(args);
+            a.extend(["--calib-samples", "6", "--calib-seq", "64", "--out", s(out)]);
+            a.extend(extra);
+            let o = run("minitron-convert", &a);
+            let text = String::from_utf8_lossy(&o.stderr).into_owned();
+            assert!(o.status.success(), "{a:?}:\n{text}");
+            text
+        };
+        let held = t.path().join(format!("held{k}"));
+        let text = convert(&held, &[]);
+        assert!(!text.contains("temporary file"), "{text}");
+        let spilled = t.path().join(format!("spilled{k}"));
+        let text = convert(&spilled, &["--calib-hidden-mib", "0"]);
+        assert!(text.contains("kept in a temporary file"), "{text}");
+        assert_eq!(
+            artifact_digest(&spilled),
+            artifact_digest(&held),
+            "{args:?}"
+        );
+    }
+    let left: Vec<String> = entries(t.path())
+        .into_iter()
+        .filter(|e| e.0.starts_with('.'))
+        .map(|e| e.0)
+        .collect();
+    assert!(left.is_empty(), "files left: {left:?}");
+}

@@ -201,6 +201,15 @@ impl clap::builder::TypedValueParser for TargetNames {
     }
 }
 
+/// The folder `path` is written into (spilled hidden states go there: the disk the user chose
+/// for the output, not a temporary folder that may live in memory).
+fn folder_of(path: &std::path::Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// Calibration options shared by every command that calibrates.
 #[derive(clap::Args, Debug)]
 struct CalibArgs {
@@ -223,11 +232,20 @@ struct CalibArgs {
     /// Reuse statistics saved by --save-calib instead of running the model.
     #[arg(long, value_name = "FILE", conflicts_with = "calib")]
     load_calib: Option<PathBuf>,
+    /// Memory for the calibration chunks' hidden states, in MiB (samples × tokens × hidden ×
+    /// 4 bytes); beyond it they are kept in a temporary file beside the output instead (unlinked
+    /// at once, so nothing is left behind), read and written a group of chunks at a time
+    /// [default: 2048].
+    #[arg(long, value_name = "MIB")]
+    calib_hidden_mib: Option<u64>,
 }
 
 impl CalibArgs {
-    fn options(&self) -> minitron::calib::CalibOptions {
+    /// The options, spilling hidden states (past the budget) into folder `spill_dir`.
+    fn options(&self, spill_dir: PathBuf) -> minitron::calib::CalibOptions {
         minitron::calib::CalibOptions {
+            hidden_budget_bytes: self.calib_hidden_mib.unwrap_or(2048) << 20,
+            spill_dir,
             calib: self.calib.clone(),
             spec: minitron::calib::CalibSpec {
                 samples: self.calib_samples.unwrap_or(64),
@@ -282,8 +300,8 @@ fn main() -> std::process::ExitCode {
             }
             Some(Cmd::Imatrix { model, out, calib }) => {
                 let ck = Checkpoint::open(&model)?;
-                let stats =
-                    minitron::calib::calibrate(&ck, &calib.options(), &candle_core::Device::Cpu)?;
+                let opts = calib.options(folder_of(&out));
+                let stats = minitron::calib::calibrate(&ck, &opts, &candle_core::Device::Cpu)?;
                 let im = minitron::calib::Imatrix::from_stats(&stats);
                 im.write_gguf(&out)
                     .with_context(|| format!("writing {}", out.display()))?;
@@ -460,6 +478,7 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
     let Some(out) = cli.out.clone() else {
         bail!("--out PATH is required");
     };
+    let out_path = out.clone();
     let targets = Target::parse_list(&cli.to.join(","))?;
     check_applicable(cli, &targets)?;
     let overrides = cli
@@ -503,7 +522,7 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
         },
         smooth_alpha,
         group_size: cli.group_size,
-        calib: cli.calib.options(),
+        calib: cli.calib.options(folder_of(&out_path)),
         calib_asked: cli.calib.asked(),
         gguf: GgufSettings {
             overrides,

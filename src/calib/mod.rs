@@ -35,6 +35,10 @@ pub struct CalibOptions {
     pub load: Option<PathBuf>,
     /// Save the statistics for later runs.
     pub save: Option<PathBuf>,
+    /// Memory the calibration chunks' hidden states may take; beyond it they are kept in a
+    /// temporary file in `spill_dir` (see [`crate::runtime::spill`]).
+    pub hidden_budget_bytes: u64,
+    pub spill_dir: PathBuf,
 }
 
 /// What the targets of one export need from calibration.

@@ -146,14 +146,28 @@ impl<'a> BlockCalibration<'a> {
             let refs: Vec<&[u32]> = chunks.iter().map(Vec::as_slice).collect();
             let t = chunks.iter().map(Vec::len).max().unwrap_or(1).max(1);
             let batch = (crate::runtime::llama::OBSERVE_ROWS / t).max(1);
-            stream = Some(Streamed::new(
+            let spill = crate::runtime::spill::SpillSpec {
+                dir: o.spill_dir.clone(),
+                budget_bytes: o.hidden_budget_bytes,
+            };
+            let s = Streamed::with_spill(
                 src,
                 pass_dtype(device),
                 device,
                 LoadOptions::default(),
                 &refs,
                 batch,
-            )?);
+                Some(&spill),
+            )?;
+            if s.spilled_bytes() > 0 {
+                crate::progress::note(&format!(
+                    "calibration hidden states: {:.2} GB, more than the {} MiB budget (--calib-hidden-mib); kept in a temporary file in {} instead",
+                    s.spilled_bytes() as f64 / 1e9,
+                    o.hidden_budget_bytes >> 20,
+                    o.spill_dir.display()
+                ));
+            }
+            stream = Some(s);
         }
         let layers = ck.config.num_hidden_layers as u64;
         let tokens = info.as_ref().map_or(0, |i| i.tokens as u64);

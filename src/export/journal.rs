@@ -126,7 +126,8 @@ pub fn journal_dir(out: &Path) -> PathBuf {
 }
 
 /// A digest of everything that decides the output bytes: the options (less those that do not:
-/// `--force`, `--resume`, `--journal-every`, the command line), the tool's version, and each
+/// `--force`, `--resume`, `--journal-every`, `--calib-hidden-mib`, the command line), the
+/// tool's version, and each
 /// input file's path, size and modification time.
 fn fingerprint(ck: &Checkpoint, o: &ExportOptions) -> String {
     let mut n = o.clone();
@@ -134,6 +135,9 @@ fn fingerprint(ck: &Checkpoint, o: &ExportOptions) -> String {
     n.resume = false;
     n.journal_every_s = 0;
     n.command_line.clear();
+    // Where the hidden states are kept does not change a byte either.
+    n.calib.hidden_budget_bytes = 0;
+    n.calib.spill_dir = PathBuf::new();
     let mut text = format!("{}\n{n:?}\n", crate::VERSION);
     let mut files: Vec<PathBuf> = ck.files.iter().map(|f| f.path.clone()).collect();
     files.extend(

@@ -421,8 +421,11 @@ pub struct Streamed<'a> {
     dtype: DType,
     device: Device,
     opts: LoadOptions,
-    /// Residual streams `[g, t, hidden]`, one per group, in chunk order.
+    /// Residual streams `[g, t, hidden]`, one per group, in chunk order (empty when they
+    /// are spilled).
     pub groups: Vec<Tensor>,
+    /// The residual streams, when they are kept in a file instead.
+    spill: Option<crate::runtime::spill::SpillFile>,
     /// (cos, sin, mask) per chunk length.
     tables: std::collections::BTreeMap<usize, (Tensor, Tensor, Option<Tensor>)>,
     next_block: usize,
@@ -438,12 +441,25 @@ impl<'a> Streamed<'a> {
         chunks: &[&[u32]],
         batch: usize,
     ) -> Result<Self> {
+        Self::with_spill(src, dtype, device, opts, chunks, batch, None)
+    }
+
+    /// [`Streamed::new`], keeping the residual streams in a temporary file under `spill.dir`
+    /// instead of memory when they would take more than `spill.budget_bytes`.
+    pub fn with_spill(
+        src: &'a dyn Source,
+        dtype: DType,
+        device: &Device,
+        opts: LoadOptions,
+        chunks: &[&[u32]],
+        batch: usize,
+        spill: Option<&crate::runtime::spill::SpillSpec>,
+    ) -> Result<Self> {
         let c = src.config();
         let sd = stream_dtype(dtype);
         let inv_freq = src.inv_freq()?;
-        let mut groups = Vec::new();
-        let mut tables: std::collections::BTreeMap<usize, (Tensor, Tensor, Option<Tensor>)> =
-            Default::default();
+        // The groups: runs of equally long chunks, up to `batch` each.
+        let mut spans = Vec::new();
         let mut i = 0;
         while i < chunks.len() {
             let t = chunks[i].len();
@@ -451,17 +467,41 @@ impl<'a> Streamed<'a> {
             while j < chunks.len() && j - i < batch.max(1) && chunks[j].len() == t {
                 j += 1;
             }
+            spans.push((i, j, t));
+            i = j;
+        }
+        let dims: Vec<[usize; 3]> = spans
+            .iter()
+            .map(|&(i, j, t)| [j - i, t, c.hidden_size])
+            .collect();
+        let bytes: u64 = dims
+            .iter()
+            .map(|d| (d[0] * d[1] * d[2] * sd.size_in_bytes()) as u64)
+            .sum();
+        let spill = match spill {
+            Some(sp) if bytes > sp.budget_bytes => {
+                Some(crate::runtime::spill::SpillFile::create(&sp.dir, dims)?)
+            }
+            _ => None,
+        };
+        let mut groups = Vec::new();
+        let mut tables: std::collections::BTreeMap<usize, (Tensor, Tensor, Option<Tensor>)> =
+            Default::default();
+        for (gi, &(i, j, t)) in spans.iter().enumerate() {
             let ids: Vec<u32> = chunks[i..j]
                 .iter()
                 .flat_map(|c| c.iter().copied())
                 .collect();
             let v = src.embed_rows(&ids)?;
-            groups.push(Tensor::from_vec(v, (j - i, t, c.hidden_size), device)?.to_dtype(sd)?);
+            let g = Tensor::from_vec(v, (j - i, t, c.hidden_size), device)?.to_dtype(sd)?;
+            match &spill {
+                Some(f) => f.write_current(gi, &g)?,
+                None => groups.push(g),
+            }
             if let std::collections::btree_map::Entry::Vacant(e) = tables.entry(t) {
                 let (cos, sin) = rope_tables(&inv_freq, 0, t, sd, device)?;
                 e.insert((cos, sin, causal_mask(0, t, sd, device)?));
             }
-            i = j;
         }
         src.release_head();
         Ok(Streamed {
@@ -470,6 +510,7 @@ impl<'a> Streamed<'a> {
             device: device.clone(),
             opts,
             groups,
+            spill,
             tables,
             next_block: 0,
         })
@@ -529,6 +570,33 @@ impl<'a> Streamed<'a> {
         let l = self.next_block;
         let c = self.src.config();
         let mut obs = obs;
+        if let Some(f) = self.spill.as_mut() {
+            let sd = stream_dtype(self.dtype);
+            for i in 0..f.len() {
+                let x = f.read(i, sd, &self.device)?;
+                let (b, t, _) = x.dims3()?;
+                let (cos, sin, mask) = &self.tables[&t];
+                let p = Pass {
+                    cfg: c,
+                    cos,
+                    sin,
+                    mask: mask.as_ref(),
+                    b,
+                    t,
+                    total: t,
+                };
+                let y = blk.forward(l, x, &p, None, &mut obs)?;
+                if commit {
+                    f.write_next(i, &y)?;
+                }
+                on_tokens((b * t) as u64);
+            }
+            if commit {
+                f.flip();
+                self.next_block += 1;
+            }
+            return Ok(());
+        }
         for x in self.groups.iter_mut() {
             let (b, t, _) = x.dims3()?;
             let (cos, sin, mask) = &self.tables[&t];
@@ -557,18 +625,16 @@ impl<'a> Streamed<'a> {
     /// group by group), for [`Streamed::restore`].
     pub fn save(&self, dest: &std::path::Path) -> Result<()> {
         use crate::format::safetensors::{write_streamed, PlannedTensor};
-        let plan: Vec<PlannedTensor> = self
-            .groups
-            .iter()
-            .enumerate()
-            .map(|(i, g)| PlannedTensor {
+        let plan: Vec<PlannedTensor> = (0..self.group_count())
+            .map(|i| PlannedTensor {
                 name: format!("group.{i}"),
                 dtype: crate::model::Dtype::F32,
-                shape: g.dims().to_vec(),
+                shape: self.group_dims(i).to_vec(),
             })
             .collect();
         write_streamed(dest, &plan, &mut |i| {
-            let v = self.groups[i]
+            let v = self
+                .group(i)?
                 .flatten_all()?
                 .to_dtype(DType::F32)?
                 .to_vec1::<f32>()?;
@@ -580,8 +646,19 @@ impl<'a> Streamed<'a> {
     /// (exactly: the streams are f32 or narrower), block `next` coming up next.
     pub fn restore(&mut self, path: &std::path::Path, next: usize) -> Result<()> {
         let f = crate::format::safetensors::SafetensorsFile::open(path)?;
+        let n = self.group_count();
+        if f.tensors.len() != n {
+            return Err(crate::error::Error::format(
+                path,
+                format!(
+                    "{} saved groups, the calibration chunks make {n}",
+                    f.tensors.len()
+                ),
+            ));
+        }
         let mut restored = Vec::with_capacity(self.groups.len());
-        for (i, g) in self.groups.iter().enumerate() {
+        for i in 0..n {
+            let dims = self.group_dims(i);
             let name = format!("group.{i}");
             let info = f
                 .tensors
@@ -589,33 +666,56 @@ impl<'a> Streamed<'a> {
                 .ok_or_else(|| crate::error::Error::MissingTensor {
                     path: path.to_owned(),
                     tensor: name.clone(),
-                    expected: format!("f32 {:?}", g.dims()),
+                    expected: format!("f32 {dims:?}"),
                 })?;
-            if info.dtype != crate::model::Dtype::F32 || info.shape != g.dims() {
+            if info.dtype != crate::model::Dtype::F32 || info.shape != dims {
                 return Err(crate::error::Error::TensorMismatch {
                     path: path.to_owned(),
                     tensor: name,
-                    expected: format!("f32 {:?}", g.dims()),
+                    expected: format!("f32 {dims:?}"),
                     found: format!("{} {:?}", info.dtype, info.shape),
                 });
             }
             let raw = f.bytes(&name).expect("indexed");
-            let t = Tensor::from_raw_buffer(raw, DType::F32, g.dims(), &self.device)?;
-            restored.push(t.to_dtype(g.dtype())?);
-        }
-        if f.tensors.len() != self.groups.len() {
-            return Err(crate::error::Error::format(
-                path,
-                format!(
-                    "{} saved groups, the calibration chunks make {}",
-                    f.tensors.len(),
-                    self.groups.len()
-                ),
-            ));
+            let t = Tensor::from_raw_buffer(raw, DType::F32, &dims, &self.device)?
+                .to_dtype(stream_dtype(self.dtype))?;
+            match &self.spill {
+                Some(sp) => sp.write_current(i, &t)?,
+                None => restored.push(t),
+            }
         }
         self.groups = restored;
         self.next_block = next;
         Ok(())
+    }
+
+    /// Number of groups.
+    fn group_count(&self) -> usize {
+        self.spill.as_ref().map_or(self.groups.len(), |f| f.len())
+    }
+
+    /// `[g, t, hidden]` of group `i`.
+    fn group_dims(&self, i: usize) -> [usize; 3] {
+        match &self.spill {
+            Some(f) => f.dims(i),
+            None => {
+                let d = self.groups[i].dims();
+                [d[0], d[1], d[2]]
+            }
+        }
+    }
+
+    /// Group `i`'s residual stream (read back when spilled).
+    fn group(&self, i: usize) -> Result<Tensor> {
+        match &self.spill {
+            Some(f) => f.read(i, stream_dtype(self.dtype), &self.device),
+            None => Ok(self.groups[i].clone()),
+        }
+    }
+
+    /// Bytes of residual streams kept in a file instead of memory (0 when held).
+    pub fn spilled_bytes(&self) -> u64 {
+        self.spill.as_ref().map_or(0, |f| f.bytes())
     }
 
     /// Bytes the residual streams hold.
@@ -628,6 +728,11 @@ impl<'a> Streamed<'a> {
 
     /// Keeps positions `from..` of every group (what the head will read).
     pub fn keep_from(&mut self, from: usize) -> Result<()> {
+        if self.spill.is_some() {
+            return Err(crate::error::Error::Internal(
+                "keep_from on spilled streams".into(),
+            ));
+        }
         for x in self.groups.iter_mut() {
             let t = x.dim(1)?;
             *x = x.narrow(1, from, t - from)?.contiguous()?;

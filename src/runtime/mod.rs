@@ -9,6 +9,7 @@ pub mod gemm_i8;
 pub mod linear;
 pub mod llama;
 pub mod load;
+pub mod spill;
 
 pub use block::Block;
 pub use device::pick_device;
