@@ -48,44 +48,13 @@ fn signed_absmax(x: &[f32]) -> (f32, f32) {
     (amax, max)
 }
 
-/// The block formats we can write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    F32,
-    F16,
-    BF16,
-    Q8_0,
-    Q4_0,
-    Q4_1,
-    Q5_0,
-    Q5_1,
-    Q2K,
-    Q3K,
-    Q4K,
-    Q5K,
-    Q6K,
-}
+/// The ggml type's candle type, which names its encoder here (the type table gives one to
+/// exactly the types this tool writes).
+type Kind = candle_core::quantized::GgmlDType;
 
 fn kind(t: &GgmlType) -> Result<Kind> {
-    Ok(match t {
-        GgmlType::F32 => Kind::F32,
-        GgmlType::F16 => Kind::F16,
-        GgmlType::BF16 => Kind::BF16,
-        GgmlType::Q8_0 => Kind::Q8_0,
-        GgmlType::Q4_0 => Kind::Q4_0,
-        GgmlType::Q4_1 => Kind::Q4_1,
-        GgmlType::Q5_0 => Kind::Q5_0,
-        GgmlType::Q5_1 => Kind::Q5_1,
-        GgmlType::Q2_K => Kind::Q2K,
-        GgmlType::Q3_K => Kind::Q3K,
-        GgmlType::Q4_K => Kind::Q4K,
-        GgmlType::Q5_K => Kind::Q5K,
-        GgmlType::Q6_K => Kind::Q6K,
-        other => {
-            return Err(Error::Unsupported(format!(
-                "quantizing to ggml type {other} is not implemented"
-            )))
-        }
+    t.ggml_dtype().ok_or_else(|| {
+        Error::Unsupported(format!("quantizing to ggml type {t} is not implemented"))
     })
 }
 
@@ -184,6 +153,8 @@ multiversion! {
             Kind::Q4K => k_row::<BlockQ4K>(x, out, qw, Sigma::TwoOver256, search),
             Kind::Q5K => k_row::<BlockQ5K>(x, out, qw, Sigma::TwoOver256, search),
             Kind::Q6K => k_row::<BlockQ6K>(x, out, qw, Sigma::None, search),
+            // The type table gives these no candle type, so `kind` never returns them.
+            Kind::Q8_1 | Kind::Q8K => unreachable!("no encoder for {k:?}"),
         }
     }
 }
@@ -654,27 +625,8 @@ fn k_row<T: CandleBlock>(
 
 /// candle's dtype for a ggml type we read and run.
 pub fn candle_dtype(ty: &GgmlType) -> Result<candle_core::quantized::GgmlDType> {
-    use candle_core::quantized::GgmlDType;
-    Ok(match ty {
-        GgmlType::F32 => GgmlDType::F32,
-        GgmlType::F16 => GgmlDType::F16,
-        GgmlType::BF16 => GgmlDType::BF16,
-        GgmlType::Q8_0 => GgmlDType::Q8_0,
-        GgmlType::Q4_0 => GgmlDType::Q4_0,
-        GgmlType::Q4_1 => GgmlDType::Q4_1,
-        GgmlType::Q5_0 => GgmlDType::Q5_0,
-        GgmlType::Q5_1 => GgmlDType::Q5_1,
-        GgmlType::Q2_K => GgmlDType::Q2K,
-        GgmlType::Q3_K => GgmlDType::Q3K,
-        GgmlType::Q4_K => GgmlDType::Q4K,
-        GgmlType::Q5_K => GgmlDType::Q5K,
-        GgmlType::Q6_K => GgmlDType::Q6K,
-        other => {
-            return Err(Error::Unsupported(format!(
-                "ggml type {other} is not implemented"
-            )))
-        }
-    })
+    ty.ggml_dtype()
+        .ok_or_else(|| Error::Unsupported(format!("ggml type {ty} is not implemented")))
 }
 
 /// Dequantizes `bytes` of type `ty` (rows of `ne0`) to f32.
