@@ -1,6 +1,7 @@
 //! Leaf kernels and types shared by every format: element types, dtype conversion, FP8
 //! rounding, the seeded generator.
 pub mod convert;
+pub mod dgemm;
 pub mod dtype;
 pub mod fp8;
 pub mod rng;

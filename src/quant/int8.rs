@@ -262,13 +262,15 @@ pub fn refit_scales(
     out
 }
 
-/// Rows refitted together (see [`refit_scales`]).
-const REFIT_ROWS: usize = 16;
+/// Rows refitted together (see [`refit_scales`]): each product below is then a GEMM of this
+/// many rows.
+const REFIT_ROWS: usize = 128;
 
 /// The normal equations of [`refit_scales`] for every row of a tile: `M = Qᵀ H Q`
 /// (`[rows, groups, groups]`) and `b = Qᵀ H w` (`[rows, groups]`), with `Q` the row's codes of
-/// each group in its own column. Group `c`'s block of `H`'s rows is read once for the tile:
-/// `y = H q_c` for every row, then `M[a][c] = q_aᵀ y` and `b[c] = wᵀ y` (H is symmetric).
+/// each group in its own column. For each group `c`, one f64 GEMM gives every row's
+/// `y = H q_c` (H is symmetric, so the group's rows of H serve: `Y = Q_c · H[c rows]`); then
+/// `M[a][c] = q_aᵀ y` and `b[c] = wᵀ y`.
 fn normal_equations(
     qf: &[f64],
     w: &[f32],
@@ -281,10 +283,16 @@ fn normal_equations(
     let mut m = vec![0f64; nr * groups * groups];
     let mut b = vec![0f64; nr * groups];
     let mut y = vec![0f64; nr * cols];
+    let mut hc = vec![0f64; g * cols];
+    let mut qc = vec![0f64; nr * g];
     for c in 0..groups {
-        let hc = &h[c * g * cols..(c + 1) * g * cols];
-        y.iter_mut().for_each(|v| *v = 0.0);
-        moments_times_codes(&mut y, qf, hc, cols, c * g, g);
+        for (d, &v) in hc.iter_mut().zip(&h[c * g * cols..(c + 1) * g * cols]) {
+            *d = v as f64;
+        }
+        for (r, qr) in qc.chunks_mut(g).enumerate() {
+            qr.copy_from_slice(&qf[r * cols + c * g..r * cols + (c + 1) * g]);
+        }
+        crate::numerics::dgemm::gemm_f64(nr, cols, g, &qc, &hc, &mut y, false);
         for r in 0..nr {
             let yr = &y[r * cols..(r + 1) * cols];
             let qr = &qf[r * cols..(r + 1) * cols];
@@ -297,37 +305,6 @@ fn normal_equations(
         }
     }
     (m, b)
-}
-
-multiversion! {
-    /// `y_r += Σ_j q_r[j0 + j] · hc[j]` over the `g` rows `hc[j]` of `H` (each `cols` long), for
-    /// every row `r` of the tile; four rows of `H` per sweep over `y`.
-    fn moments_times_codes(y: &mut [f64], qf: &[f64], hc: &[f32], cols: usize, j0: usize, g: usize) {
-        let mut j = 0;
-        while j < g {
-            let jn = (j + 4).min(g);
-            for (yr, qr) in y.chunks_mut(cols).zip(qf.chunks(cols)) {
-                if jn - j == 4 {
-                    let (a, b, c, d) = (qr[j0 + j], qr[j0 + j + 1], qr[j0 + j + 2], qr[j0 + j + 3]);
-                    let h0 = &hc[j * cols..(j + 1) * cols];
-                    let h1 = &hc[(j + 1) * cols..(j + 2) * cols];
-                    let h2 = &hc[(j + 2) * cols..(j + 3) * cols];
-                    let h3 = &hc[(j + 3) * cols..(j + 4) * cols];
-                    for ((((v, &x0), &x1), &x2), &x3) in yr.iter_mut().zip(h0).zip(h1).zip(h2).zip(h3) {
-                        *v += (a * x0 as f64 + b * x1 as f64) + (c * x2 as f64 + d * x3 as f64);
-                    }
-                } else {
-                    for jj in j..jn {
-                        let a = qr[j0 + jj];
-                        for (v, &x) in yr.iter_mut().zip(&hc[jj * cols..(jj + 1) * cols]) {
-                            *v += a * x as f64;
-                        }
-                    }
-                }
-            }
-            j = jn;
-        }
-    }
 }
 
 /// One row's refit from its normal equations `m s = b`: the solution rounded to bf16 where it
@@ -530,6 +507,52 @@ pub fn column_absmax(ws: &[&[f32]], cols: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The GEMM-built normal equations equal the plain f64 sums `M[a][c] = Σ_{i∈a, j∈c} q_i
+    /// H_ij q_j` and `b[c] = Σ_i w_i Σ_{j∈c} H_ij q_j`: relative 1e-12 (f64 sums of a few hundred
+    /// terms in another order).
+    #[test]
+    fn normal_equations_match_plain_sums() {
+        let mut rng = crate::numerics::rng::SplitMix64::new(5);
+        let (rows, cols, g) = (REFIT_ROWS + 3, 48, 16);
+        let groups = cols / g;
+        let q: Vec<f64> = (0..rows * cols)
+            .map(|_| (rng.next_u64() % 15) as f64 - 8.0)
+            .collect();
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.unit_f32() - 0.5).collect();
+        let mut h = vec![0f32; cols * cols];
+        for i in 0..cols {
+            for j in 0..=i {
+                let v = rng.unit_f32() - 0.5 + if i == j { 2.0 } else { 0.0 };
+                h[i * cols + j] = v;
+                h[j * cols + i] = v;
+            }
+        }
+        let (m, b) = normal_equations(&q, &w, cols, g, &h);
+        let close = |x: f64, y: f64| (x - y).abs() <= 1e-12 * y.abs().max(1.0);
+        for r in 0..rows {
+            let qr = &q[r * cols..(r + 1) * cols];
+            for a in 0..groups {
+                for c in 0..groups {
+                    let mut want = 0.0;
+                    for i in a * g..(a + 1) * g {
+                        for j in c * g..(c + 1) * g {
+                            want += qr[i] * h[i * cols + j] as f64 * qr[j];
+                        }
+                    }
+                    let got = m[(r * groups + a) * groups + c];
+                    assert!(close(got, want), "M row {r} ({a}, {c}): {got} vs {want}");
+                }
+                let mut want = 0.0;
+                for i in 0..cols {
+                    for j in a * g..(a + 1) * g {
+                        want += w[r * cols + i] as f64 * h[i * cols + j] as f64 * qr[j];
+                    }
+                }
+                assert!(close(b[r * groups + a], want), "b row {r} group {a}");
+            }
+        }
+    }
 
     /// The refit lowers (never raises) the second-moment-weighted error of each row, and with
     /// `H = I` and one group it is the plain least-squares scale `Σ w q / Σ q²` (in bf16).
