@@ -7,10 +7,9 @@ use crate::calib::hessian::BlockHessians;
 use crate::calib::CalibStats;
 use crate::error::{Error, Result};
 use crate::export::options::ExportOptions;
-use crate::export::plan::kv_scale_names;
 use crate::export::target::Target;
 use crate::format::safetensors::ShardedWriter;
-use crate::model::names::{InputSite, LinearRole};
+use crate::model::names::{part, InputSite, LinearRole};
 use crate::quant::fp8::{self, Fp8Matrix, ScaleStyle, WeightMode};
 use crate::quant::gptq::GptqPlan;
 use crate::quant::int8::{Int4Method, Int8Matrix};
@@ -190,7 +189,7 @@ fn write_int8(
     let bytes: Vec<u8> = m.q.iter().map(|&v| v as u8).collect();
     s.writer.write(c.name, &bytes)?;
     s.writer.write(
-        &format!("{}.weight_scale", stem(c.name)),
+        &part::of(stem(c.name), part::WEIGHT_SCALE),
         &bf16_bytes(&m.scales),
     )?;
     Ok(decoded.then(|| m.dequantize(cols)))
@@ -265,16 +264,16 @@ fn write_packed(
     let cols = shape[1];
     s.errors.insert(name.to_owned(), m.relative_rms(w, cols));
     s.writer.write(
-        &format!("{stem}.weight_packed"),
+        &part::of(stem, part::WEIGHT_PACKED),
         &crate::quant::int8::pack_bits(&m.q, cols, bits),
     )?;
     s.writer
-        .write(&format!("{stem}.weight_scale"), &bf16_bytes(&m.scales))?;
+        .write(&part::of(stem, part::WEIGHT_SCALE), &bf16_bytes(&m.scales))?;
     let dims: Vec<u8> = [shape[0] as i64, cols as i64]
         .iter()
         .flat_map(|v| v.to_le_bytes())
         .collect();
-    s.writer.write(&format!("{stem}.weight_shape"), &dims)
+    s.writer.write(&part::of(stem, part::WEIGHT_SHAPE), &dims)
 }
 
 /// FP8 weights (shared by the FP8 targets of one scale layout) and, for `fp8-static`, the
@@ -304,10 +303,10 @@ fn write_fp8(
     match s.target {
         Target::Fp8 => s
             .writer
-            .write(&format!("{stem}.weight_scale"), &bf16_bytes(&m.scales))?,
+            .write(&part::of(stem, part::WEIGHT_SCALE), &bf16_bytes(&m.scales))?,
         Target::Fp8Static => {
             s.writer
-                .write(&format!("{stem}.weight_scale"), &bf16_bytes(&m.scales))?;
+                .write(&part::of(stem, part::WEIGHT_SCALE), &bf16_bytes(&m.scales))?;
             let st = c
                 .stats
                 .ok_or_else(|| Error::Invalid("fp8-static needs calibration".into()))?;
@@ -315,10 +314,10 @@ fn write_fp8(
             // over the fused group that runtimes take.
             let scale = fp8_static_scale(st.site(layer, r.site()).tensor_absmax());
             s.writer
-                .write(&format!("{stem}.input_scale"), &bf16_bytes(&[scale]))?;
+                .write(&part::of(stem, part::INPUT_SCALE), &bf16_bytes(&[scale]))?;
             if r == LinearRole::V {
                 let ls = &st.layers[layer];
-                let [kn, vn] = kv_scale_names(layer);
+                let [kn, vn] = part::kv_scales(layer);
                 s.writer
                     .write(&kn, &bf16_bytes(&[fp8_static_scale(ls.k_absmax)]))?;
                 s.writer
@@ -327,7 +326,7 @@ fn write_fp8(
         }
         _ => s
             .writer
-            .write(&format!("{stem}.weight_scale"), &f32_bytes(&m.scales))?,
+            .write(&part::of(stem, part::WEIGHT_SCALE), &f32_bytes(&m.scales))?,
     }
     Ok(decoded.then(|| m.dequantize(cols)))
 }
@@ -376,14 +375,15 @@ fn write_nvfp4(
     let packed = if modelopt {
         name.to_owned()
     } else {
-        format!("{stem}.weight_packed")
+        part::of(stem, part::WEIGHT_PACKED)
     };
     s.writer.write(&packed, &m.packed)?;
-    s.writer.write(&format!("{stem}.weight_scale"), &m.scales)?;
+    s.writer
+        .write(&part::of(stem, part::WEIGHT_SCALE), &m.scales)?;
     let tensor = if modelopt {
-        "weight_scale_2"
+        part::WEIGHT_SCALE_2
     } else {
-        "weight_global_scale"
+        part::WEIGHT_GLOBAL_SCALE
     };
     s.writer
         .write(&format!("{stem}.{tensor}"), &f32_bytes(&[m.tensor]))?;
@@ -394,9 +394,9 @@ fn write_nvfp4(
         // q/k/v (and gate/up) read one input: one scale serves the fused group.
         let a = nvfp4::input_scale(st.site(layer, r.site()).tensor_absmax(), flavor);
         let input = if modelopt {
-            "input_scale"
+            part::INPUT_SCALE
         } else {
-            "input_global_scale"
+            part::INPUT_GLOBAL_SCALE
         };
         s.writer
             .write(&format!("{stem}.{input}"), &f32_bytes(&[a]))?;

@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 
 use crate::export::target::Target;
 use crate::format::safetensors::PlannedTensor;
-use crate::model::names::{LinearRole, TensorRole, TensorSpec};
+use crate::model::names::{part, LinearRole, TensorRole, TensorSpec};
 use crate::model::Checkpoint;
 use crate::numerics::Dtype;
 
@@ -16,14 +16,6 @@ pub fn inputs(ck: &Checkpoint) -> Vec<TensorSpec> {
         .into_iter()
         .filter(|s| ck.index.contains_key(&s.name))
         .collect()
-}
-
-/// Names of block `layer`'s static KV-cache scales.
-pub fn kv_scale_names(layer: usize) -> [String; 2] {
-    [
-        format!("model.layers.{layer}.self_attn.k_scale"),
-        format!("model.layers.{layer}.self_attn.v_scale"),
-    ]
 }
 
 pub fn linear_plan(
@@ -45,7 +37,11 @@ pub fn linear_plan(
         Target::Int8 => {
             return vec![
                 pt(name.to_owned(), Dtype::I8, shape.to_vec()),
-                pt(format!("{stem}.weight_scale"), Dtype::BF16, vec![out, 1]),
+                pt(
+                    part::of(stem, part::WEIGHT_SCALE),
+                    Dtype::BF16,
+                    vec![out, 1],
+                ),
             ]
         }
         Target::Int8W8A16 | Target::W4A16 => {
@@ -53,16 +49,16 @@ pub fn linear_plan(
             let groups = t.group(group).map_or(1, |g| shape[1] / g);
             return vec![
                 pt(
-                    format!("{stem}.weight_packed"),
+                    part::of(stem, part::WEIGHT_PACKED),
                     Dtype::I32,
                     vec![out, shape[1].div_ceil(per_word)],
                 ),
                 pt(
-                    format!("{stem}.weight_scale"),
+                    part::of(stem, part::WEIGHT_SCALE),
                     Dtype::BF16,
                     vec![out, groups],
                 ),
-                pt(format!("{stem}.weight_shape"), Dtype::I64, vec![2]),
+                pt(part::of(stem, part::WEIGHT_SHAPE), Dtype::I64, vec![2]),
             ];
         }
         Target::Nvfp4 | Target::Nvfp4A16 | Target::Nvfp4ModelOpt => {
@@ -72,19 +68,23 @@ pub fn linear_plan(
                 // ModelOpt's per-tensor scales are 0-dimensional.
                 vec![
                     pt(name.to_owned(), Dtype::U8, packed),
-                    pt(format!("{stem}.weight_scale"), Dtype::F8E4M3, scales),
-                    pt(format!("{stem}.weight_scale_2"), Dtype::F32, vec![]),
-                    pt(format!("{stem}.input_scale"), Dtype::F32, vec![]),
+                    pt(part::of(stem, part::WEIGHT_SCALE), Dtype::F8E4M3, scales),
+                    pt(part::of(stem, part::WEIGHT_SCALE_2), Dtype::F32, vec![]),
+                    pt(part::of(stem, part::INPUT_SCALE), Dtype::F32, vec![]),
                 ]
             } else {
                 let mut v = vec![
-                    pt(format!("{stem}.weight_packed"), Dtype::U8, packed),
-                    pt(format!("{stem}.weight_scale"), Dtype::F8E4M3, scales),
-                    pt(format!("{stem}.weight_global_scale"), Dtype::F32, vec![1]),
+                    pt(part::of(stem, part::WEIGHT_PACKED), Dtype::U8, packed),
+                    pt(part::of(stem, part::WEIGHT_SCALE), Dtype::F8E4M3, scales),
+                    pt(
+                        part::of(stem, part::WEIGHT_GLOBAL_SCALE),
+                        Dtype::F32,
+                        vec![1],
+                    ),
                 ];
                 if t == Target::Nvfp4 {
                     v.push(pt(
-                        format!("{stem}.input_global_scale"),
+                        part::of(stem, part::INPUT_GLOBAL_SCALE),
                         Dtype::F32,
                         vec![1],
                     ));
@@ -101,24 +101,24 @@ pub fn linear_plan(
     }];
     match t {
         Target::Fp8 => v.push(PlannedTensor {
-            name: format!("{stem}.weight_scale"),
+            name: part::of(stem, part::WEIGHT_SCALE),
             dtype: Dtype::BF16,
             shape: vec![out, 1],
         }),
         Target::Fp8Static => {
             v.push(PlannedTensor {
-                name: format!("{stem}.weight_scale"),
+                name: part::of(stem, part::WEIGHT_SCALE),
                 dtype: Dtype::BF16,
                 shape: vec![out, 1],
             });
             v.push(PlannedTensor {
-                name: format!("{stem}.input_scale"),
+                name: part::of(stem, part::INPUT_SCALE),
                 dtype: Dtype::BF16,
                 shape: vec![1],
             });
         }
         Target::Fp8ModelOpt => v.push(PlannedTensor {
-            name: format!("{stem}.weight_scale"),
+            name: part::of(stem, part::WEIGHT_SCALE),
             dtype: Dtype::F32,
             shape: vec![out],
         }),
@@ -142,7 +142,7 @@ pub fn plan(t: Target, ck: &Checkpoint, group: Option<usize>) -> Vec<PlannedTens
             TensorRole::Linear(l, r) => {
                 v.extend(linear_plan(t, &name, &shape, group));
                 if t == Target::Fp8Static && r == LinearRole::V {
-                    for n in kv_scale_names(l) {
+                    for n in part::kv_scales(l) {
                         v.push(PlannedTensor {
                             name: n,
                             dtype: Dtype::BF16,

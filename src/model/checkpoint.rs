@@ -16,24 +16,10 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
-use crate::model::names::{expected_tensors, TensorSpec, EMBED, LM_HEAD};
+use crate::model::names::{expected_tensors, part, TensorSpec, EMBED, LM_HEAD};
 pub use crate::numerics::dtype::Dtype;
 
 pub use crate::format::safetensors::{SafetensorsFile, TensorInfo};
-
-/// Companion tensors of quantized layers (formats/fp8.md, formats/int8.md, formats/nvfp4.md).
-const QUANT_SUFFIXES: [&str; 10] = [
-    ".weight_global_scale",
-    ".input_global_scale",
-    ".weight_scale_2",
-    ".weight_scale",
-    ".input_scale",
-    ".k_scale",
-    ".v_scale",
-    ".weight_packed",
-    ".weight_shape",
-    ".weight_zero_point",
-];
 
 /// The two NVFP4 layouts (and arithmetics) a checkpoint can hold: compressed-tensors'
 /// (`weight_global_scale`) or ModelOpt's (`weight_scale_2`); see `quant::nvfp4`.
@@ -125,7 +111,7 @@ impl Checkpoint {
                 // pack-quantized layers store `weight_packed` (I32 [out, ceil(in / (32 / bits))])
                 // instead.
                 if let Some(stem) = spec.name.strip_suffix(".weight") {
-                    let packed = format!("{stem}.weight_packed");
+                    let packed = part::of(stem, part::WEIGHT_PACKED);
                     if let Some(&pi) = self.index.get(&packed) {
                         let f = &self.files[pi];
                         let t = &f.tensors[&packed];
@@ -191,7 +177,9 @@ impl Checkpoint {
             .filter(|n| {
                 !known.contains(*n)
                     && !n.ends_with("rotary_emb.inv_freq")
-                    && !QUANT_SUFFIXES.iter().any(|s| n.ends_with(s))
+                    && !part::ALL
+                        .iter()
+                        .any(|s| n.strip_suffix(s).is_some_and(|r| r.ends_with('.')))
             })
             .cloned()
             .collect();
@@ -204,10 +192,13 @@ impl Checkpoint {
         use Nvfp4Flavor as Flavor;
         if self
             .index
-            .contains_key(&format!("{stem}.weight_global_scale"))
+            .contains_key(&part::of(stem, part::WEIGHT_GLOBAL_SCALE))
         {
             Some(Flavor::CompressedTensors)
-        } else if self.index.contains_key(&format!("{stem}.weight_scale_2")) {
+        } else if self
+            .index
+            .contains_key(&part::of(stem, part::WEIGHT_SCALE_2))
+        {
             Some(Flavor::ModelOpt)
         } else {
             None
@@ -358,8 +349,10 @@ impl Checkpoint {
     /// A `pack-quantized` layer counts its logical `[out, in]` weight, not its packed words.
     pub fn parameter_count(&self) -> u64 {
         let packed = |n: &str| {
-            n.strip_suffix(".weight")
-                .is_some_and(|stem| self.index.contains_key(&format!("{stem}.weight_packed")))
+            n.strip_suffix(".weight").is_some_and(|stem| {
+                self.index
+                    .contains_key(&part::of(stem, part::WEIGHT_PACKED))
+            })
         };
         self.specs()
             .iter()

@@ -295,3 +295,54 @@ impl LlamaConfig {
             .sum()
     }
 }
+
+/// The companion tensors of a quantized linear layer, by suffix after the layer's stem
+/// (`model.layers.0.mlp.down_proj`): compressed-tensors' and ModelOpt's names
+/// (formats/fp8.md, formats/int8.md, formats/nvfp4.md). Every reader and writer spells them
+/// through these.
+pub mod part {
+    /// Codes packed into integers (`pack-quantized` INT4/INT8, NVFP4 nibbles).
+    pub const WEIGHT_PACKED: &str = "weight_packed";
+    /// Weight scales (per tensor, channel, group or block).
+    pub const WEIGHT_SCALE: &str = "weight_scale";
+    /// ModelOpt NVFP4's per-tensor second-level weight scale.
+    pub const WEIGHT_SCALE_2: &str = "weight_scale_2";
+    /// compressed-tensors NVFP4's per-tensor global weight scale.
+    pub const WEIGHT_GLOBAL_SCALE: &str = "weight_global_scale";
+    /// The unpacked `[out, in]` of a packed layer.
+    pub const WEIGHT_SHAPE: &str = "weight_shape";
+    /// Asymmetric zero points (read only to refuse them).
+    pub const WEIGHT_ZERO_POINT: &str = "weight_zero_point";
+    /// Static activation scale.
+    pub const INPUT_SCALE: &str = "input_scale";
+    /// compressed-tensors NVFP4's per-tensor global activation scale.
+    pub const INPUT_GLOBAL_SCALE: &str = "input_global_scale";
+    /// Static KV-cache scales (on the attention module).
+    pub const K_SCALE: &str = "k_scale";
+    pub const V_SCALE: &str = "v_scale";
+
+    /// Every suffix above, longest first where one is a prefix of another.
+    pub const ALL: [&str; 10] = [
+        WEIGHT_GLOBAL_SCALE,
+        INPUT_GLOBAL_SCALE,
+        WEIGHT_SCALE_2,
+        WEIGHT_SCALE,
+        INPUT_SCALE,
+        K_SCALE,
+        V_SCALE,
+        WEIGHT_PACKED,
+        WEIGHT_SHAPE,
+        WEIGHT_ZERO_POINT,
+    ];
+
+    /// The tensor `stem.suffix`.
+    pub fn of(stem: &str, suffix: &str) -> String {
+        format!("{stem}.{suffix}")
+    }
+
+    /// Block `layer`'s static KV-cache scales.
+    pub fn kv_scales(layer: usize) -> [String; 2] {
+        let attn = format!("model.layers.{layer}.self_attn");
+        [of(&attn, K_SCALE), of(&attn, V_SCALE)]
+    }
+}

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::source::{stream_dtype, vector, LoadOptions, Source};
 use crate::error::{Error, Result};
-use crate::model::names::{self, LinearRole};
+use crate::model::names::{self, part, LinearRole};
 use crate::model::{Checkpoint, Dtype, LlamaConfig};
 use crate::runtime::block::Block;
 use crate::runtime::linear::{ActQuant, Linear, WeightData};
@@ -81,8 +81,8 @@ impl<'a> SafetensorsSource<'a> {
         let [out, inp] = role.shape(&ck.config);
         let name = names::hf_linear(layer, role);
         let stem = name.strip_suffix(".weight").expect("weight");
-        let scale_name = format!("{stem}.weight_scale");
-        let packed = format!("{stem}.weight_packed");
+        let scale_name = part::of(stem, part::WEIGHT_SCALE);
+        let packed = part::of(stem, part::WEIGHT_PACKED);
         let mismatch = |tensor: &str, expected: String, found: String| Error::TensorMismatch {
             path: ck.dir.clone(),
             tensor: tensor.into(),
@@ -109,8 +109,8 @@ impl<'a> SafetensorsSource<'a> {
                 ));
             }
             let (tensor_name, input_name) = match flavor {
-                Flavor::CompressedTensors => ("weight_global_scale", "input_global_scale"),
-                Flavor::ModelOpt => ("weight_scale_2", "input_scale"),
+                Flavor::CompressedTensors => (part::WEIGHT_GLOBAL_SCALE, part::INPUT_GLOBAL_SCALE),
+                Flavor::ModelOpt => (part::WEIGHT_SCALE_2, part::INPUT_SCALE),
             };
             let tensor = self
                 .scalar(&format!("{stem}.{tensor_name}"))?
@@ -189,7 +189,7 @@ impl<'a> SafetensorsSource<'a> {
                     }
                     let act = if opts.weight_only {
                         ActQuant::None
-                    } else if let Some(s) = self.scalar(&format!("{stem}.input_scale"))? {
+                    } else if let Some(s) = self.scalar(&part::of(stem, part::INPUT_SCALE))? {
                         ActQuant::Static(s)
                     } else if self.dynamic {
                         ActQuant::DynamicToken
@@ -257,8 +257,8 @@ impl Source for SafetensorsSource<'_> {
                 None
             } else {
                 match (
-                    self.scalar(&format!("model.layers.{l}.self_attn.k_scale"))?,
-                    self.scalar(&format!("model.layers.{l}.self_attn.v_scale"))?,
+                    self.scalar(&part::kv_scales(l)[0])?,
+                    self.scalar(&part::kv_scales(l)[1])?,
                 ) {
                     (Some(k), Some(v)) => Some((k, v)),
                     _ => None,
