@@ -202,20 +202,7 @@ pub fn run(
     }
     let (imatrix, pre) = gguf_imatrix(ck, o, device, &mut journal)?;
     let src = crate::runtime::load::safetensors::SafetensorsSource::borrowed(ck);
-    let mut needs = o.needs();
-    let mut passes = 0;
-    let mut bc = match pre {
-        Some(cal) => {
-            // The statistics exist already; the pipeline gathers only second moments.
-            passes += cal.passes;
-            needs.stats = false;
-            let mut bc = BlockCalibration::start(ck, &src, &o.calib, needs, inputs_mode, device)?;
-            bc.use_stats(cal.stats, cal.info);
-            bc
-        }
-        None => BlockCalibration::start(ck, &src, &o.calib, needs, inputs_mode, device)?,
-    };
-    passes += usize::from(bc.runs());
+    let (mut bc, passes) = start_calibration(ck, o, &src, pre, inputs_mode, device)?;
     let mut sinks = Sinks {
         ck: Vec::new(),
         gguf: Vec::new(),
@@ -273,21 +260,9 @@ pub fn run(
     let (tensors_read, bytes_read, done, info) = match result {
         Ok(v) => v,
         Err(e) => {
-            // GGUF sinks remove their temporary files when dropped.
-            for tmp in &partials {
-                let _ = std::fs::remove_dir_all(tmp);
-            }
             drop(sinks);
-            if rec.is_some() {
-                // GGUF files left by the interrupted run are not this run's sinks' to remove.
-                for t in o.targets.iter().filter(|t| t.mix().is_some()) {
-                    let _ = std::fs::remove_file(temp_path(&o.path(*t, ck)));
-                }
-            }
+            remove_partial_outputs(ck, o, &partials, rec.is_some(), out_existed);
             journal.remove();
-            if !out_existed && o.targets.len() > 1 {
-                let _ = std::fs::remove_dir(&o.out);
-            }
             return Err(e);
         }
     };
@@ -316,6 +291,56 @@ pub fn run(
         bytes_read,
         wall_s: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// The block-by-block calibration for this export (`pre`: statistics from a pass before the
+/// pipeline, which then gathers only second moments); returns it and the passes over the
+/// calibration text it makes in all.
+fn start_calibration<'a>(
+    ck: &'a Checkpoint,
+    o: &ExportOptions,
+    src: &'a dyn crate::runtime::Source,
+    pre: Option<Calibration>,
+    inputs_mode: CalibInputs,
+    device: &candle_core::Device,
+) -> Result<(BlockCalibration<'a>, usize)> {
+    let mut needs = o.needs();
+    let mut passes = 0;
+    let bc = match pre {
+        Some(cal) => {
+            passes += cal.passes;
+            needs.stats = false;
+            let mut bc = BlockCalibration::start(ck, src, &o.calib, needs, inputs_mode, device)?;
+            bc.use_stats(cal.stats, cal.info);
+            bc
+        }
+        None => BlockCalibration::start(ck, src, &o.calib, needs, inputs_mode, device)?,
+    };
+    passes += usize::from(bc.runs());
+    Ok((bc, passes))
+}
+
+/// After a failed export (its sinks dropped: GGUF writers remove their temporary files then),
+/// removes the partial checkpoint folders, an interrupted run's GGUF temporaries when this run
+/// resumed it, and the multi-target folder if this run made it.
+fn remove_partial_outputs(
+    ck: &Checkpoint,
+    o: &ExportOptions,
+    partials: &[PathBuf],
+    resumed: bool,
+    out_existed: bool,
+) {
+    for tmp in partials {
+        let _ = std::fs::remove_dir_all(tmp);
+    }
+    if resumed {
+        for t in o.targets.iter().filter(|t| t.mix().is_some()) {
+            let _ = std::fs::remove_file(temp_path(&o.path(*t, ck)));
+        }
+    }
+    if !out_existed && o.targets.len() > 1 {
+        let _ = std::fs::remove_dir(&o.out);
+    }
 }
 
 /// What the finished calibration gives the manifests.
