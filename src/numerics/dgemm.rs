@@ -53,6 +53,55 @@ pub fn gemm_f64(
     }
 }
 
+/// `c −= a · b` on row-major views with unit column stride: `a` is `m × k` with rows `lda`
+/// apart, `b` `k × n` with rows `ldb` apart, `c` `m × n` with rows `ldc` apart (each slice
+/// starts at the view's first element). On the calling thread, as [`gemm_f64`].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f64_sub(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f64],
+    lda: usize,
+    b: &[f64],
+    ldb: usize,
+    c: &mut [f64],
+    ldc: usize,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let need = |rows: usize, ld: usize, cols: usize| (rows - 1) * ld + cols;
+    assert!(lda >= k && a.len() >= need(m, lda, k), "lhs view fits");
+    assert!(ldb >= n && b.len() >= need(k, ldb, n), "rhs view fits");
+    assert!(ldc >= n && c.len() >= need(m, ldc, n), "dst view fits");
+    // SAFETY: the asserts above keep every row of each view inside its slice; `c` is borrowed
+    // mutably, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            true,
+            a.as_ptr(),
+            1,
+            lda as isize,
+            b.as_ptr(),
+            1,
+            ldb as isize,
+            1.0,
+            -1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +122,26 @@ mod tests {
         gemm_f64(m, n, k, &a, &b, &mut c, false);
         let want: f64 = (0..k).map(|t| a[t] * b[t * n]).sum();
         assert!((c[0] - want).abs() < 1e-12);
+    }
+
+    #[test]
+    fn strided_subtraction_touches_only_its_view() {
+        // A 3 × 3 view at column 2 of a 5-wide c; a is 3 × 2 in 3-wide rows; b 2 × 3 in 6.
+        let a: Vec<f64> = (0..9).map(|i| i as f64).collect();
+        let b: Vec<f64> = (0..12).map(|i| (i as f64) * 0.5).collect();
+        let mut c = vec![10.0; 15];
+        gemm_f64_sub(3, 3, 2, &a, 3, &b, 6, &mut c[2..], 5);
+        for i in 0..3 {
+            for j in 0..5 {
+                let want = if j >= 2 {
+                    10.0 - (0..2)
+                        .map(|t| a[i * 3 + t] * b[t * 6 + (j - 2)])
+                        .sum::<f64>()
+                } else {
+                    10.0
+                };
+                assert_eq!(c[i * 5 + j], want, "({i}, {j})");
+            }
+        }
     }
 }

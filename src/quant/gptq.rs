@@ -283,16 +283,19 @@ fn invert_lower_in_place(l: &mut [f64], n: usize) {
     }
 }
 
-/// Rows rounded together: each row of the factor, read once, updates all of them.
-const ROW_BLOCK: usize = 8;
+/// Rows rounded together (one task): the trailing updates are GEMMs of this many rows.
+const ROW_BLOCK: usize = 64;
+/// Columns rounded before their errors reach the columns after them ("lazy batch" updates, as
+/// GPTQ's paper does): inside a batch each error updates the batch's later columns at once;
+/// at the end of the batch all its errors update every later column in one GEMM.
+const COL_BLOCK: usize = 128;
 
 multiversion! {
-    /// `x_r[k] −= e_r · u[k]` for `k` in `from..n` over the rows of one block (`xs` is
-    /// `[rows, n]`): the same subtraction of the same product per element as one row at a time,
-    /// so any row blocking and either build gives the same bits.
-    fn subtract_outer(xs: &mut [f64], n: usize, errs: &[f64], u: &[f64], from: usize) {
+    /// `x_r[k] −= e_r · u[k]` for `k` in `from..to` over the rows of one block (`xs` is
+    /// `[rows, n]`).
+    fn subtract_outer(xs: &mut [f64], n: usize, errs: &[f64], u: &[f64], from: usize, to: usize) {
         for (x, &e) in xs.chunks_mut(n).zip(errs) {
-            for (xk, &uk) in x[from..].iter_mut().zip(&u[from..]) {
+            for (xk, &uk) in x[from..to].iter_mut().zip(&u[from..to]) {
                 *xk -= e * uk;
             }
         }
@@ -301,6 +304,12 @@ multiversion! {
 
 /// Rounds every row of `w` (`[rows, n]`) with `round(row, column, value) -> (dequantized value,
 /// code)`, propagating errors through `u` (from [`inverse_factor`]). Returns the codes.
+///
+/// Column `j`'s scaled error `e = (x_j − q_j) / u_jj` is taken off every later column `k` as
+/// `e · u_jk`. Within a batch of [`COL_BLOCK`] columns that happens column by column; the
+/// batch's errors reach the columns after it together, as one product `E · U[batch, after]`
+/// (f64 GEMM), which sums the same terms in another order. The rows are split into fixed
+/// blocks, so the result does not depend on the thread count.
 pub fn quantize_rows(
     w: &[f32],
     n: usize,
@@ -314,14 +323,35 @@ pub fn quantize_rows(
         .for_each(|(b, (o, rows))| {
             let mut x: Vec<f64> = rows.iter().map(|&v| v as f64).collect();
             let count = rows.len() / n;
-            let mut errs = [0f64; ROW_BLOCK];
-            for j in 0..n {
-                for (i, e) in errs.iter_mut().enumerate().take(count) {
-                    let (q, code) = round(b * ROW_BLOCK + i, j, x[i * n + j]);
-                    o[i * n + j] = code;
-                    *e = (x[i * n + j] - q) / u[j * n + j];
+            let mut errs = vec![0f64; count];
+            let mut e_batch = vec![0f64; count * COL_BLOCK];
+            let mut j0 = 0;
+            while j0 < n {
+                let j1 = (j0 + COL_BLOCK).min(n);
+                let bw = j1 - j0;
+                for j in j0..j1 {
+                    for (i, e) in errs.iter_mut().enumerate() {
+                        let (q, code) = round(b * ROW_BLOCK + i, j, x[i * n + j]);
+                        o[i * n + j] = code;
+                        *e = (x[i * n + j] - q) / u[j * n + j];
+                        e_batch[i * bw + (j - j0)] = *e;
+                    }
+                    subtract_outer(&mut x, n, &errs, &u[j * n..(j + 1) * n], j + 1, j1);
                 }
-                subtract_outer(&mut x, n, &errs[..count], &u[j * n..(j + 1) * n], j + 1);
+                if j1 < n {
+                    crate::numerics::dgemm::gemm_f64_sub(
+                        count,
+                        n - j1,
+                        bw,
+                        &e_batch[..count * bw],
+                        bw,
+                        &u[j0 * n + j1..],
+                        n,
+                        &mut x[j1..],
+                        n,
+                    );
+                }
+                j0 = j1;
             }
         });
     out
@@ -479,6 +509,42 @@ mod tests {
                     let s: f64 = (0..n).map(|k| inv[i * n + k] * h[k * n + j]).sum();
                     let want = if i == j { 1.0 } else { 0.0 };
                     assert!((s - want).abs() < 1e-9, "n {n}: (UᵀUH)[{i}][{j}] = {s}");
+                }
+            }
+        }
+    }
+
+    /// The lazy-batch rounding equals plain GPTQ (every column's error taken off every later
+    /// column at once, in f64) across row and column block edges: the same codes for random
+    /// weights (a different code needs a value within ~1e-13 of a rounding boundary).
+    #[test]
+    fn lazy_batches_round_as_plain_gptq() {
+        let mut rng = crate::numerics::rng::SplitMix64::new(17);
+        let (rows, n) = (ROW_BLOCK + 6, 2 * COL_BLOCK + 44);
+        let k = 64;
+        let b: Vec<f64> = (0..n * k).map(|_| rng.unit_f32() as f64 - 0.5).collect();
+        let mut h = vec![0f64; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                h[i * n + j] = (0..k).map(|t| b[i * k + t] * b[j * k + t]).sum::<f64>() / k as f64
+                    + if i == j { 0.05 } else { 0.0 };
+            }
+        }
+        let u = inverse_factor(&h, n, 0.01).unwrap();
+        let w: Vec<f32> = (0..rows * n).map(|_| rng.unit_f32() - 0.5).collect();
+        let round = |v: f64| {
+            let c = (v * 8.0).round().clamp(-8.0, 7.0);
+            (c / 8.0, (c as i8) as u8)
+        };
+        let got = quantize_rows(&w, n, &u, |_, _, v| round(v));
+        for r in 0..rows {
+            let mut x: Vec<f64> = w[r * n..(r + 1) * n].iter().map(|&v| v as f64).collect();
+            for j in 0..n {
+                let (q, code) = round(x[j]);
+                assert_eq!(got[r * n + j], code, "row {r}, column {j}");
+                let e = (x[j] - q) / u[j * n + j];
+                for kk in j + 1..n {
+                    x[kk] -= e * u[j * n + kk];
                 }
             }
         }
