@@ -129,7 +129,7 @@ mod tests {
         // A 3 × 3 view at column 2 of a 5-wide c; a is 3 × 2 in 3-wide rows; b 2 × 3 in 6.
         let a: Vec<f64> = (0..9).map(|i| i as f64).collect();
         let b: Vec<f64> = (0..12).map(|i| (i as f64) * 0.5).collect();
-        let mut c = vec![10.0; 15];
+        let mut c = [10.0; 15];
         gemm_f64_sub(3, 3, 2, &a, 3, &b, 6, &mut c[2..], 5);
         for i in 0..3 {
             for j in 0..5 {
