@@ -68,32 +68,113 @@ pub fn gemm_f64_sub(
     c: &mut [f64],
     ldc: usize,
 ) {
-    if m == 0 || n == 0 || k == 0 {
+    gemm_view(m, n, k, a, (lda, 1), b, (ldb, 1), c, ldc, -1.0, true);
+}
+
+/// `c = a · b` on row-major views (as [`gemm_f64_sub`]).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f64_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f64],
+    lda: usize,
+    b: &[f64],
+    ldb: usize,
+    c: &mut [f64],
+    ldc: usize,
+) {
+    gemm_view(m, n, k, a, (lda, 1), b, (ldb, 1), c, ldc, 1.0, false);
+}
+
+/// `c = [c +] beta · a · b` with `a` and `b` given by (row stride, column stride), `c` by its
+/// row stride (unit columns).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_view(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f64],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f64],
+    (b_rs, b_cs): (usize, usize),
+    c: &mut [f64],
+    ldc: usize,
+    beta: f64,
+    read_dst: bool,
+) {
+    if m == 0 || n == 0 {
         return;
     }
-    let need = |rows: usize, ld: usize, cols: usize| (rows - 1) * ld + cols;
-    assert!(lda >= k && a.len() >= need(m, lda, k), "lhs view fits");
-    assert!(ldb >= n && b.len() >= need(k, ldb, n), "rhs view fits");
-    assert!(ldc >= n && c.len() >= need(m, ldc, n), "dst view fits");
-    // SAFETY: the asserts above keep every row of each view inside its slice; `c` is borrowed
+    let last = |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(last(m, ldc, n, 1) < c.len(), "dst view fits");
+    if k == 0 {
+        if !read_dst {
+            for r in 0..m {
+                c[r * ldc..r * ldc + n].iter_mut().for_each(|v| *v = 0.0);
+            }
+        }
+        return;
+    }
+    assert!(last(m, a_rs, k, a_cs) < a.len(), "lhs view fits");
+    assert!(last(k, b_rs, n, b_cs) < b.len(), "rhs view fits");
+    // SAFETY: the asserts keep every element of each view inside its slice; `c` is borrowed
     // mutably, so it aliases neither input.
+    unsafe {
+        gemm_raw(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            ldc,
+            a.as_ptr(),
+            (a_rs, a_cs),
+            b.as_ptr(),
+            (b_rs, b_cs),
+            beta,
+            read_dst,
+        );
+    }
+}
+
+/// [`gemm_view`] on pointers, for a product whose output and inputs are disjoint parts of one
+/// matrix.
+///
+/// # Safety
+/// Every element of the three views must be inside live allocations, and no element of the
+/// `c` view may be an element of the `a` or `b` view.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f64,
+    ldc: usize,
+    a: *const f64,
+    (a_rs, a_cs): (usize, usize),
+    b: *const f64,
+    (b_rs, b_cs): (usize, usize),
+    beta: f64,
+    read_dst: bool,
+) {
+    // SAFETY: as the caller promises.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             ldc as isize,
-            true,
-            a.as_ptr(),
-            1,
-            lda as isize,
-            b.as_ptr(),
-            1,
-            ldb as isize,
+            read_dst,
+            a,
+            a_cs as isize,
+            a_rs as isize,
+            b,
+            b_cs as isize,
+            b_rs as isize,
             1.0,
-            -1.0,
+            beta,
             false,
             false,
             false,

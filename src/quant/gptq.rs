@@ -76,109 +76,12 @@ fn dot(x: &[f64], y: &[f64]) -> f64 {
     s
 }
 
-/// [`dot`] of `x` with four vectors at once: each `x` value loaded once, four independent
-/// chains of partial sums (each summed in [`dot`]'s order).
-#[inline(always)]
-fn dot4(x: &[f64], y: [&[f64]; 4]) -> [f64; 4] {
-    let mut acc = [[0f64; 8]; 4];
-    let n8 = x.len() / 8 * 8;
-    let mut k = 0;
-    while k < n8 {
-        let xs = &x[k..k + 8];
-        for q in 0..4 {
-            let ys = &y[q][k..k + 8];
-            for l in 0..8 {
-                acc[q][l] += xs[l] * ys[l];
-            }
-        }
-        k += 8;
-    }
-    let mut out = [0f64; 4];
-    for q in 0..4 {
-        let a = &acc[q];
-        let mut s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
-        for i in n8..x.len() {
-            s += x[i] * y[q][i];
-        }
-        out[q] = s;
-    }
-    out
-}
-
-/// Prefix columns per tile of the factorization's updates: a tile of [`NB`] rows stays in L2.
+/// Columns per tile of the triangular inverse's updates (independent tiles, run in parallel).
 const KT: usize = 256;
 
-multiversion! {
-    /// Cholesky's update of rows `rows` (each `n` long, the first at row index `first`) in
-    /// columns `jb..jb + w`: minus the dot products of their finished prefixes `..jb` with
-    /// those of the block's rows (`heads`, `[w, jb]`), only on or left of the diagonal. The
-    /// prefix is taken in tiles of [`KT`] columns, all rows per tile.
-    fn cholesky_update(rows: &mut [f64], n: usize, first: usize, heads: &[f64], jb: usize, w: usize) {
-        let count = rows.len() / n;
-        let mut acc = vec![0f64; count * w];
-        let mut k0 = 0;
-        while k0 < jb {
-            let k1 = (k0 + KT).min(jb);
-            for (r, row) in rows.chunks(n).enumerate() {
-                let lim = (first + r + 1).saturating_sub(jb).min(w);
-                let x = &row[k0..k1];
-                let h = |jj: usize| &heads[jj * jb + k0..jj * jb + k1];
-                let mut jj = 0;
-                while jj + 4 <= lim {
-                    let d = dot4(x, [h(jj), h(jj + 1), h(jj + 2), h(jj + 3)]);
-                    for (q, v) in d.into_iter().enumerate() {
-                        acc[r * w + jj + q] += v;
-                    }
-                    jj += 4;
-                }
-                for j in jj..lim {
-                    acc[r * w + j] += dot(x, h(j));
-                }
-            }
-            k0 = k1;
-        }
-        for (r, row) in rows.chunks_mut(n).enumerate() {
-            let lim = (first + r + 1).saturating_sub(jb).min(w);
-            for jj in 0..lim {
-                row[jb + jj] -= acc[r * w + jj];
-            }
-        }
-    }
-}
-
-multiversion! {
-    /// `t[r][c] += Σ_k l[r][k] · x[k][c]` over the finished rows `k` of the inverse (`x`, lower
-    /// triangular, rows `n` long) for the columns `c0..c1` of tile `t` (`[rows, c1 − c0]`):
-    /// each row of `x` is read once for all rows of the block.
-    fn inverse_update(t: &mut [f64], block: &[f64], x: &[f64], n: usize, ib: usize, c0: usize, c1: usize) {
-        let tw = c1 - c0;
-        // Four rows of x per sweep over t (entries right of x's diagonal are stored zeros).
-        let mut k = c0;
-        while k < ib {
-            let kn = (k + 4).min(ib);
-            let hi = kn.min(c1);
-            let xs: Vec<&[f64]> = (k..kn).map(|kk| &x[kk * n + c0..kk * n + hi]).collect();
-            for (tr, lr) in t.chunks_mut(tw).zip(block.chunks(n)) {
-                let tr = &mut tr[..hi - c0];
-                if xs.len() == 4 {
-                    let (a, b, c, d) = (lr[k], lr[k + 1], lr[k + 2], lr[k + 3]);
-                    let (x0, x1, x2, x3) = (xs[0], xs[1], xs[2], xs[3]);
-                    for (i, tv) in tr.iter_mut().enumerate() {
-                        *tv += (a * x0[i] + b * x1[i]) + (c * x2[i] + d * x3[i]);
-                    }
-                } else {
-                    for (q, xq) in xs.iter().enumerate() {
-                        let a = lr[k + q];
-                        for (tv, &xv) in tr.iter_mut().zip(xq.iter()) {
-                            *tv += a * xv;
-                        }
-                    }
-                }
-            }
-            k = kn;
-        }
-    }
-}
+/// Rows per GEMM of the factorization's updates (fixed, so the sums do not depend on the thread
+/// count).
+const UPDATE_ROWS: usize = 256;
 
 /// Lower Cholesky factor of `a` in place (the strict upper triangle is zeroed), left-looking by
 /// blocks of [`NB`] columns; rows run in parallel. `Err(j)`: not positive definite at column j.
@@ -192,11 +95,32 @@ fn cholesky_in_place(a: &mut [f64], n: usize) -> std::result::Result<(), usize> 
             .chunks(n)
             .flat_map(|r| r[..jb].iter().copied())
             .collect();
-        // Rows jb.. of columns jb..je, minus the products of the finished columns 0..jb.
+        // Rows jb.. of columns jb..je, minus the products of the finished columns 0..jb: one
+        // GEMM per fixed group of rows (entries right of the diagonal come out as garbage and
+        // are never read; the strict upper triangle is zeroed at the end).
         if jb > 0 {
-            rest.par_chunks_mut(n * 16)
-                .enumerate()
-                .for_each(|(c, rows)| cholesky_update(rows, n, jb + c * 16, &heads, jb, w));
+            rest.par_chunks_mut(n * UPDATE_ROWS).for_each(|rows| {
+                let count = rows.len() / n;
+                let p = rows.as_mut_ptr();
+                // SAFETY: the output is columns jb..jb + w of these `count` rows and the left
+                // factor columns 0..jb of the same rows, so they do not overlap, and both lie
+                // inside `rows`; the right factor (`heads`ᵀ, `jb × w`) is its own allocation.
+                unsafe {
+                    crate::numerics::dgemm::gemm_raw(
+                        count,
+                        w,
+                        jb,
+                        p.add(jb),
+                        n,
+                        p,
+                        (n, 1),
+                        heads.as_ptr(),
+                        (1, jb),
+                        -1.0,
+                        true,
+                    );
+                }
+            });
         }
         let (block, below) = rest.split_at_mut(w * n);
         // The diagonal block, column by column.
@@ -247,8 +171,22 @@ fn invert_lower_in_place(l: &mut [f64], n: usize) {
         let parts: Vec<Vec<f64>> = tiles
             .par_iter()
             .map(|&(c0, c1)| {
-                let mut t = vec![0f64; w * (c1 - c0)];
-                inverse_update(&mut t, block, above, n, ib, c0, c1);
+                let tw = c1 - c0;
+                let mut t = vec![0f64; w * tw];
+                // X's rows c0..ib (zero right of its diagonal) are all that reach these columns.
+                crate::numerics::dgemm::gemm_view(
+                    w,
+                    tw,
+                    ib - c0,
+                    &block[c0..],
+                    (n, 1),
+                    &above[c0 * n + c0..],
+                    (n, 1),
+                    &mut t,
+                    tw,
+                    1.0,
+                    false,
+                );
                 t
             })
             .collect();
