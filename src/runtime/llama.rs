@@ -570,34 +570,10 @@ impl<'a> Streamed<'a> {
         let l = self.next_block;
         let c = self.src.config();
         let mut obs = obs;
-        if let Some(f) = self.spill.as_mut() {
-            let sd = stream_dtype(self.dtype);
-            for i in 0..f.len() {
-                let x = f.read(i, sd, &self.device)?;
-                let (b, t, _) = x.dims3()?;
-                let (cos, sin, mask) = &self.tables[&t];
-                let p = Pass {
-                    cfg: c,
-                    cos,
-                    sin,
-                    mask: mask.as_ref(),
-                    b,
-                    t,
-                    total: t,
-                };
-                let y = blk.forward(l, x, &p, None, &mut obs)?;
-                if commit {
-                    f.write_next(i, &y)?;
-                }
-                on_tokens((b * t) as u64);
-            }
-            if commit {
-                f.flip();
-                self.next_block += 1;
-            }
-            return Ok(());
-        }
-        for x in self.groups.iter_mut() {
+        // Each group from memory, or read back from the spill file (its output goes to the
+        // file's other copy, which becomes current at the end).
+        for i in 0..self.group_count() {
+            let x = self.group(i)?;
             let (b, t, _) = x.dims3()?;
             let (cos, sin, mask) = &self.tables[&t];
             let p = Pass {
@@ -609,11 +585,19 @@ impl<'a> Streamed<'a> {
                 t,
                 total: t,
             };
-            let y = blk.forward(l, x.clone(), &p, None, &mut obs)?;
+            let y = blk.forward(l, x, &p, None, &mut obs)?;
             if commit {
-                *x = y;
+                match &self.spill {
+                    Some(f) => f.write_next(i, &y)?,
+                    None => self.groups[i] = y,
+                }
             }
             on_tokens((b * t) as u64);
+        }
+        if commit {
+            if let Some(f) = self.spill.as_mut() {
+                f.flip();
+            }
         }
         if commit {
             self.next_block += 1;
