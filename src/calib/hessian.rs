@@ -1,18 +1,21 @@
 //! Second-moment matrices `H = E[x xᵀ]` of one block's linear-layer inputs, for GPTQ-style
 //! weight rounding (formats/fp8.md#weights). One matrix per input site (q/k/v share one,
-//! gate/up another): each batch's product is an f32 GEMM (sums of up to 2048 products), and the
-//! batches' products are summed in f32 too. That adds at most one f32 rounding per batch to
-//! each entry (relative 2⁻²⁴ each: below 2·10⁻⁶ for 32 batches, under what each batch's own
-//! f32 sum carries), and halves the memory.
+//! gate/up another).
 //!
-//! The export's block pipeline holds one block's matrices at a time: for Llama-3.1-Minitron-4B
-//! that is 3·4096² + 14336² values, 1.03 GB in f32, where every block at once would be 16 GB.
-
-use candle_core::{Device, Tensor};
+//! The sums are a symmetric rank-k update on the runner's bf16 GEMM kernel
+//! ([`syrk_lower_add`]): each batch's inputs are rounded to bf16, which is what the layer's own
+//! product multiplies, and only the lower triangle is computed (half the product), then mirrored
+//! when the mean is taken. Each entry is one f32 chain over every row seen (exact products, one
+//! rounding per pair of rows): against an f64 sum of the same bf16 values its relative error is
+//! below `rows/2 · 2⁻²⁴ · Σ|xᵢxⱼ| / |Σ xᵢxⱼ|`, in practice ~10⁻⁶ of the diagonal for 16,384
+//! rows (the test below states the bound it checks). The sums stay in f32: for
+//! Llama-3.1-Minitron-4B one block's matrices are 3·4096² + 14336² values, 1.03 GB, where every
+//! block at once would be 16 GB.
 
 use crate::error::Result;
 use crate::model::names::InputSite;
 use crate::model::LlamaConfig;
+use crate::runtime::gemm::{syrk_lower_add, Gram, Isa};
 
 /// Σ x xᵀ (row-major `[n, n]`) per input site of one block, and the rows summed per site.
 pub struct BlockHessians {
@@ -22,9 +25,6 @@ pub struct BlockHessians {
     counts: [u64; 4],
     widths: [usize; 4],
 }
-
-/// Columns of `xᵀ x` computed at once (inputs up to this wide take one product).
-const TILE: usize = 2048;
 
 /// Bytes one block's matrices take.
 pub fn block_bytes(c: &LlamaConfig) -> u64 {
@@ -48,36 +48,17 @@ impl BlockHessians {
         }
     }
 
-    /// Adds rows `x` (`[rows, width]`) seen at `site`: `xᵀ x` in f32 on the GEMM, by tiles of
-    /// [`TILE`] columns so that the f32 product in flight stays near `width × 2048 × 4` bytes
-    /// (117 MB at 14336) instead of a second full matrix, then summed into the totals. The
-    /// matrix is symmetric: each tile's product covers only the rows on or below its first
-    /// column (the lower triangle and the tile's own square), the rest is mirrored when the
-    /// mean is taken.
+    /// Adds rows `x` (`[rows, width]`) seen at `site`: their bf16 values' `xᵀ x`, lower
+    /// triangle, into the site's f32 sums.
     pub fn add(&mut self, site: InputSite, x: &[f32]) -> Result<()> {
         let i = site.index();
         let n = self.widths[i];
         let rows = x.len() / n;
-        let t = Tensor::from_slice(x, (rows, n), &Device::Cpu)?;
-        let sums = &mut self.sums[i];
-        for j0 in (0..n).step_by(TILE) {
-            let w = TILE.min(n - j0);
-            let (lhs, rhs) = if w == n {
-                (t.clone(), t.clone())
-            } else {
-                (
-                    t.narrow(1, j0, n - j0)?.contiguous()?,
-                    t.narrow(1, j0, w)?.contiguous()?,
-                )
-            };
-            // Rows j0.. of columns j0..j0 + w.
-            let g = lhs.t()?.matmul(&rhs)?.flatten_all()?.to_vec1::<f32>()?;
-            for (srow, grow) in sums[j0 * n..].chunks_mut(n).zip(g.chunks(w)) {
-                for (acc, &v) in srow[j0..j0 + w].iter_mut().zip(grow) {
-                    *acc += v;
-                }
-            }
+        if rows == 0 {
+            return Ok(());
         }
+        let g = Gram::new(&x[..rows * n], rows, n);
+        syrk_lower_add(Isa::detect(), &g, &mut self.sums[i]);
         self.counts[i] += rows as u64;
         Ok(())
     }
@@ -90,10 +71,15 @@ impl BlockHessians {
         assert!(!m.is_empty(), "second moments of a site taken twice");
         let count = self.counts[i].max(1) as f64;
         let n = self.widths[i];
-        // Above the diagonal, tiles right of the first hold nothing: mirror the lower triangle.
-        for r in 0..n {
-            for c in (r / TILE + 1) * TILE..n {
-                m[r * n + c] = m[c * n + r];
+        // Mirror the lower triangle, in 64 × 64 tiles so that both sides stay in cache.
+        const T: usize = 64;
+        for r0 in (0..n).step_by(T) {
+            for c0 in (r0..n).step_by(T) {
+                for r in r0..(r0 + T).min(n) {
+                    for c in c0.max(r + 1)..(c0 + T).min(n) {
+                        m[r * n + c] = m[c * n + r];
+                    }
+                }
             }
         }
         for v in m.iter_mut() {
@@ -107,19 +93,26 @@ impl BlockHessians {
 mod tests {
     use super::*;
 
-    /// Wider than one tile (two tiles, the second narrower): the mean from the tiled, mirrored
-    /// f32 products summed in f32 equals a plain f64 `Σ x xᵀ / rows` within f32 rounding
-    /// (1e-6 absolute on entries up to 0.08: about ten f32 roundings), and is exactly symmetric.
+    /// A width of 66 panels, the last partial, in two batches: the mean equals a plain f64
+    /// `Σ x xᵀ / rows` of the bf16-rounded inputs within f32 rounding (1e-6 absolute on entries
+    /// up to 0.08; the f32 chain of 5 rows carries at most a few 2⁻²⁴ relative), is exactly
+    /// symmetric, and differs from the moments of the unrounded f32 inputs by at most what
+    /// rounding both factors to bf16 can do (`2u + u²` relative to `Σ |xᵢ xⱼ|`, bf16's unit
+    /// roundoff `u = 2⁻⁸`, plus the 1e-6).
     #[test]
-    fn tiled_moments_match_a_plain_sum() {
+    fn moments_match_a_plain_sum_of_the_bf16_inputs() {
         let mut j = crate::model::synth::Preset::Tiny.config_json();
-        j["intermediate_size"] = serde_json::json!(TILE + 52);
+        j["intermediate_size"] = serde_json::json!(2100);
         let c = LlamaConfig::from_json_str(&j.to_string(), std::path::Path::new("config.json"))
             .unwrap();
         let n = c.intermediate_size;
         let rows = 5;
         let mut rng = crate::numerics::rng::SplitMix64::new(11);
         let x: Vec<f32> = (0..rows * n).map(|_| rng.unit_f32() - 0.5).collect();
+        let xb: Vec<f64> = x
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f64())
+            .collect();
         let mut h = BlockHessians::new(&c, 0);
         h.add(InputSite::MlpAct, &x[..2 * n]).unwrap();
         h.add(InputSite::MlpAct, &x[2 * n..]).unwrap();
@@ -127,12 +120,26 @@ mod tests {
         for i in (0..n).step_by(7) {
             for j in (0..n).step_by(5) {
                 let want: f64 = (0..rows)
-                    .map(|r| x[r * n + i] as f64 * x[r * n + j] as f64)
+                    .map(|r| xb[r * n + i] * xb[r * n + j])
                     .sum::<f64>()
                     / rows as f64;
                 let got = m[i * n + j] as f64;
                 assert!((got - want).abs() < 1e-6, "({i}, {j}): {got} vs {want}");
                 assert_eq!(m[i * n + j], m[j * n + i], "({i}, {j}) not symmetric");
+                let exact: f64 = (0..rows)
+                    .map(|r| x[r * n + i] as f64 * x[r * n + j] as f64)
+                    .sum::<f64>()
+                    / rows as f64;
+                let size: f64 = (0..rows)
+                    .map(|r| (x[r * n + i] as f64 * x[r * n + j] as f64).abs())
+                    .sum::<f64>()
+                    / rows as f64;
+                let u = 2f64.powi(-8);
+                let bound = (2.0 * u + u * u) * size + 1e-6;
+                assert!(
+                    (got - exact).abs() <= bound,
+                    "({i}, {j}): {got} vs f32 {exact}"
+                );
             }
         }
     }

@@ -195,12 +195,17 @@ impl PackedBf16 {
     /// when a row would span a multiple of 4 KiB (rows that far apart share L1 sets, and the
     /// microkernel reads twelve of them at once).
     pub fn lda(&self) -> usize {
-        let v = 2 * self.kp;
-        if (2 * v).is_multiple_of(4096) {
-            v + 32
-        } else {
-            v
-        }
+        lda_for(self.k)
+    }
+}
+
+/// [`PackedBf16::lda`] of a weight with `k` inputs.
+pub fn lda_for(k: usize) -> usize {
+    let v = 2 * k.div_ceil(2);
+    if (2 * v).is_multiple_of(4096) {
+        v + 32
+    } else {
+        v
     }
 }
 
@@ -252,7 +257,7 @@ pub fn gemm(
         let pan = cb * panels_per_task..(cb * panels_per_task + panels_per_task).min(panels);
         let cp = &cp;
         // SAFETY: tasks write disjoint rectangles of `c` (rows × panel columns).
-        unsafe { tile(isa, a, lda, w, cp.0, n, rows, pan) };
+        unsafe { tile(isa, a, lda, w, cp.0, n, rows, pan, false) };
     });
     if row_scale.is_some() || col_scale.is_some() {
         c.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, r)| {
@@ -266,6 +271,73 @@ pub fn gemm(
         });
     }
     c
+}
+
+/// The operand of a Gram product `Xᵀ X` for [`syrk_lower_add`]: `X` (`[rows, n]`, f32) rounded
+/// to bf16 and transposed, both as `A` rows (`n` rows of [`lda_for`]`(rows)` values) and as a
+/// packed weight of `n` channels.
+pub struct Gram {
+    a: Vec<u16>,
+    w: PackedBf16,
+}
+
+impl Gram {
+    pub fn new(x: &[f32], rows: usize, n: usize) -> Self {
+        debug_assert_eq!(x.len(), rows * n);
+        let lda = lda_for(rows);
+        let mut a = vec![0u16; n * lda];
+        // Strips of 64 input columns: each reads its slice of every row of `x` in order and
+        // writes 64 rows of `A` that stay in cache.
+        const STRIP: usize = 64;
+        a.par_chunks_mut(lda * STRIP)
+            .enumerate()
+            .for_each(|(s, strip)| {
+                let c0 = s * STRIP;
+                for (t, xrow) in x.chunks_exact(n).enumerate() {
+                    for (dst, &v) in strip.chunks_mut(lda).zip(&xrow[c0..]) {
+                        dst[t] = half::bf16::from_f32(v).to_bits();
+                    }
+                }
+            });
+        let w = PackedBf16::from_rows(n, rows, |r, dst| {
+            dst.copy_from_slice(&a[r * lda..r * lda + rows])
+        });
+        Gram { a, w }
+    }
+
+    /// `n`.
+    pub fn width(&self) -> usize {
+        self.w.n
+    }
+}
+
+/// Adds `Xᵀ X` to `c` (`[n, n]`, row-major) on and below the diagonal, in the module's
+/// arithmetic: each entry's chain continues from the value in `c` over this `X`'s rows in order
+/// (one rounding per pair of rows). Entries above the diagonal are left as they are, except
+/// within the 32-column panels that the diagonal crosses, where they get the same sums as their
+/// mirror images (the pair products commute). Half the work of the full product.
+pub fn syrk_lower_add(isa: Isa, g: &Gram, c: &mut [f32]) {
+    let n = g.w.n;
+    assert_eq!(c.len(), n * n, "Gram sums of {n} columns");
+    assert!(isa.available(), "{} kernel on a CPU without it", isa.name());
+    let lda = g.w.lda();
+    // Tasks of 96 rows × 16 panels up to the diagonal: balanced enough for any thread count,
+    // and each entry is still written by one task, so the sums do not depend on it.
+    const ROWS: usize = 8 * MR;
+    let mut tasks = Vec::new();
+    for r0 in (0..n).step_by(ROWS) {
+        let r1 = (r0 + ROWS).min(n);
+        let last = r1.div_ceil(NR);
+        for p0 in (0..last).step_by(PANEL_GROUP) {
+            tasks.push((r0..r1, p0..(p0 + PANEL_GROUP).min(last)));
+        }
+    }
+    let cp = SendPtr(c.as_mut_ptr());
+    tasks.into_par_iter().for_each(|(rows, pan)| {
+        let cp = &cp;
+        // SAFETY: tasks write disjoint rectangles of `c` (rows × panel columns), all inside it.
+        unsafe { tile(isa, &g.a, lda, &g.w, cp.0, n, rows, pan, true) };
+    });
 }
 
 struct SendPtr(*mut f32);
@@ -284,6 +356,7 @@ unsafe fn tile(
     ldc: usize,
     rows: std::ops::Range<usize>,
     pan: std::ops::Range<usize>,
+    accumulate: bool,
 ) {
     let kp = w.kp;
     // Panels in groups whose slice of `C` stays in L2 across the input blocks: a group's rows
@@ -292,7 +365,7 @@ unsafe fn tile(
     let groups = pan.clone().step_by(PANEL_GROUP);
     for g0 in groups {
         let group = g0..(g0 + PANEL_GROUP).min(pan.end);
-        tile_group(isa, a, lda, w, c, ldc, rows.clone(), group, kp);
+        tile_group(isa, a, lda, w, c, ldc, rows.clone(), group, kp, accumulate);
     }
 }
 
@@ -309,6 +382,7 @@ unsafe fn tile_group(
     rows: std::ops::Range<usize>,
     pan: std::ops::Range<usize>,
     kp: usize,
+    accumulate: bool,
 ) {
     let mut q0 = 0;
     while q0 < kp {
@@ -321,7 +395,7 @@ unsafe fn tile_group(
                 let mr = MR.min(rows.end - i);
                 let ap = a.as_ptr().add(i * lda + 2 * q0);
                 let cp = c.add(i * ldc + p * NR);
-                let first = q0 == 0;
+                let first = q0 == 0 && !accumulate;
                 match isa {
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx512Bf16 => {
@@ -594,6 +668,51 @@ mod tests {
         let one = run(1);
         for t in [2, 3, 7] {
             assert_eq!(run(t), one, "{t} threads");
+        }
+    }
+
+    /// The lower triangle of Gram sums taken over two batches equals the full product over
+    /// both batches' rows at once, bit for bit, on both paths and for any thread count (batches
+    /// of even rows keep the pairs aligned, so the chains are the same operations).
+    #[test]
+    fn gram_sums_equal_the_full_product_bit_for_bit() {
+        // 70 columns: three panels, the last partial; 12 + 18 rows.
+        let n = 70;
+        let x = random(30 * n, 9, 4);
+        let xt: Vec<f32> = (0..n * 30).map(|i| x[(i % 30) * n + i / 30]).collect();
+        let pw = PackedBf16::from_f32(&xt, n, 30);
+        let ab = to_bf16_rows(&xt, 30, pw.lda());
+        let want = gemm(Isa::Portable, &ab, n, &pw, None, None);
+        let mut isas = vec![Isa::Portable];
+        if Isa::Avx512Bf16.available() {
+            isas.push(Isa::Avx512Bf16);
+        }
+        for isa in isas {
+            for threads in [1, 3] {
+                let got = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap()
+                    .install(|| {
+                        let mut c = vec![0f32; n * n];
+                        for rows in [0..12, 12..30] {
+                            let g = Gram::new(&x[rows.start * n..rows.end * n], rows.len(), n);
+                            assert_eq!(g.width(), n);
+                            syrk_lower_add(isa, &g, &mut c);
+                        }
+                        c
+                    });
+                for i in 0..n {
+                    for j in 0..=i {
+                        assert_eq!(
+                            got[i * n + j].to_bits(),
+                            want[i * n + j].to_bits(),
+                            "{} {threads} threads ({i}, {j})",
+                            isa.name()
+                        );
+                    }
+                }
+            }
         }
     }
 
