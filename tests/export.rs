@@ -274,6 +274,31 @@ fn every_target_is_the_same_for_any_thread_count() {
     assert_eq!(one, run("3"));
 }
 
+/// GPTQ and a GGUF importance matrix from the same run: one pass through the blocks (each
+/// block's imatrix entries are taken when the pipeline calibrates it), and the same bytes as
+/// each target converted on its own.
+#[test]
+fn gptq_and_a_calibrated_gguf_share_one_block_pass() {
+    let t = tempdir();
+    let common = ["--calib-samples", "4", "--calib-seq", "32"];
+    let model = tiny();
+    let conv = |to: &str, out: &Path, extra: &[&str]| {
+        let mut a = vec![s(&model), "--to", to, "--out", s(out)];
+        a.extend_from_slice(&common);
+        a.extend_from_slice(extra);
+        run_ok("minitron-convert", &a)
+    };
+    let x = t.path().join("X");
+    let log = conv("w4a16,gguf:q4_k_m", &x, &["--int4-weights", "gptq"]);
+    assert!(log.contains("1 forward pass"), "{log}");
+    let w = t.path().join("w");
+    conv("w4a16", &w, &["--int4-weights", "gptq"]);
+    let g = t.path().join("g.gguf");
+    conv("gguf:q4_k_m", &g, &[]);
+    assert_eq!(tree(&x.join("w4a16")), tree(&w));
+    assert_eq!(sha256(&x.join("tiny-llama3-Q4_K_M.gguf")), sha256(&g));
+}
+
 /// The block pipeline's calibration inputs: `quantized` follows one artifact's quantized
 /// blocks, so it changes what later blocks are calibrated on (and thus their codes) but not the
 /// first block's; `original` is what a run without the option does for GPTQ; with two

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::calib::stats::CalibStats;
+use crate::calib::stats::{CalibInfo, CalibStats, LayerStats};
 use crate::error::{Error, Result};
 use crate::format::gguf::keys;
 use crate::format::gguf::{GgmlType, GgufFile, GgufWriter, PlannedTensor, Value};
@@ -47,24 +47,34 @@ pub struct Imatrix {
 impl Imatrix {
     /// The importance matrix of every block linear layer from calibration statistics.
     pub fn from_stats(stats: &CalibStats) -> Self {
-        let mut entries = BTreeMap::new();
+        let mut m = Imatrix::empty(&stats.info);
         for (l, ls) in stats.layers.iter().enumerate() {
-            for role in LinearRole::ALL {
-                let s = &ls.sites[role.site().index()];
-                entries.insert(
-                    gguf_linear(l, role),
-                    ImatrixEntry {
-                        sum_sq: s.sum_sq.iter().map(|&v| v as f32).collect(),
-                        count: s.count as f32,
-                    },
-                );
-            }
+            m.add_layer(l, ls);
         }
+        m
+    }
+
+    /// No entries yet, for a calibration described by `info` (see [`Self::add_layer`]).
+    pub fn empty(info: &CalibInfo) -> Self {
         Imatrix {
-            entries,
-            datasets: vec![stats.info.source.clone()],
-            chunk_count: stats.info.samples as u32,
-            chunk_size: stats.info.seq_len as u32,
+            entries: BTreeMap::new(),
+            datasets: vec![info.source.clone()],
+            chunk_count: info.samples as u32,
+            chunk_size: info.seq_len as u32,
+        }
+    }
+
+    /// The entries of block `l`'s linear layers from its statistics (replacing any).
+    pub fn add_layer(&mut self, l: usize, ls: &LayerStats) {
+        for role in LinearRole::ALL {
+            let s = &ls.sites[role.site().index()];
+            self.entries.insert(
+                gguf_linear(l, role),
+                ImatrixEntry {
+                    sum_sq: s.sum_sq.iter().map(|&v| v as f32).collect(),
+                    count: s.count as f32,
+                },
+            );
         }
     }
 

@@ -196,16 +196,9 @@ impl<'a> BlockCalibration<'a> {
         })
     }
 
-    /// Statistics made before the pipeline (a statistics-only pass), in place of recording them.
-    pub fn use_stats(&mut self, stats: Option<CalibStats>, info: Option<CalibInfo>) {
-        self.record_stats = false;
-        self.stats = stats;
-        if self.info.is_none() {
-            self.info = info;
-        } else if let Some(theirs) = info {
-            // The statistics pass's time counts with the pipeline's.
-            self.wall_s += theirs.wall_s;
-        }
+    /// What the calibration is (its text, chunks and tokens), when there is one.
+    pub fn info(&self) -> Option<&CalibInfo> {
+        self.info.as_ref()
     }
 
     /// Whether a pass over calibration text runs.

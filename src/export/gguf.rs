@@ -29,6 +29,41 @@ pub struct ImatrixUse {
     pub imatrix: Imatrix,
     /// `--imatrix` path, or a label for one computed from `--calib`.
     pub file: String,
+    /// Made by this run's calibration: each block's entries arrive when the block is
+    /// calibrated ([`GgufSink::block_calibrated`]), before its tensors are quantized.
+    pub from_run: bool,
+}
+
+impl ImatrixUse {
+    /// An importance matrix read from `file`.
+    pub fn read(file: &Path, c: &crate::model::LlamaConfig) -> Result<Self> {
+        let imatrix = Imatrix::read(file)?;
+        imatrix.check_against(c, file)?;
+        Ok(ImatrixUse {
+            imatrix,
+            file: file.display().to_string(),
+            from_run: false,
+        })
+    }
+
+    /// The importance matrix this run's calibration (`info`) makes, block by block.
+    pub fn from_run(info: &crate::calib::CalibInfo) -> Self {
+        ImatrixUse {
+            imatrix: Imatrix::empty(info),
+            file: format!("(computed from {})", info.source),
+            from_run: true,
+        }
+    }
+
+    /// Entries in the matrix: every block linear layer's for one made by this run (the
+    /// header is written before they arrive).
+    fn entries_count(&self, c: &crate::model::LlamaConfig) -> usize {
+        if self.from_run {
+            names::LinearRole::ALL.len() * c.num_hidden_layers
+        } else {
+            self.imatrix.entries.len()
+        }
+    }
 }
 
 /// Everything one GGUF artifact needs besides the checkpoint.
@@ -247,7 +282,7 @@ fn metadata(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<(String, Value)>> {
             ));
             md.push((
                 keys::QUANTIZE_IMATRIX_ENTRIES.into(),
-                Value::I32(im.imatrix.entries.len() as i32),
+                Value::I32(im.entries_count(c) as i32),
             ));
             md.push((
                 keys::QUANTIZE_IMATRIX_CHUNKS.into(),
@@ -309,7 +344,8 @@ impl GgufSink {
         out: &Path,
         written: Option<&[bool]>,
     ) -> Result<Self> {
-        if let Some(im) = &o.imatrix {
+        // One made by this run is filled block by block as the pipeline goes.
+        if let Some(im) = o.imatrix.as_ref().filter(|im| !im.from_run) {
             im.imatrix.check_against(&ck.config, Path::new(&im.file))?;
         }
         let md = metadata(ck, o)?;
@@ -362,6 +398,13 @@ impl GgufSink {
     /// The importance matrix this file is quantized with, if any.
     pub fn imatrix_file(&self) -> Option<String> {
         self.imatrix.as_ref().map(|im| im.file.clone())
+    }
+
+    /// Block `l` is calibrated: an importance matrix made by this run takes its entries.
+    pub fn block_calibrated(&mut self, l: usize, stats: &crate::calib::stats::LayerStats) {
+        if let Some(im) = self.imatrix.as_mut().filter(|im| im.from_run) {
+            im.imatrix.add_layer(l, stats);
+        }
     }
 
     /// Whether checkpoint tensor `hf` goes into this file.

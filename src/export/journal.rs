@@ -24,7 +24,7 @@ use crate::format::safetensors::WriterMark;
 use crate::model::Checkpoint;
 
 const JOURNAL_FILE: &str = "journal.json";
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 /// Where one checkpoint artifact stands.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -99,9 +99,6 @@ pub(crate) struct Record {
     pub ck: Vec<CkRecord>,
     pub gguf: Vec<GgufRecord>,
     pub calib: CalibCheckpoint,
-    /// Statistics of a statistics-only pass made before the pipeline (GGUF importance
-    /// matrices from this run), so that it does not run again.
-    pub pre_stats: Option<String>,
 }
 
 /// The journal of this run.
@@ -110,8 +107,6 @@ pub(crate) struct Journal {
     fingerprint: String,
     every: Duration,
     last: Instant,
-    /// The statistics file of a pass made before the pipeline, if saved.
-    pre_stats: Option<String>,
     /// Records written by this run.
     records: usize,
 }
@@ -199,14 +194,12 @@ impl Journal {
             }
             std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         }
-        let pre_stats = found.as_ref().and_then(|r| r.pre_stats.clone());
         Ok((
             Journal {
                 dir,
                 fingerprint: fp,
                 every: Duration::from_secs(o.journal_every_s),
                 last: Instant::now(),
-                pre_stats,
                 records: 0,
             },
             found,
@@ -228,27 +221,10 @@ impl Journal {
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))
     }
 
-    /// Saves the statistics of a pass made before the pipeline (once).
-    pub fn save_pre_stats(&mut self, stats: &crate::calib::CalibStats) -> Result<()> {
-        if self.pre_stats.is_none() {
-            self.prepare()?;
-            let name = "pre-stats.safetensors".to_owned();
-            stats.save(&self.dir.join(&name))?;
-            self.pre_stats = Some(name);
-        }
-        Ok(())
-    }
-
-    /// The statistics saved by [`Self::save_pre_stats`] in an earlier run.
-    pub fn pre_stats_file(&self) -> Option<PathBuf> {
-        self.pre_stats.as_ref().map(|n| self.dir.join(n))
-    }
-
     /// Writes `r` as the latest record (atomically) and removes the files of older ones.
     pub fn write(&mut self, mut r: Record) -> Result<()> {
         r.format = FORMAT;
         r.fingerprint = self.fingerprint.clone();
-        r.pre_stats = self.pre_stats.clone();
         let file = self.dir.join(JOURNAL_FILE);
         let tmp = crate::format::safetensors::temp_path(&file);
         let text = serde_json::to_string_pretty(&r).expect("journal serialises") + "\n";
@@ -260,7 +236,7 @@ impl Journal {
             f.sync_data().map_err(|e| Error::io(&tmp, e))?;
         }
         std::fs::rename(&tmp, &file).map_err(|e| Error::io(&file, e))?;
-        let keep: Vec<&String> = [&r.calib.hidden, &r.calib.stats, &r.pre_stats]
+        let keep: Vec<&String> = [&r.calib.hidden, &r.calib.stats]
             .into_iter()
             .flatten()
             .collect();

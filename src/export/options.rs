@@ -95,8 +95,8 @@ impl ExportOptions {
     /// block's inputs when that is `quantized`. Quantized inputs follow one artifact, so they
     /// need exactly one checkpoint target that calibrates: with several, every target would
     /// need its own hidden states and its own pass through each block (and GGUF importance
-    /// matrices from this run are made before any block is quantized), so a run of several
-    /// calibrated targets calibrates on original inputs.
+    /// matrices are the bf16 model's activations), so a run of several calibrated targets
+    /// calibrates on original inputs.
     pub fn propagation(&self) -> Result<(CalibInputs, Option<Target>)> {
         let calibrated: Vec<Target> = self
             .calibrated_targets()

@@ -164,7 +164,6 @@ fn record(
         ck,
         gguf,
         calib,
-        pre_stats: None,
     })
 }
 
@@ -197,6 +196,13 @@ fn begin_block(
     l: usize,
 ) -> Result<()> {
     bc.prepare(l)?;
+    // GGUF importance matrices made by this run take the block's entries now, before any of
+    // its tensors is quantized.
+    if let Some(stats) = bc.stats() {
+        for (_, g) in sinks.gguf.iter_mut() {
+            g.block_calibrated(l, &stats.layers[l]);
+        }
+    }
     st.layer = Some(l);
     st.decoded = (st.propagate.is_some() && bc.wants_quantized_block()).then(|| Decoded {
         layer: l,

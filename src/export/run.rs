@@ -5,9 +5,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::calib::{
-    calibrate_stats, BlockCalibration, CalibInputs, CalibStats, Calibration, Imatrix,
-};
+use crate::calib::{BlockCalibration, CalibInputs, CalibStats};
 use crate::error::{Error, Result};
 use crate::export::gguf::{GgufOptions, GgufReport, GgufSink, ImatrixUse};
 use crate::export::journal::{CkRecord, Journal, Record};
@@ -133,49 +131,24 @@ fn check_request(ck: &Checkpoint, o: &ExportOptions) -> Result<()> {
     Ok(())
 }
 
-/// The importance matrix GGUF targets use: `--imatrix` (checked before any calibration), or
-/// one made from this run's statistics, which then come from a statistics pass over every
-/// block before the first GGUF tensor is written (the GGUF header records the matrix).
+/// The importance matrix every GGUF file of this run is quantized with: `--imatrix`'s, or
+/// one made by this run's calibration (on original inputs, the bf16 model's activations as
+/// llama.cpp's imatrix defines them) block by block as the pipeline reaches each block.
 fn gguf_imatrix(
     ck: &Checkpoint,
     o: &ExportOptions,
-    device: &candle_core::Device,
-    journal: &mut Journal,
-) -> Result<(Option<ImatrixUse>, Option<Calibration>)> {
+    bc: &BlockCalibration<'_>,
+) -> Result<Option<ImatrixUse>> {
     if let Some(p) = &o.gguf.imatrix {
-        let imatrix = Imatrix::read(p)?;
-        imatrix.check_against(&ck.config, p)?;
-        let file = p.display().to_string();
-        return Ok((Some(ImatrixUse { imatrix, file }), None));
+        return Ok(Some(ImatrixUse::read(p, &ck.config)?));
     }
     if !o.gguf_from_calibration() {
-        return Ok((None, None));
+        return Ok(None);
     }
-    // An interrupted run's statistics pass is not run again.
-    let cal = match journal.pre_stats_file() {
-        Some(p) => {
-            let stats = CalibStats::load(&p, &ck.config)?;
-            Calibration {
-                info: Some(stats.info.clone()),
-                stats: Some(stats),
-                passes: 1,
-            }
-        }
-        None => calibrate_stats(ck, &o.calib, device)?,
-    };
-    if let Some(st) = &cal.stats {
-        journal.save_pre_stats(st)?;
-    }
-    let st = cal
-        .stats
-        .as_ref()
-        .ok_or_else(|| Error::Internal("a statistics pass gave no statistics".into()))?;
-    let mut im = Imatrix::from_stats(st);
-    if im.datasets.is_empty() {
-        im.datasets.push(st.info.source.clone());
-    }
-    let file = format!("(computed from {})", st.info.source);
-    Ok((Some(ImatrixUse { imatrix: im, file }), Some(cal)))
+    let info = bc
+        .info()
+        .ok_or_else(|| Error::Internal("a calibrated GGUF target without calibration".into()))?;
+    Ok(Some(ImatrixUse::from_run(info)))
 }
 
 /// Runs the export; `progress(done, total)` counts input bytes converted.
@@ -200,9 +173,11 @@ pub fn run(
             r.next_item
         ));
     }
-    let (imatrix, pre) = gguf_imatrix(ck, o, device, &mut journal)?;
     let src = crate::runtime::load::safetensors::SafetensorsSource::borrowed(ck);
-    let (mut bc, passes) = start_calibration(ck, o, &src, pre, inputs_mode, device)?;
+    let bc = BlockCalibration::start(ck, &src, &o.calib, o.needs(), inputs_mode, device)?;
+    let passes = usize::from(bc.runs());
+    let mut bc = bc;
+    let imatrix = gguf_imatrix(ck, o, &bc)?;
     let mut sinks = Sinks {
         ck: Vec::new(),
         gguf: Vec::new(),
@@ -291,33 +266,6 @@ pub fn run(
         bytes_read,
         wall_s: t0.elapsed().as_secs_f64(),
     })
-}
-
-/// The block-by-block calibration for this export (`pre`: statistics from a pass before the
-/// pipeline, which then gathers only second moments); returns it and the passes over the
-/// calibration text it makes in all.
-fn start_calibration<'a>(
-    ck: &'a Checkpoint,
-    o: &ExportOptions,
-    src: &'a dyn crate::runtime::Source,
-    pre: Option<Calibration>,
-    inputs_mode: CalibInputs,
-    device: &candle_core::Device,
-) -> Result<(BlockCalibration<'a>, usize)> {
-    let mut needs = o.needs();
-    let mut passes = 0;
-    let bc = match pre {
-        Some(cal) => {
-            passes += cal.passes;
-            needs.stats = false;
-            let mut bc = BlockCalibration::start(ck, src, &o.calib, needs, inputs_mode, device)?;
-            bc.use_stats(cal.stats, cal.info);
-            bc
-        }
-        None => BlockCalibration::start(ck, src, &o.calib, needs, inputs_mode, device)?,
-    };
-    passes += usize::from(bc.runs());
-    Ok((bc, passes))
 }
 
 /// After a failed export (its sinks dropped: GGUF writers remove their temporary files then),
