@@ -21,17 +21,11 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::format::gguf::GgmlType;
 
-/// ggml's `nearest_int`: round half to even. Below 2^22 in magnitude, adding and subtracting
-/// 1.5 · 2^23 rounds in the FPU (IEEE addition is round-half-even) without the libm call
-/// `round_ties_even` becomes on baseline x86-64; larger values take that call.
+/// ggml's `nearest_int`: round half to even (without a libm call, see
+/// [`crate::numerics::round_even`]).
 #[inline(always)]
 fn nearest(x: f32) -> i32 {
-    const MAGIC: f32 = 12_582_912.0;
-    if x.abs() < 4_194_304.0 {
-        ((x + MAGIC) - MAGIC) as i32
-    } else {
-        x.round_ties_even() as i32
-    }
+    crate::numerics::round_even(x) as i32
 }
 
 const GROUP_MAX_EPS: f32 = 1e-15;

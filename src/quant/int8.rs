@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 
 use crate::numerics::fp8::round_bf16;
+use crate::numerics::round_even;
 
 /// How `w4a16` weights are chosen (`--int4-weights`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -45,10 +46,10 @@ const BF16_EPS: f32 = 0.0078125;
 
 multiversion! {
     /// Integer codes of one scale group: `round_half_even(bf16(x / s))`, clamped to
-    /// `[lo, hi]` (the AVX-512 build inlines the rounding the baseline target calls out for).
+    /// `[lo, hi]`.
     fn group_codes(wg: &[f32], s: f32, lo: f32, hi: f32, qg: &mut [i8]) {
         for (o, &x) in qg.iter_mut().zip(wg) {
-            *o = round_bf16(x / s).round_ties_even().clamp(lo, hi) as i8;
+            *o = round_even(round_bf16(x / s)).clamp(lo, hi) as i8;
         }
     }
 }
@@ -91,9 +92,7 @@ pub fn quantize_gptq(w: &[f32], cols: usize, plan: &crate::quant::gptq::GptqPlan
     let scales = quantize(w, cols, None).scales;
     let codes = plan.quantize_rows(w, cols, |r, v| {
         let s = scales[r];
-        let q = round_bf16((v as f32) / s)
-            .round_ties_even()
-            .clamp(-128.0, 127.0);
+        let q = round_even(round_bf16((v as f32) / s)).clamp(-128.0, 127.0);
         ((q * s) as f64, q as i8 as u8)
     });
     Int8Matrix {
@@ -139,7 +138,7 @@ pub fn searched_scales(
                             .iter()
                             .zip(ig)
                             .map(|(&x, &i)| {
-                                let q = round_bf16(x / s).round_ties_even().clamp(lo, hi);
+                                let q = round_even(round_bf16(x / s)).clamp(lo, hi);
                                 let e = (x - q * s) as f64;
                                 i * e * e
                             })
@@ -216,7 +215,7 @@ pub fn quantize_gptq_bits(
     let g = cols / groups;
     let codes = plan.quantize_rows_at(w, cols, |r, c, v| {
         let s = scales[r * groups + c / g];
-        let q = round_bf16((v as f32) / s).round_ties_even().clamp(lo, hi);
+        let q = round_even(round_bf16((v as f32) / s)).clamp(lo, hi);
         ((q * s) as f64, q as i8 as u8)
     });
     let q: Vec<i8> = codes.into_iter().map(|c| c as i8).collect();
@@ -635,7 +634,7 @@ mod tests {
                         .enumerate()
                         .map(|(j, &x)| {
                             let s = scales[r * (cols / g) + j / g];
-                            let q = round_bf16(x / s).round_ties_even().clamp(lo, hi);
+                            let q = round_even(round_bf16(x / s)).clamp(lo, hi);
                             imp[j] * ((x - q * s) as f64).powi(2)
                         })
                         .sum::<f64>()

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::model::names::{hf_linear, InputSite, LinearRole};
 use crate::model::Checkpoint;
 use crate::numerics::fp8::round_bf16;
+use crate::numerics::round_even;
 use crate::quant::int8::{column_absmax, quantize, smooth_factors};
 
 /// The α grid searched by `--smooth-alpha auto`.
@@ -424,7 +425,7 @@ pub fn int8_token_round_trip(x: &mut [f32], cols: usize) {
         }
         let s = amax / 127.0;
         for v in row.iter_mut() {
-            *v = (*v / s).round_ties_even().clamp(-127.0, 127.0) * s;
+            *v = round_even(*v / s).clamp(-127.0, 127.0) * s;
         }
     });
 }
