@@ -254,6 +254,32 @@ fn fewer_calibration_chunks_than_asked_are_reported() {
     );
 }
 
+/// A checkpoint whose shards hold more blocks than its config.json names converts what the
+/// config describes and says which tensors it left out.
+#[test]
+fn tensors_past_the_config_are_named_in_a_warning() {
+    let t = tempdir();
+    let m = t.path().join("m");
+    copy_dir(&tiny(), &m);
+    let cfg = m.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["num_hidden_layers"] = serde_json::json!(1);
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let o = run(
+        "minitron-convert",
+        &[s(&m), "--to", "fp8", "--out", s(&t.path().join("o"))],
+    );
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("warning: ")
+            && err.contains("are not part of the model config.json describes")
+            && err.contains("model.layers.1."),
+        "{err}"
+    );
+}
+
 /// Not on a terminal (as here), nothing but the result lines and warnings reaches the streams:
 /// no bar, no carriage returns.
 #[test]

@@ -550,6 +550,13 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
         );
     }
     let ck = Checkpoint::open(&model)?;
+    if let Some(first) = ck.unexpected.first() {
+        minitron::progress::warn(&format!(
+            "{} tensor(s) in {} are not part of the model config.json describes (first: `{first}`); they are not converted",
+            ck.unexpected.len(),
+            model.display()
+        ));
+    }
     // Made at the first conversion step, so that the calibration bar (if any) is alone on
     // screen while it runs.
     let pb: std::cell::OnceCell<indicatif::ProgressBar> = std::cell::OnceCell::new();
