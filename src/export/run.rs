@@ -174,9 +174,8 @@ pub fn run(
         ));
     }
     let src = crate::runtime::load::safetensors::SafetensorsSource::borrowed(ck);
-    let bc = BlockCalibration::start(ck, &src, &o.calib, o.needs(), inputs_mode, device)?;
+    let mut bc = BlockCalibration::start(ck, &src, &o.calib, o.needs(), inputs_mode, device)?;
     let passes = usize::from(bc.runs());
-    let mut bc = bc;
     let imatrix = gguf_imatrix(ck, o, &bc)?;
     let mut sinks = Sinks {
         ck: Vec::new(),
