@@ -4,7 +4,9 @@
 //! Layers, each importing only those below it:
 //! [`numerics`] (dtypes, conversion, FP8 rounding) → [`format`](mod@format) (safetensors and GGUF files) →
 //! [`model`] (config, checkpoint, tensor names, tokenizer, synthetic checkpoints) → [`quant`]
-//! (quantizers and llama-quantize's mixes, on plain statistics) → [`runtime`] (our Llama-3.x
+//! (quantizers and llama-quantize's mixes, on plain statistics) → [`scheme`] (each checkpoint
+//! format's tensors, config entry, checks, decode and encode, and the `--to` targets) →
+//! [`runtime`] (our Llama-3.x
 //! forward pass: loaders, kernels, calibration hooks) → [`calib`] (activation statistics,
 //! second moments, importance matrices: one calibration) → [`export`](mod@export) (`minitron-convert`: every
 //! target from one read) and [`verify`] (`minitron-verify`: perplexity, KL-divergence, top-1
@@ -24,6 +26,7 @@ pub mod numerics;
 pub mod progress;
 pub mod quant;
 pub mod runtime;
+pub mod scheme;
 pub mod verify;
 
 pub use error::{Error, Result};

@@ -289,7 +289,7 @@ fn main() -> std::process::ExitCode {
         common::set_threads(cli.threads);
         match cli.cmd {
             Some(Cmd::Inspect { dir, verbose, json }) => {
-                let ck = Checkpoint::open(&dir)?;
+                let ck = minitron::scheme::open(&dir)?;
                 let r = minitron::inspect::report(&ck, verbose)?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&r)?);

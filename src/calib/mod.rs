@@ -41,15 +41,7 @@ pub struct CalibOptions {
     pub spill_dir: PathBuf,
 }
 
-/// What the targets of one export need from calibration.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Needs {
-    /// Per-channel statistics (FP8 static scales, SmoothQuant, clipping search, imatrices).
-    pub stats: bool,
-    /// Input second-moment matrices (GPTQ); they are too large to save, so `--load-calib`
-    /// never provides them.
-    pub hessians: bool,
-}
+pub use crate::scheme::Needs;
 
 /// What one statistics-only calibration produced.
 #[derive(Default)]

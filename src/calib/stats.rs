@@ -115,6 +115,21 @@ pub struct CalibStats {
     pub info: CalibInfo,
 }
 
+impl crate::scheme::Statistics for CalibStats {
+    fn mean_sq(&self, layer: usize, site: InputSite) -> Vec<f64> {
+        self.site(layer, site).mean_sq()
+    }
+
+    fn input_absmax(&self, layer: usize, site: InputSite) -> f32 {
+        self.site(layer, site).tensor_absmax()
+    }
+
+    fn kv_absmax(&self, layer: usize) -> (f32, f32) {
+        let l = &self.layers[layer];
+        (l.k_absmax, l.v_absmax)
+    }
+}
+
 /// Records the statistics, and passes every observation on to `also` (another collector that
 /// shares the pass).
 struct Collector<'a> {

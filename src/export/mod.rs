@@ -1,7 +1,7 @@
 //! `minitron-convert MODEL --to TARGET[,TARGET…] --out PATH`: one export pipeline for every
 //! artifact kind.
 //!
-//! The flow: [`target`] parses `--to` once and fixes where each artifact goes; the run
+//! The flow: [`Target`] (in `scheme`) parses `--to` once and fixes where each artifact goes; the run
 //! ([`run`]) decides what calibration every target needs; it opens one sink per target
 //! (a sharded safetensors folder planned by [`plan`], or a GGUF file planned by [`gguf`]) and
 //! streams each input tensor once to every sink as a block pipeline (`pipeline`): each block
@@ -18,7 +18,6 @@ pub mod options;
 mod pipeline;
 pub mod plan;
 pub mod run;
-pub mod target;
 
+pub use crate::scheme::Target;
 pub use run::{run, Artifact, ExportOptions, ExportReport, GgufSettings};
-pub use target::Target;

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 
 use crate::calib::{CalibInputs, CalibOptions, Needs};
 use crate::error::{Error, Result};
-use crate::export::target::Target;
 use crate::format::gguf::GgmlType;
 use crate::model::Checkpoint;
 use crate::quant::fp8::WeightMode;
 use crate::quant::int8::Int4Method;
+use crate::scheme::Target;
 
 /// GGUF settings shared by every GGUF target.
 #[derive(Debug, Clone, Default)]
@@ -74,21 +74,34 @@ impl ExportOptions {
                 .any(|t| t.mix().is_some_and(|m| !m.is_float()))
     }
 
+    /// The weight methods asked for.
+    pub fn methods(&self) -> crate::scheme::Methods {
+        crate::scheme::Methods {
+            fp8_weights: self.fp8_weights,
+            int8_weights: self.int8_weights,
+            int4_weights: self.int4_weights,
+            group_size: self.group_size,
+        }
+    }
+
+    /// What the encoders of target `t` need from calibration (GGUF: an importance matrix from
+    /// this run, when asked for).
+    fn target_needs(&self, t: Target) -> Needs {
+        match (t.mix(), crate::scheme::of(t)) {
+            (Some(m), _) => Needs {
+                stats: self.gguf_from_calibration() && !m.is_float(),
+                hessians: false,
+            },
+            (None, Some(s)) => s.needs(t, &self.methods()),
+            (None, None) => Needs::default(),
+        }
+    }
+
     /// What calibration must produce for these targets.
     pub fn needs(&self) -> Needs {
-        let has = |t: Target| self.targets.contains(&t);
-        let has_fp8 = self.targets.iter().any(|t| t.is_fp8());
-        Needs {
-            stats: has(Target::Fp8Static)
-                || has(Target::Int8)
-                || self.targets.iter().any(|t| t.nvfp4_activations())
-                || (has(Target::W4A16) && self.int4_weights == Int4Method::Awq)
-                || (has_fp8 && self.fp8_weights != WeightMode::Rtn)
-                || self.gguf_from_calibration(),
-            hessians: (has_fp8 && self.fp8_weights == WeightMode::Gptq)
-                || (has(Target::Int8) && self.int8_weights == WeightMode::Gptq)
-                || (has(Target::W4A16) && self.int4_weights == Int4Method::Gptq),
-        }
+        self.targets
+            .iter()
+            .fold(Needs::default(), |n, &t| n.or(self.target_needs(t)))
     }
 
     /// What blocks are calibrated on, and the target whose quantized blocks make the next
@@ -138,19 +151,14 @@ impl ExportOptions {
         }
     }
 
-    /// The targets that use this run's calibration statistics.
+    /// The targets that use this run's calibration.
     pub fn calibrated_targets(&self) -> Vec<Target> {
-        let gguf = self.gguf_from_calibration();
         self.targets
             .iter()
             .copied()
-            .filter(|&t| match t {
-                Target::Fp8Static | Target::Int8 => true,
-                Target::Fp8 | Target::Fp8ModelOpt => self.fp8_weights != WeightMode::Rtn,
-                Target::Int8W8A16 | Target::Nvfp4A16 => false,
-                Target::Nvfp4 | Target::Nvfp4ModelOpt => true,
-                Target::W4A16 => self.int4_weights != Int4Method::Rtn,
-                Target::Gguf(m) => gguf && !m.is_float(),
+            .filter(|&t| {
+                let n = self.target_needs(t);
+                n.stats || n.hessians
             })
             .collect()
     }
@@ -164,4 +172,82 @@ pub fn model_name(ck: &Checkpoint) -> String {
         .map(|n| n.to_string_lossy().into_owned())
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| "model".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What calibration must produce for these targets (the rules before schemes, kept to
+    /// check them against).
+    fn needs_by_rule(o: &ExportOptions) -> Needs {
+        let has = |t: Target| o.targets.contains(&t);
+        let has_fp8 = o.targets.iter().any(|t| t.is_fp8());
+        Needs {
+            stats: has(Target::Fp8Static)
+                || has(Target::Int8)
+                || o.targets.iter().any(|t| t.nvfp4_activations())
+                || (has(Target::W4A16) && o.int4_weights == Int4Method::Awq)
+                || (has_fp8 && o.fp8_weights != WeightMode::Rtn)
+                || o.gguf_from_calibration(),
+            hessians: (has_fp8 && o.fp8_weights == WeightMode::Gptq)
+                || (has(Target::Int8) && o.int8_weights == WeightMode::Gptq)
+                || (has(Target::W4A16) && o.int4_weights == Int4Method::Gptq),
+        }
+    }
+
+    /// The schemes' needs are the rules they replaced, for every target and method.
+    #[test]
+    fn scheme_needs_equal_the_rules_they_replaced() {
+        use crate::quant::fp8::WeightMode as M;
+        let mut o = ExportOptions {
+            targets: vec![],
+            out: PathBuf::from("x"),
+            force: false,
+            fp8_weights: M::Rtn,
+            int8_weights: M::Rtn,
+            int4_weights: Int4Method::Rtn,
+            smooth_alpha: None,
+            group_size: None,
+            calib: CalibOptions {
+                calib: None,
+                spec: crate::calib::CalibSpec {
+                    samples: 1,
+                    seq_len: 8,
+                    shuffle: None,
+                },
+                load: None,
+                save: None,
+                hidden_budget_bytes: 0,
+                spill_dir: PathBuf::from("x"),
+            },
+            calib_asked: false,
+            gguf: GgufSettings::default(),
+            command_line: String::new(),
+            allow_nonfinite: false,
+            calib_inputs: None,
+            resume: false,
+            journal_every_s: 0,
+        };
+        for t in Target::ALL {
+            for fp8 in [M::Rtn, M::Search, M::Gptq] {
+                for int8 in [M::Rtn, M::Gptq] {
+                    for int4 in [Int4Method::Rtn, Int4Method::Gptq, Int4Method::Awq] {
+                        for asked in [false, true] {
+                            o.targets = vec![t];
+                            o.fp8_weights = fp8;
+                            o.int8_weights = int8;
+                            o.int4_weights = int4;
+                            o.calib_asked = asked;
+                            assert_eq!(
+                                o.needs(),
+                                needs_by_rule(&o),
+                                "{t} {fp8:?} {int8:?} {int4:?} {asked}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

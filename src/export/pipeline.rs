@@ -10,16 +10,17 @@ use crate::calib::BlockCalibration;
 use crate::error::{Error, Result};
 use crate::export::gguf::GgufSink;
 use crate::export::journal::{CkRecord, GgufRecord, Journal, Record};
-use crate::export::linear::{bf16_bytes, write_linear, CkSink, GptqCache, LinearCtx, Shared};
+use crate::export::linear::{bf16_bytes, write_linear, CkSink};
 use crate::export::manifest::LayerAlpha;
 use crate::export::options::ExportOptions;
 use crate::export::plan::inputs;
-use crate::export::target::Target;
 use crate::model::names::{self, InputSite, LinearRole, TensorRole};
 use crate::model::Checkpoint;
 use crate::quant::int8::Int4Method;
 use crate::quant::smoothquant::{LayerSmoothing, SmoothPlan};
 use crate::runtime::Block;
+use crate::scheme::Target;
+use crate::scheme::{GptqCache, LinearCtx, Shared};
 
 /// Every open artifact.
 pub(crate) struct Sinks {
@@ -310,16 +311,20 @@ fn write_linear_all(
         st.group_absmax = Some((key, site_absmax(ck, layer, r)?));
     }
     if let Some(h) = bc.hessians() {
-        st.gptq.load(layer, r.site(), h);
+        st.gptq.load(layer, r.site(), || {
+            crate::runtime::release_free_memory();
+            h.take_mean(r.site())
+        });
     }
     let w = ck.read_f32(name)?;
     let mut shared = Shared {
         fp8: Vec::new(),
         gptq: &mut st.gptq,
     };
+    let methods = o.methods();
     let ctx = LinearCtx {
-        o,
-        stats: bc.stats(),
+        m: &methods,
+        stats: bc.stats().map(|s| s as &dyn crate::scheme::Statistics),
         smooth: st.smooth.as_ref(),
         name,
         shape,

@@ -13,8 +13,7 @@ use crate::export::linear::CkSink;
 use crate::export::manifest::{InputRecord, Manifest, SmoothQuantRecord, TensorError};
 pub use crate::export::options::{model_name, ExportOptions, GgufSettings};
 use crate::export::pipeline::{export_loop, Sinks, Start};
-use crate::export::plan::{plan, quantization_config};
-use crate::export::target::Target;
+use crate::export::plan::plan;
 use crate::format::safetensors::{
     begin_dir, commit_dir, partial_dir, sha256_bytes, temp_path, ShardedWriter, WrittenFile,
 };
@@ -22,6 +21,7 @@ use crate::model::synth::MAX_SHARD_BYTES;
 use crate::model::Checkpoint;
 use crate::quant::int8::Int4Method;
 use crate::quant::recipe::Recipe;
+use crate::scheme::Target;
 
 /// One artifact written.
 #[derive(Debug, Clone)]
@@ -394,7 +394,7 @@ fn open_sinks(
                         tmp
                     }
                 };
-                let planned = plan(t, ck, o.group_size);
+                let planned = plan(t, ck, o.group_size)?;
                 let writer = match r {
                     None => ShardedWriter::create(&tmp, planned, MAX_SHARD_BYTES),
                     Some(r) => {
@@ -514,8 +514,9 @@ fn finish_ck(
         });
         Ok(())
     };
-    let searched = s.target == Target::W4A16 && o.int4_weights != Int4Method::Rtn;
-    let qc = quantization_config(s.target, o.group_size, searched);
+    let scheme = crate::scheme::of(s.target)
+        .ok_or_else(|| Error::Internal(format!("{} is not a checkpoint target", s.target)))?;
+    let qc = scheme.config(s.target, &o.methods());
     let mut cfg = ck.config_json.clone();
     cfg["quantization_config"] = qc.clone();
     write(
@@ -523,8 +524,8 @@ fn finish_ck(
         serde_json::to_string_pretty(&cfg).expect("json") + "\n",
         &mut files,
     )?;
-    if let Some(text) = modelopt_config(s.target) {
-        write("hf_quant_config.json", text, &mut files)?;
+    for (name, text) in scheme.side_files(s.target) {
+        write(name, text, &mut files)?;
     }
     copy_side_files(ck, &s.tmp, &mut files)?;
     let manifest = Manifest {
@@ -561,27 +562,6 @@ fn finish_ck(
     let p = s.tmp.join(crate::export::manifest::MANIFEST_FILE);
     std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
     Ok(manifest)
-}
-
-/// ModelOpt's `hf_quant_config.json` for its targets.
-fn modelopt_config(t: Target) -> Option<String> {
-    let quantization = match t {
-        Target::Nvfp4ModelOpt => {
-            serde_json::json!({"quant_algo": "NVFP4", "kv_cache_quant_algo": null,
-                               "group_size": crate::quant::nvfp4::GROUP,
-                               "exclude_modules": ["lm_head", "model.embed_tokens"]})
-        }
-        Target::Fp8ModelOpt => {
-            serde_json::json!({"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN", "kv_cache_quant_algo": null,
-                               "exclude_modules": ["lm_head"]})
-        }
-        _ => return None,
-    };
-    let hq = serde_json::json!({
-        "producer": {"name": "minitron", "version": crate::VERSION},
-        "quantization": quantization,
-    });
-    Some(serde_json::to_string_pretty(&hq).expect("json") + "\n")
 }
 
 /// Copies the tokenizer and generation files the input has into folder `dir`.

@@ -16,18 +16,10 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
-use crate::model::names::{expected_tensors, part, TensorSpec, EMBED, LM_HEAD};
+use crate::model::names::{expected_tensors, part, TensorRole, TensorSpec, EMBED, LM_HEAD};
 pub use crate::numerics::dtype::Dtype;
 
 pub use crate::format::safetensors::{SafetensorsFile, TensorInfo};
-
-/// The two NVFP4 layouts (and arithmetics) a checkpoint can hold: compressed-tensors'
-/// (`weight_global_scale`) or ModelOpt's (`weight_scale_2`); see `quant::nvfp4`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Nvfp4Flavor {
-    CompressedTensors,
-    ModelOpt,
-}
 
 /// A checkpoint folder, opened and checked against its config.
 pub struct Checkpoint {
@@ -101,74 +93,33 @@ impl Checkpoint {
 
     fn validate(mut self) -> Result<Self> {
         let specs = expected_tensors(&self.config);
+        let quantized = self.config_json.get("quantization_config").is_some();
         let mut known = std::collections::BTreeSet::new();
         for spec in &specs {
             known.insert(spec.name.clone());
-            let Some(&fi) = self.index.get(&spec.name) else {
+            // A quantized checkpoint's linear layers are checked by their scheme
+            // (`scheme::open`): their weight may be stored under other names and dtypes.
+            let stem = spec.name.strip_suffix(".weight").unwrap_or(&spec.name);
+            if quantized
+                && matches!(spec.role, TensorRole::Linear(..))
+                && (self.index.contains_key(&spec.name)
+                    || part::ALL
+                        .iter()
+                        .any(|p| self.index.contains_key(&part::of(stem, p))))
+            {
+                continue;
+            }
+            if !self.index.contains_key(&spec.name) {
                 if spec.optional {
                     continue;
-                }
-                // pack-quantized layers store `weight_packed` (I32 [out, ceil(in / (32 / bits))])
-                // instead.
-                if let Some(stem) = spec.name.strip_suffix(".weight") {
-                    let packed = part::of(stem, part::WEIGHT_PACKED);
-                    if let Some(&pi) = self.index.get(&packed) {
-                        let f = &self.files[pi];
-                        let t = &f.tensors[&packed];
-                        if self.nvfp4_layer(stem).is_some() {
-                            self.check_nvfp4_codes(f, &packed, t, &spec.shape)?;
-                            continue;
-                        }
-                        let bits = self.packed_bits()?;
-                        let per = 32 / bits as usize;
-                        let want = vec![spec.shape[0], spec.shape[1].div_ceil(per)];
-                        if t.dtype != Dtype::I32 || t.shape != want {
-                            return Err(Error::TensorMismatch {
-                                path: f.path.clone(),
-                                tensor: packed,
-                                expected: format!(
-                                    "I32 {want:?} ({bits}-bit values packed {per} per word)"
-                                ),
-                                found: format!("{} {:?}", t.dtype, t.shape),
-                            });
-                        }
-                        continue;
-                    }
                 }
                 return Err(Error::MissingTensor {
                     path: self.weights_label(),
                     tensor: spec.name.clone(),
                     expected: format!("shape {:?}", spec.shape),
                 });
-            };
-            let f = &self.files[fi];
-            let t = &f.tensors[&spec.name];
-            let stem = spec.name.strip_suffix(".weight").unwrap_or(&spec.name);
-            if t.dtype == Dtype::U8 && self.nvfp4_layer(stem).is_some() {
-                // ModelOpt NVFP4 keeps the packed codes under the weight's own name.
-                self.check_nvfp4_codes(f, &spec.name, t, &spec.shape)?;
-                continue;
             }
-            if t.shape != spec.shape {
-                return Err(Error::TensorMismatch {
-                    path: f.path.clone(),
-                    tensor: spec.name.clone(),
-                    expected: format!("shape {:?}", spec.shape),
-                    found: format!("shape {:?}", t.shape),
-                });
-            }
-            let quantized_ok = self.config_json.get("quantization_config").is_some()
-                && matches!(t.dtype, Dtype::F8E4M3 | Dtype::I8)
-                && spec.shape.len() == 2
-                && spec.name.starts_with("model.layers.");
-            if !matches!(t.dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) && !quantized_ok {
-                return Err(Error::TensorMismatch {
-                    path: f.path.clone(),
-                    tensor: spec.name.clone(),
-                    expected: "dtype BF16, F16 or F32".into(),
-                    found: format!("dtype {}", t.dtype),
-                });
-            }
+            self.check_float(spec)?;
         }
         self.check_tied_head()?;
         self.unexpected = self
@@ -186,66 +137,42 @@ impl Checkpoint {
         Ok(self)
     }
 
-    /// Whose NVFP4 layout linear layer `stem` (`model.layers.N.self_attn.q_proj`) is stored
-    /// in, if NVFP4: compressed-tensors (`weight_global_scale`) or ModelOpt (`weight_scale_2`).
-    pub fn nvfp4_layer(&self, stem: &str) -> Option<Nvfp4Flavor> {
-        use Nvfp4Flavor as Flavor;
-        if self
-            .index
-            .contains_key(&part::of(stem, part::WEIGHT_GLOBAL_SCALE))
-        {
-            Some(Flavor::CompressedTensors)
-        } else if self
-            .index
-            .contains_key(&part::of(stem, part::WEIGHT_SCALE_2))
-        {
-            Some(Flavor::ModelOpt)
-        } else {
-            None
-        }
-    }
-
-    /// NVFP4 codes must be U8 `[out, in / 2]` for a layer of shape `[out, in]`.
-    fn check_nvfp4_codes(
-        &self,
-        f: &SafetensorsFile,
-        name: &str,
-        t: &TensorInfo,
-        shape: &[usize],
-    ) -> Result<()> {
-        let want = vec![shape[0], shape[1] / 2];
-        if t.dtype != Dtype::U8 || t.shape != want || !shape[1].is_multiple_of(2) {
+    /// Tensor `name` must have `shape`.
+    pub fn check_shape(&self, name: &str, shape: &[usize]) -> Result<()> {
+        let Some((f, t)) = self.info(name) else {
+            return Err(Error::MissingTensor {
+                path: self.weights_label(),
+                tensor: name.into(),
+                expected: format!("shape {shape:?}"),
+            });
+        };
+        if t.shape != shape {
             return Err(Error::TensorMismatch {
                 path: f.path.clone(),
                 tensor: name.into(),
-                expected: format!("U8 {want:?} (two FP4 codes per byte)"),
-                found: format!("{} {:?}", t.dtype, t.shape),
+                expected: format!("shape {shape:?}"),
+                found: format!("shape {:?}", t.shape),
             });
         }
         Ok(())
     }
 
-    /// Bits per code of a `pack-quantized` checkpoint: the `num_bits` of its
-    /// `quantization_config` weights (8 when the config does not say). Only 4 and 8 are read.
-    pub fn packed_bits(&self) -> Result<u32> {
-        let groups = self
-            .config_json
-            .pointer("/quantization_config/config_groups")
-            .and_then(Value::as_object);
-        let bits = groups
-            .into_iter()
-            .flat_map(|g| g.values())
-            .filter_map(|g| g.pointer("/weights/num_bits").and_then(Value::as_u64))
-            .next()
-            .unwrap_or(8);
-        match bits {
-            4 | 8 => Ok(bits as u32),
-            b => Err(Error::config(
-                self.dir.join("config.json"),
-                "quantization_config.config_groups.*.weights.num_bits",
-                format!("expected 4 or 8 for pack-quantized weights, found {b}"),
-            )),
+    /// Tensor `spec` stored as floats: its shape, and a bf16, f16 or f32 dtype.
+    pub fn check_float(&self, spec: &TensorSpec) -> Result<()> {
+        if spec.optional && !self.index.contains_key(&spec.name) {
+            return Ok(());
         }
+        self.check_shape(&spec.name, &spec.shape)?;
+        let (f, t) = self.info(&spec.name).expect("checked above");
+        if !matches!(t.dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
+            return Err(Error::TensorMismatch {
+                path: f.path.clone(),
+                tensor: spec.name.clone(),
+                expected: "dtype BF16, F16 or F32".into(),
+                found: format!("dtype {}", t.dtype),
+            });
+        }
+        Ok(())
     }
 
     /// With `tie_word_embeddings` the head is the embedding matrix. A stored `lm_head.weight` is

@@ -32,9 +32,13 @@ const E4M3_EIGHTH: u8 = 0x20;
 /// The E4M3 code of 1.0, what ModelOpt puts in place of a zero group scale.
 const E4M3_ONE: u8 = 0x38;
 
-/// Whose arithmetic a function follows (see the module documentation). The enum lives with
-/// the checkpoint reader, which tells the two layouts apart.
-pub use crate::model::checkpoint::Nvfp4Flavor as Flavor;
+/// Whose arithmetic and layout a function follows (see the module documentation):
+/// compressed-tensors' (`weight_global_scale`) or ModelOpt's (`weight_scale_2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    CompressedTensors,
+    ModelOpt,
+}
 
 /// Midpoints between consecutive E2M1 magnitudes, and whether a value exactly on one goes up
 /// (to the even code above) rather than down.

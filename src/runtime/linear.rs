@@ -11,20 +11,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
-
-/// How a runtime quantizes the activations entering an FP8 layer.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ActQuant {
-    /// Activations stay in the compute dtype (weight-only kernels, e.g. FP8 Marlin on Ampere).
-    None,
-    /// Per-token dynamic E4M3: scale = absmax(row) / 448.
-    DynamicToken,
-    /// One static per-tensor scale from calibration.
-    Static(f32),
-    /// NVFP4: E2M1 values per 16 with E4M3 group scales under this global scale (a
-    /// multiplier), as `quant::nvfp4::quantize_activation_row` rounds them.
-    Nvfp4(f32),
-}
+pub use crate::scheme::{ActQuant, WeightData};
 
 /// A linear map `y = x Wᵀ` without bias.
 #[derive(Debug, Clone)]
@@ -262,45 +249,6 @@ fn prepare_rows(rule: InputRule, x: &[f32], inp: usize) -> Result<Prepared> {
             ))
         }
     })
-}
-
-/// What a loader read for one linear layer `[out, in]`, in its stored form.
-pub enum WeightData<'a> {
-    /// Little-endian bf16 values.
-    Bf16Bytes(&'a [u8]),
-    /// Float values (f32 or f16 checkpoints, dequantized W8A16 or ggml float types).
-    F32(Vec<f32>),
-    /// E4M3 codes with per-channel (`out`) or per-tensor (1) scales, and the runtime's
-    /// activation rule.
-    Fp8 {
-        codes: &'a [u8],
-        scales: Vec<f32>,
-        act: ActQuant,
-    },
-    /// INT8 values with per-channel scales; `dynamic`: per-token INT8 activations (W8A8).
-    Int8 {
-        q: Vec<i8>,
-        scales: Vec<f32>,
-        dynamic: bool,
-    },
-    /// NVFP4: E2M1 nibbles `[out, in/2]` and E4M3 group scales `[out, in/16]` (their products,
-    /// `e2m1 · e4m3`, are exact in bf16), the per-tensor factor that multiplies them, and the
-    /// activation rule ([`ActQuant::Nvfp4`] or none).
-    Nvfp4 {
-        packed: &'a [u8],
-        scales: &'a [u8],
-        multiplier: f32,
-        act: ActQuant,
-    },
-    /// compressed-tensors packed integers (W4A16, W8A16): little-endian u32 words of
-    /// `32 / bits` values `[out, words · 4]` bytes, f32 group scales `[out, groups]`;
-    /// activations untouched (what Marlin computes).
-    PackedInt {
-        words: &'a [u8],
-        scales: Vec<f32>,
-        bits: u32,
-        groups: usize,
-    },
 }
 
 impl WeightData<'_> {

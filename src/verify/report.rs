@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::checkpoint::sha256_file;
-use crate::model::{Checkpoint, Tokenizer};
+use crate::model::Tokenizer;
 use crate::runtime::load::{gguf::GgufSource, safetensors::SafetensorsSource, Source};
 use crate::runtime::{Llama, LoadOptions};
 use crate::verify::gen::{first_difference, read_prompts, GenResult};
@@ -149,7 +149,7 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
             let hashes = vec![(file_label(&o.candidate), sha256_file(&o.candidate)?)];
             (Box::new(GgufSource::open(&o.candidate)?), tok, hashes)
         } else {
-            let ck = std::sync::Arc::new(Checkpoint::open(&o.candidate)?);
+            let ck = std::sync::Arc::new(crate::scheme::open(&o.candidate)?);
             let tok = Tokenizer::load(&o.candidate).or_else(|e| match &o.reference {
                 Some(r) if r.is_file() => Tokenizer::from_gguf(r),
                 Some(r) => Tokenizer::load(r),
@@ -171,7 +171,7 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
                 vec![(file_label(path), sha256_file(path)?)],
             )
         } else {
-            let ck = std::sync::Arc::new(Checkpoint::open(path)?);
+            let ck = std::sync::Arc::new(crate::scheme::open(path)?);
             let hashes = ck.input_hashes()?;
             (Box::new(SafetensorsSource::new(ck)), hashes)
         };

@@ -22,7 +22,7 @@ pub fn open(path: &Path) -> Result<Box<dyn Source>> {
         Ok(Box::new(gguf::GgufSource::open(path)?))
     } else {
         Ok(Box::new(safetensors::SafetensorsSource::new(
-            std::sync::Arc::new(crate::model::Checkpoint::open(path)?),
+            std::sync::Arc::new(crate::scheme::open(path)?),
         )))
     }
 }

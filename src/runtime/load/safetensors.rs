@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::model::names::{self, part, LinearRole};
 use crate::model::{Checkpoint, Dtype, LlamaConfig};
 use crate::runtime::block::Block;
-use crate::runtime::linear::{ActQuant, Linear, WeightData};
+use crate::runtime::linear::{Linear, WeightData};
 
 /// The checkpoint, owned or borrowed.
 enum Held<'a> {
@@ -27,7 +27,7 @@ pub struct SafetensorsSource<'a> {
 
 impl SafetensorsSource<'static> {
     pub fn new(ck: std::sync::Arc<Checkpoint>) -> Self {
-        let dynamic = dynamic_activations(&ck.config_json);
+        let dynamic = crate::scheme::dynamic_activations(&ck.config_json);
         SafetensorsSource {
             ck: Held::Owned(ck),
             dynamic,
@@ -38,7 +38,7 @@ impl SafetensorsSource<'static> {
 impl<'a> SafetensorsSource<'a> {
     pub fn borrowed(ck: &'a Checkpoint) -> Self {
         SafetensorsSource {
-            dynamic: dynamic_activations(&ck.config_json),
+            dynamic: crate::scheme::dynamic_activations(&ck.config_json),
             ck: Held::Borrowed(ck),
         }
     }
@@ -79,137 +79,16 @@ impl<'a> SafetensorsSource<'a> {
     ) -> Result<Linear> {
         let ck = self.ck();
         let [out, inp] = role.shape(&ck.config);
-        let name = names::hf_linear(layer, role);
-        let stem = name.strip_suffix(".weight").expect("weight");
-        let scale_name = part::of(stem, part::WEIGHT_SCALE);
-        let packed = part::of(stem, part::WEIGHT_PACKED);
-        let mismatch = |tensor: &str, expected: String, found: String| Error::TensorMismatch {
-            path: ck.dir.clone(),
-            tensor: tensor.into(),
-            expected,
-            found,
+        let rule = crate::scheme::LoadRule {
+            weight_only: opts.weight_only,
+            dynamic: self.dynamic,
         };
-        let data = if let Some(flavor) = ck.nvfp4_layer(stem) {
-            use crate::quant::nvfp4::{self, Flavor};
-            // NVFP4: codes as E2M1 values times their E4M3 group scales; the tensor scale and
-            // the activation rule as the runtimes apply them (formats/nvfp4.md).
-            let codes_name = if flavor == Flavor::ModelOpt {
-                &name
-            } else {
-                &packed
-            };
-            let (bytes, _) = ck.raw(codes_name)?;
-            let (sbytes, sinfo) = ck.raw(&scale_name)?;
-            let want = [out, inp / nvfp4::GROUP];
-            if sinfo.dtype != Dtype::F8E4M3 || sinfo.shape != want {
-                return Err(mismatch(
-                    &scale_name,
-                    format!("F8_E4M3 {want:?} (one scale per {} values)", nvfp4::GROUP),
-                    format!("{} {:?}", sinfo.dtype, sinfo.shape),
-                ));
-            }
-            let (tensor_name, input_name) = match flavor {
-                Flavor::CompressedTensors => (part::WEIGHT_GLOBAL_SCALE, part::INPUT_GLOBAL_SCALE),
-                Flavor::ModelOpt => (part::WEIGHT_SCALE_2, part::INPUT_SCALE),
-            };
-            let tensor = self
-                .scalar(&format!("{stem}.{tensor_name}"))?
-                .expect("nvfp4_layer found it");
-            let act = match self.scalar(&format!("{stem}.{input_name}"))? {
-                Some(v) if !opts.weight_only => ActQuant::Nvfp4(nvfp4::act_multiplier(v, flavor)),
-                _ => ActQuant::None,
-            };
-            WeightData::Nvfp4 {
-                packed: bytes,
-                scales: sbytes,
-                multiplier: nvfp4::decode_multiplier(tensor, flavor),
-                act,
-            }
-        } else if ck.index.contains_key(&packed) {
-            // W8A16 / W4A16: packed integers and group scales, activations untouched (what
-            // Marlin computes); the CPU forms dequantize them, the GPU form keeps them packed.
-            let (bytes, _) = ck.raw(&packed)?;
-            let bits = ck.packed_bits()?;
-            let words = inp.div_ceil((32 / bits) as usize);
-            if bytes.len() != out * words * 4 {
-                return Err(mismatch(
-                    &packed,
-                    format!("{} bytes ([{out}, {words}] i32 words)", out * words * 4),
-                    format!("{} bytes", bytes.len()),
-                ));
-            }
-            let scales = ck.read_f32(&scale_name)?;
-            let groups = scales.len() / out;
-            if groups == 0 || scales.len() % out != 0 || inp % groups != 0 {
-                return Err(mismatch(
-                    &scale_name,
-                    format!("[{out}, groups] with groups dividing {inp}"),
-                    format!("{} values", scales.len()),
-                ));
-            }
-            WeightData::PackedInt {
-                words: bytes,
-                scales,
-                bits,
-                groups,
-            }
-        } else {
-            let (bytes, info) = ck.raw(&name)?;
-            if info.shape != [out, inp] {
-                return Err(mismatch(
-                    &name,
-                    format!("shape [{out}, {inp}]"),
-                    format!("shape {:?}", info.shape),
-                ));
-            }
-            match info.dtype {
-                Dtype::I8 => {
-                    let scales = ck.read_f32(&scale_name)?;
-                    if scales.len() != out {
-                        return Err(mismatch(
-                            &scale_name,
-                            format!("{out} per-channel values"),
-                            format!("{} values", scales.len()),
-                        ));
-                    }
-                    WeightData::Int8 {
-                        q: bytes.iter().map(|&b| b as i8).collect(),
-                        scales,
-                        dynamic: self.dynamic && !opts.weight_only,
-                    }
-                }
-                Dtype::F8E4M3 => {
-                    let scales = ck.read_f32(&scale_name)?;
-                    if scales.len() != out && scales.len() != 1 {
-                        return Err(mismatch(
-                            &scale_name,
-                            format!("{out} per-channel values or 1 per-tensor value"),
-                            format!("{} values", scales.len()),
-                        ));
-                    }
-                    let act = if opts.weight_only {
-                        ActQuant::None
-                    } else if let Some(s) = self.scalar(&part::of(stem, part::INPUT_SCALE))? {
-                        ActQuant::Static(s)
-                    } else if self.dynamic {
-                        ActQuant::DynamicToken
-                    } else {
-                        ActQuant::None
-                    };
-                    WeightData::Fp8 {
-                        codes: bytes,
-                        scales,
-                        act,
-                    }
-                }
-                Dtype::BF16 => WeightData::Bf16Bytes(bytes),
-                _ => WeightData::F32(ck.read_f32(&name)?),
-            }
-        };
+        let data = crate::scheme::load_linear(ck, layer, role, rule)?;
         let lin = Linear::build(data, out, inp, dtype, device)?;
         // What was built owns its values: the mapped pages can go now rather than with the block.
-        for n in [&name, &packed] {
-            ck.release(n);
+        let name = names::hf_linear(layer, role);
+        for n in crate::scheme::linear_tensor_names(stem_of(&name)) {
+            ck.release(&n);
         }
         Ok(lin)
     }
@@ -382,24 +261,6 @@ impl Source for SafetensorsSource<'_> {
     }
 }
 
-/// Whether an artifact's config asks for dynamic activation quantization (compressed-tensors
-/// `input_activations.dynamic`, or ModelOpt's per-token algorithm).
-fn dynamic_activations(cfg: &serde_json::Value) -> bool {
-    let Some(q) = cfg.get("quantization_config") else {
-        return false;
-    };
-    if q.get("quant_algo").and_then(|a| a.as_str()) == Some("FP8_PER_CHANNEL_PER_TOKEN") {
-        return true;
-    }
-    q.get("config_groups")
-        .and_then(|g| g.as_object())
-        .map(|g| {
-            g.values().any(|grp| {
-                grp.get("input_activations")
-                    .and_then(|a| a.get("dynamic"))
-                    .and_then(|d| d.as_bool())
-                    == Some(true)
-            })
-        })
-        .unwrap_or(false)
+fn stem_of(name: &str) -> &str {
+    name.strip_suffix(".weight").unwrap_or(name)
 }
