@@ -8,7 +8,6 @@ use crate::error::{Error, Result};
 use crate::format::gguf::GgmlType;
 use crate::model::Checkpoint;
 use crate::quant::fp8::WeightMode;
-use crate::quant::int8::Int4Method;
 use crate::scheme::Target;
 
 /// GGUF settings shared by every GGUF target.
@@ -81,6 +80,7 @@ impl ExportOptions {
             int8_weights: self.int8_weights,
             int4_weights: self.int4_weights,
             group_size: self.group_size,
+            smooth_alpha: self.smooth_alpha,
         }
     }
 
@@ -95,6 +95,20 @@ impl ExportOptions {
             (None, Some(s)) => s.needs(t, &self.methods()),
             (None, None) => Needs::default(),
         }
+    }
+
+    /// Each checkpoint target with its scheme.
+    pub(crate) fn schemes(
+        &self,
+    ) -> impl Iterator<Item = (Target, &'static dyn crate::scheme::Scheme)> + '_ {
+        self.targets
+            .iter()
+            .filter_map(|&t| crate::scheme::of(t).map(|s| (t, s)))
+    }
+
+    /// How target `t` smooths each block's inputs, if it does.
+    pub(crate) fn smoothing(&self, t: Target) -> Option<crate::quant::smoothquant::SmoothPlan> {
+        crate::scheme::of(t).and_then(|s| s.smoothing(t, &self.methods()))
     }
 
     /// What calibration must produce for these targets.
@@ -138,15 +152,11 @@ impl ExportOptions {
         }
     }
 
-    /// Each mode's default, as measured on SmolLM2 (built-in corpus → dev text, README "The
-    /// export, block by block"): AWQ and SmoothQuant calibrate better on the quantized blocks'
-    /// outputs (mean KLD 0.952× and 0.994× of original inputs), GPTQ W4A16 on the bf16 blocks'
-    /// (quantized inputs were 1.0–1.05× and unstable across builds that differ only in f32
-    /// rounding). Modes not measured keep original inputs.
+    /// Each mode's default, as its scheme measured it on SmolLM2 (built-in corpus → dev text,
+    /// README "The export, block by block"); modes not measured keep original inputs.
     fn default_calib_inputs(&self, t: Target) -> CalibInputs {
-        match t {
-            Target::W4A16 if self.int4_weights == Int4Method::Awq => CalibInputs::Quantized,
-            Target::Int8 if self.int8_weights == WeightMode::Rtn => CalibInputs::Quantized,
+        match crate::scheme::of(t) {
+            Some(s) if s.prefers_quantized_inputs(t, &self.methods()) => CalibInputs::Quantized,
             _ => CalibInputs::Original,
         }
     }
@@ -177,6 +187,7 @@ pub fn model_name(ck: &Checkpoint) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::int8::Int4Method;
 
     /// What calibration must produce for these targets (the rules before schemes, kept to
     /// check them against).

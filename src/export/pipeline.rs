@@ -16,8 +16,7 @@ use crate::export::options::ExportOptions;
 use crate::export::plan::inputs;
 use crate::model::names::{self, InputSite, LinearRole, TensorRole};
 use crate::model::Checkpoint;
-use crate::quant::int8::Int4Method;
-use crate::quant::smoothquant::{LayerSmoothing, SmoothPlan};
+use crate::quant::smoothquant::LayerSmoothing;
 use crate::runtime::Block;
 use crate::scheme::Target;
 use crate::scheme::{GptqCache, LinearCtx, Shared};
@@ -209,19 +208,14 @@ fn begin_block(
         layer: l,
         ..Default::default()
     });
-    // INT8 (SmoothQuant) and W4A16 with AWQ rewrite the norms, each its own way; the two are
-    // refused together before any work (see `run`).
-    let awq = o.int4_weights == Int4Method::Awq && o.targets.contains(&Target::W4A16);
-    let want_smooth = awq || sinks.ck.iter().any(|s| s.target == Target::Int8);
+    // Targets that smooth the block's inputs (SmoothQuant, AWQ) rewrite the norms; two that do
+    // it each their own way are refused together before any work (see `run`).
+    let plan = sinks.ck.iter().find_map(|s| o.smoothing(s.target));
     st.smooth = None;
-    if want_smooth {
-        let stats = bc
-            .stats()
-            .ok_or_else(|| Error::Invalid("int8 and w4a16 with awq need calibration".into()))?;
-        let plan = match Target::W4A16.group(o.group_size) {
-            Some(g) if awq => SmoothPlan::awq(g),
-            _ => SmoothPlan::from_alpha(o.smooth_alpha),
-        };
+    if let Some(plan) = plan {
+        let stats = bc.stats().ok_or_else(|| {
+            Error::Internal("a smoothing target without calibration statistics".into())
+        })?;
         let sm = LayerSmoothing::compute(ck, &stats.activations(l), l, plan)?;
         let sites: BTreeMap<String, f64> = InputSite::ALL
             .into_iter()
@@ -230,7 +224,7 @@ fn begin_block(
         for s in sinks
             .ck
             .iter_mut()
-            .filter(|s| s.target == Target::Int8 || (awq && s.target == Target::W4A16))
+            .filter(|s| o.smoothing(s.target).is_some())
         {
             s.alphas.push(LayerAlpha {
                 layer: l,
@@ -305,7 +299,10 @@ fn write_linear_all(
         return Ok(());
     }
     let key = (layer, r.site().index());
-    if sinks.ck.iter().any(|s| s.target.nvfp4().is_some())
+    if sinks
+        .ck
+        .iter()
+        .any(|s| crate::scheme::of(s.target).is_some_and(|sc| sc.shares_tensor_scale(s.target)))
         && st.group_absmax.map(|g| g.0) != Some(key)
     {
         st.group_absmax = Some((key, site_absmax(ck, layer, r)?));
@@ -375,10 +372,9 @@ fn write_other(
     role: TensorRole,
 ) -> Result<()> {
     let bytes = ck.raw(name)?.0;
-    let awq = o.int4_weights == Int4Method::Awq;
     let mut smoothed = None;
     for s in sinks.ck.iter_mut() {
-        let rewrites = s.target == Target::Int8 || (awq && s.target == Target::W4A16);
+        let rewrites = o.smoothing(s.target).is_some();
         match (role.norm_site(), st.smooth.as_ref()) {
             (Some((_, site)), Some(sm)) if rewrites => {
                 let g = ck.read_f32(name)?;

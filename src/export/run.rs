@@ -19,7 +19,6 @@ use crate::format::safetensors::{
 };
 use crate::model::synth::MAX_SHARD_BYTES;
 use crate::model::Checkpoint;
-use crate::quant::int8::Int4Method;
 use crate::quant::recipe::Recipe;
 use crate::scheme::Target;
 
@@ -88,13 +87,16 @@ fn check_request(ck: &Checkpoint, o: &ExportOptions) -> Result<()> {
     {
         std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
     }
-    if o.int4_weights == Int4Method::Awq
-        && o.targets.contains(&Target::W4A16)
-        && o.targets.contains(&Target::Int8)
-    {
-        return Err(Error::Invalid(
-            "--to int8 and --to w4a16 --int4-weights awq rewrite the norm weights each their own way: convert them in two runs".into(),
-        ));
+    let smoothing: Vec<Target> = o
+        .targets
+        .iter()
+        .copied()
+        .filter(|&t| o.smoothing(t).is_some())
+        .collect();
+    if let [a, b, ..] = smoothing[..] {
+        return Err(Error::Invalid(format!(
+            "--to {a} and --to {b} (with these weight methods) both smooth the block inputs into the norm weights, each its own way: convert them in two runs"
+        )));
     }
     o.propagation()?;
     // So is every output path: nothing is calibrated or written when one of them is in the way.
@@ -107,20 +109,15 @@ fn check_request(ck: &Checkpoint, o: &ExportOptions) -> Result<()> {
             )));
         }
     }
-    for t in &o.targets {
-        let g = if t.nvfp4().is_some() {
-            Some(crate::quant::nvfp4::GROUP)
-        } else {
-            t.group(o.group_size)
-        };
-        if let Some(g) = g {
+    for (t, scheme) in o.schemes() {
+        if let Some((g, fixed)) = scheme.input_group(t, &o.methods()) {
             let c = &ck.config;
             let widths = [c.hidden_size, c.q_dim(), c.intermediate_size];
             if g == 0 || widths.iter().any(|w| w % g != 0) {
-                let fix = if t.nvfp4().is_some() {
-                    "NVFP4's group size is fixed"
+                let fix = if fixed {
+                    format!("{t}'s group size is fixed")
                 } else {
-                    "choose one with --group-size"
+                    "choose one with --group-size".to_owned()
                 };
                 return Err(Error::Invalid(format!(
                     "{t}: group size {g} must divide every linear layer's input width ({widths:?}); {fix}"

@@ -15,6 +15,7 @@ use crate::model::names::part;
 use crate::model::Checkpoint;
 use crate::numerics::Dtype;
 use crate::quant::fp8::WeightMode;
+use crate::quant::smoothquant::SmoothPlan;
 
 pub struct Int8;
 
@@ -54,6 +55,15 @@ impl Scheme for Int8 {
             stats: true,
             hessians: m.int8_weights == WeightMode::Gptq,
         }
+    }
+
+    fn smoothing(&self, _: Target, m: &Methods) -> Option<SmoothPlan> {
+        Some(SmoothPlan::from_alpha(m.smooth_alpha))
+    }
+
+    /// Measured on SmolLM2 (README): 0.994× the mean KLD of original inputs with RTN weights.
+    fn prefers_quantized_inputs(&self, _: Target, m: &Methods) -> bool {
+        m.int8_weights == WeightMode::Rtn
     }
 
     fn stores(&self, ck: &Checkpoint, _: &str, name: &str) -> bool {

@@ -27,6 +27,7 @@ use crate::model::Checkpoint;
 use crate::numerics::Dtype;
 use crate::quant::fp8::WeightMode;
 use crate::quant::int8::Int4Method;
+use crate::quant::smoothquant::SmoothPlan;
 
 pub use encode::{GptqCache, LinearCtx, Out, Shared, Statistics};
 pub use target::Target;
@@ -59,6 +60,8 @@ pub struct Methods {
     pub int8_weights: WeightMode,
     pub int4_weights: Int4Method,
     pub group_size: Option<usize>,
+    /// `--smooth-alpha` (`None`: searched per input).
+    pub smooth_alpha: Option<f64>,
 }
 
 /// How the runner is to run a stored layer.
@@ -99,6 +102,30 @@ pub trait Scheme: Sync {
 
     /// What `t`'s encoder needs from calibration under methods `m` (nothing: not calibrated).
     fn needs(&self, t: Target, m: &Methods) -> Needs;
+
+    /// How `t` smooths the block's inputs before its encoder runs (SmoothQuant's or AWQ's
+    /// per-channel scales, folded into the norms before each input), if it does.
+    fn smoothing(&self, _t: Target, _m: &Methods) -> Option<SmoothPlan> {
+        None
+    }
+
+    /// Whether `t` calibrates better on the outputs of the blocks already quantized than on
+    /// the original model's (`--calib-inputs` default, as measured per mode).
+    fn prefers_quantized_inputs(&self, _t: Target, _m: &Methods) -> bool {
+        false
+    }
+
+    /// Input columns per weight scale under `t` and whether the format fixes it (`None`: one
+    /// scale per output channel or per tensor). Every linear input width must be a multiple.
+    fn input_group(&self, _t: Target, _m: &Methods) -> Option<(usize, bool)> {
+        None
+    }
+
+    /// Whether `t`'s encoder needs the largest weight magnitude among the layers that share
+    /// the layer's input ([`LinearCtx::group_absmax`]).
+    fn shares_tensor_scale(&self, _t: Target) -> bool {
+        false
+    }
 
     /// Whether stored linear `stem` (its weight `name`) of `ck` is in this scheme.
     fn stores(&self, ck: &Checkpoint, stem: &str, name: &str) -> bool;

@@ -136,6 +136,14 @@ impl Scheme for Nvfp4 {
         }
     }
 
+    fn input_group(&self, _: Target, _: &Methods) -> Option<(usize, bool)> {
+        Some((GROUP, true))
+    }
+
+    fn shares_tensor_scale(&self, _: Target) -> bool {
+        true
+    }
+
     fn stores(&self, ck: &Checkpoint, stem: &str, _: &str) -> bool {
         stored_flavor(ck, stem).is_some()
     }
