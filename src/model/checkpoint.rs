@@ -273,12 +273,13 @@ impl Checkpoint {
     }
 
     /// Total parameters over the tensors the architecture uses.
-    /// A `pack-quantized` layer counts its logical `[out, in]` weight, not its packed words.
+    /// A layer stored under other names (packed codes) counts its logical `[out, in]` weight.
     pub fn parameter_count(&self) -> u64 {
         let packed = |n: &str| {
             n.strip_suffix(".weight").is_some_and(|stem| {
-                self.index
-                    .contains_key(&part::of(stem, part::WEIGHT_PACKED))
+                part::ALL
+                    .iter()
+                    .any(|p| self.index.contains_key(&part::of(stem, p)))
             })
         };
         self.specs()
