@@ -7,8 +7,8 @@ use serde_json::{json, Value};
 
 use super::encode::{bf16_bytes, f32_bytes, PlanKind};
 use super::{
-    ct_args, ct_config, mismatch, pt, scalar, stem, ActQuant, LinearCtx, LoadRule, Methods, Needs,
-    Out, Scheme, Shared, Target, WeightData,
+    ct_args, ct_config, pt, scalar, stem, ActQuant, LinearCtx, LoadRule, Methods, Needs, Out,
+    Scheme, Shared, Target, WeightData,
 };
 use crate::error::Result;
 use crate::format::safetensors::PlannedTensor;
@@ -134,16 +134,7 @@ impl Scheme for Fp8 {
         rule: LoadRule,
     ) -> Result<WeightData<'a>> {
         let (codes, _) = super::raw_weight(ck, name, [out, inp])?;
-        let scale_name = part::of(stem, part::WEIGHT_SCALE);
-        let scales = ck.read_f32(&scale_name)?;
-        if scales.len() != out && scales.len() != 1 {
-            return Err(mismatch(
-                ck,
-                &scale_name,
-                format!("{out} per-channel values or 1 per-tensor value"),
-                format!("{} values", scales.len()),
-            ));
-        }
+        let scales = super::channel_scales(ck, stem, out, true)?;
         let act = if rule.weight_only {
             ActQuant::None
         } else if let Some(s) = scalar(ck, &part::of(stem, part::INPUT_SCALE))? {

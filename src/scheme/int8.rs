@@ -6,8 +6,8 @@ use serde_json::Value;
 
 use super::encode::{bf16_bytes, PlanKind};
 use super::{
-    ct_args, ct_config, mismatch, pt, stem, LinearCtx, LoadRule, Methods, Needs, Out, Scheme,
-    Shared, Target, WeightData,
+    ct_args, ct_config, pt, stem, LinearCtx, LoadRule, Methods, Needs, Out, Scheme, Shared, Target,
+    WeightData,
 };
 use crate::error::Result;
 use crate::format::safetensors::PlannedTensor;
@@ -83,16 +83,7 @@ impl Scheme for Int8 {
         rule: LoadRule,
     ) -> Result<WeightData<'a>> {
         let (bytes, _) = super::raw_weight(ck, name, [out, inp])?;
-        let scale_name = part::of(stem, part::WEIGHT_SCALE);
-        let scales = ck.read_f32(&scale_name)?;
-        if scales.len() != out {
-            return Err(mismatch(
-                ck,
-                &scale_name,
-                format!("{out} per-channel values"),
-                format!("{} values", scales.len()),
-            ));
-        }
+        let scales = super::channel_scales(ck, stem, out, false)?;
         Ok(WeightData::Int8 {
             q: bytes.iter().map(|&b| b as i8).collect(),
             scales,

@@ -240,6 +240,57 @@ pub(crate) fn raw_weight<'a>(
     Ok((bytes, info))
 }
 
+/// Stored codes `name` must be `dtype` of shape `want` (`what` says how they are laid out).
+pub(crate) fn check_codes(
+    ck: &Checkpoint,
+    name: String,
+    dtype: Dtype,
+    want: Vec<usize>,
+    what: &str,
+) -> Result<()> {
+    let Some((f, t)) = ck.info(&name) else {
+        return Err(Error::MissingTensor {
+            path: ck.dir.clone(),
+            tensor: name,
+            expected: format!("{dtype} {want:?} ({what})"),
+        });
+    };
+    if t.dtype != dtype || t.shape != want {
+        return Err(Error::TensorMismatch {
+            path: f.path.clone(),
+            tensor: name,
+            expected: format!("{dtype} {want:?} ({what})"),
+            found: format!("{} {:?}", t.dtype, t.shape),
+        });
+    }
+    Ok(())
+}
+
+/// Linear `stem`'s `weight_scale` values: `out` of them, or one when `per_tensor` allows it.
+pub(crate) fn channel_scales(
+    ck: &Checkpoint,
+    stem: &str,
+    out: usize,
+    per_tensor: bool,
+) -> Result<Vec<f32>> {
+    let name = part::of(stem, part::WEIGHT_SCALE);
+    let scales = ck.read_f32(&name)?;
+    if scales.len() != out && !(per_tensor && scales.len() == 1) {
+        let expected = if per_tensor {
+            format!("{out} per-channel values or 1 per-tensor value")
+        } else {
+            format!("{out} per-channel values")
+        };
+        return Err(mismatch(
+            ck,
+            &name,
+            expected,
+            format!("{} values", scales.len()),
+        ));
+    }
+    Ok(scales)
+}
+
 /// The one value of tensor `name`, if `ck` has it (scales stored as `[]` or `[1]`).
 pub(crate) fn scalar(ck: &Checkpoint, name: &str) -> Result<Option<f32>> {
     if !ck.index.contains_key(name) {

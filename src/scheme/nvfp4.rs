@@ -152,27 +152,15 @@ impl Scheme for Nvfp4 {
     fn check(&self, ck: &Checkpoint, stem: &str, name: &str, shape: [usize; 2]) -> Result<()> {
         let flavor = stored_flavor(ck, stem).expect("stores() found it");
         let (codes, _, _) = names(stem, name, flavor);
-        let Some((f, t)) = ck.info(&codes) else {
-            return Err(Error::MissingTensor {
-                path: ck.dir.clone(),
-                tensor: codes,
-                expected: format!(
-                    "U8 [{}, {}] (two FP4 codes per byte)",
-                    shape[0],
-                    shape[1] / 2
-                ),
-            });
-        };
-        let want = vec![shape[0], shape[1] / 2];
-        if t.dtype != Dtype::U8 || t.shape != want || !shape[1].is_multiple_of(2) {
-            return Err(Error::TensorMismatch {
-                path: f.path.clone(),
-                tensor: codes,
-                expected: format!("U8 {want:?} (two FP4 codes per byte)"),
-                found: format!("{} {:?}", t.dtype, t.shape),
-            });
+        let what = "two FP4 codes per byte";
+        if !shape[1].is_multiple_of(2) {
+            return Err(Error::Invalid(format!(
+                "{}: NVFP4 layer {stem} has an odd input width {}",
+                ck.dir.display(),
+                shape[1]
+            )));
         }
-        Ok(())
+        super::check_codes(ck, codes, Dtype::U8, vec![shape[0], shape[1] / 2], what)
     }
 
     /// Codes as E2M1 values times their E4M3 group scales; the tensor scale and the activation

@@ -115,20 +115,15 @@ impl Scheme for Packed {
     }
 
     fn check(&self, ck: &Checkpoint, stem: &str, _: &str, shape: [usize; 2]) -> Result<()> {
-        let packed = part::of(stem, part::WEIGHT_PACKED);
-        let (f, t) = ck.info(&packed).expect("stores() found it");
         let bits = stored_bits(ck)?;
         let per = 32 / bits as usize;
-        let want = vec![shape[0], shape[1].div_ceil(per)];
-        if t.dtype != Dtype::I32 || t.shape != want {
-            return Err(Error::TensorMismatch {
-                path: f.path.clone(),
-                tensor: packed,
-                expected: format!("I32 {want:?} ({bits}-bit values packed {per} per word)"),
-                found: format!("{} {:?}", t.dtype, t.shape),
-            });
-        }
-        Ok(())
+        super::check_codes(
+            ck,
+            part::of(stem, part::WEIGHT_PACKED),
+            Dtype::I32,
+            vec![shape[0], shape[1].div_ceil(per)],
+            &format!("{bits}-bit values packed {per} per word"),
+        )
     }
 
     /// Packed integers and group scales, activations untouched (what Marlin computes); the
