@@ -1,9 +1,10 @@
-//! GPTQ's factor of one input site (`GptqPlan::new`: act-order permutation, damping, the
+//! GPTQ's factor of one input site (`Plan::new`: act-order permutation, damping, the
 //! upper Cholesky factor of the inverse, computed in place) at the widths of Llama-3.x inputs,
 //! the error-feedback rounding of one layer's rows with it, and W4A16's scale refit of those rows. Synthetic second moments
 //! (`B Bᵀ / k + I/10`, `k` = 256 rows); no model needed.
 //!
-//!     cargo bench --bench gptq_factor
+//!     cargo bench --bench gptq_factor                       (f32, as the export runs it)
+//!     MINITRON_BENCH_F64=1 cargo bench --bench gptq_factor  (the f64 factor)
 //!     MINITRON_BENCH_WIDTHS=4096,14336 cargo bench --bench gptq_factor
 //!     MINITRON_BENCH_REFIT_ONLY=1 MINITRON_BENCH_WIDTHS=14336 cargo bench --bench gptq_factor
 
@@ -12,7 +13,7 @@ use std::time::Instant;
 mod common;
 
 use minitron::numerics::rng::SplitMix64;
-use minitron::quant::gptq::GptqPlan;
+use minitron::quant::gptq::Plan;
 
 fn main() {
     let threads = common::set_threads();
@@ -82,7 +83,14 @@ fn factor_and_round(n: usize, rows: usize) -> (f64, f64, Vec<f32>) {
         }
     }
     let t0 = Instant::now();
-    let plan = GptqPlan::new(&h, n, 0.01).expect("positive definite");
+    // The export's precision (f32) unless MINITRON_BENCH_F64 asks for the f64 reference.
+    let plan = if std::env::var_os("MINITRON_BENCH_F64").is_some() {
+        Plan::<f64>::new(&h, n, 0.01)
+            .expect("positive definite")
+            .convert::<f32>()
+    } else {
+        Plan::<f32>::new(&h, n, 0.01).expect("positive definite")
+    };
     let f = t0.elapsed().as_secs_f64();
     drop(h);
     let w: Vec<f32> = (0..rows * n).map(|_| rng.unit_f32() - 0.5).collect();

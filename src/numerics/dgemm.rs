@@ -1,16 +1,18 @@
-//! A safe face on the f64 GEMM of the `gemm` crate (the one candle's CPU matmul uses), for the
-//! GPTQ code's large f64 products.
+//! A safe face on the f32/f64 GEMM of the `gemm` crate (the one candle's CPU matmul uses), for
+//! the GPTQ code's large products.
+
+use super::Real;
 
 /// `c (m×n) = a (m×k) · b (k×n)` (row-major, contiguous), or `c += a · b` when `accumulate`,
 /// on the calling thread: callers parallelise over independent products, so the sums and
 /// their order do not depend on the thread count.
-pub fn gemm_f64(
+pub fn gemm_full<T: Real>(
     m: usize,
     n: usize,
     k: usize,
-    a: &[f64],
-    b: &[f64],
-    c: &mut [f64],
+    a: &[T],
+    b: &[T],
+    c: &mut [T],
     accumulate: bool,
 ) {
     assert_eq!(a.len(), m * k, "lhs is m × k");
@@ -21,7 +23,7 @@ pub fn gemm_f64(
     }
     if k == 0 {
         if !accumulate {
-            c.iter_mut().for_each(|v| *v = 0.0);
+            c.iter_mut().for_each(|v| *v = T::ZERO);
         }
         return;
     }
@@ -43,8 +45,8 @@ pub fn gemm_f64(
             b.as_ptr(),
             1,
             n as isize,
-            1.0,
-            1.0,
+            T::ONE,
+            T::ONE,
             false,
             false,
             false,
@@ -55,52 +57,52 @@ pub fn gemm_f64(
 
 /// `c −= a · b` on row-major views with unit column stride: `a` is `m × k` with rows `lda`
 /// apart, `b` `k × n` with rows `ldb` apart, `c` `m × n` with rows `ldc` apart (each slice
-/// starts at the view's first element). On the calling thread, as [`gemm_f64`].
+/// starts at the view's first element). On the calling thread, as [`gemm_full`].
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_f64_sub(
+pub fn gemm_sub<T: Real>(
     m: usize,
     n: usize,
     k: usize,
-    a: &[f64],
+    a: &[T],
     lda: usize,
-    b: &[f64],
+    b: &[T],
     ldb: usize,
-    c: &mut [f64],
+    c: &mut [T],
     ldc: usize,
 ) {
-    gemm_view(m, n, k, a, (lda, 1), b, (ldb, 1), c, ldc, -1.0, true);
+    gemm_view(m, n, k, a, (lda, 1), b, (ldb, 1), c, ldc, -T::ONE, true);
 }
 
-/// `c = a · b` on row-major views (as [`gemm_f64_sub`]).
+/// `c = a · b` on row-major views (as [`gemm_sub`]).
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_f64_into(
+pub fn gemm_into<T: Real>(
     m: usize,
     n: usize,
     k: usize,
-    a: &[f64],
+    a: &[T],
     lda: usize,
-    b: &[f64],
+    b: &[T],
     ldb: usize,
-    c: &mut [f64],
+    c: &mut [T],
     ldc: usize,
 ) {
-    gemm_view(m, n, k, a, (lda, 1), b, (ldb, 1), c, ldc, 1.0, false);
+    gemm_view(m, n, k, a, (lda, 1), b, (ldb, 1), c, ldc, T::ONE, false);
 }
 
 /// `c = [c +] beta · a · b` with `a` and `b` given by (row stride, column stride), `c` by its
 /// row stride (unit columns).
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_view(
+pub fn gemm_view<T: Real>(
     m: usize,
     n: usize,
     k: usize,
-    a: &[f64],
+    a: &[T],
     (a_rs, a_cs): (usize, usize),
-    b: &[f64],
+    b: &[T],
     (b_rs, b_cs): (usize, usize),
-    c: &mut [f64],
+    c: &mut [T],
     ldc: usize,
-    beta: f64,
+    beta: T,
     read_dst: bool,
 ) {
     if m == 0 || n == 0 {
@@ -111,7 +113,9 @@ pub fn gemm_view(
     if k == 0 {
         if !read_dst {
             for r in 0..m {
-                c[r * ldc..r * ldc + n].iter_mut().for_each(|v| *v = 0.0);
+                c[r * ldc..r * ldc + n]
+                    .iter_mut()
+                    .for_each(|v| *v = T::ZERO);
             }
         }
         return;
@@ -144,17 +148,17 @@ pub fn gemm_view(
 /// Every element of the three views must be inside live allocations, and no element of the
 /// `c` view may be an element of the `a` or `b` view.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_raw(
+pub unsafe fn gemm_raw<T: Real>(
     m: usize,
     n: usize,
     k: usize,
-    c: *mut f64,
+    c: *mut T,
     ldc: usize,
-    a: *const f64,
+    a: *const T,
     (a_rs, a_cs): (usize, usize),
-    b: *const f64,
+    b: *const T,
     (b_rs, b_cs): (usize, usize),
-    beta: f64,
+    beta: T,
     read_dst: bool,
 ) {
     // SAFETY: as the caller promises.
@@ -173,7 +177,7 @@ pub unsafe fn gemm_raw(
             b,
             b_cs as isize,
             b_rs as isize,
-            1.0,
+            T::ONE,
             beta,
             false,
             false,
@@ -193,14 +197,14 @@ mod tests {
         let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
         let b: Vec<f64> = (0..k * n).map(|i| (i as f64 * 0.11).cos()).collect();
         let mut c = vec![1.0; m * n];
-        gemm_f64(m, n, k, &a, &b, &mut c, true);
+        gemm_full(m, n, k, &a, &b, &mut c, true);
         for i in 0..m {
             for j in 0..n {
                 let want: f64 = 1.0 + (0..k).map(|t| a[i * k + t] * b[t * n + j]).sum::<f64>();
                 assert!((c[i * n + j] - want).abs() < 1e-12, "({i}, {j})");
             }
         }
-        gemm_f64(m, n, k, &a, &b, &mut c, false);
+        gemm_full(m, n, k, &a, &b, &mut c, false);
         let want: f64 = (0..k).map(|t| a[t] * b[t * n]).sum();
         assert!((c[0] - want).abs() < 1e-12);
     }
@@ -211,7 +215,7 @@ mod tests {
         let a: Vec<f64> = (0..9).map(|i| i as f64).collect();
         let b: Vec<f64> = (0..12).map(|i| (i as f64) * 0.5).collect();
         let mut c = [10.0; 15];
-        gemm_f64_sub(3, 3, 2, &a, 3, &b, 6, &mut c[2..], 5);
+        gemm_sub(3, 3, 2, &a, 3, &b, 6, &mut c[2..], 5);
         for i in 0..3 {
             for j in 0..5 {
                 let want = if j >= 2 {

@@ -4,9 +4,11 @@ pub mod convert;
 pub mod dgemm;
 pub mod dtype;
 pub mod fp8;
+pub mod real;
 pub mod rng;
 
 pub use dtype::Dtype;
+pub use real::Real;
 
 /// `x.round_ties_even()`, bit for bit, without the libm call that baseline x86-64 makes for it:
 /// below 2^22 in magnitude, adding and subtracting 1.5 · 2^23 rounds in the FPU (IEEE addition

@@ -65,7 +65,7 @@ pub fn quantize_gptq(
     cols: usize,
     style: ScaleStyle,
     h_mean: &[f32],
-    plan: &crate::quant::gptq::GptqPlan,
+    plan: &crate::quant::gptq::Plan<impl crate::numerics::Real>,
 ) -> Fp8Matrix {
     let importance: Vec<f64> = (0..cols).map(|j| h_mean[j * cols + j] as f64).collect();
     let scales = quantize(w, cols, style, WeightMode::Search, Some(&importance)).scales;

@@ -9,10 +9,12 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::numerics::real::dot;
+use crate::numerics::Real;
 
 /// Upper Cholesky factor `U` of `(H + λ·mean(diag H)·I)⁻¹` (row-major `[n, n]`), as GPTQ uses it.
 /// Columns never seen (zero diagonal) get a unit diagonal.
-pub fn inverse_factor(h: &[f64], n: usize, damp: f64) -> Result<Vec<f64>> {
+pub fn inverse_factor<T: Real>(h: &[T], n: usize, damp: f64) -> Result<Vec<T>> {
     let mut a = h.to_vec();
     damp_diagonal(&mut a, n, damp);
     inverse_factor_in_place(&mut a, n)?;
@@ -21,15 +23,16 @@ pub fn inverse_factor(h: &[f64], n: usize, damp: f64) -> Result<Vec<f64>> {
 
 /// Gives columns never seen (zero diagonal) a unit diagonal, then adds `damp · mean(diag)` to
 /// every diagonal entry.
-fn damp_diagonal(a: &mut [f64], n: usize, damp: f64) {
+fn damp_diagonal<T: Real>(a: &mut [T], n: usize, damp: f64) {
     for j in 0..n {
-        if a[j * n + j] <= 0.0 {
-            a[j * n + j] = 1.0;
+        if a[j * n + j] <= T::ZERO {
+            a[j * n + j] = T::ONE;
         }
     }
-    let mean_diag = (0..n).map(|j| a[j * n + j]).sum::<f64>() / n as f64;
+    let mean_diag = (0..n).map(|j| a[j * n + j].to_f64()).sum::<f64>() / n as f64;
+    let add = T::from_f64(damp * mean_diag);
     for j in 0..n {
-        a[j * n + j] += damp * mean_diag;
+        a[j * n + j] += add;
     }
 }
 
@@ -40,7 +43,7 @@ fn damp_diagonal(a: &mut [f64], n: usize, damp: f64) {
 /// for `U = P L⁻¹ P`, which is upper triangular with a positive diagonal, so it is the factor
 /// (Cholesky factors are unique). Reversing rows and columns of a row-major matrix is reversing
 /// its storage, so the whole computation is: reverse, factor, invert, reverse.
-pub fn inverse_factor_in_place(a: &mut [f64], n: usize) -> Result<()> {
+pub fn inverse_factor_in_place<T: Real>(a: &mut [T], n: usize) -> Result<()> {
     a.reverse();
     cholesky_in_place(a, n).map_err(|j| {
         Error::Invalid(format!(
@@ -57,25 +60,6 @@ pub fn inverse_factor_in_place(a: &mut [f64], n: usize) -> Result<()> {
 /// in the core's L2 cache while the rows below stream past it.
 const NB: usize = 64;
 
-/// `Σ x_k y_k` in eight interleaved partial sums, combined in a fixed order: vectorizable, and
-/// the same bits on every run, thread count and instruction set (no fused multiply-add).
-#[inline(always)]
-fn dot(x: &[f64], y: &[f64]) -> f64 {
-    let mut acc = [0f64; 8];
-    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
-    let (xr, yr) = (xc.remainder(), yc.remainder());
-    for (a, b) in xc.zip(yc) {
-        for l in 0..8 {
-            acc[l] += a[l] * b[l];
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (a, b) in xr.iter().zip(yr) {
-        s += a * b;
-    }
-    s
-}
-
 /// Columns per tile of the triangular inverse's updates (independent tiles, run in parallel).
 const KT: usize = 256;
 
@@ -85,13 +69,13 @@ const UPDATE_ROWS: usize = 256;
 
 /// Lower Cholesky factor of `a` in place (the strict upper triangle is zeroed), left-looking by
 /// blocks of [`NB`] columns; rows run in parallel. `Err(j)`: not positive definite at column j.
-fn cholesky_in_place(a: &mut [f64], n: usize) -> std::result::Result<(), usize> {
+fn cholesky_in_place<T: Real>(a: &mut [T], n: usize) -> std::result::Result<(), usize> {
     for jb in (0..n).step_by(NB) {
         let je = (jb + NB).min(n);
         let w = je - jb;
         let rest = &mut a[jb * n..];
         // The block rows' finished prefixes, copied so every row below can read them.
-        let heads: Vec<f64> = rest[..w * n]
+        let heads: Vec<T> = rest[..w * n]
             .chunks(n)
             .flat_map(|r| r[..jb].iter().copied())
             .collect();
@@ -116,7 +100,7 @@ fn cholesky_in_place(a: &mut [f64], n: usize) -> std::result::Result<(), usize> 
                         (n, 1),
                         heads.as_ptr(),
                         (1, jb),
-                        -1.0,
+                        -T::ONE,
                         true,
                     );
                 }
@@ -127,7 +111,7 @@ fn cholesky_in_place(a: &mut [f64], n: usize) -> std::result::Result<(), usize> 
         for j in jb..je {
             let rj = (j - jb) * n;
             let d = block[rj + j] - dot(&block[rj + jb..rj + j], &block[rj + jb..rj + j]);
-            if d <= 0.0 || !d.is_finite() {
+            if d <= T::ZERO || !d.is_finite() {
                 return Err(j);
             }
             let d = d.sqrt();
@@ -139,7 +123,7 @@ fn cholesky_in_place(a: &mut [f64], n: usize) -> std::result::Result<(), usize> 
             }
         }
         // The rows below, against the factored diagonal block.
-        let diag: Vec<f64> = block
+        let diag: Vec<T> = block
             .chunks(n)
             .flat_map(|r| r[jb..je].iter().copied())
             .collect();
@@ -151,7 +135,7 @@ fn cholesky_in_place(a: &mut [f64], n: usize) -> std::result::Result<(), usize> 
         });
     }
     a.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
-        row[i + 1..].iter_mut().for_each(|v| *v = 0.0);
+        row[i + 1..].iter_mut().for_each(|v| *v = T::ZERO);
     });
     Ok(())
 }
@@ -159,7 +143,7 @@ fn cholesky_in_place(a: &mut [f64], n: usize) -> std::result::Result<(), usize> 
 /// Inverse of the lower triangular `l` in place, by blocks of [`NB`] rows: block `I` of the
 /// inverse is `X_II (δ − Σ_K L_IK X_K·)` with `X_II = L_II⁻¹`, and only needs the blocks above
 /// it, which are already the inverse's.
-fn invert_lower_in_place(l: &mut [f64], n: usize) {
+fn invert_lower_in_place<T: Real>(l: &mut [T], n: usize) {
     for ib in (0..n).step_by(NB) {
         let ie = (ib + NB).min(n);
         let w = ie - ib;
@@ -168,11 +152,11 @@ fn invert_lower_in_place(l: &mut [f64], n: usize) {
         // t = L_I,(0..ib) · X_(0..ib),(0..ib), in column tiles of KT (independent tiles).
         let tiles: Vec<(usize, usize)> =
             (0..ib).step_by(KT).map(|c| (c, (c + KT).min(ib))).collect();
-        let parts: Vec<Vec<f64>> = tiles
+        let parts: Vec<Vec<T>> = tiles
             .par_iter()
             .map(|&(c0, c1)| {
                 let tw = c1 - c0;
-                let mut t = vec![0f64; w * tw];
+                let mut t = vec![T::ZERO; w * tw];
                 // X's rows c0..ib (zero right of its diagonal) are all that reach these columns.
                 crate::numerics::dgemm::gemm_view(
                     w,
@@ -184,18 +168,18 @@ fn invert_lower_in_place(l: &mut [f64], n: usize) {
                     (n, 1),
                     &mut t,
                     tw,
-                    1.0,
+                    T::ONE,
                     false,
                 );
                 t
             })
             .collect();
         // X_II = L_II⁻¹ (forward substitution, column by column).
-        let mut xd = vec![0f64; w * w];
+        let mut xd = vec![T::ZERO; w * w];
         for j in 0..w {
-            xd[j * w + j] = 1.0 / block[j * n + ib + j];
+            xd[j * w + j] = T::ONE / block[j * n + ib + j];
             for i in j + 1..w {
-                let mut s = 0.0;
+                let mut s = T::ZERO;
                 for k in j..i {
                     s += block[i * n + ib + k] * xd[k * w + j];
                 }
@@ -205,7 +189,7 @@ fn invert_lower_in_place(l: &mut [f64], n: usize) {
         // Row block I of the inverse: −X_II · t left of the diagonal block, X_II on it.
         block.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
             for v in row[..ib].iter_mut() {
-                *v = 0.0;
+                *v = T::ZERO;
             }
             for (&(c0, c1), t) in tiles.iter().zip(&parts) {
                 let tw = c1 - c0;
@@ -228,18 +212,6 @@ const ROW_BLOCK: usize = 64;
 /// at the end of the batch all its errors update every later column in one GEMM.
 const COL_BLOCK: usize = 128;
 
-multiversion! {
-    /// `x_r[k] −= e_r · u[k]` for `k` in `from..to` over the rows of one block (`xs` is
-    /// `[rows, n]`).
-    fn subtract_outer(xs: &mut [f64], n: usize, errs: &[f64], u: &[f64], from: usize, to: usize) {
-        for (x, &e) in xs.chunks_mut(n).zip(errs) {
-            for (xk, &uk) in x[from..to].iter_mut().zip(&u[from..to]) {
-                *xk -= e * uk;
-            }
-        }
-    }
-}
-
 /// Rounds every row of `w` (`[rows, n]`) with `round(row, column, value) -> (dequantized value,
 /// code)`, propagating errors through `u` (from [`inverse_factor`]). Returns the codes.
 ///
@@ -248,10 +220,10 @@ multiversion! {
 /// batch's errors reach the columns after it together, as one product `E · U[batch, after]`
 /// (f64 GEMM), which sums the same terms in another order. The rows are split into fixed
 /// blocks, so the result does not depend on the thread count.
-pub fn quantize_rows(
+pub fn quantize_rows<T: Real>(
     w: &[f32],
     n: usize,
-    u: &[f64],
+    u: &[T],
     round: impl Fn(usize, usize, f64) -> (f64, u8) + Sync,
 ) -> Vec<u8> {
     let mut out = vec![0u8; w.len()];
@@ -259,25 +231,25 @@ pub fn quantize_rows(
         .zip(w.par_chunks(n * ROW_BLOCK))
         .enumerate()
         .for_each(|(b, (o, rows))| {
-            let mut x: Vec<f64> = rows.iter().map(|&v| v as f64).collect();
+            let mut x: Vec<T> = rows.iter().map(|&v| T::from_f64(v as f64)).collect();
             let count = rows.len() / n;
-            let mut errs = vec![0f64; count];
-            let mut e_batch = vec![0f64; count * COL_BLOCK];
+            let mut errs = vec![T::ZERO; count];
+            let mut e_batch = vec![T::ZERO; count * COL_BLOCK];
             let mut j0 = 0;
             while j0 < n {
                 let j1 = (j0 + COL_BLOCK).min(n);
                 let bw = j1 - j0;
                 for j in j0..j1 {
                     for (i, e) in errs.iter_mut().enumerate() {
-                        let (q, code) = round(b * ROW_BLOCK + i, j, x[i * n + j]);
+                        let (q, code) = round(b * ROW_BLOCK + i, j, x[i * n + j].to_f64());
                         o[i * n + j] = code;
-                        *e = (x[i * n + j] - q) / u[j * n + j];
+                        *e = (x[i * n + j] - T::from_f64(q)) / u[j * n + j];
                         e_batch[i * bw + (j - j0)] = *e;
                     }
-                    subtract_outer(&mut x, n, &errs, &u[j * n..(j + 1) * n], j + 1, j1);
+                    T::subtract_outer(&mut x, n, &errs, &u[j * n..(j + 1) * n], j + 1, j1);
                 }
                 if j1 < n {
-                    crate::numerics::dgemm::gemm_f64_sub(
+                    crate::numerics::dgemm::gemm_sub(
                         count,
                         n - j1,
                         bw,
@@ -295,20 +267,23 @@ pub fn quantize_rows(
     out
 }
 
-/// GPTQ's column order and factor for one input: columns by decreasing `E[x_j²]` ("act order":
-/// the most important columns are rounded first, while every other column can still absorb
-/// their error), ties by index.
-pub struct GptqPlan {
+/// GPTQ's column order and factor for one input, in float type `R`: columns by decreasing
+/// `E[x_j²]` ("act order": the most important columns are rounded first, while every other
+/// column can still absorb their error), ties by index.
+pub struct Plan<R: Real> {
     pub perm: Vec<usize>,
-    pub u: Vec<f64>,
+    pub u: Vec<R>,
 }
 
-impl GptqPlan {
+/// The f64 plan (the reference arithmetic).
+pub type GptqPlan = Plan<f64>;
+
+impl<R: Real> Plan<R> {
     pub fn new<T: Copy + Into<f64> + Sync>(h: &[T], n: usize, damp: f64) -> Result<Self> {
         Self::with_shrink(h, n, damp, 0.0)
     }
 
-    /// [`GptqPlan::new`] on `H` with its off-diagonal entries scaled by `1 − shrink`: the
+    /// [`Plan::new`] on `H` with its off-diagonal entries scaled by `1 − shrink`: the
     /// second moments' correlations between input columns, measured on the calibration text,
     /// carry over to other text less well than its per-column energies, and the error feedback
     /// leans on them hardest. Shrinking them toward the diagonal (0: plain GPTQ, 1: no feedback
@@ -322,7 +297,7 @@ impl GptqPlan {
         Self::from_fn(n, damp, shrink, |i, j| h[i * n + j].into())
     }
 
-    /// [`GptqPlan::with_shrink`] on the matrix whose entry `(i, j)` is `h(i, j)`.
+    /// [`Plan::with_shrink`] on the matrix whose entry `(i, j)` is `h(i, j)`.
     pub fn from_fn(
         n: usize,
         damp: f64,
@@ -333,17 +308,29 @@ impl GptqPlan {
         perm.sort_by(|&a, &b| h(b, b).total_cmp(&h(a, a)).then(a.cmp(&b)));
         let keep = 1.0 - shrink;
         // The permuted, shrunk matrix is the only copy: it becomes the factor in place.
-        let mut hp = vec![0f64; n * n];
+        let mut hp = vec![R::ZERO; n * n];
         hp.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
             let pi = perm[i];
             for (j, &pj) in perm.iter().enumerate() {
                 let v = h(pi, pj);
-                row[j] = if i == j { v } else { v * keep };
+                row[j] = R::from_f64(if i == j { v } else { v * keep });
             }
         });
         damp_diagonal(&mut hp, n, damp);
         inverse_factor_in_place(&mut hp, n)?;
-        Ok(GptqPlan { u: hp, perm })
+        Ok(Plan { u: hp, perm })
+    }
+
+    /// The same plan in float type `S`.
+    pub fn convert<S: Real>(self) -> Plan<S> {
+        Plan {
+            perm: self.perm,
+            u: self
+                .u
+                .into_iter()
+                .map(|v| S::from_f64(v.to_f64()))
+                .collect(),
+        }
     }
 
     /// What an error in each input column (original order) costs once the columns after it in
@@ -355,7 +342,7 @@ impl GptqPlan {
         let n = self.perm.len();
         let mut w = vec![0f64; n];
         for (i, &p) in self.perm.iter().enumerate() {
-            let d = self.u[i * n + i];
+            let d = self.u[i * n + i].to_f64();
             w[p] = 1.0 / (d * d);
         }
         w
@@ -371,7 +358,7 @@ impl GptqPlan {
         self.quantize_rows_at(w, n, |r, _, v| round(r, v))
     }
 
-    /// [`GptqPlan::quantize_rows`] with `round(row, column, value)` told each value's column in
+    /// [`Plan::quantize_rows`] with `round(row, column, value)` told each value's column in
     /// the original order (for per-group scales).
     pub fn quantize_rows_at(
         &self,
@@ -486,6 +473,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The f32 factor the export uses against the f64 one, across block edges: every entry
+    /// within 1e-4 of the largest (f32's 2⁻²⁴ grown by the factorization's n-term sums and the
+    /// matrix's condition, about 20 here), and the rounding's codes equal in at least 99 % of
+    /// places (a code differs only where the two factors' accumulated errors, about 1e-5,
+    /// straddle a rounding boundary of the 1/8 grid).
+    #[test]
+    fn f32_factor_and_rounding_follow_the_f64_reference() {
+        let mut rng = crate::numerics::rng::SplitMix64::new(23);
+        let n = 2 * COL_BLOCK + 44;
+        let k = 2 * n;
+        let b: Vec<f64> = (0..n * k).map(|_| rng.unit_f32() as f64 - 0.5).collect();
+        let mut h = vec![0f64; n * n];
+        for i in 0..n {
+            for j in 0..=i {
+                let v = (0..k).map(|t| b[i * k + t] * b[j * k + t]).sum::<f64>() / k as f64;
+                h[i * n + j] = v;
+                h[j * n + i] = v;
+            }
+        }
+        let p64 = Plan::<f64>::new(&h, n, 0.01).unwrap();
+        let p32 = Plan::<f32>::new(&h, n, 0.01).unwrap();
+        assert_eq!(p64.perm, p32.perm);
+        let top = p64.u.iter().fold(0f64, |m, v| m.max(v.abs()));
+        for (i, (&a, &b)) in p64.u.iter().zip(&p32.u).enumerate() {
+            assert!((a - b as f64).abs() <= 1e-4 * top, "U[{i}]: {a} vs {b}");
+        }
+        let rows = ROW_BLOCK + 6;
+        let w: Vec<f32> = (0..rows * n).map(|_| rng.unit_f32() - 0.5).collect();
+        let round = |_: usize, v: f64| {
+            let c = (v * 8.0).round().clamp(-8.0, 7.0);
+            (c / 8.0, (c as i8) as u8)
+        };
+        let (c64, c32) = (
+            p64.quantize_rows(&w, n, round),
+            p32.quantize_rows(&w, n, round),
+        );
+        let same = c64.iter().zip(&c32).filter(|(a, b)| a == b).count();
+        assert!(
+            same * 100 >= 99 * c64.len(),
+            "{same} of {} codes equal",
+            c64.len()
+        );
     }
 
     #[test]

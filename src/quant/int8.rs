@@ -8,6 +8,8 @@
 
 use rayon::prelude::*;
 
+use crate::numerics::Real;
+
 use crate::numerics::fp8::round_bf16;
 use crate::numerics::round_even;
 
@@ -88,7 +90,11 @@ pub fn quantize_bits(w: &[f32], cols: usize, group: Option<usize>, bits: u32) ->
 /// Per-channel INT8 with GPTQ error feedback: the scales of [`quantize`] (per output channel),
 /// the codes rounded column by column in `plan`'s order, each rounding error pushed onto the
 /// columns not yet rounded through the factor of the input's second moments.
-pub fn quantize_gptq(w: &[f32], cols: usize, plan: &crate::quant::gptq::GptqPlan) -> Int8Matrix {
+pub fn quantize_gptq(
+    w: &[f32],
+    cols: usize,
+    plan: &crate::quant::gptq::Plan<impl crate::numerics::Real>,
+) -> Int8Matrix {
     let scales = quantize(w, cols, None).scales;
     let codes = plan.quantize_rows(w, cols, |r, v| {
         let s = scales[r];
@@ -195,7 +201,7 @@ pub fn quantize_gptq_bits(
     w: &[f32],
     cols: usize,
     group: Option<usize>,
-    plan: &crate::quant::gptq::GptqPlan,
+    plan: &crate::quant::gptq::Plan<impl crate::numerics::Real>,
     bits: u32,
     importance: Option<&[f64]>,
     refit: Option<&[f32]>,
@@ -247,9 +253,9 @@ pub fn refit_scales(
         .for_each(|(t, so_tile)| {
             let r0 = t * REFIT_ROWS;
             let nr = so_tile.len() / groups;
-            let qf: Vec<f64> = q[r0 * cols..(r0 + nr) * cols]
+            let qf: Vec<f32> = q[r0 * cols..(r0 + nr) * cols]
                 .iter()
-                .map(|&v| v as f64)
+                .map(|&v| v as f32)
                 .collect();
             let (m_all, b_all) = normal_equations(&qf, &w[r0 * cols..(r0 + nr) * cols], cols, g, h);
             for (r, so) in so_tile.chunks_mut(groups).enumerate() {
@@ -267,40 +273,41 @@ const REFIT_ROWS: usize = 128;
 
 /// The normal equations of [`refit_scales`] for every row of a tile: `M = Qᵀ H Q`
 /// (`[rows, groups, groups]`) and `b = Qᵀ H w` (`[rows, groups]`), with `Q` the row's codes of
-/// each group in its own column. For each group `c`, one f64 GEMM gives every row's
-/// `y = H q_c` (H is symmetric, so the group's rows of H serve: `Y = Q_c · H[c rows]`); then
-/// `M[a][c] = q_aᵀ y` and `b[c] = wᵀ y`.
-fn normal_equations(
-    qf: &[f64],
+/// each group in its own column. For each group `c`, one GEMM gives every row's `y = H q_c`
+/// (H is symmetric, so the group's rows of H serve: `Y = Q_c · H[c rows]`); then
+/// `M[a][c] = q_aᵀ y` and `b[c] = wᵀ y`, each summed in eight interleaved parts. The export
+/// runs it in f32 (the codes are small integers, exact in f32; each sum's relative error is a
+/// few 2⁻²⁴ · √length, far below the bf16 the scales are rounded to), the test in f64.
+fn normal_equations<T: Real>(
+    q: &[T],
     w: &[f32],
     cols: usize,
     g: usize,
     h: &[f32],
 ) -> (Vec<f64>, Vec<f64>) {
+    use crate::numerics::real::dot;
     let groups = cols / g;
-    let nr = qf.len() / cols;
+    let nr = q.len() / cols;
+    let w = T::from_f32_slice(w);
     let mut m = vec![0f64; nr * groups * groups];
     let mut b = vec![0f64; nr * groups];
-    let mut y = vec![0f64; nr * cols];
-    let mut hc = vec![0f64; g * cols];
-    let mut qc = vec![0f64; nr * g];
+    let mut y = vec![T::ZERO; nr * cols];
+    let mut qc = vec![T::ZERO; nr * g];
     for c in 0..groups {
-        for (d, &v) in hc.iter_mut().zip(&h[c * g * cols..(c + 1) * g * cols]) {
-            *d = v as f64;
-        }
         for (r, qr) in qc.chunks_mut(g).enumerate() {
-            qr.copy_from_slice(&qf[r * cols + c * g..r * cols + (c + 1) * g]);
+            qr.copy_from_slice(&q[r * cols + c * g..r * cols + (c + 1) * g]);
         }
-        crate::numerics::dgemm::gemm_f64(nr, cols, g, &qc, &hc, &mut y, false);
+        let hc = T::from_f32_slice(&h[c * g * cols..(c + 1) * g * cols]);
+        crate::numerics::dgemm::gemm_full(nr, cols, g, &qc, &hc, &mut y, false);
         for r in 0..nr {
             let yr = &y[r * cols..(r + 1) * cols];
-            let qr = &qf[r * cols..(r + 1) * cols];
+            let qr = &q[r * cols..(r + 1) * cols];
             let wr = &w[r * cols..(r + 1) * cols];
             for a in 0..groups {
-                m[(r * groups + a) * groups + c] =
-                    (a * g..(a + 1) * g).map(|k| qr[k] * yr[k]).sum();
+                let k = a * g..(a + 1) * g;
+                m[(r * groups + a) * groups + c] = dot(&qr[k.clone()], &yr[k]).to_f64();
             }
-            b[r * groups + c] = yr.iter().zip(wr).map(|(&x, &v)| x * v as f64).sum();
+            b[r * groups + c] = dot(yr, wr).to_f64();
         }
     }
     (m, b)
@@ -549,6 +556,46 @@ mod tests {
                     }
                 }
                 assert!(close(b[r * groups + a], want), "b row {r} group {a}");
+            }
+        }
+    }
+
+    /// The f32 normal equations the export uses against the f64 ones: relative 1e-5 of each
+    /// row's largest entry (f32 sums of up to 48 products of codes ≤ 8 and moments ≤ 2.5,
+    /// 2⁻²⁴ each, grown by √48 at most and well inside 1e-5).
+    #[test]
+    fn f32_normal_equations_follow_the_f64_ones() {
+        let mut rng = crate::numerics::rng::SplitMix64::new(7);
+        let (rows, cols, g) = (REFIT_ROWS + 3, 48, 16);
+        let groups = cols / g;
+        let q: Vec<f64> = (0..rows * cols)
+            .map(|_| (rng.next_u64() % 15) as f64 - 8.0)
+            .collect();
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.unit_f32() - 0.5).collect();
+        let mut h = vec![0f32; cols * cols];
+        for i in 0..cols {
+            for j in 0..=i {
+                let v = rng.unit_f32() - 0.5 + if i == j { 2.0 } else { 0.0 };
+                h[i * cols + j] = v;
+                h[j * cols + i] = v;
+            }
+        }
+        let q32: Vec<f32> = q.iter().map(|&v| v as f32).collect();
+        let (m64, b64) = normal_equations(&q, &w, cols, g, &h);
+        let (m32, b32) = normal_equations(&q32, &w, cols, g, &h);
+        for r in 0..rows {
+            let mr = &m64[r * groups * groups..(r + 1) * groups * groups];
+            let top = mr.iter().fold(0f64, |a, v| a.max(v.abs()));
+            for (i, (a, b)) in mr.iter().zip(&m32[r * groups * groups..]).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * top,
+                    "M row {r} entry {i}: {a} vs {b}"
+                );
+            }
+            let br = &b64[r * groups..(r + 1) * groups];
+            let top = br.iter().fold(0f64, |a, v| a.max(v.abs()));
+            for (a, b) in br.iter().zip(&b32[r * groups..]) {
+                assert!((a - b).abs() <= 1e-5 * top, "b row {r}: {a} vs {b}");
             }
         }
     }

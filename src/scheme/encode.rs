@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::format::safetensors::ShardedWriter;
 use crate::model::names::{InputSite, LinearRole};
 use crate::quant::fp8::{Fp8Matrix, ScaleStyle};
-use crate::quant::gptq::GptqPlan;
+use crate::quant::gptq::Plan;
 use crate::quant::smoothquant::LayerSmoothing;
 
 /// The calibration statistics an encoder reads, per block and input site.
@@ -91,9 +91,9 @@ pub enum PlanKind {
 #[derive(Default)]
 pub struct GptqCache {
     key: Option<(usize, InputSite)>,
-    /// `E[x xᵀ]` in f32 (0.82 GB at a 14336-wide input), beside the f64 factor made from it.
+    /// `E[x xᵀ]` in f32 (0.82 GB at a 14336-wide input), beside the f32 factor made from it.
     mean: Vec<f32>,
-    plans: Vec<(PlanKind, GptqPlan)>,
+    plans: Vec<(PlanKind, Plan<f32>)>,
 }
 
 impl GptqCache {
@@ -114,29 +114,33 @@ impl GptqCache {
         kind: PlanKind,
         cols: usize,
         smooth: Option<&[f32]>,
-    ) -> Result<(&GptqPlan, &[f32])> {
+    ) -> Result<(&Plan<f32>, &[f32])> {
         if self.mean.is_empty() {
             return Err(Error::Internal(
                 "GPTQ factor asked for before its site".into(),
             ));
         }
         if !self.plans.iter().any(|(k, _)| *k == kind) {
-            let p = match kind {
-                PlanKind::Fp8 => GptqPlan::new(&self.mean, cols, 0.01)?,
-                PlanKind::W4 => GptqPlan::with_shrink(
-                    &self.mean,
-                    cols,
-                    0.01,
-                    crate::quant::int8::W4A16_GPTQ_SHRINK,
-                )?,
-                PlanKind::Int8 => {
-                    // Second moments of the smoothed input x/s.
-                    let f = |j: usize| smooth.map_or(1.0, |s| s[j] as f64);
-                    let mean = &self.mean;
-                    GptqPlan::from_fn(cols, 0.01, 0.0, |i, j| {
-                        mean[i * cols + j] as f64 / (f(i) * f(j))
-                    })?
+            let (mean, f) = (&self.mean, |j: usize| smooth.map_or(1.0, |s| s[j] as f64));
+            let (shrink, scaled) = match kind {
+                PlanKind::Fp8 => (0.0, false),
+                PlanKind::W4 => (crate::quant::int8::W4A16_GPTQ_SHRINK, false),
+                // Second moments of the smoothed input x/s.
+                PlanKind::Int8 => (0.0, true),
+            };
+            let h = |i: usize, j: usize| {
+                let v = mean[i * cols + j] as f64;
+                if scaled {
+                    v / (f(i) * f(j))
+                } else {
+                    v
                 }
+            };
+            // The factor in f32, as llm-compressor computes it; where rounding makes the
+            // damped matrix look indefinite in f32, in f64 and then rounded to f32.
+            let p = match Plan::<f32>::from_fn(cols, 0.01, shrink, h) {
+                Ok(p) => p,
+                Err(_) => Plan::<f64>::from_fn(cols, 0.01, shrink, h)?.convert(),
             };
             self.plans.push((kind, p));
         }
