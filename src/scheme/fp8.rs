@@ -117,6 +117,15 @@ impl Scheme for Fp8 {
         }
     }
 
+    /// `fp8-static`'s `k_scale` and `v_scale` (both, or none).
+    fn kv_scales(&self, ck: &Checkpoint, layer: usize) -> Result<Option<(f32, f32)>> {
+        let [k, v] = part::kv_scales(layer);
+        Ok(match (scalar(ck, &k)?, scalar(ck, &v)?) {
+            (Some(k), Some(v)) => Some((k, v)),
+            _ => None,
+        })
+    }
+
     fn stores(&self, ck: &Checkpoint, _: &str, name: &str) -> bool {
         ck.info(name).is_some_and(|(_, t)| t.dtype == Dtype::F8E4M3)
     }

@@ -127,6 +127,12 @@ pub trait Scheme: Sync {
         false
     }
 
+    /// Block `layer`'s KV-cache scales (key, value) as stored in `ck`, if this scheme stores
+    /// them.
+    fn kv_scales(&self, _ck: &Checkpoint, _layer: usize) -> Result<Option<(f32, f32)>> {
+        Ok(None)
+    }
+
     /// Whether stored linear `stem` (its weight `name`) of `ck` is in this scheme.
     fn stores(&self, ck: &Checkpoint, stem: &str, name: &str) -> bool;
 
@@ -212,6 +218,20 @@ pub fn load_linear(
         Dtype::BF16 => WeightData::Bf16Bytes(bytes),
         _ => WeightData::F32(ck.read_f32(&name)?),
     })
+}
+
+/// Block `layer`'s KV-cache scales, from whichever scheme stores them (none when `rule` keeps
+/// activations unquantized).
+pub fn kv_scales(ck: &Checkpoint, layer: usize, rule: LoadRule) -> Result<Option<(f32, f32)>> {
+    if rule.weight_only {
+        return Ok(None);
+    }
+    for s in SCHEMES {
+        if let Some(kv) = s.kv_scales(ck, layer)? {
+            return Ok(Some(kv));
+        }
+    }
+    Ok(None)
 }
 
 /// Every tensor name a stored linear layer may have (its weight and each suffix), so the

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::source::{stream_dtype, vector, LoadOptions, Source};
 use crate::error::{Error, Result};
-use crate::model::names::{self, part, LinearRole};
+use crate::model::names::{self, LinearRole};
 use crate::model::{Checkpoint, Dtype, LlamaConfig};
 use crate::runtime::block::Block;
 use crate::runtime::linear::{Linear, WeightData};
@@ -50,21 +50,11 @@ impl<'a> SafetensorsSource<'a> {
         }
     }
 
-    /// A tensor that must hold exactly one value, if present.
-    fn scalar(&self, name: &str) -> Result<Option<f32>> {
-        let ck = self.ck();
-        if !ck.index.contains_key(name) {
-            return Ok(None);
-        }
-        let v = ck.read_f32(name)?;
-        match v.as_slice() {
-            [x] => Ok(Some(*x)),
-            _ => Err(Error::TensorMismatch {
-                path: ck.dir.clone(),
-                tensor: name.into(),
-                expected: "one value".into(),
-                found: format!("{} values", v.len()),
-            }),
+    /// How the schemes are to decode this checkpoint's layers under `opts`.
+    fn rule(&self, opts: LoadOptions) -> crate::scheme::LoadRule {
+        crate::scheme::LoadRule {
+            weight_only: opts.weight_only,
+            dynamic: self.dynamic,
         }
     }
 
@@ -79,11 +69,7 @@ impl<'a> SafetensorsSource<'a> {
     ) -> Result<Linear> {
         let ck = self.ck();
         let [out, inp] = role.shape(&ck.config);
-        let rule = crate::scheme::LoadRule {
-            weight_only: opts.weight_only,
-            dynamic: self.dynamic,
-        };
-        let data = crate::scheme::load_linear(ck, layer, role, rule)?;
+        let data = crate::scheme::load_linear(ck, layer, role, self.rule(opts))?;
         let lin = Linear::build(data, out, inp, dtype, device)?;
         // What was built owns its values: the mapped pages can go now rather than with the block.
         let name = names::hf_linear(layer, role);
@@ -132,17 +118,7 @@ impl Source for SafetensorsSource<'_> {
             gate: lin(LinearRole::Gate)?,
             up: lin(LinearRole::Up)?,
             down: lin(LinearRole::Down)?,
-            kv_scales: if opts.weight_only {
-                None
-            } else {
-                match (
-                    self.scalar(&part::kv_scales(l)[0])?,
-                    self.scalar(&part::kv_scales(l)[1])?,
-                ) {
-                    (Some(k), Some(v)) => Some((k, v)),
-                    _ => None,
-                }
-            },
+            kv_scales: crate::scheme::kv_scales(ck, l, self.rule(opts))?,
         })
     }
 
