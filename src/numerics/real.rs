@@ -33,85 +33,56 @@ pub trait Real:
     fn from_f32_slice(v: &[f32]) -> std::borrow::Cow<'_, [Self]>;
 }
 
-multiversion! {
-    fn subtract_outer_f64(xs: &mut [f64], n: usize, errs: &[f64], u: &[f64], from: usize, to: usize) {
-        for (x, &e) in xs.chunks_mut(n).zip(errs) {
-            for (xk, &uk) in x[from..to].iter_mut().zip(&u[from..to]) {
-                *xk -= e * uk;
+/// The subtraction kernel of [`Real::subtract_outer`] and the trait for one float type.
+macro_rules! real {
+    ($t:ty, $kernel:ident, |$v:ident| $conv:expr) => {
+        multiversion! {
+            fn $kernel(xs: &mut [$t], n: usize, errs: &[$t], u: &[$t], from: usize, to: usize) {
+                for (x, &e) in xs.chunks_mut(n).zip(errs) {
+                    for (xk, &uk) in x[from..to].iter_mut().zip(&u[from..to]) {
+                        *xk -= e * uk;
+                    }
+                }
             }
         }
-    }
-}
 
-multiversion! {
-    fn subtract_outer_f32(xs: &mut [f32], n: usize, errs: &[f32], u: &[f32], from: usize, to: usize) {
-        for (x, &e) in xs.chunks_mut(n).zip(errs) {
-            for (xk, &uk) in x[from..to].iter_mut().zip(&u[from..to]) {
-                *xk -= e * uk;
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn is_finite(self) -> bool {
+                <$t>::is_finite(self)
+            }
+            fn subtract_outer(
+                xs: &mut [Self],
+                n: usize,
+                errs: &[Self],
+                u: &[Self],
+                from: usize,
+                to: usize,
+            ) {
+                $kernel(xs, n, errs, u, from, to)
+            }
+            fn from_f32_slice($v: &[f32]) -> std::borrow::Cow<'_, [Self]> {
+                $conv
             }
         }
-    }
+    };
 }
 
-impl Real for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-    fn to_f64(self) -> f64 {
-        self
-    }
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-    fn is_finite(self) -> bool {
-        f64::is_finite(self)
-    }
-    fn subtract_outer(
-        xs: &mut [Self],
-        n: usize,
-        errs: &[Self],
-        u: &[Self],
-        from: usize,
-        to: usize,
-    ) {
-        subtract_outer_f64(xs, n, errs, u, from, to)
-    }
-    fn from_f32_slice(v: &[f32]) -> std::borrow::Cow<'_, [Self]> {
-        std::borrow::Cow::Owned(v.iter().map(|&x| x as f64).collect())
-    }
-}
-
-impl Real for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-    fn is_finite(self) -> bool {
-        f32::is_finite(self)
-    }
-    fn subtract_outer(
-        xs: &mut [Self],
-        n: usize,
-        errs: &[Self],
-        u: &[Self],
-        from: usize,
-        to: usize,
-    ) {
-        subtract_outer_f32(xs, n, errs, u, from, to)
-    }
-    fn from_f32_slice(v: &[f32]) -> std::borrow::Cow<'_, [Self]> {
-        std::borrow::Cow::Borrowed(v)
-    }
-}
+real!(f64, subtract_outer_f64, |v| std::borrow::Cow::Owned(
+    v.iter().map(|&x| x as f64).collect()
+));
+// f32 moments are multiplied as they are: no copy on the refit's hot path.
+real!(f32, subtract_outer_f32, |v| std::borrow::Cow::Borrowed(v));
 
 /// `Σ x_k y_k` in eight interleaved partial sums, combined in a fixed order: vectorizable, and
 /// the same bits on every run, thread count and instruction set (no fused multiply-add).

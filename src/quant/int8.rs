@@ -160,11 +160,9 @@ pub fn searched_scales(
 /// every quiet NaN (division only makes quiet ones).
 #[inline(always)]
 fn error_term(x: f32, i: f64, s: f32, lo: f32, hi: f32) -> f64 {
-    const MAGIC: f32 = 12_582_912.0;
     let b = (x / s).to_bits();
     let r = f32::from_bits(b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000);
-    let v = r.clamp(lo - 1.0, hi + 1.0);
-    let q = ((v + MAGIC) - MAGIC).copysign(v).clamp(lo, hi);
+    let q = crate::numerics::round_even_small(r.clamp(lo - 1.0, hi + 1.0)).clamp(lo, hi);
     let e = (x - q * s) as f64;
     i * e * e
 }
@@ -543,14 +541,10 @@ pub fn column_absmax(ws: &[&[f32]], cols: usize) -> Vec<f32> {
 mod tests {
     use super::*;
 
-    /// The GEMM-built normal equations equal the plain f64 sums `M[a][c] = Σ_{i∈a, j∈c} q_i
-    /// H_ij q_j` and `b[c] = Σ_i w_i Σ_{j∈c} H_ij q_j`: relative 1e-12 (f64 sums of a few hundred
-    /// terms in another order).
-    #[test]
-    fn normal_equations_match_plain_sums() {
-        let mut rng = crate::numerics::rng::SplitMix64::new(5);
-        let (rows, cols, g) = (REFIT_ROWS + 3, 48, 16);
-        let groups = cols / g;
+    /// Codes in [-8, 6], weights in [-0.5, 0.5) and a symmetric, diagonally dominant `H`
+    /// (`[rows, cols]`, `[rows, cols]`, `[cols, cols]`) from seed `seed`.
+    fn refit_inputs(seed: u64, rows: usize, cols: usize) -> (Vec<f64>, Vec<f32>, Vec<f32>) {
+        let mut rng = crate::numerics::rng::SplitMix64::new(seed);
         let q: Vec<f64> = (0..rows * cols)
             .map(|_| (rng.next_u64() % 15) as f64 - 8.0)
             .collect();
@@ -563,6 +557,17 @@ mod tests {
                 h[j * cols + i] = v;
             }
         }
+        (q, w, h)
+    }
+
+    /// The GEMM-built normal equations equal the plain f64 sums `M[a][c] = Σ_{i∈a, j∈c} q_i
+    /// H_ij q_j` and `b[c] = Σ_i w_i Σ_{j∈c} H_ij q_j`: relative 1e-12 (f64 sums of a few hundred
+    /// terms in another order).
+    #[test]
+    fn normal_equations_match_plain_sums() {
+        let (rows, cols, g) = (REFIT_ROWS + 3, 48, 16);
+        let groups = cols / g;
+        let (q, w, h) = refit_inputs(5, rows, cols);
         let (m, b) = normal_equations(&q, &w, cols, g, &h);
         let close = |x: f64, y: f64| (x - y).abs() <= 1e-12 * y.abs().max(1.0);
         for r in 0..rows {
@@ -634,21 +639,9 @@ mod tests {
     /// 2⁻²⁴ each, grown by √48 at most and well inside 1e-5).
     #[test]
     fn f32_normal_equations_follow_the_f64_ones() {
-        let mut rng = crate::numerics::rng::SplitMix64::new(7);
         let (rows, cols, g) = (REFIT_ROWS + 3, 48, 16);
         let groups = cols / g;
-        let q: Vec<f64> = (0..rows * cols)
-            .map(|_| (rng.next_u64() % 15) as f64 - 8.0)
-            .collect();
-        let w: Vec<f32> = (0..rows * cols).map(|_| rng.unit_f32() - 0.5).collect();
-        let mut h = vec![0f32; cols * cols];
-        for i in 0..cols {
-            for j in 0..=i {
-                let v = rng.unit_f32() - 0.5 + if i == j { 2.0 } else { 0.0 };
-                h[i * cols + j] = v;
-                h[j * cols + i] = v;
-            }
-        }
+        let (q, w, h) = refit_inputs(7, rows, cols);
         let q32: Vec<f32> = q.iter().map(|&v| v as f32).collect();
         let (m64, b64) = normal_equations(&q, &w, cols, g, &h);
         let (m32, b32) = normal_equations(&q32, &w, cols, g, &h);
