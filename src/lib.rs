@@ -16,6 +16,7 @@
 #[macro_use]
 pub mod simd;
 
+pub mod automix;
 pub mod calib;
 pub mod error;
 pub mod export;

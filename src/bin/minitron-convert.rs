@@ -107,6 +107,34 @@ struct Cli {
     /// block: slightly lower error, several times slower) [default: reference].
     #[arg(long, value_enum, value_name = "MODE")]
     gguf_search: Option<KSearch>,
+    /// gguf:auto: file budget in bits per weight (8 × tensor bytes ÷ parameters, every tensor
+    /// counted, embedding and head included).
+    #[arg(long, value_name = "BITS", conflicts_with_all = ["size", "recipe"])]
+    bpw: Option<f64>,
+    /// gguf:auto: file budget in bytes (the whole file).
+    #[arg(long, value_name = "BYTES", conflicts_with = "recipe")]
+    size: Option<u64>,
+    /// gguf:auto: take the per-tensor types from FILE (`PATTERN=TYPE` entries, as written
+    /// beside an earlier result or given to llama-quantize's --tensor-type-file) instead of
+    /// measuring them.
+    #[arg(long, value_name = "FILE")]
+    recipe: Option<PathBuf>,
+    /// gguf:auto: calibration chunks the per-tensor costs are measured on (the first ones)
+    /// [default: 4].
+    #[arg(long, value_name = "N")]
+    auto_probe: Option<usize>,
+    /// gguf:auto: calibration chunks held back (the last ones) to check the result and the
+    /// uniform mixes against bf16 [default: 4].
+    #[arg(long, value_name = "N")]
+    auto_holdout: Option<usize>,
+    /// gguf:auto: rows of each tensor quantized to estimate each type's error [default: 512].
+    #[arg(long, value_name = "N")]
+    auto_rows: Option<usize>,
+    /// gguf:auto: uniform mixes scored beside the result on the held-back chunks: `nearby`
+    /// (the nearest smaller and larger), `none`, or a comma-separated list (q4_k_m,q4_0)
+    /// [default: nearby].
+    #[arg(long, value_name = "MIXES")]
+    compare: Option<String>,
     #[command(flatten)]
     calib: CalibArgs,
     /// Worker threads (default: all logical CPUs; the output bytes do not depend on it).
@@ -196,7 +224,8 @@ impl clap::builder::TypedValueParser for TargetNames {
         Some(Box::new(
             Target::ALL
                 .iter()
-                .map(|t| clap::builder::PossibleValue::new(t.name())),
+                .map(|t| clap::builder::PossibleValue::new(t.name()))
+                .chain([clap::builder::PossibleValue::new(AUTO)]),
         ))
     }
 }
@@ -466,8 +495,133 @@ fn check_applicable(cli: &Cli, targets: &[Target]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `--to` name of the measured mix.
+const AUTO: &str = "gguf:auto";
+
+/// `MODEL --to gguf:auto --bpw X|--size B|--recipe F --out FILE.gguf`.
+fn convert_auto(cli: &Cli) -> anyhow::Result<()> {
+    use minitron::automix::{AutoOptions, Budget, Compare};
+    let started = std::time::Instant::now();
+    let Some(model) = cli.model.clone() else {
+        bail!("give a MODEL folder with --to gguf:auto --out FILE.gguf");
+    };
+    if cli.to.len() != 1 {
+        bail!("--to gguf:auto makes one file: give it alone");
+    }
+    let Some(out) = cli.out.clone() else {
+        bail!("--out FILE.gguf is required");
+    };
+    let budget = match (cli.bpw, cli.size, &cli.recipe) {
+        (Some(b), _, _) => {
+            if !(b.is_finite() && b > 0.0) {
+                bail!("--bpw must be a positive number of bits, found {b}");
+            }
+            Some(Budget::Bpw(b))
+        }
+        (_, Some(s), _) => Some(Budget::Size(s)),
+        (_, _, Some(_)) => None,
+        _ => bail!("--to gguf:auto needs a budget: --bpw BITS or --size BYTES (or --recipe FILE)"),
+    };
+    let foreign = [
+        ("--fp8-weights", cli.fp8_weights.is_some()),
+        ("--int8-weights", cli.int8_weights.is_some()),
+        ("--int4-weights", cli.int4_weights.is_some()),
+        ("--smooth-alpha", cli.smooth_alpha.is_some()),
+        ("--group-size", cli.group_size.is_some()),
+        ("--calib-inputs", cli.calib_inputs.is_some()),
+        ("--imatrix", cli.imatrix.is_some()),
+        ("--tensor-type", !cli.tensor_type.is_empty()),
+        ("--output-type", cli.output_type.is_some()),
+        ("--embedding-type", cli.embedding_type.is_some()),
+        ("--resume", cli.resume),
+        ("--load-calib", cli.calib.load_calib.is_some()),
+        ("--save-calib", cli.calib.save_calib.is_some()),
+    ];
+    if let Some((opt, _)) = foreign.iter().find(|(_, g)| *g) {
+        bail!("{opt} does not apply to --to gguf:auto (it chooses every tensor's type and makes its own importance matrix)");
+    }
+    let compare = match cli.compare.as_deref().unwrap_or("nearby") {
+        "nearby" => Compare::Nearby,
+        "none" => Compare::None,
+        list => Compare::Mixes(
+            list.split(',')
+                .map(|m| minitron::quant::recipe::Mix::parse(m.trim()))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let opts = ExportOptions {
+        targets: vec![],
+        out: out.clone(),
+        force: cli.force,
+        fp8_weights: WeightMode::Rtn,
+        int8_weights: WeightMode::Rtn,
+        int4_weights: minitron::quant::int8::Int4Method::Rtn,
+        smooth_alpha: None,
+        group_size: None,
+        calib: cli.calib.options(folder_of(&out)),
+        calib_asked: false,
+        gguf: GgufSettings {
+            overrides: vec![],
+            output_type: None,
+            embedding_type: None,
+            imatrix: None,
+            pre: cli.gguf_pre.clone(),
+            search: cli.gguf_search.unwrap_or(KSearch::Reference),
+            tensor_types: Default::default(),
+        },
+        command_line: common::command_line(),
+        allow_nonfinite: cli.allow_nonfinite,
+        calib_inputs: None,
+        resume: false,
+        journal_every_s: cli.journal_every,
+    };
+    let a = AutoOptions {
+        budget,
+        recipe: cli.recipe.clone(),
+        probe: cli.auto_probe.unwrap_or(4),
+        holdout: cli.auto_holdout.unwrap_or(4),
+        sample_rows: cli.auto_rows.unwrap_or(512),
+        compare,
+        export: opts,
+    };
+    let ck = Checkpoint::open(&model)?;
+    let r = minitron::automix::run(&ck, &a, &candle_core::Device::Cpu, &|m| {
+        minitron::progress::note(m)
+    })?;
+    println!("{}", minitron::automix::report_table(&r));
+    let mix: Vec<String> = r.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    println!(
+        "wrote {} ({}, {:.3} bits per weight: {}); recipe {}, importance matrix {}; choice {:.1} s, writing {:.1} s, check {:.1} s, {:.1} s in all",
+        r.path.display(),
+        minitron::inspect::human_bytes(r.bytes),
+        r.bpw,
+        mix.join(", "),
+        r.recipe_file.display(),
+        r.imatrix_file.display(),
+        r.choice_s,
+        r.write_s,
+        r.check_s,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// `MODEL --to TARGETS --out PATH`: parse, run the export, print what it did.
 fn convert(cli: &Cli) -> anyhow::Result<()> {
+    let auto_given = cli.bpw.is_some()
+        || cli.size.is_some()
+        || cli.recipe.is_some()
+        || cli.auto_probe.is_some()
+        || cli.auto_holdout.is_some()
+        || cli.auto_rows.is_some()
+        || cli.compare.is_some();
+    let is_auto = cli.to.iter().any(|t| t.trim().eq_ignore_ascii_case(AUTO));
+    if is_auto {
+        return convert_auto(cli);
+    }
+    if auto_given {
+        bail!("--bpw, --size, --recipe, --auto-* and --compare apply to --to gguf:auto only");
+    }
     let started = std::time::Instant::now();
     let Some(model) = cli.model.clone() else {
         bail!("give a MODEL folder with --to TARGET --out PATH, or a subcommand (see --help)");
@@ -531,6 +685,7 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
             imatrix: cli.imatrix.clone(),
             pre: cli.gguf_pre.clone(),
             search: cli.gguf_search.unwrap_or(KSearch::Reference),
+            tensor_types: Default::default(),
         },
         command_line: common::command_line(),
         allow_nonfinite: cli.allow_nonfinite,

@@ -174,6 +174,22 @@ pub fn plan(ck: &Checkpoint, o: &GgufOptions) -> Result<Vec<TensorPlan>> {
     Ok(out)
 }
 
+/// The file [`GgufSink::create`] would write for `o`: its length in bytes and its tensors in
+/// file order with their types.
+pub fn planned(ck: &Checkpoint, o: &GgufOptions) -> Result<(u64, Vec<TensorPlan>)> {
+    let md = metadata(ck, o)?;
+    let plan = plan(ck, o)?;
+    let planned: Vec<PlannedTensor> = plan
+        .iter()
+        .map(|t| PlannedTensor {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ty: t.ty,
+        })
+        .collect();
+    Ok((crate::format::gguf::file_size(&md, &planned)?, plan))
+}
+
 use crate::format::gguf::llama::{permute_row_bytes, permute_rows};
 
 pub use crate::model::gguf_vocab::detect_pre;

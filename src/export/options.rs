@@ -23,6 +23,8 @@ pub struct GgufSettings {
     pub pre: Option<String>,
     /// How hard the k-quant encoders search (`--gguf-search`).
     pub search: crate::quant::ggml::KSearch,
+    /// Exact per-tensor types (GGUF name → type) of a chosen mix (`gguf:auto`, `--recipe`).
+    pub tensor_types: std::collections::BTreeMap<String, GgmlType>,
 }
 
 /// Everything an export needs besides the input.

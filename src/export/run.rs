@@ -354,6 +354,7 @@ fn open_sinks(
                         output_type: o.gguf.output_type,
                         embedding_type: o.gguf.embedding_type,
                         imatrix: imatrix.is_some(),
+                        exact: o.gguf.tensor_types.clone(),
                     },
                     imatrix: imatrix.clone(),
                     pre: o.gguf.pre.clone(),

@@ -127,6 +127,10 @@ pub struct Recipe {
     pub embedding_type: Option<GgmlType>,
     /// Whether an importance matrix is used (llama-quantize changes one rule with it).
     pub imatrix: bool,
+    /// Exact per-tensor types (GGUF name → type), applied after everything else: a chosen mix
+    /// (`gguf:auto`, `--recipe`). No fallback: a type whose block does not divide the row is an
+    /// error.
+    pub exact: std::collections::BTreeMap<String, GgmlType>,
 }
 
 impl Recipe {
@@ -138,6 +142,7 @@ impl Recipe {
             output_type: None,
             embedding_type: None,
             imatrix: false,
+            exact: Default::default(),
         }
     }
 }
@@ -155,6 +160,30 @@ fn use_more_bits(i: usize, n: usize) -> bool {
 /// The type of tensor `name` (dims innermost first) under `o`, for a model of `layers` blocks
 /// that has (`has_output`) or ties its output matrix.
 pub fn tensor_type(
+    o: &Recipe,
+    name: &str,
+    dims: &[u64],
+    layers: usize,
+    has_output: bool,
+) -> Result<GgmlType> {
+    match o.exact.get(name) {
+        Some(&t) => {
+            let ne0 = dims.first().copied().unwrap_or(1) as usize;
+            if !ne0.is_multiple_of(t.block_size()) {
+                return Err(Error::Invalid(format!(
+                    "tensor `{name}`: rows of {ne0} values cannot be {} (block of {})",
+                    t.name(),
+                    t.block_size()
+                )));
+            }
+            Ok(t)
+        }
+        None => mix_type(o, name, dims, layers, has_output),
+    }
+}
+
+/// [`tensor_type`] without the exact per-tensor types.
+fn mix_type(
     o: &Recipe,
     name: &str,
     dims: &[u64],

@@ -516,6 +516,31 @@ impl<'a> Streamed<'a> {
         })
     }
 
+    /// A copy of group `g`'s residual stream alone, at the same block (streams held in
+    /// memory only): a second stream that runs on from here with other blocks.
+    pub fn fork(&self, g: usize) -> Result<Self> {
+        if self.spill.is_some() {
+            return Err(crate::error::Error::Internal(
+                "fork of spilled streams".into(),
+            ));
+        }
+        let x = self
+            .groups
+            .get(g)
+            .cloned()
+            .ok_or_else(|| crate::error::Error::Internal(format!("no group {g} to fork")))?;
+        Ok(Streamed {
+            src: self.src,
+            dtype: self.dtype,
+            device: self.device.clone(),
+            opts: self.opts,
+            groups: vec![x],
+            spill: None,
+            tables: self.tables.clone(),
+            next_block: self.next_block,
+        })
+    }
+
     /// Whether every block has run.
     pub fn done(&self) -> bool {
         self.next_block >= self.src.config().num_hidden_layers

@@ -11,7 +11,7 @@ mod writer;
 pub use reader::{GgufFile, TensorInfo};
 pub use types::GgmlType;
 pub use value::Value;
-pub use writer::{GgufWriter, PlannedTensor};
+pub use writer::{file_size, GgufWriter, PlannedTensor};
 
 pub const MAGIC: &[u8; 4] = b"GGUF";
 pub const VERSION: u32 = 3;

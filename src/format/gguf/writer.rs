@@ -46,6 +46,86 @@ pub struct GgufWriter {
     finished: bool,
 }
 
+/// The tensors' places in the data section (in plan order), the data section's length and the
+/// alignment, after checking the keys and names.
+fn lay_out(
+    metadata: &[(String, Value)],
+    tensors: &[PlannedTensor],
+) -> Result<(Vec<TensorInfo>, u64, u64)> {
+    let alignment = match metadata.iter().find(|(k, _)| k == keys::GENERAL_ALIGNMENT) {
+        Some((_, Value::U32(a))) => *a as u64,
+        _ => DEFAULT_ALIGNMENT,
+    };
+    let mut seen = BTreeMap::new();
+    for (k, _) in metadata {
+        if seen.insert(k.clone(), ()).is_some() {
+            return Err(Error::Invalid(format!("duplicate GGUF key {k}")));
+        }
+    }
+    let mut plan = Vec::with_capacity(tensors.len());
+    let mut off = 0u64;
+    for t in tensors {
+        if t.name.len() >= 64 {
+            return Err(Error::Invalid(format!(
+                "GGUF tensor name `{}` is 64 bytes or longer",
+                t.name
+            )));
+        }
+        let info = TensorInfo {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ty: t.ty,
+            offset: off,
+        };
+        let ne0 = t.dims.first().copied().unwrap_or(1) as usize;
+        if !ne0.is_multiple_of(t.ty.block_size()) {
+            return Err(Error::Invalid(format!(
+                "tensor `{}`: row length {ne0} is not a multiple of {}'s block size",
+                t.name,
+                t.ty.name()
+            )));
+        }
+        off += (info.nbytes() as u64).div_ceil(alignment) * alignment;
+        plan.push(info);
+    }
+    Ok((plan, off, alignment))
+}
+
+/// Magic, version, counts, metadata and tensor infos (no padding).
+fn write_header(
+    w: &mut impl Write,
+    metadata: &[(String, Value)],
+    plan: &[TensorInfo],
+) -> std::io::Result<()> {
+    w.write_all(MAGIC)?;
+    w.write_all(&VERSION.to_le_bytes())?;
+    w.write_all(&(plan.len() as u64).to_le_bytes())?;
+    w.write_all(&(metadata.len() as u64).to_le_bytes())?;
+    for (k, v) in metadata {
+        write_str(w, k)?;
+        w.write_all(&v.type_id().to_le_bytes())?;
+        v.write(w)?;
+    }
+    for t in plan {
+        write_str(w, &t.name)?;
+        w.write_all(&(t.dims.len() as u32).to_le_bytes())?;
+        for d in &t.dims {
+            w.write_all(&d.to_le_bytes())?;
+        }
+        w.write_all(&t.ty.id().to_le_bytes())?;
+        w.write_all(&t.offset.to_le_bytes())?;
+    }
+    Ok(())
+}
+
+/// The length in bytes of the file [`GgufWriter::create`] writes for `metadata` and `tensors`.
+pub fn file_size(metadata: &[(String, Value)], tensors: &[PlannedTensor]) -> Result<u64> {
+    let (plan, data, alignment) = lay_out(metadata, tensors)?;
+    let mut head = Vec::new();
+    write_header(&mut head, metadata, &plan).expect("writing to memory");
+    Ok((head.len() as u64).div_ceil(alignment) * alignment + data)
+}
+
 impl GgufWriter {
     pub fn create(
         dest: &Path,
@@ -90,42 +170,7 @@ impl GgufWriter {
         resume: Option<&[bool]>,
     ) -> Result<Self> {
         let tmp = tmp.to_owned();
-        let alignment = match metadata.iter().find(|(k, _)| k == keys::GENERAL_ALIGNMENT) {
-            Some((_, Value::U32(a))) => *a as u64,
-            _ => DEFAULT_ALIGNMENT,
-        };
-        let mut seen = BTreeMap::new();
-        for (k, _) in metadata {
-            if seen.insert(k.clone(), ()).is_some() {
-                return Err(Error::Invalid(format!("duplicate GGUF key {k}")));
-            }
-        }
-        let mut plan = Vec::with_capacity(tensors.len());
-        let mut off = 0u64;
-        for t in tensors {
-            if t.name.len() >= 64 {
-                return Err(Error::Invalid(format!(
-                    "GGUF tensor name `{}` is 64 bytes or longer",
-                    t.name
-                )));
-            }
-            let info = TensorInfo {
-                name: t.name.clone(),
-                dims: t.dims.clone(),
-                ty: t.ty,
-                offset: off,
-            };
-            let ne0 = t.dims.first().copied().unwrap_or(1) as usize;
-            if !ne0.is_multiple_of(t.ty.block_size()) {
-                return Err(Error::Invalid(format!(
-                    "tensor `{}`: row length {ne0} is not a multiple of {}'s block size",
-                    t.name,
-                    t.ty.name()
-                )));
-            }
-            off += (info.nbytes() as u64).div_ceil(alignment) * alignment;
-            plan.push(info);
-        }
+        let (plan, off, alignment) = lay_out(metadata, tensors)?;
         // Readable too: the file's hash reads back what was not hashed in order.
         let had = match resume {
             Some(_) => Some(
@@ -144,27 +189,7 @@ impl GgufWriter {
             .map_err(|e| Error::io(&tmp, e))?;
         let mut w = BufWriter::with_capacity(1 << 22, f);
         let io = |e| Error::io(&tmp, e);
-        w.write_all(MAGIC).map_err(io)?;
-        w.write_all(&VERSION.to_le_bytes()).map_err(io)?;
-        w.write_all(&(plan.len() as u64).to_le_bytes())
-            .map_err(io)?;
-        w.write_all(&(metadata.len() as u64).to_le_bytes())
-            .map_err(io)?;
-        for (k, v) in metadata {
-            write_str(&mut w, k).map_err(io)?;
-            w.write_all(&v.type_id().to_le_bytes()).map_err(io)?;
-            v.write(&mut w).map_err(io)?;
-        }
-        for t in &plan {
-            write_str(&mut w, &t.name).map_err(io)?;
-            w.write_all(&(t.dims.len() as u32).to_le_bytes())
-                .map_err(io)?;
-            for d in &t.dims {
-                w.write_all(&d.to_le_bytes()).map_err(io)?;
-            }
-            w.write_all(&t.ty.id().to_le_bytes()).map_err(io)?;
-            w.write_all(&t.offset.to_le_bytes()).map_err(io)?;
-        }
+        write_header(&mut w, metadata, &plan).map_err(io)?;
         let pos = w.stream_position().map_err(io)?;
         let data_start = pos.div_ceil(alignment) * alignment;
         w.write_all(&vec![0u8; (data_start - pos) as usize])
