@@ -24,6 +24,7 @@ pub mod format;
 pub mod inspect;
 pub mod model;
 pub mod numerics;
+pub mod plot;
 pub mod progress;
 pub mod quant;
 pub mod runtime;

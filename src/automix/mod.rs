@@ -219,7 +219,7 @@ fn gguf_options(
 }
 
 /// The quantized mixes (`q8_0` … `q3_k_m`) with their file sizes under `imatrix`.
-fn mix_sizes(
+pub fn mix_sizes(
     ck: &Checkpoint,
     o: &ExportOptions,
     imatrix: Option<&crate::export::gguf::ImatrixUse>,
@@ -231,6 +231,92 @@ fn mix_sizes(
     }
     v.sort_by_key(|&(_, s)| s);
     Ok(v)
+}
+
+/// What a budget is counted on: the file's header bytes (they do not depend on the types),
+/// its parameters, and its tensors in file order.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub header: u64,
+    pub params: u64,
+    pub plan: Vec<TensorPlan>,
+}
+
+impl Layout {
+    /// The GGUF layout of `ck` under the GGUF settings of `o`.
+    pub fn of(ck: &Checkpoint, o: &ExportOptions) -> Result<Self> {
+        let (size, plan) = planned(ck, &gguf_options(o, Mix::Q8_0, BTreeMap::new(), None))?;
+        Ok(Layout {
+            header: size - data_bytes(&plan),
+            params: parameters(&plan),
+            plan,
+        })
+    }
+
+    /// Bits per weight of a file of `bytes`.
+    pub fn bpw(&self, bytes: u64) -> f64 {
+        8.0 * bytes.saturating_sub(self.header) as f64 / self.params as f64
+    }
+
+    /// Refuses a budget no choice of candidate types meets (before anything is measured).
+    pub fn check(&self, budget: Budget) -> Result<()> {
+        let mut fixed = self.header;
+        let mut opts = Vec::new();
+        for t in &self.plan {
+            let ne0 = t.dims[0] as usize;
+            let rows = (t.dims.iter().product::<u64>() / t.dims[0]) as usize;
+            if t.dims.len() < 2 {
+                fixed += aligned(GgmlType::F32.nbytes(ne0, rows).unwrap_or(0) as u64);
+                continue;
+            }
+            opts.push(
+                sensitivity::candidates(ne0)
+                    .into_iter()
+                    .map(|ty| allocate::Choice {
+                        bytes: aligned(ty.nbytes(ne0, rows).unwrap_or(0) as u64),
+                        kld: 0.0,
+                    })
+                    .collect::<Vec<_>>(),
+            );
+        }
+        let r = allocate::range(&opts, fixed);
+        let want = budget_of(budget, self.header, self.params);
+        if want < r.min || want > r.max {
+            return Err(infeasible(budget, r, self.header, self.params));
+        }
+        Ok(())
+    }
+
+    /// The types of `m`'s tensors with the smallest predicted cost within `budget`.
+    pub fn choose(
+        &self,
+        m: &sensitivity::Measured,
+        budget: Budget,
+    ) -> Result<BTreeMap<String, GgmlType>> {
+        choose(m, &self.plan, self.header, self.params, budget)
+    }
+}
+
+/// Writes `ck` as GGUF `out` with the exact `types` (the rest as mix `label` gives them) and
+/// the importance matrix in `imatrix`; returns the file's length.
+pub fn write_gguf(
+    ck: &Checkpoint,
+    o: &ExportOptions,
+    label: Mix,
+    types: &BTreeMap<String, GgmlType>,
+    imatrix: &Path,
+    out: &Path,
+    device: &candle_core::Device,
+) -> Result<u64> {
+    let mut eo = o.clone();
+    eo.targets = vec![Target::Gguf(label)];
+    eo.out = out.to_owned();
+    eo.gguf.tensor_types = types.clone();
+    eo.gguf.imatrix = Some(imatrix.to_owned());
+    eo.gguf.overrides.clear();
+    eo.calib_asked = false;
+    crate::export::run(ck, &eo, device, &|_, _| ())?;
+    Ok(std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len())
 }
 
 /// Runs `gguf:auto` (see the module docs). `note` receives one-line progress messages.
@@ -269,14 +355,13 @@ pub fn run(
     let recipe_file = recipe_path(&out);
 
     // A plan of the file (any mix: the header does not depend on the types).
-    let (size0, plan0) = planned(ck, &gguf_options(o, Mix::Q8_0, BTreeMap::new(), None))?;
-    let header = size0 - data_bytes(&plan0);
-    let params = parameters(&plan0);
+    let lay = Layout::of(ck, o)?;
+    let (header, params, plan0) = (lay.header, lay.params, &lay.plan);
     let order: Vec<String> = plan0.iter().map(|t| t.name.clone()).collect();
 
     let (types, measured, imatrix) = match &a.recipe {
         Some(path) => {
-            let types = read_recipe(path, &plan0)?;
+            let types = read_recipe(path, plan0)?;
             note(&format!(
                 "recipe {}: {} tensor types; importance matrix from {} choice chunks",
                 path.display(),
@@ -290,6 +375,7 @@ pub fn run(
             let budget = a.budget.ok_or_else(|| {
                 Error::Invalid("gguf:auto needs --bpw BITS, --size BYTES or --recipe FILE".into())
             })?;
+            lay.check(budget)?;
             note(&format!(
                 "measuring each tensor's cost: {} × {seq}-token chunks (importance matrix from {}), {} held back",
                 a.probe,
@@ -317,7 +403,7 @@ pub fn run(
                 },
             )?;
             pb.finish_and_clear();
-            let types = choose(&m, &plan0, header, params, budget)?;
+            let types = lay.choose(&m, budget)?;
             let im = m.imatrix.clone();
             (types, Some(m), im)
         }
@@ -342,23 +428,14 @@ pub fn run(
         .min_by_key(|&&(_, s)| s.abs_diff(size))
         .map_or(Mix::Q4KM, |&(m, _)| m);
     let t1 = std::time::Instant::now();
-    let mut eo = o.clone();
-    eo.targets = vec![Target::Gguf(label)];
-    eo.gguf.tensor_types = types.clone();
-    eo.gguf.imatrix = Some(imatrix_file.clone());
-    eo.gguf.overrides.clear();
-    eo.calib_asked = false;
     note(&format!(
         "writing {} ({} bytes, {:.3} bits per weight)",
         out.display(),
         size,
         8.0 * data_bytes(&plan) as f64 / params as f64
     ));
-    crate::export::run(ck, &eo, device, &|_, _| ())?;
+    let bytes = write_gguf(ck, o, label, &types, &imatrix_file, &out, device)?;
     let write_s = t1.elapsed().as_secs_f64();
-    let bytes = std::fs::metadata(&out)
-        .map_err(|e| Error::io(&out, e))?
-        .len();
 
     // The check on the held-back chunks.
     let t2 = std::time::Instant::now();
@@ -496,26 +573,30 @@ fn choose(
         })
         .collect();
     let want = budget_of(budget, header, params);
-    let pick = allocate::allocate(&opts, fixed, want).map_err(|r| {
-        let bpw = |b: u64| 8.0 * (b - header) as f64 / params as f64;
-        Error::Invalid(match budget {
-            Budget::Size(s) => format!(
-                "--size {s} cannot be met: this model's GGUF takes {} to {} bytes (every tensor at its smallest candidate type, or at bf16)",
-                r.min,
-                r.max,
-            ),
-            Budget::Bpw(b) => format!(
-                "--bpw {b} cannot be met: this model's GGUF takes {:.4} to {:.4} bits per weight (every tensor at its smallest candidate type, or at bf16)",
-                bpw(r.min).ceil_to(4),
-                bpw(r.max).floor_to(4),
-            ),
-        })
-    })?;
+    let pick = allocate::allocate(&opts, fixed, want)
+        .map_err(|r| infeasible(budget, r, header, params))?;
     Ok(m.tensors
         .iter()
         .zip(pick)
         .map(|(t, i)| (t.name.clone(), t.candidates[i].ty))
         .collect())
+}
+
+/// The error for a budget outside `r`.
+fn infeasible(budget: Budget, r: allocate::Infeasible, header: u64, params: u64) -> Error {
+    let bpw = |b: u64| 8.0 * (b - header) as f64 / params as f64;
+    Error::Invalid(match budget {
+        Budget::Size(s) => format!(
+            "--size {s} cannot be met: this model's GGUF takes {} to {} bytes (every tensor at its smallest candidate type, or at bf16)",
+            r.min,
+            r.max,
+        ),
+        Budget::Bpw(b) => format!(
+            "--bpw {b} cannot be met: this model's GGUF takes {:.4} to {:.4} bits per weight (every tensor at its smallest candidate type, or at bf16)",
+            bpw(r.min).ceil_to(4),
+            bpw(r.max).floor_to(4),
+        ),
+    })
 }
 
 /// Rounding that keeps a printed bound inside the range.
@@ -536,7 +617,7 @@ impl Round4 for f64 {
 }
 
 /// The predicted KL-divergence of `types`.
-fn predicted_kld(m: &sensitivity::Measured, types: &BTreeMap<String, GgmlType>) -> f64 {
+pub fn predicted_kld(m: &sensitivity::Measured, types: &BTreeMap<String, GgmlType>) -> f64 {
     m.tensors
         .iter()
         .filter_map(|t| {
@@ -546,9 +627,9 @@ fn predicted_kld(m: &sensitivity::Measured, types: &BTreeMap<String, GgmlType>) 
         .sum()
 }
 
-/// Scores GGUF `path` against the bf16 checkpoint on `chunks`.
+/// Scores GGUF `path` against the bf16 checkpoint on `chunks` (positions from `first`).
 #[allow(clippy::too_many_arguments)]
-fn score(
+pub fn score(
     ck: &Checkpoint,
     path: &Path,
     chunks: &[Vec<u32>],
