@@ -128,9 +128,22 @@ fn main() -> minitron::Result<()> {
     let mut sizes = BTreeMap::new();
     for (t, a) in &r.artifacts {
         if let minitron::export::Artifact::Gguf(g) = a {
-            let s = automix::score(&ck, &g.path, &eval, 256, &cpu, t.name(), None, lay.params, lay.header)?;
+            let s = automix::score(
+                &ck,
+                &g.path,
+                &eval,
+                256,
+                &cpu,
+                t.name(),
+                None,
+                lay.params,
+                lay.header,
+            )?;
             sizes.insert(t.name().to_string(), g.bytes);
-            println!("{:<14} {:>11} B {:.3} bpw  KLD {:.6}", s.name, s.bytes, s.bpw, s.divergence.mean_kld);
+            println!(
+                "{:<14} {:>11} B {:.3} bpw  KLD {:.6}",
+                s.name, s.bytes, s.bpw, s.divergence.mean_kld
+            );
             rows.push(s);
             std::fs::remove_file(&g.path).ok();
         }
@@ -153,7 +166,10 @@ fn main() -> minitron::Result<()> {
             lay.params,
             lay.header,
         )?;
-        println!("{:<14} {:>11} B {:.3} bpw  KLD {:.6}", s.name, s.bytes, s.bpw, s.divergence.mean_kld);
+        println!(
+            "{:<14} {:>11} B {:.3} bpw  KLD {:.6}",
+            s.name, s.bytes, s.bpw, s.divergence.mean_kld
+        );
         auto_rows.push(s);
         std::fs::remove_file(&path).ok();
     }
@@ -174,7 +190,13 @@ fn main() -> minitron::Result<()> {
                 lines: true,
                 points: rows
                     .iter()
-                    .map(|s| (s.bpw, s.divergence.mean_kld, s.name.trim_start_matches("gguf:").to_string()))
+                    .map(|s| {
+                        (
+                            s.bpw,
+                            s.divergence.mean_kld,
+                            s.name.trim_start_matches("gguf:").to_string(),
+                        )
+                    })
                     .collect(),
             },
             minitron::plot::Series {

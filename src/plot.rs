@@ -131,7 +131,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         c ^= b as u32;
         for _ in 0..8 {
-            c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
         }
     }
     !c
@@ -239,14 +243,23 @@ impl Plot {
             &self.x_label,
             black,
         );
-        c.text_up(16, top + ph / 2 + 4 * self.y_label.len() as i64, &self.y_label, black);
+        c.text_up(
+            16,
+            top + ph / 2 + 4 * self.y_label.len() as i64,
+            &self.y_label,
+            black,
+        );
         // Series, then the legend.
         for s in &self.series {
             let mut p: Vec<&(f64, f64, String)> = s.points.iter().collect();
             p.sort_by(|a, b| a.0.total_cmp(&b.0));
             if s.lines {
                 for w2 in p.windows(2) {
-                    c.line((sx(w2[0].0), sy(w2[0].1)), (sx(w2[1].0), sy(w2[1].1)), s.color);
+                    c.line(
+                        (sx(w2[0].0), sy(w2[0].1)),
+                        (sx(w2[1].0), sy(w2[1].1)),
+                        s.color,
+                    );
                 }
             }
             for (x, y, l) in &p {
