@@ -363,6 +363,8 @@ fn quantized_head_logits(
     for start in (0..vocab).step_by(slice) {
         let idx: Vec<usize> = (start..(start + slice).min(vocab)).collect();
         let w = rows_f32(ck, head, &idx)?;
+        let row = info.dtype.size() * hidden;
+        ck.release_range(head, start * row..(start + idx.len()) * row);
         let q = quantize_with(&ty, &w, hidden, None, KSearch::Reference)?;
         let d = dequantize(&ty, &q, hidden)?;
         let wt = Tensor::from_vec(d, (idx.len(), hidden), device)?;

@@ -275,6 +275,29 @@ impl GgufFile {
         &self.mmap[s..s + t.nbytes()]
     }
 
+    /// Drops this process's resident pages of tensor `name` (the file cache keeps them; later
+    /// reads fault them back in).
+    pub fn release(&self, name: &str) {
+        let Some(t) = self.tensor(name) else {
+            return;
+        };
+        let page = 4096;
+        let lo = self.data_start + t.offset as usize;
+        let start = lo.div_ceil(page) * page;
+        let end = (lo + t.nbytes()) / page * page;
+        if end > start {
+            // SAFETY: DONTNEED on a read-only file mapping only discards our page-table entries;
+            // later reads fault the unchanged file contents back in.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
+        }
+    }
+
     /// An F32 tensor's values.
     pub fn f32_values(&self, name: &str) -> Result<Vec<f32>> {
         let t = self

@@ -130,6 +130,24 @@ impl Source for GgufSource {
         Ok(inv_freq)
     }
 
+    fn release_block(&self, l: usize) {
+        for r in LinearRole::ALL {
+            self.g.release(&names::gguf_linear(l, r));
+        }
+        self.g.release(&names::gguf_attn_norm(l));
+        self.g.release(&names::gguf_ffn_norm(l));
+    }
+
+    fn release_head(&self) {
+        for n in [
+            names::GGUF_EMBED,
+            names::GGUF_OUTPUT,
+            names::GGUF_OUTPUT_NORM,
+        ] {
+            self.g.release(n);
+        }
+    }
+
     fn block(&self, l: usize, dtype: DType, device: &Device, opts: LoadOptions) -> Result<Block> {
         let c = &self.config;
         let (h, kvh) = (c.num_attention_heads, c.num_key_value_heads);
