@@ -4,10 +4,10 @@
 //! One calibration (built-in corpus, 64 × 512 tokens): the last 4 chunks are held back, the
 //! importance matrix comes from the other 60, the per-tensor costs are measured once on the
 //! first 4; every file (uniform mixes with that importance matrix, and `auto` at the sizes of
-//! q3_k_m, q4_0, q4_k_m, q5_k_m and q6_k) is scored against bf16 on `MINITRON_AUTO_EVAL`
+//! q3_k_m, q4_0, q4_k_m and q5_k_m) is scored against bf16 on `MINITRON_AUTO_EVAL`
 //! (default: the held-back chunks; a text file: its first 16 chunks of 512).
 //!
-//! `cargo bench --bench auto_mix` (about 25 minutes on 2 cores).
+//! `cargo bench --bench auto_mix` (about 20 minutes on 2 cores).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -112,9 +112,7 @@ fn main() -> minitron::Result<()> {
     let mixes = [
         Mix::Q3KM,
         Mix::Q4_0,
-        Mix::Q4KS,
         Mix::Q4KM,
-        Mix::Q5KS,
         Mix::Q5KM,
         Mix::Q6K,
         Mix::Q8_0,
@@ -149,7 +147,7 @@ fn main() -> minitron::Result<()> {
         }
     }
     let mut auto_rows = Vec::new();
-    for at in [Mix::Q3KM, Mix::Q4_0, Mix::Q4KM, Mix::Q5KM, Mix::Q6K] {
+    for at in [Mix::Q3KM, Mix::Q4_0, Mix::Q4KM, Mix::Q5KM] {
         let budget = sizes[at.target_name()];
         let types = lay.choose(&m, Budget::Size(budget))?;
         let path = dir.path().join(format!("auto-{}.gguf", at.name()));
