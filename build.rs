@@ -5,8 +5,9 @@
 //!   by `../shared/tools/real-assets.sh` under `$MINITRON_ASSETS` or
 //!   `~/.cache/minitron-assets`, and `../shared/data`). With `MINITRON_REQUIRE_ASSETS=1` (as
 //!   `.ci/run` sets) their absence fails the build instead.
-//! - `minitron_avx512bf16`: the building CPU has AVX-512 BF16, so the tests comparing the fast
-//!   kernels with the portable ones have two paths to compare.
+//! - `minitron_avx512bf16`: the building CPU has AVX-512 BF16.
+//! - `minitron_fast_kernel`: the building CPU has AVX-512 BF16 or AVX2 + FMA, so the tests
+//!   comparing the fast kernels with the portable ones have two paths to compare.
 use std::path::{Path, PathBuf};
 
 /// Asks cargo to run this script again when `p` appears or changes: watches `p` when it exists,
@@ -25,6 +26,7 @@ fn watch(p: &Path) {
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(minitron_assets)");
     println!("cargo::rustc-check-cfg=cfg(minitron_avx512bf16)");
+    println!("cargo::rustc-check-cfg=cfg(minitron_fast_kernel)");
     println!("cargo:rerun-if-changed=build.rs");
     for v in ["MINITRON_ASSETS", "MINITRON_REQUIRE_ASSETS", "HOME"] {
         println!("cargo:rerun-if-env-changed={v}");
@@ -65,6 +67,11 @@ fn main() {
         && std::arch::is_x86_feature_detected!("avx512f")
     {
         println!("cargo:rustc-cfg=minitron_avx512bf16");
+        println!("cargo:rustc-cfg=minitron_fast_kernel");
+    } else if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
+        println!("cargo:rustc-cfg=minitron_fast_kernel");
     }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         build_kernels(&root);

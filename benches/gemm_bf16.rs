@@ -54,7 +54,7 @@ fn main() {
         let pw = PackedBf16::from_f32(&w, n, k);
         let ab = to_bf16_rows(&a, k, pw.lda());
         let flop = 2.0 * (m * n * k) as f64;
-        for isa in [Isa::Avx512Bf16, Isa::Portable] {
+        for isa in [Isa::Avx512Bf16, Isa::Avx2Fma, Isa::Portable] {
             if !isa.available() {
                 println!(
                     "  {m:>5}x{n:>5}x{k:>5} {:<12} not available on this CPU",

@@ -1,7 +1,7 @@
 //! Run-time selection between an AVX-512 build of a function and the portable one.
 //!
-//! [`multiversion!`] compiles one body twice: once for AVX-512 (with FMA), once for the baseline
-//! target. Bodies use only IEEE operations whose results do not depend on the instruction set
+//! [`multiversion!`] compiles one body three times: for AVX-512 (with FMA), for AVX2 with FMA,
+//! and for the baseline target. Bodies use only IEEE operations whose results do not depend on the instruction set
 //! (`+`, `*`, `mul_add`, `sqrt`, comparisons), so both builds give identical numbers; the fast
 //! one is chosen when the CPU has the features and `MINITRON_KERNEL` is not `portable`.
 
@@ -22,6 +22,13 @@ macro_rules! multiversion {
                     // SAFETY: the CPU has the features `fast` was compiled for.
                     return unsafe { fast($($arg),*) };
                 }
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn mid($($arg: $ty),*) $(-> $ret)? { inner($($arg),*) }
+                if $crate::simd::avx2() {
+                    // SAFETY: the CPU has the features `mid` was compiled for.
+                    return unsafe { mid($($arg),*) };
+                }
             }
             inner($($arg),*)
         }
@@ -37,6 +44,17 @@ pub fn avx512() -> bool {
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("fma")
+    })
+}
+
+/// Whether the AVX2 + FMA builds may run (CPUs without AVX-512; the same numbers again).
+#[cfg(target_arch = "x86_64")]
+pub fn avx2() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("MINITRON_KERNEL").map_or(true, |v| v != "portable")
+            && std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
     })
 }

@@ -332,12 +332,13 @@ fn streamed_results_do_not_depend_on_the_thread_count() {
     }
 }
 
-/// The AVX-512 kernels (bf16 GEMM, attention, norms, exp) against the portable build of the
-/// same functions, through the whole binary: identical perplexity and KLD bits.
+/// The fast kernels (bf16 GEMM, attention, norms, exp: AVX-512 BF16, else AVX2 + FMA) against
+/// the portable build of the same functions, through the whole binary: identical perplexity and
+/// KLD bits.
 #[test]
 #[cfg_attr(
-    not(minitron_avx512bf16),
-    ignore = "this CPU has no AVX-512 BF16: only the portable path runs here"
+    not(minitron_fast_kernel),
+    ignore = "this CPU has neither AVX-512 BF16 nor AVX2 + FMA: only the portable path runs here"
 )]
 fn portable_kernels_give_the_same_numbers_as_the_avx512_ones() {
     let text = root().join("src/model/default_corpus.txt");
@@ -366,7 +367,12 @@ fn portable_kernels_give_the_same_numbers_as_the_avx512_ones() {
         serde_json::from_slice(&o.stdout).unwrap()
     };
     let (a, b) = (run_with(None), run_with(Some("portable")));
-    assert_eq!(a["settings"]["kernel"], "avx512-bf16");
+    let fast = if cfg!(minitron_avx512bf16) {
+        "avx512-bf16"
+    } else {
+        "avx2-fma"
+    };
+    assert_eq!(a["settings"]["kernel"], fast);
     assert_eq!(b["settings"]["kernel"], "portable");
     assert_eq!(a["ppl"]["per_chunk_ppl"], b["ppl"]["per_chunk_ppl"]);
     assert_eq!(a["ppl"]["perplexity"], b["ppl"]["perplexity"]);

@@ -40,6 +40,8 @@ fn mc(k: usize) -> usize {
 pub enum Isa {
     /// AVX-512 F + BF16 (`vdpbf16ps`).
     Avx512Bf16,
+    /// AVX2 + FMA: each step two fused multiply-adds in f32 (see [`avx2`]).
+    Avx2Fma,
     /// Scalar code with the same arithmetic; any CPU.
     Portable,
 }
@@ -54,6 +56,8 @@ impl Isa {
             }
             if Isa::Avx512Bf16.available() {
                 Isa::Avx512Bf16
+            } else if Isa::Avx2Fma.available() {
+                Isa::Avx2Fma
             } else {
                 Isa::Portable
             }
@@ -69,14 +73,20 @@ impl Isa {
                 std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512bf16")
             }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx512Bf16 => false,
+            Isa::Avx512Bf16 | Isa::Avx2Fma => false,
         }
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Avx512Bf16 => "avx512-bf16",
+            Isa::Avx2Fma => "avx2-fma",
             Isa::Portable => "portable",
         }
     }
@@ -401,6 +411,8 @@ unsafe fn tile_group(
                     Isa::Avx512Bf16 => {
                         avx512::micro(mr, q1 - q0, ap, lda, wp, cp, ldc, cols, first)
                     }
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2Fma => avx2::micro(mr, q1 - q0, ap, lda, wp, cp, ldc, cols, first),
                     _ => portable_micro(mr, q1 - q0, ap, lda, wp, cp, ldc, cols, first),
                 }
                 i += mr;
@@ -467,6 +479,98 @@ unsafe fn portable_micro(
         }
         for (j, v) in acc.iter().enumerate().take(cols) {
             *c.add(r * ldc + j) = *v;
+        }
+    }
+}
+
+/// The AVX2 + FMA kernel: the module's arithmetic with each pair step as two f32 fused
+/// multiply-adds, `ftz(fma(a[k], w[k], ftz(fma(a[k+1], w[k+1], acc))))`, written as plain code
+/// the compiler vectorizes over a panel's channels. A product of two bf16 values is exact in
+/// the fused operation, so each sum is the exact `acc + a·w` rounded once to f32: what
+/// [`pair_step`] computes through f64 (whose sum is exact whenever rounding it could matter:
+/// when the two terms lie more than 29 binary orders apart the smaller one moves neither
+/// rounding). The tests check it against the definition bit for bit, flush cases included.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::NR;
+
+    /// f32 of bf16 bits already in the upper half, subnormals read as zero.
+    #[inline(always)]
+    fn daz(b: u32) -> f32 {
+        f32::from_bits(if b & 0x7f80_0000 == 0 {
+            b & 0x8000_0000
+        } else {
+            b
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn micro(
+        mr: usize,
+        kp: usize,
+        a: *const u16,
+        lda: usize,
+        w: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        first: bool,
+    ) {
+        let mut r = 0;
+        while r < mr {
+            let (a, c) = (a.add(r * lda), c.add(r * ldc));
+            if mr - r >= 4 {
+                rows::<4>(kp, a, lda, w, c, ldc, cols, first);
+                r += 4;
+            } else {
+                rows::<1>(kp, a, lda, w, c, ldc, cols, first);
+                r += 1;
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn rows<const R: usize>(
+        kp: usize,
+        a: *const u16,
+        lda: usize,
+        w: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        first: bool,
+    ) {
+        let mut acc = [[0f32; NR]; R];
+        if !first {
+            for (r, ar) in acc.iter_mut().enumerate() {
+                for (j, v) in ar.iter_mut().enumerate().take(cols) {
+                    *v = super::ftz(*c.add(r * ldc + j));
+                }
+            }
+        }
+        let mut hi = [0f32; NR];
+        let mut lo = [0f32; NR];
+        for q in 0..kp {
+            let wq = &*(w.add(q * NR) as *const [u32; NR]);
+            for j in 0..NR {
+                hi[j] = daz(wq[j] & 0xffff_0000);
+                lo[j] = daz(wq[j] << 16);
+            }
+            for (r, ar) in acc.iter_mut().enumerate() {
+                let p = std::ptr::read_unaligned(a.add(r * lda + 2 * q) as *const u32);
+                let (ah, al) = (daz(p & 0xffff_0000), daz(p << 16));
+                for j in 0..NR {
+                    let s = super::ftz(ah.mul_add(hi[j], ar[j]));
+                    ar[j] = super::ftz(al.mul_add(lo[j], s));
+                }
+            }
+        }
+        for (r, ar) in acc.iter().enumerate() {
+            for (j, v) in ar.iter().enumerate().take(cols) {
+                *c.add(r * ldc + j) = *v;
+            }
         }
     }
 }
@@ -603,7 +707,7 @@ mod tests {
             let want = reference(&a, &w, m, n, k);
             let pw = PackedBf16::from_f32(&w, n, k);
             let ab = to_bf16_rows(&a, k, pw.lda());
-            for isa in [Isa::Portable, Isa::Avx512Bf16] {
+            for isa in [Isa::Portable, Isa::Avx2Fma, Isa::Avx512Bf16] {
                 if !isa.available() {
                     eprintln!("SKIPPED {}: this CPU lacks it", isa.name());
                     continue;
@@ -639,7 +743,7 @@ mod tests {
         let want = reference(&a, &w, m, n, k);
         let pw = PackedBf16::from_f32(&w, n, k);
         let ab = to_bf16_rows(&a, k, pw.lda());
-        for isa in [Isa::Portable, Isa::Avx512Bf16] {
+        for isa in [Isa::Portable, Isa::Avx2Fma, Isa::Avx512Bf16] {
             if !isa.available() {
                 eprintln!("SKIPPED {}: this CPU lacks it", isa.name());
                 continue;
