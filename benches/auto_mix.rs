@@ -71,6 +71,7 @@ fn main() -> minitron::Result<()> {
         calib_inputs: None,
         resume: false,
         journal_every_s: 60,
+        layer_quant: Default::default(),
     };
     let tok = minitron::model::Tokenizer::load(&ck.dir)?;
     let text = minitron::calib::dataset::load_source(None)?;

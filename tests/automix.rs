@@ -287,3 +287,164 @@ fn auto_meets_its_budget_and_its_recipe_reproduces_it() {
         assert!(g.data(t) == h.data(u), "{}: bytes differ", t.name);
     }
 }
+
+/// The arguments of a small `w4a16:auto` run on the tiny model.
+fn w4_args(out: &str, extra: &[&str]) -> Vec<String> {
+    let mut v = auto_args(out, extra);
+    v[2] = "w4a16:auto".into();
+    v
+}
+
+/// Bits per block linear weight of the tiny model's checkpoint at `dir`, from its stored
+/// tensors.
+fn linear_bits(ck: &Checkpoint, dir: &Path) -> f64 {
+    let q = Checkpoint::open(dir).unwrap();
+    let c = &ck.config;
+    let (mut bytes, mut params) = (0u64, 0u64);
+    for l in 0..c.num_hidden_layers {
+        for r in LinearRole::ALL {
+            let [rows, cols] = r.shape(c);
+            params += (rows * cols) as u64;
+            let stem = names::hf_linear(l, r).replace(".weight", "");
+            for (n, (_, i)) in q.index.iter().map(|n| (n.0, q.info(n.0).unwrap())) {
+                if n.starts_with(&format!("{stem}.")) {
+                    bytes += (i.shape.iter().product::<usize>() * i.dtype.size()) as u64;
+                }
+            }
+        }
+    }
+    8.0 * bytes as f64 / params as f64
+}
+
+/// `w4a16:auto`: budgets out of range exit 2 with the range; a budget inside it is met by a
+/// checkpoint whose config groups name every quantized layer once (bf16 layers and the head
+/// in `ignore`), with fused layers sharing a kind, each layer stored as its group says; the
+/// runner and the manifest check read it; its recipe reproduces it byte for byte; a recipe
+/// splitting fused layers exits 2 naming them.
+#[test]
+fn w4a16_auto_meets_its_budget_names_its_layers_and_reproduces() {
+    let dir = tempdir();
+    let a = dir.path().join("a");
+    let a_s = a.display().to_string();
+    let err = run_err_code(
+        "minitron-convert",
+        &strs(&w4_args(&a_s, &["--bpw", "3"])),
+        2,
+    );
+    assert!(err.contains("--bpw 3 cannot be met"), "{err}");
+    assert!(err.contains("bits per linear weight"), "{err}");
+    let err = run_err_code(
+        "minitron-convert",
+        &strs(&w4_args(&a_s, &["--bpw", "17"])),
+        2,
+    );
+    assert!(err.contains("--bpw 17 cannot be met"), "{err}");
+    assert!(!a.exists());
+
+    let out = run_ok(
+        "minitron-convert",
+        &strs(&w4_args(&a_s, &["--bpw", "6", "--compare", "w4g128"])),
+    );
+    assert!(out.contains("held-back check: 2 chunks"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("auto ")), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("w4g128 ")), "{out}");
+    let ck = Checkpoint::open(&tiny()).unwrap();
+    let bits = linear_bits(&ck, &a);
+    assert!(bits <= 6.0 && bits > 4.0, "{bits} bits per linear weight");
+
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("config.json")).unwrap()).unwrap();
+    let q = &cfg["quantization_config"];
+    assert_eq!(q["format"], "pack-quantized");
+    let ignore: Vec<String> = q["ignore"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    assert!(ignore.contains(&"lm_head".to_owned()));
+    // Module → (bits, group) from the config.
+    let mut kind: BTreeMap<String, (u64, Option<u64>)> = BTreeMap::new();
+    for g in q["config_groups"].as_object().unwrap().values() {
+        let w = &g["weights"];
+        for t in g["targets"].as_array().unwrap() {
+            let t = t.as_str().unwrap().to_owned();
+            assert!(!t.starts_with("re:") && t != "Linear", "{t}");
+            let k = (w["num_bits"].as_u64().unwrap(), w["group_size"].as_u64());
+            assert!(kind.insert(t.clone(), k).is_none(), "{t} in two groups");
+        }
+    }
+    let c = &ck.config;
+    let qk = Checkpoint::open(&a).unwrap();
+    for l in 0..c.num_hidden_layers {
+        let of = |r: LinearRole| {
+            let m = names::hf_linear(l, r).replace(".weight", "");
+            (kind.get(&m).copied(), ignore.contains(&m))
+        };
+        assert_eq!(of(LinearRole::Q), of(LinearRole::K));
+        assert_eq!(of(LinearRole::Q), of(LinearRole::V));
+        assert_eq!(of(LinearRole::Gate), of(LinearRole::Up));
+        for r in LinearRole::ALL {
+            let m = names::hf_linear(l, r).replace(".weight", "");
+            let [rows, cols] = r.shape(c);
+            match (kind.get(&m), ignore.contains(&m)) {
+                (Some(&(bits, group)), false) => {
+                    let per = 32 / bits as usize;
+                    let p = qk.info(&format!("{m}.weight_packed")).unwrap().1;
+                    assert_eq!(p.shape, vec![rows, cols / per], "{m}");
+                    let s = qk.info(&format!("{m}.weight_scale")).unwrap().1;
+                    let groups = group.map_or(1, |g| cols / g as usize);
+                    assert_eq!(s.shape, vec![rows, groups], "{m}");
+                }
+                (None, true) => {
+                    let w = qk.info(&format!("{m}.weight")).unwrap().1;
+                    assert_eq!((w.dtype, w.shape.clone()), (Dtype::BF16, vec![rows, cols]));
+                }
+                k => panic!("{m}: {k:?}"),
+            }
+        }
+    }
+    // The runner and the manifest check read it.
+    let v = run_ok("minitron-verify", &["--manifest", &a_s]);
+    assert!(!v.is_empty());
+    minitron::scheme::open(&a).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("minitron-manifest.json")).unwrap())
+            .unwrap();
+    assert!(m["auto_mix"]["units"].as_array().unwrap().len() == 4 * c.num_hidden_layers);
+
+    // The recipe reproduces the checkpoint.
+    let recipe = dir.path().join("a.recipe.txt");
+    let r_s = recipe.display().to_string();
+    let b = dir.path().join("b");
+    let b_s = b.display().to_string();
+    run_ok(
+        "minitron-convert",
+        &strs(&w4_args(&b_s, &["--recipe", &r_s, "--compare", "none"])),
+    );
+    for f in std::fs::read_dir(&a).unwrap() {
+        let f = f.unwrap().path();
+        if f.extension().is_some_and(|x| x == "safetensors") {
+            let g = b.join(f.file_name().unwrap());
+            assert!(
+                std::fs::read(&f).unwrap() == std::fs::read(&g).unwrap(),
+                "{}",
+                f.display()
+            );
+        }
+    }
+
+    // Fused layers split by a recipe.
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, "self_attn.q_proj$=w8\n.*=w4g128\n").unwrap();
+    let c_s = dir.path().join("c").display().to_string();
+    let err = run_err_code(
+        "minitron-convert",
+        &strs(&w4_args(&c_s, &["--recipe", bad.to_str().unwrap()])),
+        2,
+    );
+    assert!(
+        err.contains("model.layers.0.self_attn.k_proj") && err.contains("fused"),
+        "{err}"
+    );
+}

@@ -10,6 +10,7 @@
 //! chunks.
 
 pub mod allocate;
+pub mod packed;
 pub mod sensitivity;
 
 use std::collections::BTreeMap;
@@ -47,6 +48,8 @@ pub enum Compare {
     Nearby,
     None,
     Mixes(Vec<Mix>),
+    /// Uniform `w4a16:auto` kinds (every layer the same).
+    Kinds(Vec<crate::scheme::LayerQuant>),
 }
 
 /// Everything `gguf:auto` needs besides the checkpoint.
@@ -442,6 +445,11 @@ pub fn run(
     let mut compare: Vec<Mix> = match &a.compare {
         Compare::None => vec![],
         Compare::Mixes(v) => v.clone(),
+        Compare::Kinds(_) => {
+            return Err(Error::Invalid(
+                "gguf:auto compares with GGUF mixes (q4_k_m, q4_0 …), not w4a16 kinds".into(),
+            ))
+        }
         Compare::Nearby => {
             let below = sizes
                 .iter()
@@ -640,10 +648,32 @@ pub fn score(
     params: u64,
     header: u64,
 ) -> Result<Scored> {
-    use crate::runtime::load::gguf::GgufSource;
+    let cand = crate::runtime::load::gguf::GgufSource::open(path)?;
+    let bytes = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    let bpw = 8.0 * bytes.saturating_sub(header) as f64 / params as f64;
+    score_source(
+        ck, &cand, chunks, first, device, name, predicted, bytes, bpw,
+    )
+}
+
+/// Scores model `cand` (`bytes` long, `bpw` bits per weight as its budget counts them)
+/// against the bf16 checkpoint on `chunks` (positions from `first`).
+#[allow(clippy::too_many_arguments)]
+pub fn score_source(
+    ck: &Checkpoint,
+    cand: &dyn crate::runtime::load::source::Source,
+    chunks: &[Vec<u32>],
+    first: usize,
+    device: &candle_core::Device,
+    name: &str,
+    predicted: Option<f64>,
+    bytes: u64,
+    bpw: f64,
+) -> Result<Scored> {
     use crate::runtime::load::safetensors::SafetensorsSource;
     use crate::verify::ppl::{score_streamed, StatsOn, StreamPlan};
-    let cand = GgufSource::open(path)?;
     let reference = SafetensorsSource::borrowed(ck);
     let t = chunks.first().map_or(1, Vec::len).max(1);
     let plan = StreamPlan {
@@ -653,7 +683,7 @@ pub fn score(
         on: StatsOn::for_device(device),
     };
     let r = score_streamed(
-        &cand,
+        cand,
         crate::runtime::LoadOptions::default(),
         Some(&reference),
         device,
@@ -665,13 +695,10 @@ pub fn score(
     let kld: Vec<f64> = r.iter().flat_map(|c| c.kld.iter().copied()).collect();
     let same: Vec<bool> = r.iter().flat_map(|c| c.same_top1.iter().copied()).collect();
     let nll: Vec<f64> = r.iter().flat_map(|c| c.nll.iter().copied()).collect();
-    let bytes = std::fs::metadata(path)
-        .map_err(|e| Error::io(path, e))?
-        .len();
     Ok(Scored {
         name: name.into(),
         bytes,
-        bpw: 8.0 * bytes.saturating_sub(header) as f64 / params as f64,
+        bpw,
         predicted_kld: predicted,
         divergence: Divergence::from_results(&kld, &same),
         ppl: Perplexity::from_nll(&nll),
@@ -686,9 +713,7 @@ fn record(
     types: &BTreeMap<String, GgmlType>,
 ) -> Result<()> {
     let p = crate::export::manifest::sidecar_path(out);
-    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-    let mut v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::format(&p, format!("not JSON: {e}")))?;
+    let mut v = get_manifest(&p)?;
     let tensors: Vec<serde_json::Value> = match m {
         Some(m) => m
             .tensors
@@ -710,19 +735,35 @@ fn record(
     };
     v["auto_mix"] = serde_json::json!({
         "report": r,
-        "measured": m.map(|m| serde_json::json!({
-            "block_kld": m.block_kld,
-            "embed_kld": m.embed_kld,
-            "head_kld": m.head_kld,
-            "positions": m.positions,
-            "wall_s": m.wall_s,
-        })),
+        "measured": m.map(measured_json),
         "tensors": tensors,
     });
-    let tmp = crate::format::safetensors::temp_path(&p);
-    std::fs::write(&tmp, serde_json::to_string_pretty(&v).expect("json") + "\n")
+    put_manifest(&p, &v)
+}
+
+/// What the measurement found per block, for the manifest.
+fn measured_json(m: &sensitivity::Measured) -> serde_json::Value {
+    serde_json::json!({
+        "block_kld": m.block_kld,
+        "embed_kld": m.embed_kld,
+        "head_kld": m.head_kld,
+        "positions": m.positions,
+        "wall_s": m.wall_s,
+    })
+}
+
+/// Reads manifest `p` as JSON.
+fn get_manifest(p: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::format(p, format!("not JSON: {e}")))
+}
+
+/// Replaces manifest `p` with `v` (through a temporary name).
+fn put_manifest(p: &Path, v: &serde_json::Value) -> Result<()> {
+    let tmp = crate::format::safetensors::temp_path(p);
+    std::fs::write(&tmp, serde_json::to_string_pretty(v).expect("json") + "\n")
         .map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, &p).map_err(|e| Error::io(&p, e))
+    std::fs::rename(&tmp, p).map_err(|e| Error::io(p, e))
 }
 
 /// The check as a table: each file's size, predicted and measured KL-divergence on the

@@ -214,7 +214,7 @@ pub fn imatrix_of(ck: &Checkpoint, chunks: &[Vec<u32>], device: &Device) -> Resu
 }
 
 /// Rows `idx` of a 2-D checkpoint tensor, widened to f32.
-fn rows_f32(ck: &Checkpoint, name: &str, idx: &[usize]) -> Result<Vec<f32>> {
+pub(crate) fn rows_f32(ck: &Checkpoint, name: &str, idx: &[usize]) -> Result<Vec<f32>> {
     let (raw, info) = ck.raw(name)?;
     let cols = info.shape.last().copied().unwrap_or(1);
     let w = info.dtype.size() * cols;
@@ -234,14 +234,14 @@ fn rows_f32(ck: &Checkpoint, name: &str, idx: &[usize]) -> Result<Vec<f32>> {
 }
 
 /// Evenly spaced row indices, at most `n` of `rows`.
-fn sample(rows: usize, n: usize) -> Vec<usize> {
+pub(crate) fn sample(rows: usize, n: usize) -> Vec<usize> {
     let stride = rows.div_ceil(n.max(1)).max(1);
     (0..rows).step_by(stride).collect()
 }
 
 /// Squared error per candidate, weighted by `weight` per column, of rows `x` (`ne0` wide)
 /// quantized as the writer would (`imp` the quantizer's importance).
-fn errors(
+pub(crate) fn errors(
     x: &[f32],
     ne0: usize,
     weight: Option<&[f32]>,
@@ -305,7 +305,7 @@ fn table(
 }
 
 /// Mean KL(p ‖ q) over rows of two `[n, vocab]` f32 logit tensors.
-fn mean_kld(p: &Tensor, q: &Tensor) -> Result<f64> {
+pub(crate) fn mean_kld(p: &Tensor, q: &Tensor) -> Result<f64> {
     use crate::verify::stats::{kl_divergence, log_softmax};
     let pr = p.to_vec2::<f32>()?;
     let qr = q.to_vec2::<f32>()?;

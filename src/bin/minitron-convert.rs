@@ -495,21 +495,32 @@ fn check_applicable(cli: &Cli, targets: &[Target]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `--to` name of the measured mix.
+/// The `--to` name of the measured GGUF mix.
 const AUTO: &str = "gguf:auto";
+/// The `--to` name of the measured compressed-tensors mix.
+const W4A16_AUTO: &str = "w4a16:auto";
 
-/// `MODEL --to gguf:auto --bpw X|--size B|--recipe F --out FILE.gguf`.
+/// `MODEL --to gguf:auto|w4a16:auto --bpw X|--size B|--recipe F --out PATH`.
 fn convert_auto(cli: &Cli) -> anyhow::Result<()> {
     use minitron::automix::{AutoOptions, Budget, Compare};
     let started = std::time::Instant::now();
+    let packed = cli
+        .to
+        .iter()
+        .any(|t| t.trim().eq_ignore_ascii_case(W4A16_AUTO));
+    let (name, what) = if packed {
+        (W4A16_AUTO, "DIR")
+    } else {
+        (AUTO, "FILE.gguf")
+    };
     let Some(model) = cli.model.clone() else {
-        bail!("give a MODEL folder with --to gguf:auto --out FILE.gguf");
+        bail!("give a MODEL folder with --to {name} --out {what}");
     };
     if cli.to.len() != 1 {
-        bail!("--to gguf:auto makes one file: give it alone");
+        bail!("--to {name} makes one artifact: give it alone");
     }
     let Some(out) = cli.out.clone() else {
-        bail!("--out FILE.gguf is required");
+        bail!("--out {what} is required");
     };
     let budget = match (cli.bpw, cli.size, &cli.recipe) {
         (Some(b), _, _) => {
@@ -520,12 +531,12 @@ fn convert_auto(cli: &Cli) -> anyhow::Result<()> {
         }
         (_, Some(s), _) => Some(Budget::Size(s)),
         (_, _, Some(_)) => None,
-        _ => bail!("--to gguf:auto needs a budget: --bpw BITS or --size BYTES (or --recipe FILE)"),
+        _ => bail!("--to {name} needs a budget: --bpw BITS or --size BYTES (or --recipe FILE)"),
     };
     let foreign = [
         ("--fp8-weights", cli.fp8_weights.is_some()),
         ("--int8-weights", cli.int8_weights.is_some()),
-        ("--int4-weights", cli.int4_weights.is_some()),
+        ("--int4-weights", cli.int4_weights.is_some() && !packed),
         ("--smooth-alpha", cli.smooth_alpha.is_some()),
         ("--group-size", cli.group_size.is_some()),
         ("--calib-inputs", cli.calib_inputs.is_some()),
@@ -538,16 +549,27 @@ fn convert_auto(cli: &Cli) -> anyhow::Result<()> {
         ("--save-calib", cli.calib.save_calib.is_some()),
     ];
     if let Some((opt, _)) = foreign.iter().find(|(_, g)| *g) {
-        bail!("{opt} does not apply to --to gguf:auto (it chooses every tensor's type and makes its own importance matrix)");
+        bail!("{opt} does not apply to --to {name} (it chooses every layer's type and calibrates on its own chunks)");
     }
     let compare = match cli.compare.as_deref().unwrap_or("nearby") {
         "nearby" => Compare::Nearby,
         "none" => Compare::None,
+        list if packed => Compare::Kinds(
+            list.split(',')
+                .map(|m| minitron::scheme::LayerQuant::parse(m.trim()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow::anyhow!("--compare: {e}"))?,
+        ),
         list => Compare::Mixes(
             list.split(',')
                 .map(|m| minitron::quant::recipe::Mix::parse(m.trim()))
                 .collect::<Result<Vec<_>, _>>()?,
         ),
+    };
+    let int4 = match cli.int4_weights.as_deref() {
+        None | Some("gptq") => minitron::quant::int8::Int4Method::Gptq,
+        Some("rtn") => minitron::quant::int8::Int4Method::Rtn,
+        Some(m) => bail!("--int4-weights {m}: w4a16:auto takes gptq or rtn"),
     };
     let opts = ExportOptions {
         targets: vec![],
@@ -555,7 +577,7 @@ fn convert_auto(cli: &Cli) -> anyhow::Result<()> {
         force: cli.force,
         fp8_weights: WeightMode::Rtn,
         int8_weights: WeightMode::Rtn,
-        int4_weights: minitron::quant::int8::Int4Method::Rtn,
+        int4_weights: int4,
         smooth_alpha: None,
         group_size: None,
         calib: cli.calib.options(folder_of(&out)),
@@ -574,6 +596,7 @@ fn convert_auto(cli: &Cli) -> anyhow::Result<()> {
         calib_inputs: None,
         resume: false,
         journal_every_s: cli.journal_every,
+        layer_quant: Default::default(),
     };
     let a = AutoOptions {
         budget,
@@ -585,6 +608,26 @@ fn convert_auto(cli: &Cli) -> anyhow::Result<()> {
         export: opts,
     };
     let ck = Checkpoint::open(&model)?;
+    if packed {
+        let r = minitron::automix::packed::run(&ck, &a, &candle_core::Device::Cpu, &|m| {
+            minitron::progress::note(m)
+        })?;
+        println!("{}", minitron::automix::packed::report_table(&r));
+        let mix: Vec<String> = r.kinds.iter().map(|(t, n)| format!("{n} {t}")).collect();
+        println!(
+            "wrote {} ({} of tensors, {:.3} bits per linear weight: {}); recipe {}; choice {:.1} s, writing {:.1} s, check {:.1} s, {:.1} s in all",
+            r.path.display(),
+            minitron::inspect::human_bytes(r.bytes),
+            r.bpw,
+            mix.join(", "),
+            r.recipe_file.display(),
+            r.choice_s,
+            r.write_s,
+            r.check_s,
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
     let r = minitron::automix::run(&ck, &a, &candle_core::Device::Cpu, &|m| {
         minitron::progress::note(m)
     })?;
@@ -615,12 +658,15 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
         || cli.auto_holdout.is_some()
         || cli.auto_rows.is_some()
         || cli.compare.is_some();
-    let is_auto = cli.to.iter().any(|t| t.trim().eq_ignore_ascii_case(AUTO));
+    let is_auto = cli
+        .to
+        .iter()
+        .any(|t| t.trim().eq_ignore_ascii_case(AUTO) || t.trim().eq_ignore_ascii_case(W4A16_AUTO));
     if is_auto {
         return convert_auto(cli);
     }
     if auto_given {
-        bail!("--bpw, --size, --recipe, --auto-* and --compare apply to --to gguf:auto only");
+        bail!("--bpw, --size, --recipe, --auto-* and --compare apply to --to gguf:auto and w4a16:auto only");
     }
     let started = std::time::Instant::now();
     let Some(model) = cli.model.clone() else {
@@ -696,6 +742,7 @@ fn convert(cli: &Cli) -> anyhow::Result<()> {
         },
         resume: cli.resume,
         journal_every_s: cli.journal_every,
+        layer_quant: Default::default(),
     };
     if opts.calib_asked && opts.calibrated_targets().is_empty() {
         bail!(

@@ -1,6 +1,7 @@
 //! What an export is asked to do: targets, weight methods, calibration, GGUF settings; and what
 //! follows from them (the calibration each target needs, what blocks are calibrated on).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::calib::{CalibInputs, CalibOptions, Needs};
@@ -57,6 +58,9 @@ pub struct ExportOptions {
     pub resume: bool,
     /// `--journal-every`: seconds between two journal records (0: after every block).
     pub journal_every_s: u64,
+    /// Per-layer kinds of a mixed `w4a16` checkpoint (`w4a16:auto`), by linear weight name;
+    /// empty for a uniform one.
+    pub layer_quant: BTreeMap<String, crate::scheme::LayerQuant>,
 }
 
 impl ExportOptions {
@@ -73,6 +77,15 @@ impl ExportOptions {
                 .targets
                 .iter()
                 .any(|t| t.mix().is_some_and(|m| !m.is_float()))
+    }
+
+    /// The per-layer kinds target `t` is written with (only `w4a16` takes them).
+    pub(crate) fn layers_of(&self, t: Target) -> BTreeMap<String, crate::scheme::LayerQuant> {
+        if t == Target::W4A16 {
+            self.layer_quant.clone()
+        } else {
+            BTreeMap::new()
+        }
     }
 
     /// The weight methods asked for.
@@ -241,6 +254,7 @@ mod tests {
             calib_inputs: None,
             resume: false,
             journal_every_s: 0,
+            layer_quant: BTreeMap::new(),
         };
         for t in Target::ALL {
             for fp8 in [M::Rtn, M::Search, M::Gptq] {

@@ -110,6 +110,10 @@ fn check_request(ck: &Checkpoint, o: &ExportOptions) -> Result<()> {
         }
     }
     for (t, scheme) in o.schemes() {
+        // A mixed checkpoint's kinds were chosen (or checked) against each layer's width.
+        if !o.layers_of(t).is_empty() {
+            continue;
+        }
         if let Some((g, fixed)) = scheme.input_group(t, &o.methods()) {
             let c = &ck.config;
             let widths = [c.hidden_size, c.q_dim(), c.intermediate_size];
@@ -392,7 +396,7 @@ fn open_sinks(
                         tmp
                     }
                 };
-                let planned = plan(t, ck, o.group_size)?;
+                let planned = plan(t, ck, o.group_size, &o.layers_of(t))?;
                 let writer = match r {
                     None => ShardedWriter::create(&tmp, planned, MAX_SHARD_BYTES),
                     Some(r) => {
@@ -412,6 +416,7 @@ fn open_sinks(
                     tmp,
                     writer,
                     errors: r.map(CkRecord::errors).unwrap_or_default(),
+                    layers: o.layers_of(t),
                     alphas: r.map(CkRecord::alphas).unwrap_or_default(),
                 });
             }
@@ -514,7 +519,11 @@ fn finish_ck(
     };
     let scheme = crate::scheme::of(s.target)
         .ok_or_else(|| Error::Internal(format!("{} is not a checkpoint target", s.target)))?;
-    let qc = scheme.config(s.target, &o.methods());
+    let qc = if s.layers.is_empty() {
+        scheme.config(s.target, &o.methods())
+    } else {
+        crate::scheme::mixed_config(&s.layers, &o.methods())
+    };
     let mut cfg = ck.config_json.clone();
     cfg["quantization_config"] = qc.clone();
     write(

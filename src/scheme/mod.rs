@@ -30,6 +30,7 @@ use crate::quant::int8::Int4Method;
 use crate::quant::smoothquant::SmoothPlan;
 
 pub use encode::{GptqCache, LinearCtx, Out, Shared, Statistics};
+pub use packed::{mixed_config, mixed_tensors, LayerQuant};
 pub use target::Target;
 
 /// What the targets of one export need from calibration.

@@ -20,6 +20,165 @@ use crate::quant::smoothquant::SmoothPlan;
 
 pub struct Packed;
 
+/// How one linear layer of a mixed `pack-quantized` checkpoint (`w4a16:auto`) is stored.
+/// Layers that runtimes fuse (q, k and v; gate and up) must share one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LayerQuant {
+    /// 4-bit codes, one bf16 scale per `group` input columns.
+    Int4 { group: usize },
+    /// 8-bit codes, one bf16 scale per output channel.
+    Int8,
+    /// Left in bf16 (listed in the config's `ignore`).
+    Bf16,
+}
+
+impl LayerQuant {
+    /// The candidates `w4a16:auto` chooses from for layers `cols` wide, smallest first.
+    pub fn candidates(cols: usize) -> Vec<LayerQuant> {
+        [128, 64, 32]
+            .into_iter()
+            .filter(|g| cols.is_multiple_of(*g))
+            .map(|group| LayerQuant::Int4 { group })
+            .chain([LayerQuant::Int8, LayerQuant::Bf16])
+            .collect()
+    }
+
+    /// Its spelling in recipes and reports: `w4g128`, `w8`, `bf16`.
+    pub fn name(self) -> String {
+        match self {
+            LayerQuant::Int4 { group } => format!("w4g{group}"),
+            LayerQuant::Int8 => "w8".into(),
+            LayerQuant::Bf16 => "bf16".into(),
+        }
+    }
+
+    /// Parses [`LayerQuant::name`].
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        let s = s.trim().to_ascii_lowercase();
+        match s.as_str() {
+            "w8" => Ok(LayerQuant::Int8),
+            "bf16" => Ok(LayerQuant::Bf16),
+            _ => s
+                .strip_prefix("w4g")
+                .and_then(|g| g.parse().ok())
+                .filter(|&g: &usize| g > 0)
+                .map(|group| LayerQuant::Int4 { group })
+                .ok_or_else(|| format!("unknown layer type `{s}` (expected w4gN, w8 or bf16)")),
+        }
+    }
+
+    /// The packed target and its group size (`None` for bf16).
+    pub fn target(self) -> Option<(Target, Option<usize>)> {
+        match self {
+            LayerQuant::Int4 { group } => Some((Target::W4A16, Some(group))),
+            LayerQuant::Int8 => Some((Target::Int8W8A16, None)),
+            LayerQuant::Bf16 => None,
+        }
+    }
+
+    /// Bytes of a `[rows, cols]` layer stored this way (codes, scales and shape).
+    pub fn bytes(self, rows: usize, cols: usize) -> u64 {
+        let (rows, cols) = (rows as u64, cols as u64);
+        match self.target() {
+            None => rows * cols * 2,
+            Some((t, g)) => {
+                let per = 32 / t.packed_bits().expect("packed") as u64;
+                let groups = g.map_or(1, |g| cols / g as u64);
+                rows * cols.div_ceil(per) * 4 + rows * groups * 2 + 16
+            }
+        }
+    }
+}
+
+/// The tensors of linear weight `name` stored as `q`.
+pub fn mixed_tensors(q: LayerQuant, name: &str, shape: &[usize]) -> Vec<PlannedTensor> {
+    match q.target() {
+        Some((t, g)) => Packed.tensors(t, name, shape, g),
+        None => vec![pt(name.to_owned(), Dtype::BF16, shape.to_vec())],
+    }
+}
+
+/// The `quantization_config` of a mixed checkpoint: one config group per stored kind, each
+/// naming its layers (module names, as compressed-tensors and vLLM match them), bf16 layers
+/// and the head in `ignore`. `layers` maps every linear weight name to its kind.
+pub fn mixed_config(layers: &std::collections::BTreeMap<String, LayerQuant>, m: &Methods) -> Value {
+    use std::collections::BTreeMap;
+    let mut kinds: BTreeMap<LayerQuant, Vec<String>> = BTreeMap::new();
+    let mut ignore = vec![];
+    for (name, q) in layers {
+        let module = stem(name).to_owned();
+        match q {
+            LayerQuant::Bf16 => ignore.push(module),
+            _ => kinds.entry(*q).or_default().push(module),
+        }
+    }
+    ignore.push("lm_head".to_owned());
+    let mut cfg = ct_config("pack-quantized", Value::Null, Value::Null, Value::Null);
+    let mut groups = serde_json::Map::new();
+    for (i, (q, modules)) in kinds.into_iter().enumerate() {
+        let (t, g) = q.target().expect("quantized");
+        let mm = Methods {
+            group_size: g,
+            ..*m
+        };
+        let mut grp = Packed.config(t, &mm)["config_groups"]["group_0"].clone();
+        grp["targets"] = serde_json::json!(modules);
+        groups.insert(format!("group_{i}"), grp);
+    }
+    cfg["config_groups"] = Value::Object(groups);
+    cfg["ignore"] = serde_json::json!(ignore);
+    cfg
+}
+
+/// Whether compressed-tensors target `t` names module `module` (exact name, `re:` pattern, or
+/// the `Linear` class every layer here is).
+fn targets_module(t: &str, module: &str) -> bool {
+    match t.strip_prefix("re:") {
+        Some(p) => regex::Regex::new(p).is_ok_and(|re| re.is_match(module)),
+        None => t == module || t == "Linear",
+    }
+}
+
+/// Bits per code of layer `stem`: the `num_bits` of the first config group whose targets
+/// name it (exact names before the `Linear` class), else [`stored_bits`].
+fn layer_bits(ck: &Checkpoint, stem: &str) -> Result<u32> {
+    let groups = ck
+        .config_json
+        .pointer("/quantization_config/config_groups")
+        .and_then(Value::as_object);
+    let names = |g: &Value| -> Vec<String> {
+        g.get("targets")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let all: Vec<&Value> = groups.into_iter().flat_map(|g| g.values()).collect();
+    let hit = all
+        .iter()
+        .find(|g| {
+            names(g)
+                .iter()
+                .any(|t| t != "Linear" && targets_module(t, stem))
+        })
+        .or_else(|| all.iter().find(|g| names(g).iter().any(|t| t == "Linear")));
+    let Some(g) = hit else {
+        return stored_bits(ck);
+    };
+    match g.pointer("/weights/num_bits").and_then(Value::as_u64) {
+        Some(b @ (4 | 8)) => Ok(b as u32),
+        Some(b) => Err(Error::config(
+            ck.dir.join("config.json"),
+            "quantization_config.config_groups.*.weights.num_bits",
+            format!("expected 4 or 8 for pack-quantized weights of {stem}, found {b}"),
+        )),
+        None => stored_bits(ck),
+    }
+}
+
 /// Bits per code of a `pack-quantized` checkpoint: the `num_bits` of its
 /// `quantization_config` weights (8 when the config does not say). Only 4 and 8 are read.
 fn stored_bits(ck: &Checkpoint) -> Result<u32> {
@@ -115,7 +274,7 @@ impl Scheme for Packed {
     }
 
     fn check(&self, ck: &Checkpoint, stem: &str, _: &str, shape: [usize; 2]) -> Result<()> {
-        let bits = stored_bits(ck)?;
+        let bits = layer_bits(ck, stem)?;
         let per = 32 / bits as usize;
         super::check_codes(
             ck,
@@ -139,7 +298,7 @@ impl Scheme for Packed {
         let packed = part::of(stem, part::WEIGHT_PACKED);
         let scale_name = part::of(stem, part::WEIGHT_SCALE);
         let (bytes, _) = ck.raw(&packed)?;
-        let bits = stored_bits(ck)?;
+        let bits = layer_bits(ck, stem)?;
         let words = inp.div_ceil((32 / bits) as usize);
         if bytes.len() != out * words * 4 {
             return Err(mismatch(
