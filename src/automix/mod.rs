@@ -136,29 +136,37 @@ pub fn recipe_text(types: &BTreeMap<String, GgmlType>, order: &[String]) -> Stri
     s
 }
 
-/// Reads a recipe file (whitespace-separated `PATTERN=TYPE` entries) and resolves it against
-/// the tensors of `plan` as llama-quantize does: the first pattern found in a name wins.
-/// Tensors no pattern names keep the plan's type.
-pub fn read_recipe(path: &Path, plan: &[TensorPlan]) -> Result<BTreeMap<String, GgmlType>> {
+/// The `PATTERN=VALUE` entries (whitespace-separated) of recipe file `path`, in order; `what`
+/// names the value in errors.
+pub(crate) fn read_rules<T>(
+    path: &Path,
+    what: &str,
+    parse: impl Fn(&str) -> std::result::Result<T, String>,
+) -> Result<Vec<(regex::Regex, T)>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut rules = Vec::new();
     for (i, line) in text.lines().enumerate() {
         for tok in line.split_whitespace() {
-            let (pat, ty) = tok.rsplit_once('=').ok_or_else(|| {
-                Error::format(path, format!("line {}: `{tok}` is not PATTERN=TYPE", i + 1))
-            })?;
-            let ty: GgmlType = ty
-                .parse()
-                .map_err(|e: String| Error::format(path, format!("line {}: {e}", i + 1)))?;
-            let re = regex::Regex::new(pat).map_err(|e| {
-                Error::format(path, format!("line {}: pattern `{pat}`: {e}", i + 1))
-            })?;
-            rules.push((re, ty));
+            let at = |m: String| Error::format(path, format!("line {}: {m}", i + 1));
+            let (pat, v) = tok
+                .rsplit_once('=')
+                .ok_or_else(|| at(format!("`{tok}` is not PATTERN={what}")))?;
+            let v = parse(v).map_err(at)?;
+            let re = regex::Regex::new(pat).map_err(|e| at(format!("pattern `{pat}`: {e}")))?;
+            rules.push((re, v));
         }
     }
     if rules.is_empty() {
-        return Err(Error::format(path, "no PATTERN=TYPE entries"));
+        return Err(Error::format(path, format!("no PATTERN={what} entries")));
     }
+    Ok(rules)
+}
+
+/// Reads a recipe file (whitespace-separated `PATTERN=TYPE` entries) and resolves it against
+/// the tensors of `plan` as llama-quantize does: the first pattern found in a name wins.
+/// Tensors no pattern names keep the plan's type.
+pub fn read_recipe(path: &Path, plan: &[TensorPlan]) -> Result<BTreeMap<String, GgmlType>> {
+    let rules = read_rules(path, "TYPE", |s| s.parse::<GgmlType>())?;
     let mut out = BTreeMap::new();
     for t in plan {
         if t.dims.len() < 2 {
@@ -322,6 +330,122 @@ pub fn write_gguf(
     Ok(std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len())
 }
 
+/// The calibration chunks of a run, split: the choice chunks first, the held-back ones last;
+/// and the first scored position of a chunk.
+pub(crate) struct Chunks {
+    pub all: Vec<Vec<u32>>,
+    pub choice_len: usize,
+    pub first: usize,
+    /// The calibration text's label.
+    pub label: String,
+}
+
+impl Chunks {
+    pub fn choice(&self) -> &[Vec<u32>] {
+        &self.all[..self.choice_len]
+    }
+    pub fn held(&self) -> &[Vec<u32>] {
+        &self.all[self.choice_len..]
+    }
+}
+
+/// Refuses an output in the way, then tokenizes and splits the calibration for `what`
+/// (`gguf:auto`, `w4a16:auto`).
+fn prepare(ck: &Checkpoint, a: &AutoOptions, what: &str) -> Result<Chunks> {
+    let o = &a.export;
+    if o.out.exists() && !o.force {
+        return Err(Error::Invalid(format!(
+            "{} exists (use --force to replace it)",
+            o.out.display()
+        )));
+    }
+    let tok = crate::model::Tokenizer::load(&ck.dir)?;
+    let text = crate::calib::dataset::load_source(o.calib.calib.as_deref())?;
+    let all = crate::calib::dataset::calibration_chunks(&tok, &text, &o.calib.spec)?;
+    let need = a.holdout + if a.recipe.is_some() { 1 } else { a.probe };
+    if all.len() < need || a.holdout == 0 {
+        return Err(Error::Invalid(format!(
+            "{what} needs at least {need} calibration chunks ({} held back for the check, {} to measure on) and at least one held back; the calibration gives {} (raise --calib-samples or lower --auto-holdout / --auto-probe)",
+            a.holdout,
+            need - a.holdout,
+            all.len()
+        )));
+    }
+    Ok(Chunks {
+        choice_len: all.len() - a.holdout,
+        all,
+        first: o.calib.spec.seq_len / 2,
+        label: text.label,
+    })
+}
+
+/// The sensitivity pass over the choice chunks, with a progress bar over the blocks.
+fn measure_costs(
+    ck: &Checkpoint,
+    a: &AutoOptions,
+    c: &Chunks,
+    device: &candle_core::Device,
+    note: &dyn Fn(&str),
+) -> Result<sensitivity::Measured> {
+    note(&format!(
+        "measuring each tensor's cost: {} × {}-token chunks (importance from {}), {} held back",
+        a.probe,
+        a.export.calib.spec.seq_len,
+        c.choice_len,
+        c.held().len()
+    ));
+    let pb = crate::progress::bar(
+        ck.config.num_hidden_layers as u64,
+        "sensitivity",
+        crate::progress::Unit::Items("blocks"),
+    );
+    let m = sensitivity::measure(
+        ck,
+        &sensitivity::ProbeOptions {
+            chunks: c.choice(),
+            probe: a.probe,
+            first: c.first,
+            sample_rows: a.sample_rows,
+            search: a.export.gguf.search,
+        },
+        device,
+        &|d, t| {
+            pb.set_length(t);
+            pb.set_position(d);
+        },
+    )?;
+    pb.finish_and_clear();
+    Ok(m)
+}
+
+/// The held-back check's table (`head`: the first column's title).
+fn check_table(
+    head: &str,
+    bits: &str,
+    holdout: usize,
+    positions: usize,
+    scored: &[Scored],
+) -> String {
+    let mut s = format!(
+        "held-back check: {holdout} chunks, {positions} positions, against bf16\n{head:<10} {:>12} {bits:>7} {:>12} {:>22} {:>8} {:>9}\n",
+        "bytes", "predicted", "mean KLD ± se", "top-1 %", "PPL"
+    );
+    for x in scored {
+        s.push_str(&format!(
+            "{:<10} {:>12} {:>7.3} {:>12} {:>13.6} ± {:<7.6} {:>8.2} {:>9.4}\n",
+            x.name,
+            x.bytes,
+            x.bpw,
+            x.predicted_kld.map_or("-".into(), |p| format!("{p:.6}")),
+            x.divergence.mean_kld,
+            x.divergence.mean_kld_stderr,
+            x.divergence.top1_agreement_pct,
+            x.ppl.ppl
+        ));
+    }
+    s.trim_end().to_string()
+}
+
 /// Runs `gguf:auto` (see the module docs). `note` receives one-line progress messages.
 pub fn run(
     ck: &Checkpoint,
@@ -331,29 +455,9 @@ pub fn run(
 ) -> Result<AutoReport> {
     let o = &a.export;
     let out = o.out.clone();
-    if out.exists() && !o.force {
-        return Err(Error::Invalid(format!(
-            "{} exists (use --force to replace it)",
-            out.display()
-        )));
-    }
     let t0 = std::time::Instant::now();
-    // The chunks: choice first, held back last.
-    let tok = crate::model::Tokenizer::load(&ck.dir)?;
-    let text = crate::calib::dataset::load_source(o.calib.calib.as_deref())?;
-    let chunks = crate::calib::dataset::calibration_chunks(&tok, &text, &o.calib.spec)?;
-    let need = a.holdout + if a.recipe.is_some() { 1 } else { a.probe };
-    if chunks.len() < need || a.holdout == 0 {
-        return Err(Error::Invalid(format!(
-            "gguf:auto needs at least {need} calibration chunks ({} held back for the check, {} to measure on) and at least one held back; the calibration gives {} (raise --calib-samples or lower --auto-holdout / --auto-probe)",
-            a.holdout,
-            need - a.holdout,
-            chunks.len()
-        )));
-    }
-    let (choice, held) = chunks.split_at(chunks.len() - a.holdout);
-    let seq = o.calib.spec.seq_len;
-    let first = seq / 2;
+    let cs = prepare(ck, a, "gguf:auto")?;
+    let (choice, held, first) = (cs.choice(), cs.held(), cs.first);
     let imatrix_file = imatrix_path(&out);
     let recipe_file = recipe_path(&out);
 
@@ -379,33 +483,7 @@ pub fn run(
                 Error::Invalid("gguf:auto needs --bpw BITS, --size BYTES or --recipe FILE".into())
             })?;
             lay.check(budget)?;
-            note(&format!(
-                "measuring each tensor's cost: {} × {seq}-token chunks (importance matrix from {}), {} held back",
-                a.probe,
-                choice.len(),
-                held.len()
-            ));
-            let pb = crate::progress::bar(
-                ck.config.num_hidden_layers as u64,
-                "sensitivity",
-                crate::progress::Unit::Items("blocks"),
-            );
-            let m = sensitivity::measure(
-                ck,
-                &sensitivity::ProbeOptions {
-                    chunks: choice,
-                    probe: a.probe,
-                    first,
-                    sample_rows: a.sample_rows,
-                    search: o.gguf.search,
-                },
-                device,
-                &|d, t| {
-                    pb.set_length(t);
-                    pb.set_position(d);
-                },
-            )?;
-            pb.finish_and_clear();
+            let m = measure_costs(ck, a, &cs, device, note)?;
             let types = lay.choose(&m, budget)?;
             let im = m.imatrix.clone();
             (types, Some(m), im)
@@ -415,7 +493,7 @@ pub fn run(
 
     // The importance matrix and recipe beside the file, then the file.
     let mut im = imatrix;
-    im.datasets = vec![format!("{} (choice chunks)", text.label)];
+    im.datasets = vec![format!("{} (choice chunks)", cs.label)];
     im.write_gguf(&imatrix_file)?;
     std::fs::write(&recipe_file, recipe_text(&types, &order))
         .map_err(|e| Error::io(&recipe_file, e))?;
@@ -769,22 +847,5 @@ fn put_manifest(p: &Path, v: &serde_json::Value) -> Result<()> {
 /// The check as a table: each file's size, predicted and measured KL-divergence on the
 /// held-back chunks.
 pub fn report_table(r: &AutoReport) -> String {
-    let mut s = format!(
-        "held-back check: {} chunks, {} positions, against bf16\n{:<10} {:>12} {:>7} {:>12} {:>22} {:>8} {:>9}\n",
-        r.holdout_chunks, r.positions, "file", "bytes", "bpw", "predicted", "mean KLD ± se", "top-1 %", "PPL"
-    );
-    for x in &r.scored {
-        s.push_str(&format!(
-            "{:<10} {:>12} {:>7.3} {:>12} {:>13.6} ± {:<7.6} {:>8.2} {:>9.4}\n",
-            x.name,
-            x.bytes,
-            x.bpw,
-            x.predicted_kld.map_or("-".into(), |p| format!("{p:.6}")),
-            x.divergence.mean_kld,
-            x.divergence.mean_kld_stderr,
-            x.divergence.top1_agreement_pct,
-            x.ppl.ppl
-        ));
-    }
-    s.trim_end().to_string()
+    check_table("file", "bpw", r.holdout_chunks, r.positions, &r.scored)
 }

@@ -301,24 +301,7 @@ pub fn recipe_text(kinds: &BTreeMap<String, LayerQuant>, order: &[String]) -> St
 /// Reads a recipe (`PATTERN=KIND` entries; the first pattern found in a module name wins;
 /// layers no pattern names get 4 bits in groups of 128) and checks that fused layers agree.
 pub fn read_recipe(ck: &Checkpoint, path: &Path) -> Result<BTreeMap<String, LayerQuant>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let mut rules = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        for tok in line.split_whitespace() {
-            let (pat, k) = tok.rsplit_once('=').ok_or_else(|| {
-                Error::format(path, format!("line {}: `{tok}` is not PATTERN=KIND", i + 1))
-            })?;
-            let k = LayerQuant::parse(k)
-                .map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))?;
-            let re = regex::Regex::new(pat).map_err(|e| {
-                Error::format(path, format!("line {}: pattern `{pat}`: {e}", i + 1))
-            })?;
-            rules.push((re, k));
-        }
-    }
-    if rules.is_empty() {
-        return Err(Error::format(path, "no PATTERN=KIND entries"));
-    }
+    let rules = super::read_rules(path, "KIND", LayerQuant::parse)?;
     let c = &ck.config;
     let mut out = BTreeMap::new();
     for l in 0..c.num_hidden_layers {
@@ -455,33 +438,14 @@ pub fn run(
 ) -> Result<PackedReport> {
     let o = &a.export;
     let out = o.out.clone();
-    if out.exists() && !o.force {
-        return Err(Error::Invalid(format!(
-            "{} exists (use --force to replace it)",
-            out.display()
-        )));
-    }
     if o.int4_weights == Int4Method::Awq {
         return Err(Error::Invalid(
             "w4a16:auto takes --int4-weights gptq or rtn: AWQ's scales fold into the norms for one group size".into(),
         ));
     }
     let t0 = std::time::Instant::now();
-    let tok = crate::model::Tokenizer::load(&ck.dir)?;
-    let text = crate::calib::dataset::load_source(o.calib.calib.as_deref())?;
-    let chunks = crate::calib::dataset::calibration_chunks(&tok, &text, &o.calib.spec)?;
-    let need = a.holdout + if a.recipe.is_some() { 1 } else { a.probe };
-    if chunks.len() < need || a.holdout == 0 {
-        return Err(Error::Invalid(format!(
-            "w4a16:auto needs at least {need} calibration chunks ({} held back for the check, {} to measure on) and at least one held back; the calibration gives {} (raise --calib-samples or lower --auto-holdout / --auto-probe)",
-            a.holdout,
-            need - a.holdout,
-            chunks.len()
-        )));
-    }
-    let (choice, held) = chunks.split_at(chunks.len() - a.holdout);
-    let seq = o.calib.spec.seq_len;
-    let first = seq / 2;
+    let cs = super::prepare(ck, a, "w4a16:auto")?;
+    let (choice, held, first) = (cs.choice(), cs.held(), cs.first);
     let recipe_file = beside(&out, ".recipe.txt");
     let order: Vec<String> = crate::export::plan::inputs(ck)
         .into_iter()
@@ -501,33 +465,7 @@ pub fn run(
                 Error::Invalid("w4a16:auto needs --bpw BITS, --size BYTES or --recipe FILE".into())
             })?;
             check_budget(ck, budget)?;
-            note(&format!(
-                "measuring each layer's cost: {} × {seq}-token chunks (importance from {}), {} held back",
-                a.probe,
-                choice.len(),
-                held.len()
-            ));
-            let pb = crate::progress::bar(
-                ck.config.num_hidden_layers as u64,
-                "sensitivity",
-                crate::progress::Unit::Items("blocks"),
-            );
-            let m = sensitivity::measure(
-                ck,
-                &sensitivity::ProbeOptions {
-                    chunks: choice,
-                    probe: a.probe,
-                    first,
-                    sample_rows: a.sample_rows,
-                    search: o.gguf.search,
-                },
-                device,
-                &|d, t| {
-                    pb.set_length(t);
-                    pb.set_position(d);
-                },
-            )?;
-            pb.finish_and_clear();
+            let m = super::measure_costs(ck, a, &cs, device, note)?;
             let units = tables(ck, &m, a.sample_rows, o.gguf.search)?;
             let k = choose(ck, &units, budget)?;
             (k, Some(units), Some(m))
@@ -645,22 +583,5 @@ pub fn predicted_kld(units: &[UnitSense], kinds: &BTreeMap<String, LayerQuant>) 
 
 /// The check as a table.
 pub fn report_table(r: &PackedReport) -> String {
-    let mut s = format!(
-        "held-back check: {} chunks, {} positions, against bf16\n{:<10} {:>12} {:>7} {:>12} {:>22} {:>8} {:>9}\n",
-        r.holdout_chunks, r.positions, "model", "bytes", "bits", "predicted", "mean KLD ± se", "top-1 %", "PPL"
-    );
-    for x in &r.scored {
-        s.push_str(&format!(
-            "{:<10} {:>12} {:>7.3} {:>12} {:>13.6} ± {:<7.6} {:>8.2} {:>9.4}\n",
-            x.name,
-            x.bytes,
-            x.bpw,
-            x.predicted_kld.map_or("-".into(), |p| format!("{p:.6}")),
-            x.divergence.mean_kld,
-            x.divergence.mean_kld_stderr,
-            x.divergence.top1_agreement_pct,
-            x.ppl.ppl
-        ));
-    }
-    s.trim_end().to_string()
+    super::check_table("model", "bits", r.holdout_chunks, r.positions, &r.scored)
 }
