@@ -35,6 +35,15 @@ pub enum Error {
         expected: String,
         found: String,
     },
+    /// A task file (HellaSwag, multiple choice, Winogrande) line that does not follow its layout.
+    #[error("{path}:{line}: {field}: {msg}")]
+    TaskFile {
+        path: PathBuf,
+        /// 1-based; 0 for the file as a whole.
+        line: usize,
+        field: String,
+        msg: String,
+    },
     /// A feature of the input that we do not implement.
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -76,6 +85,7 @@ impl Error {
             | Error::TensorMismatch { .. }
             | Error::Unsupported(_)
             | Error::Invalid(_)
+            | Error::TaskFile { .. }
             | Error::Tokenizer { .. } => 2,
         }
     }

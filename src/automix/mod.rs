@@ -386,6 +386,7 @@ fn measure_costs(
     c: &Chunks,
     device: &candle_core::Device,
     note: &dyn Fn(&str),
+    moments: Option<sensitivity::MomentsHook<'_>>,
 ) -> Result<sensitivity::Measured> {
     note(&format!(
         "measuring each tensor's cost: {} × {}-token chunks (importance from {}), {} held back",
@@ -399,7 +400,7 @@ fn measure_costs(
         "sensitivity",
         crate::progress::Unit::Items("blocks"),
     );
-    let m = sensitivity::measure(
+    let m = sensitivity::measure_with(
         ck,
         &sensitivity::ProbeOptions {
             chunks: c.choice(),
@@ -413,6 +414,7 @@ fn measure_costs(
             pb.set_length(t);
             pb.set_position(d);
         },
+        moments,
     )?;
     pb.finish_and_clear();
     Ok(m)
@@ -483,7 +485,7 @@ pub fn run(
                 Error::Invalid("gguf:auto needs --bpw BITS, --size BYTES or --recipe FILE".into())
             })?;
             lay.check(budget)?;
-            let m = measure_costs(ck, a, &cs, device, note)?;
+            let m = measure_costs(ck, a, &cs, device, note, None)?;
             let types = lay.choose(&m, budget)?;
             let im = m.imatrix.clone();
             (types, Some(m), im)

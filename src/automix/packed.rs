@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::{allocate, beside, sensitivity, AutoOptions, Budget, Compare, Scored};
@@ -83,10 +84,118 @@ fn packed_error(x: &[f32], cols: usize, imp: &[f32], k: LayerQuant) -> f64 {
         .sum()
 }
 
-/// Each unit's candidates with their bytes and predicted costs, from measurement `m`.
+/// Each block linear layer's candidate kinds with their error over the GGUF probe type's,
+/// both measured as the layer's output error on the calibration text.
+pub type ErrorRatios = BTreeMap<String, Vec<f64>>;
+
+/// `Σ_rows (x − d)ᵀ H (x − d)` for rows `x` and their stored values `d` (`n` wide): the
+/// squared change of the layer's output summed over the inputs `H` was measured on.
+fn output_error(x: &[f32], d: &[f32], h: &Tensor, n: usize) -> Result<f64> {
+    let rows = x.len() / n;
+    if rows == 0 {
+        return Ok(0.0);
+    }
+    let delta: Vec<f32> = x.iter().zip(d).map(|(a, b)| a - b).collect();
+    let dt = Tensor::from_vec(delta, (rows, n), &candle_core::Device::Cpu)?;
+    let dh = dt.matmul(h)?;
+    Ok((dh * dt)?
+        .to_dtype(candle_core::DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?)
+}
+
+/// Block `l`'s [`ErrorRatios`] into `out`, from its second moments `hs` (taken out of it):
+/// each kind rounded as the writer rounds it — 4-bit codes by GPTQ with the writer's factor
+/// (`gptq`) or to nearest, 8-bit codes to nearest — and the probe as `gguf:auto` rounds it,
+/// on evenly spaced rows. The output error rather than the importance-weighted rounding error
+/// is what makes GPTQ's gain visible: its feedback moves each rounding error to where `H` makes
+/// it cost least, which the diagonal does not see.
+#[allow(clippy::too_many_arguments)]
+pub fn block_ratios(
+    ck: &Checkpoint,
+    l: usize,
+    hs: &mut crate::calib::hessian::BlockHessians,
+    imatrix: &crate::calib::imatrix::Imatrix,
+    sample_rows: usize,
+    search: crate::quant::ggml::KSearch,
+    gptq: bool,
+    out: &mut ErrorRatios,
+) -> Result<()> {
+    use crate::quant::gptq::Plan;
+    let c = &ck.config;
+    for site in InputSite::ALL {
+        let cols = site.width(c);
+        let h = hs.take_mean(site);
+        let plan = if gptq {
+            let f = |i: usize, j: usize| h[i * cols + j] as f64;
+            let shrink = crate::quant::int8::W4A16_GPTQ_SHRINK;
+            Some(match Plan::<f32>::from_fn(cols, 0.01, shrink, f) {
+                Ok(p) => p,
+                Err(_) => Plan::<f64>::from_fn(cols, 0.01, shrink, f)?.convert(),
+            })
+        } else {
+            None
+        };
+        let ht = Tensor::from_slice(&h, (cols, cols), &candle_core::Device::Cpu)?;
+        for role in unit_roles(site) {
+            let hf = names::hf_linear(l, role);
+            let gg = names::gguf_linear(l, role);
+            let [rows, _] = role.shape(c);
+            let imp = imatrix
+                .entries
+                .get(&gg)
+                .ok_or_else(|| Error::Internal(format!("no importance for {gg}")))?
+                .mean();
+            let idx = sensitivity::sample(rows, sample_rows);
+            let xs = sensitivity::rows_f32(ck, &hf, &idx)?;
+            let probe = sensitivity::probe_type(cols);
+            let pd = sensitivity::round_trip(&xs, cols, Some(&imp), probe, search)?;
+            let pe = output_error(&xs, &pd, &ht, cols)?.max(f64::MIN_POSITIVE);
+            let mut r = Vec::new();
+            for k in LayerQuant::candidates(cols) {
+                let d = match (k, plan.as_ref()) {
+                    (LayerQuant::Bf16, _) => {
+                        r.push(0.0);
+                        continue;
+                    }
+                    (LayerQuant::Int8, _) => {
+                        crate::quant::int8::quantize(&xs, cols, None).dequantize(cols)
+                    }
+                    (LayerQuant::Int4 { group }, Some(p)) => {
+                        let ew = p.error_weights();
+                        crate::quant::int8::quantize_gptq_bits(
+                            &xs,
+                            cols,
+                            Some(group),
+                            p,
+                            4,
+                            Some(&ew),
+                            Some(&h),
+                        )
+                        .dequantize(cols)
+                    }
+                    (LayerQuant::Int4 { group }, None) => {
+                        crate::quant::int8::quantize_bits(&xs, cols, Some(group), 4)
+                            .dequantize(cols)
+                    }
+                };
+                r.push(output_error(&xs, &d, &ht, cols)? / pe);
+            }
+            ck.release(&hf);
+            out.insert(hf, r);
+        }
+    }
+    Ok(())
+}
+
+/// Each unit's candidates with their bytes and predicted costs, from measurement `m`: a
+/// layer's cost at a kind is its measured cost at the probe times the kind's error over the
+/// probe's — from `ratios` (output errors) where given, else importance-weighted rounding
+/// errors.
 pub fn tables(
     ck: &Checkpoint,
     m: &sensitivity::Measured,
+    ratios: Option<&ErrorRatios>,
     sample_rows: usize,
     search: crate::quant::ggml::KSearch,
 ) -> Result<Vec<UnitSense>> {
@@ -110,20 +219,39 @@ pub fn tables(
                 let ts = by_name
                     .get(gg.as_str())
                     .ok_or_else(|| Error::Internal(format!("no measured cost for {gg}")))?;
-                let imp = m
-                    .imatrix
-                    .entries
-                    .get(&gg)
-                    .ok_or_else(|| Error::Internal(format!("no importance for {gg}")))?
-                    .mean();
-                let idx = sensitivity::sample(rows, sample_rows);
-                let xs = sensitivity::rows_f32(ck, &hf, &idx)?;
-                let probe: GgmlType = ts.probe;
-                let pe = sensitivity::errors(&xs, cols, Some(&imp), Some(&imp), &[probe], search)?
-                    [0]
-                .max(f64::MIN_POSITIVE);
+                let rel: Vec<f64> = match ratios {
+                    Some(rs) => rs
+                        .get(&hf)
+                        .filter(|v| v.len() == kinds.len())
+                        .cloned()
+                        .ok_or_else(|| Error::Internal(format!("no error ratios for {hf}")))?,
+                    None => {
+                        let imp = m
+                            .imatrix
+                            .entries
+                            .get(&gg)
+                            .ok_or_else(|| Error::Internal(format!("no importance for {gg}")))?
+                            .mean();
+                        let idx = sensitivity::sample(rows, sample_rows);
+                        let xs = sensitivity::rows_f32(ck, &hf, &idx)?;
+                        let probe: GgmlType = ts.probe;
+                        let pe = sensitivity::errors(
+                            &xs,
+                            cols,
+                            Some(&imp),
+                            Some(&imp),
+                            &[probe],
+                            search,
+                        )?[0]
+                            .max(f64::MIN_POSITIVE);
+                        kinds
+                            .iter()
+                            .map(|&k| packed_error(&xs, cols, &imp, k) / pe)
+                            .collect()
+                    }
+                };
                 for (i, &k) in kinds.iter().enumerate() {
-                    kld[i] += ts.kld_at_probe * packed_error(&xs, cols, &imp, k) / pe;
+                    kld[i] += ts.kld_at_probe * rel[i];
                     bytes[i] += k.bytes(rows, cols);
                 }
                 at_probe += ts.kld_at_probe;
@@ -465,8 +593,39 @@ pub fn run(
                 Error::Invalid("w4a16:auto needs --bpw BITS, --size BYTES or --recipe FILE".into())
             })?;
             check_budget(ck, budget)?;
-            let m = super::measure_costs(ck, a, &cs, device, note)?;
-            let units = tables(ck, &m, a.sample_rows, o.gguf.search)?;
+            // Under GPTQ the costs come from output errors, which need each block's full
+            // second moments (collected in the measurement's reference pass).
+            let gptq = o.int4_weights == Int4Method::Gptq;
+            let mut ratios = ErrorRatios::new();
+            let mut hook = |l: usize,
+                            hs: &mut crate::calib::hessian::BlockHessians,
+                            im: &crate::calib::imatrix::Imatrix| {
+                block_ratios(
+                    ck,
+                    l,
+                    hs,
+                    im,
+                    a.sample_rows,
+                    o.gguf.search,
+                    true,
+                    &mut ratios,
+                )
+            };
+            let m = super::measure_costs(
+                ck,
+                a,
+                &cs,
+                device,
+                note,
+                if gptq { Some(&mut hook) } else { None },
+            )?;
+            let units = tables(
+                ck,
+                &m,
+                gptq.then_some(&ratios),
+                a.sample_rows,
+                o.gguf.search,
+            )?;
             let k = choose(ck, &units, budget)?;
             (k, Some(units), Some(m))
         }

@@ -24,6 +24,7 @@
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
+use crate::calib::hessian::BlockHessians;
 use crate::calib::imatrix::{Imatrix, ImatrixEntry};
 use crate::error::{Error, Result};
 use crate::format::gguf::GgmlType;
@@ -186,6 +187,22 @@ impl Observer for SiteSums {
     }
 }
 
+/// The importance sums and, when asked for, the block's full second moments.
+struct Both<'a> {
+    sums: &'a mut SiteSums,
+    moments: Option<&'a mut BlockHessians>,
+}
+
+impl Observer for Both<'_> {
+    fn linear_input(&mut self, layer: usize, site: InputSite, x: &[f32]) -> Result<()> {
+        self.sums.linear_input(layer, site, x)?;
+        match self.moments.as_mut() {
+            Some(h) => h.add(site, x),
+            None => Ok(()),
+        }
+    }
+}
+
 fn empty_imatrix(chunks: &[Vec<u32>]) -> Imatrix {
     Imatrix {
         entries: Default::default(),
@@ -241,6 +258,19 @@ pub(crate) fn sample(rows: usize, n: usize) -> Vec<usize> {
 
 /// Squared error per candidate, weighted by `weight` per column, of rows `x` (`ne0` wide)
 /// quantized as the writer would (`imp` the quantizer's importance).
+/// Rows `x` stored as `ty` (quantized with importance `imp` where the type takes one) and
+/// read back.
+pub(crate) fn round_trip(
+    x: &[f32],
+    ne0: usize,
+    imp: Option<&[f32]>,
+    ty: GgmlType,
+    search: KSearch,
+) -> Result<Vec<f32>> {
+    let q = quantize_with(&ty, x, ne0, quantizer_importance(ty, imp), search)?;
+    dequantize(&ty, &q, ne0)
+}
+
 pub(crate) fn errors(
     x: &[f32],
     ne0: usize,
@@ -380,6 +410,24 @@ pub fn measure(
     device: &Device,
     progress: &dyn Fn(u64, u64),
 ) -> Result<Measured> {
+    measure_with(ck, o, device, progress, None)
+}
+
+/// What [`measure_with`] hands each block's second moments to: the block index, the
+/// reference's `Σ x xᵀ` of the choice chunks at each input site, and the importance matrix
+/// with that block's entries already in it.
+pub type MomentsHook<'h> = &'h mut dyn FnMut(usize, &mut BlockHessians, &Imatrix) -> Result<()>;
+
+/// [`measure`], also collecting each block's full second moments `E[x xᵀ]` during the
+/// reference pass and handing them to `moments` before the next block starts (one block's
+/// matrices are held at a time).
+pub fn measure_with(
+    ck: &Checkpoint,
+    o: &ProbeOptions<'_>,
+    device: &Device,
+    progress: &dyn Fn(u64, u64),
+    mut moments: Option<MomentsHook<'_>>,
+) -> Result<Measured> {
     let t0 = std::time::Instant::now();
     let c = &ck.config;
     let layers = c.num_hidden_layers;
@@ -445,9 +493,22 @@ pub fn measure(
     for l in 0..layers {
         let base = reference.fork(0)?;
         let blk = reference.next_stored()?;
-        reference.run(&blk, Some(&mut sums), true, &|_| ())?;
+        let mut hs = moments.as_ref().map(|_| BlockHessians::new(c, l));
+        reference.run(
+            &blk,
+            Some(&mut Both {
+                sums: &mut sums,
+                moments: hs.as_mut(),
+            }),
+            true,
+            &|_| (),
+        )?;
         let y = reference.groups[0].clone();
         sums.add_to(l, &mut imatrix);
+        if let (Some(f), Some(h)) = (moments.as_mut(), hs.as_mut()) {
+            f(l, h, &imatrix)?;
+        }
+        drop(hs);
         for s in streams.iter_mut() {
             s.run(&blk, None, true, &|_| ())?;
         }

@@ -19,7 +19,7 @@ struct Args {
     /// the sha256 of every file `minitron-manifest.json` (a folder) or `FILE.gguf.manifest.json`
     /// (a GGUF file) lists, and name every file changed, missing or extra. Exit status 0 when
     /// all match, 2 otherwise.
-    #[arg(long, value_name = "DIR|FILE.gguf", conflicts_with_all = ["candidate", "ppl", "kld", "gen"])]
+    #[arg(long, value_name = "DIR|FILE.gguf", conflicts_with_all = ["candidate", "ppl", "kld", "gen", "hellaswag", "choices", "winogrande"])]
     manifest: Option<PathBuf>,
     /// Reference model (the bf16 original: a checkpoint folder or a bf16/f32 GGUF file) for
     /// --kld and --gen comparisons.
@@ -83,6 +83,26 @@ struct Args {
     /// cross-check: same numbers, much more memory).
     #[arg(long)]
     whole_model: bool,
+    /// HellaSwag accuracy, scored as `llama-perplexity --hellaswag` scores it (mean log-prob of
+    /// each ending's tokens after the endings' common prefix), plus lm-eval's acc and acc_norm.
+    /// FILE: llama.cpp's six-lines-a-task layout or the original hellaswag_val.jsonl. With
+    /// --reference, both models and the paired comparison.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["choices", "winogrande"])]
+    hellaswag: Option<PathBuf>,
+    /// Multiple-choice accuracy on a JSONL file, one task per line: {"query": …, "choices":
+    /// [...], "gold": i} with optional "fewshot" (text before the query) and "delimiter"
+    /// (between query and choice, default " "); scored like --hellaswag (formats/tasks.md).
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with = "winogrande")]
+    choices: Option<PathBuf>,
+    /// Winogrande accuracy on llama.cpp's CSV (index,sentence,option1,option2,answer): each
+    /// option put in the blank, the shared rest of the sentence scored.
+    #[arg(long, value_name = "FILE.csv")]
+    winogrande: Option<PathBuf>,
+    /// Score N tasks, drawn as llama-perplexity draws them (std::mt19937 seeded with 1, one
+    /// uniform_int_distribution pick among the tasks left per task; libstdc++'s), so a subset's
+    /// score is comparable with llama.cpp's. Default: every task in the file.
+    #[arg(long, value_name = "N")]
+    tasks: Option<usize>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -114,6 +134,16 @@ fn main() -> std::process::ExitCode {
             dump_logits: a.dump_logits.clone(),
             gguf_dense: a.gguf_dense,
             whole_model: a.whole_model,
+            tasks: {
+                use minitron::verify::tasks::Suite;
+                match (&a.hellaswag, &a.choices, &a.winogrande) {
+                    (Some(p), _, _) => Some((Suite::Hellaswag, p.clone())),
+                    (_, Some(p), _) => Some((Suite::Choices, p.clone())),
+                    (_, _, Some(p)) => Some((Suite::Winogrande, p.clone())),
+                    _ => None,
+                }
+            },
+            task_limit: a.tasks,
             batch: a.batch,
             dtype: a.dtype.as_deref().map(|d| match d {
                 "bf16" => candle_core::DType::BF16,

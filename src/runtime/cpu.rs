@@ -90,10 +90,20 @@ multiversion! {
 
 /// RoPE on rows of `width` values (`b` chunks of `t` positions each, row `r` at position
 /// `r % t`); `cos`/`sin` are `[t, hd/2]`.
-fn rope_rows(x: &mut [f32], width: usize, hd: usize, t: usize, cos: &[f32], sin: &[f32]) {
+/// RoPE on rows of `width` values: row `r` at position `r mod t`, or `pos[r]` when given
+/// (packed rows, [`crate::runtime::Packing`]); `cos`/`sin` hold positions `0 .. t`.
+fn rope_rows(
+    x: &mut [f32],
+    width: usize,
+    hd: usize,
+    t: usize,
+    pos: Option<&[u32]>,
+    cos: &[f32],
+    sin: &[f32],
+) {
     let half = hd / 2;
     x.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
-        let p = r % t;
+        let p = pos.map_or(r % t, |p| p[r] as usize);
         rope_row(
             row,
             hd,
@@ -299,7 +309,8 @@ multiversion! {
     /// zero-padded `[hd, tp]`, `v` its values `[t, hd]`; writes `[rows, hd]` into `out` (row
     /// stride `os`). `s` is scratch of `QR · tp` values. Row `r` sees keys `0 ..= i0 + r`;
     /// the probabilities of the keys it does not see are exactly zero, so a tile's rows share
-    /// one loop.
+    /// one loop. With `vis` (the chunk's [`crate::runtime::Packing`] segments), row `r` sees
+    /// key `j` only where the segments allow it; the others get probability exactly zero.
     fn attend(
         q: &[f32],
         qs: usize,
@@ -310,6 +321,7 @@ multiversion! {
         i0: usize,
         rows: usize,
         scale: f32,
+        vis: Option<&[(u32, u32)]>,
         s: &mut [f32],
         out: &mut [f32],
         os: usize,
@@ -328,6 +340,14 @@ multiversion! {
         for r in 0..rows {
             let n = i0 + r + 1;
             let sr = &mut s[r * tp..r * tp + end];
+            if let Some(seg) = vis {
+                let me = seg[i0 + r];
+                for (j, x) in sr[..n].iter_mut().enumerate() {
+                    if !crate::runtime::Packing::sees(me, seg[j]) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
             let m = crate::simd::max_f32(&sr[..n]);
             for x in sr[..n].iter_mut() {
                 *x = exp(*x - m);
@@ -371,7 +391,8 @@ multiversion! {
 }
 
 /// Causal grouped-query attention over `b` chunks of `t` positions: `q` `[b·t, h·hd]`, `k` and
-/// `v` `[b·t, kvh·hd]`; returns `[b·t, h·hd]`.
+/// `v` `[b·t, kvh·hd]`; returns `[b·t, h·hd]`. With `seg` (`[b·t]`, packed rows), a position
+/// sees only the earlier positions its segment shares ([`crate::runtime::Packing::sees`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
@@ -382,6 +403,7 @@ pub fn attention(
     h: usize,
     kvh: usize,
     hd: usize,
+    seg: Option<&[(u32, u32)]>,
 ) -> Vec<f32> {
     let g = h / kvh;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -425,6 +447,7 @@ pub fn attention(
                         i0,
                         rows,
                         scale,
+                        seg.map(|sg| &sg[c * t..(c + 1) * t]),
                         &mut s,
                         &mut out[(gi * t + i0) * hd..],
                         hd,
@@ -458,7 +481,8 @@ pub fn eligible(blk: &Block) -> bool {
 }
 
 /// The block on `b` chunks of `t` positions with no cache, residual stream `x` `[b·t, hidden]`
-/// updated in place. `cos`/`sin` are `[t, head_dim/2]`.
+/// updated in place. `cos`/`sin` are `[t, head_dim/2]`; `packing` gives packed rows' positions
+/// and segments (`[b·t]` each).
 #[allow(clippy::too_many_arguments)]
 pub fn block_forward(
     blk: &Block,
@@ -469,6 +493,7 @@ pub fn block_forward(
     t: usize,
     cos: &[f32],
     sin: &[f32],
+    packing: Option<(&[u32], &[(u32, u32)])>,
     obs: &mut Option<&mut dyn Observer>,
 ) -> Result<()> {
     let (h, kvh, hd, hs) = (
@@ -490,12 +515,13 @@ pub fn block_forward(
         qkv.next().expect("k"),
         qkv.next().expect("v"),
     );
-    rope_rows(&mut q, h * hd, hd, t, cos, sin);
-    rope_rows(&mut k, kvh * hd, hd, t, cos, sin);
+    let (pos, seg) = (packing.map(|p| p.0), packing.map(|p| p.1));
+    rope_rows(&mut q, h * hd, hd, t, pos, cos, sin);
+    rope_rows(&mut k, kvh * hd, hd, t, pos, cos, sin);
     if let Some(o) = obs.as_deref_mut() {
         o.kv(l, &k, &v)?;
     }
-    let y = attention(&q, &k, &v, b, t, h, kvh, hd);
+    let y = attention(&q, &k, &v, b, t, h, kvh, hd, seg);
     drop((q, k, v));
     if let Some(o) = obs.as_deref_mut() {
         o.linear_input(l, InputSite::AttnOut, &y)?;
@@ -598,7 +624,7 @@ mod tests {
         let q = rnd(b * t * h * hd);
         let k = rnd(b * t * kvh * hd);
         let v = rnd(b * t * kvh * hd);
-        let y = attention(&q, &k, &v, b, t, h, kvh, hd);
+        let y = attention(&q, &k, &v, b, t, h, kvh, hd, None);
         let g = h / kvh;
         for c in 0..b {
             for head in 0..h {

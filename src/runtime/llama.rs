@@ -32,6 +32,76 @@ struct Pass<'a> {
     t: usize,
     /// Cached plus new positions.
     total: usize,
+    /// Packed rows' positions, segments and the tables made from them.
+    packing: Option<&'a PackedTables>,
+}
+
+/// Several token sequences packed into one row (llama.cpp's sequence ids in a batch): sequences
+/// that share a prefix hold it once. Each token has a RoPE position and a segment `(group,
+/// branch)`; a token sees an earlier token of its own group when that token is on its branch
+/// or on branch 0, the group's shared prefix. Groups never see each other.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Packing {
+    pub pos: Vec<u32>,
+    pub seg: Vec<(u32, u32)>,
+}
+
+impl Packing {
+    /// Whether a token of segment `me` sees an earlier token of segment `other`.
+    #[inline(always)]
+    pub fn sees(me: (u32, u32), other: (u32, u32)) -> bool {
+        me.0 == other.0 && (other.1 == 0 || other.1 == me.1)
+    }
+}
+
+/// One group of packed rows as a block pass wants them: positions and segments flattened over
+/// its rows, and (for the tensor path) per-row RoPE tables and an additive mask.
+#[derive(Debug, Clone)]
+pub struct PackedTables {
+    pos: Vec<u32>,
+    seg: Vec<(u32, u32)>,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+}
+
+impl PackedTables {
+    /// Tables for rows `rows` (each `t` long) from the plain `[t, half]` RoPE tables.
+    fn new(rows: &[&Packing], t: usize, cos: &Tensor, sin: &Tensor) -> Result<Self> {
+        let b = rows.len();
+        let pos: Vec<u32> = rows.iter().flat_map(|p| p.pos.iter().copied()).collect();
+        let seg: Vec<(u32, u32)> = rows.iter().flat_map(|p| p.seg.iter().copied()).collect();
+        if pos.len() != b * t || seg.len() != b * t || pos.iter().any(|&p| p as usize >= t) {
+            return Err(crate::error::Error::Internal(format!(
+                "packed rows of {t} tokens with {} positions, {} segments",
+                pos.len(),
+                seg.len()
+            )));
+        }
+        let idx = Tensor::from_slice(&pos, b * t, cos.device())?;
+        let half = cos.dim(1)?;
+        let cos3 = cos.index_select(&idx, 0)?.reshape((b, t, half))?;
+        let sin3 = sin.index_select(&idx, 0)?.reshape((b, t, half))?;
+        let mut m = vec![0f32; b * t * t];
+        for r in 0..b {
+            let sg = &seg[r * t..(r + 1) * t];
+            for i in 0..t {
+                for j in 0..t {
+                    if j > i || !Packing::sees(sg[i], sg[j]) {
+                        m[(r * t + i) * t + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(m, (b, 1, t, t), cos.device())?.to_dtype(cos.dtype())?;
+        Ok(PackedTables {
+            pos,
+            seg,
+            cos: cos3,
+            sin: sin3,
+            mask,
+        })
+    }
 }
 
 impl Block {
@@ -55,13 +125,19 @@ impl Block {
             let mut xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
             let cos: Vec<f32> = p.cos.flatten_all()?.to_vec1()?;
             let sin: Vec<f32> = p.sin.flatten_all()?.to_vec1()?;
-            crate::runtime::cpu::block_forward(self, l, c, &mut xv, b, t, &cos, &sin, obs)?;
+            let packing = p.packing.map(|k| (k.pos.as_slice(), k.seg.as_slice()));
+            crate::runtime::cpu::block_forward(
+                self, l, c, &mut xv, b, t, &cos, &sin, packing, obs,
+            )?;
             return Ok(Tensor::from_vec(xv, (b, t, c.hidden_size), x.device())?);
         }
         let eps = c.rms_norm_eps as f32;
         let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let scale = 1.0 / (hd as f64).sqrt();
-        let (cos, sin) = (p.cos, p.sin);
+        let (cos, sin) = match p.packing {
+            Some(k) => (&k.cos, &k.sin),
+            None => (p.cos, p.sin),
+        };
         let mut x = x;
         let xn = rms_norm(&x, &self.input_norm, eps)?;
         if let Some(o) = obs.as_deref_mut() {
@@ -97,9 +173,10 @@ impl Block {
         let g = h / kvh;
         let q = q.reshape((b, kvh, g * t, hd))?;
         let att = (q.matmul(&k.t()?)? * scale)?.reshape((b, h, t, total))?;
-        let att = match p.mask {
-            Some(m) => att.broadcast_add(m)?,
-            None => att,
+        let att = match (p.packing, p.mask) {
+            (Some(k), _) => att.broadcast_add(&k.mask)?,
+            (None, Some(m)) => att.broadcast_add(m)?,
+            (None, None) => att,
         };
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let y = att.reshape((b, kvh, g * t, total))?.matmul(&v)?;
@@ -277,6 +354,7 @@ impl Llama {
             b,
             t,
             total,
+            packing: None,
         };
 
         let mut x = self
@@ -428,6 +506,8 @@ pub struct Streamed<'a> {
     spill: Option<crate::runtime::spill::SpillFile>,
     /// (cos, sin, mask) per chunk length.
     tables: std::collections::BTreeMap<usize, (Tensor, Tensor, Option<Tensor>)>,
+    /// Per group, its packed rows' tables ([`Streamed::packed`]); empty for plain chunks.
+    packed: Vec<Option<std::sync::Arc<PackedTables>>>,
     next_block: usize,
 }
 
@@ -512,8 +592,41 @@ impl<'a> Streamed<'a> {
             groups,
             spill,
             tables,
+            packed: Vec::new(),
             next_block: 0,
         })
+    }
+
+    /// Packed rows ([`Packing`]): `rows[i]` holds the tokens `packings[i]` describes. Runs of
+    /// equally long rows are grouped by up to `batch`, as [`Streamed::new`] groups chunks.
+    pub fn packed(
+        src: &'a dyn Source,
+        dtype: DType,
+        device: &Device,
+        opts: LoadOptions,
+        rows: &[&[u32]],
+        packings: &[Packing],
+        batch: usize,
+    ) -> Result<Self> {
+        if rows.len() != packings.len() {
+            return Err(crate::error::Error::Internal(format!(
+                "{} packed rows with {} layouts",
+                rows.len(),
+                packings.len()
+            )));
+        }
+        let mut s = Self::with_spill(src, dtype, device, opts, rows, batch, None)?;
+        let mut r0 = 0;
+        for g in &s.groups {
+            let (b, t, _) = g.dims3()?;
+            let (cos, sin, _) = &s.tables[&t];
+            let ps: Vec<&Packing> = packings[r0..r0 + b].iter().collect();
+            s.packed.push(Some(std::sync::Arc::new(PackedTables::new(
+                &ps, t, cos, sin,
+            )?)));
+            r0 += b;
+        }
+        Ok(s)
     }
 
     /// A copy of group `g`'s residual stream alone, at the same block (streams held in
@@ -537,6 +650,7 @@ impl<'a> Streamed<'a> {
             groups: vec![x],
             spill: None,
             tables: self.tables.clone(),
+            packed: self.packed.get(g).cloned().into_iter().collect(),
             next_block: self.next_block,
         })
     }
@@ -609,6 +723,7 @@ impl<'a> Streamed<'a> {
                 b,
                 t,
                 total: t,
+                packing: self.packed.get(i).and_then(Option::as_deref),
             };
             let y = blk.forward(l, x, &p, None, &mut obs)?;
             if commit {
@@ -752,6 +867,23 @@ impl<'a> Streamed<'a> {
     /// The final norm and head, for [`Streamed::logits`].
     pub fn head(&self) -> Result<(Tensor, Linear)> {
         self.src.head(self.dtype, &self.device, self.opts)
+    }
+
+    /// f32 logits `[rows.len(), vocab]` of positions `rows` of chunk `j` of group `i` through
+    /// `head` (from [`Streamed::head`]).
+    pub fn logits_at(
+        &self,
+        head: &(Tensor, Linear),
+        i: usize,
+        j: usize,
+        rows: &[u32],
+    ) -> Result<Tensor> {
+        let eps = self.src.config().rms_norm_eps as f32;
+        let x = self.groups[i].get(j)?;
+        let idx = Tensor::from_slice(rows, rows.len(), x.device())?;
+        let x = x.index_select(&idx, 0)?;
+        let x = rms_norm(&x, &head.0, eps)?;
+        Ok(head.1.forward(&x)?.to_dtype(DType::F32)?)
     }
 
     /// f32 logits `[t, vocab]` of chunk `j` of group `i` through `head` (from

@@ -14,7 +14,7 @@ pub mod spill;
 pub use block::Block;
 pub use device::pick_device;
 pub use linear::Linear;
-pub use llama::{observe_streamed, KvCache, Llama, LoadOptions, Observer, Streamed};
+pub use llama::{observe_streamed, KvCache, Llama, LoadOptions, Observer, Packing, Streamed};
 pub use load::Source;
 
 /// Keeps freed buffers in the process heap instead of returning them to the system after every

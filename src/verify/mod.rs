@@ -5,3 +5,4 @@ pub mod overlap;
 pub mod ppl;
 pub mod report;
 pub mod stats;
+pub mod tasks;

@@ -46,6 +46,10 @@ pub struct VerifyOptions {
     pub dtype: Option<DType>,
     /// Perplexity and KLD with both models resident (the pre-streaming path), for cross-checks.
     pub whole_model: bool,
+    /// Multiple-choice task accuracy on this file (with the reference too, when given).
+    pub tasks: Option<(crate::verify::tasks::Suite, PathBuf)>,
+    /// Score only this many tasks (llama-perplexity's draw).
+    pub task_limit: Option<usize>,
 }
 
 /// Hidden states held per model and pass of chunks (f32 residual streams).
@@ -110,9 +114,9 @@ impl VerifyOptions {
 
 /// Runs every requested measurement and returns the report.
 pub fn run(o: &VerifyOptions) -> Result<Report> {
-    if o.ppl.is_none() && o.gen.is_none() {
+    if o.ppl.is_none() && o.gen.is_none() && o.tasks.is_none() {
         return Err(Error::Invalid(
-            "nothing to measure: give --ppl FILE and/or --gen PROMPTS".into(),
+            "nothing to measure: give --ppl FILE, --gen PROMPTS, --hellaswag FILE, --choices FILE or --winogrande FILE".into(),
         ));
     }
     if o.kld && o.reference.is_none() {
@@ -124,8 +128,13 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
         ));
     }
     // Every named input is checked before a model is loaded: a typo costs no load time.
-    for p in [&o.ppl, &o.gen].into_iter().flatten() {
+    let task_path = o.tasks.as_ref().map(|t| t.1.clone());
+    for p in [&o.ppl, &o.gen, &task_path].into_iter().flatten() {
         std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+    }
+    // A malformed task file is refused before any model loads.
+    if let Some((suite, p)) = &o.tasks {
+        suite.read(p)?;
     }
     for p in [Some(&o.candidate), o.reference.as_ref()]
         .into_iter()
@@ -160,7 +169,7 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
         };
     let cand_cfg = cand_src.config().clone();
     let whole_dtype = o.whole_dtype(cand_cfg.parameter_count());
-    let need_ref = o.reference.is_some() && (o.kld || o.gen.is_some());
+    let need_ref = o.reference.is_some() && (o.kld || o.gen.is_some() || o.tasks.is_some());
     // The reference: a checkpoint folder, or a GGUF file (a bf16 conversion of the original).
     type Hashes = Vec<(String, String)>;
     let (ref_src, ref_hashes): (Option<Box<dyn Source>>, Hashes) = if need_ref {
@@ -264,6 +273,7 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
         ppl: None,
         kld: None,
         gen: None,
+        tasks: None,
         inputs_sha256: BTreeMap::new(),
         calibration_overlap: None,
     };
@@ -432,6 +442,22 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
             decode_tokens_per_s: decode_tokens as f64 / decode_s.max(1e-12),
         });
     }
+    if let Some((suite, path)) = &o.tasks {
+        let ti = crate::verify::tasks::TaskInputs {
+            suite: *suite,
+            path,
+            limit: o.task_limit,
+            candidate: cand_src.as_ref(),
+            candidate_opts: opts,
+            reference: ref_src.as_deref(),
+            tokenizer: &tok,
+            device: &o.device,
+            plan: crate::verify::tasks::RunPlan::for_model(dtype, cand_cfg.hidden_size),
+        };
+        let r = crate::verify::tasks::run(&ti)?;
+        inputs.insert(format!("{}_tasks", suite.name()), r.file_sha256.clone());
+        report.tasks = Some(r);
+    }
     report.inputs_sha256 = inputs;
     report.timings.total_s = t0.elapsed().as_secs_f64();
     Ok(report)
@@ -515,6 +541,9 @@ pub fn table(r: &Report) -> String {
             d.top1_agreement_pct, d.top1_agreement_stderr_pct, d.positions
         );
     }
+    if let Some(t) = &r.tasks {
+        s.push_str(&crate::verify::tasks::table(t));
+    }
     if let Some(g) = &r.gen {
         for p in &g.prompts {
             let status = match (&p.reference, p.first_diff) {
@@ -572,6 +601,8 @@ pub struct Report {
     pub kld: Option<KldRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gen: Option<GenRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<crate::verify::tasks::TaskReport>,
     /// Input name → sha256 (`candidate/…`, `reference/…`, `ppl_text`, `prompts`).
     pub inputs_sha256: BTreeMap<String, String>,
     /// Set when the evaluated text is, or overlaps, the candidate's calibration text.

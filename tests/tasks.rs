@@ -1,0 +1,283 @@
+//! Multiple-choice task scoring: packed rows against an f64 evaluation of each choice alone,
+//! a model against itself, malformed task files, and SmolLM2 on the HellaSwag dev tasks against
+//! the transformers reference.
+
+mod common;
+use common::reference::Ref;
+use common::*;
+
+use candle_core::{DType, Device};
+use minitron::model::{Checkpoint, Tokenizer};
+use minitron::runtime::load::safetensors::SafetensorsSource;
+use minitron::runtime::LoadOptions;
+use minitron::verify::tasks::{self, RunPlan, Suite, TaskInputs};
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("minitron-tasks-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Six HellaSwag-layout tasks cut from the built-in corpus: endings of different lengths, some
+/// sharing their first word, and in every other task all four starting with the same two words
+/// (so the common prefix reaches past the context).
+fn tiny_tasks(dir: &std::path::Path) -> std::path::PathBuf {
+    let words: Vec<&str> = minitron::calib::DEFAULT_CORPUS.split_whitespace().collect();
+    let mut s = String::new();
+    for t in 0..6 {
+        let w = &words[t * 40..];
+        s.push_str(&format!("Topic {t}: {}\n{}\n", w[..8 + t].join(" "), t % 4));
+        for e in 0..4 {
+            let a = 10 + 3 * e + t;
+            let mut ending = if e % 2 == 0 {
+                w[a..a + 2 + e + t % 3].join(" ")
+            } else {
+                // Shares its first word with ending e − 1.
+                format!(
+                    "{} {}",
+                    w[10 + 3 * (e - 1) + t],
+                    w[a + 5..a + 7 + e].join(" ")
+                )
+            };
+            if t % 2 == 0 {
+                // All four start alike: the common prefix runs past the context.
+                ending = format!("and then {ending}");
+            }
+            s.push_str(&ending);
+            s.push('\n');
+        }
+    }
+    let p = dir.join("tasks.txt");
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+fn log_softmax(v: &[f64]) -> Vec<f64> {
+    let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let z = v.iter().map(|x| (x - m).exp()).sum::<f64>().ln() + m;
+    v.iter().map(|x| x - z).collect()
+}
+
+/// Tasks packed several to a row (rows short enough that the six tasks need several, so rows
+/// are padded) give each choice the log-probs an f64 evaluation of that choice's sequence alone
+/// gives. Tolerance 1e-4: f32 compute against f64 moves the tiny model's logits by < 1e-4
+/// (runner.rs), a log-softmax by at most twice that, and a mean or sum of up to ~12 of them by
+/// less than 12 × 2e-4 in the worst case — 1e-4 holds in practice with room (the largest seen is
+/// printed); a packing mistake (a choice seeing another choice or another task, a wrong
+/// position) moves them by O(0.1).
+#[test]
+fn packed_task_scores_match_an_f64_reference_of_each_choice() {
+    let dir = tmpdir("f64");
+    let file = tiny_tasks(&dir);
+    let ck = Checkpoint::open(&tiny()).unwrap();
+    let tok = Tokenizer::load(&tiny()).unwrap();
+    let src = SafetensorsSource::borrowed(&ck);
+    let mut plan = RunPlan::for_model(DType::F32, ck.config.hidden_size);
+    plan.row_tokens = 96;
+    plan.batch = 2;
+    let r = tasks::run(&TaskInputs {
+        suite: Suite::Hellaswag,
+        path: &file,
+        limit: None,
+        candidate: &src,
+        candidate_opts: LoadOptions::default(),
+        reference: None,
+        tokenizer: &tok,
+        device: &Device::Cpu,
+        plan,
+    })
+    .unwrap();
+    assert_eq!(r.tasks, 6);
+    let all = Suite::Hellaswag.read(&file).unwrap();
+    let f64ref = Ref {
+        ck: Checkpoint::open(&tiny()).unwrap(),
+    };
+    let mut worst = 0f64;
+    let mut beyond_context = 0;
+    for (t, rec) in all.iter().zip(&r.per_task) {
+        let p = tasks::prepare(&tok, t, &file).unwrap();
+        assert_eq!(rec.prefix, p.prefix);
+        let ctx_len = match &t.kind {
+            tasks::TaskKind::Endings { context, .. } => tok.encode(context, true).unwrap().len(),
+            _ => unreachable!(),
+        };
+        beyond_context += usize::from(p.prefix > ctx_len);
+        for (s, seq) in p.seqs.iter().enumerate() {
+            let logits = f64ref.run(seq).0;
+            let lp = |k: usize| log_softmax(&logits[k - 1])[seq[k] as usize];
+            let mean = p.lcpp[s].clone().map(lp).sum::<f64>() / p.lcpp[s].len() as f64;
+            let sum: f64 = p.lmeval[s].clone().map(lp).sum();
+            worst = worst
+                .max((mean - rec.candidate.mean_logprob[s]).abs())
+                .max((sum - rec.candidate.sum_logprob[s]).abs());
+        }
+    }
+    println!("largest |Δ| against f64: {worst:e}");
+    assert!(
+        beyond_context >= 1,
+        "no task whose endings share a first word"
+    );
+    assert!(worst < 1e-4, "packed scores differ from f64 by {worst}");
+}
+
+/// A model against itself: same picks everywhere, recovery 100 %, McNemar p = 1; the report
+/// lists the task file's hash.
+#[test]
+fn a_model_against_itself_recovers_everything() {
+    let dir = tmpdir("self");
+    let file = tiny_tasks(&dir);
+    let t = tiny();
+    let out = run_ok(
+        "minitron-verify",
+        &[
+            t.to_str().unwrap(),
+            "--reference",
+            t.to_str().unwrap(),
+            "--hellaswag",
+            file.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tk = &v["tasks"];
+    assert_eq!(tk["tasks"], 6);
+    assert_eq!(tk["paired"]["same_choice"], 100.0);
+    assert_eq!(tk["paired"]["mcnemar_p"], 1.0);
+    assert_eq!(tk["candidate"], tk["reference"]);
+    assert!(v["inputs_sha256"]["hellaswag_tasks"].is_string());
+    // A subset draw is reported as such.
+    let out = run_ok(
+        "minitron-verify",
+        &[
+            t.to_str().unwrap(),
+            "--hellaswag",
+            file.to_str().unwrap(),
+            "--tasks",
+            "3",
+            "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["tasks"]["tasks"], 3);
+    assert!(v["tasks"]["subset"].as_str().unwrap().contains("mt19937"));
+    let lines: Vec<u64> = v["tasks"]["per_task"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["line"].as_u64().unwrap())
+        .collect();
+    // llama_cpp_order(6, 3) = [2, 5, 3] (libstdc++'s draw) → lines 13, 31, 19.
+    assert_eq!(lines, [13, 31, 19]);
+}
+
+/// Malformed task files exit 2 naming the file, the line and the field, before any model loads.
+#[test]
+fn malformed_task_files_exit_2_naming_file_line_and_field() {
+    let dir = tmpdir("bad");
+    let t = tiny();
+    let good = "Ctx: a b\n1\nx\ny\nz\nw\n";
+    let cases: Vec<(&str, &str, String, &str)> = vec![
+        ("--hellaswag", "lines.txt", "Ctx: a\n1\nx\ny\n".into(), "lines.txt:0: layout: 4 lines"),
+        ("--hellaswag", "gold.txt", good.replace("\n1\n", "\n7\n"), "gold.txt:2: gold: 7 is out of range"),
+        ("--hellaswag", "empty.txt", good.replace("\nz\n", "\n\n"), "empty.txt:5: ending 2: empty"),
+        ("--choices", "json.jsonl", "{\"query\": \"q\", \"choices\": [\"a\"".into(), "json.jsonl:1: json:"),
+        (
+            "--choices",
+            "gold.jsonl",
+            "{\"query\": \"q\", \"choices\": [\"a\", \"b\"], \"gold\": 0}\n{\"query\": \"q\", \"choices\": [\"a\", \"b\"], \"gold\": 5}\n".into(),
+            "gold.jsonl:2: gold: 5 is out of range 0..2",
+        ),
+        ("--winogrande", "w.csv", "0,No blank.,A,B,1\n".into(), "w.csv:1: sentence"),
+    ];
+    for (flag, name, body, want) in cases {
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        let err = run_err(
+            "minitron-verify",
+            &[t.to_str().unwrap(), flag, p.to_str().unwrap()],
+        );
+        assert!(err.contains(want), "{flag} {name}: {err}");
+    }
+}
+
+/// SmolLM2 in f32 on a draw of the HellaSwag dev tasks: each ending's mean log-prob (llama.cpp's
+/// convention) and summed log-prob (lm-eval's) against transformers f32 on CPU
+/// (shared/data/hellaswag-dev.reference.json). Both compute in f32 from the same bf16 weights
+/// and differ only in summation order: the largest difference seen is ~1e-5 (printed), so
+/// 1e-3 leaves two orders of margin while a scoring mistake (an off-by-one target, a choice
+/// seeing another, a missing BOS) moves log-probs by 0.1 or more. Picks may differ only where
+/// the reference's best two endings are within 2e-3.
+#[test]
+#[cfg_attr(not(minitron_assets), ignore = "needs ../shared/tools/real-assets.sh")]
+fn smollm2_hellaswag_matches_the_transformers_reference() {
+    let a = assets();
+    let model = a.join("smollm2-135m");
+    let data = shared().join("data");
+    let out = run_ok(
+        "minitron-verify",
+        &[
+            model.to_str().unwrap(),
+            "--hellaswag",
+            data.join("hellaswag-dev.txt").to_str().unwrap(),
+            "--tasks",
+            "40",
+            "--dtype",
+            "f32",
+            "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(data.join("hellaswag-dev.reference.json")).unwrap(),
+    )
+    .unwrap();
+    let per = v["tasks"]["per_task"].as_array().unwrap();
+    assert_eq!(per.len(), 40);
+    let (mut worst_mean, mut worst_sum_tok) = (0f64, 0f64);
+    for t in per {
+        let idx = (t["line"].as_u64().unwrap() as usize - 1) / 6;
+        let r = &reference["per_task"][idx];
+        assert_eq!(t["gold"], r["gold"]);
+        assert_eq!(t["prefix"], r["common_prefix"], "task {idx}");
+        assert_eq!(t["tokens"], r["tokens"], "task {idx}");
+        let c = &t["candidate"];
+        let f = |x: &serde_json::Value| -> Vec<f64> {
+            x.as_array()
+                .unwrap()
+                .iter()
+                .map(|y| y.as_f64().unwrap())
+                .collect()
+        };
+        let (ours, theirs) = (f(&c["mean_logprob"]), f(&r["lcpp_mean_logprob"]));
+        for (a, b) in ours.iter().zip(&theirs) {
+            worst_mean = worst_mean.max((a - b).abs());
+        }
+        let (os, ts) = (f(&c["sum_logprob"]), f(&r["lmeval_sum_logprob"]));
+        let toks: Vec<u64> = r["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        for ((a, b), n) in os.iter().zip(&ts).zip(&toks) {
+            let n = (*n as f64 - r["common_prefix"].as_f64().unwrap()).max(1.0);
+            worst_sum_tok = worst_sum_tok.max((a - b).abs() / n);
+        }
+        // A different pick only where the reference's best two endings are within tolerance.
+        let pick = c["pick"].as_u64().unwrap() as usize;
+        let rpick = r["lcpp_pick"].as_u64().unwrap() as usize;
+        if pick != rpick {
+            assert!(
+                (theirs[pick] - theirs[rpick]).abs() < 2e-3,
+                "task {idx}: {ours:?} vs {theirs:?}"
+            );
+        }
+    }
+    println!("worst |Δ mean log-prob| {worst_mean:.5}, worst |Δ sum| per token {worst_sum_tok:.5}");
+    assert!(worst_mean < 1e-3, "mean log-prob off by {worst_mean}");
+    assert!(
+        worst_sum_tok < 1e-3,
+        "summed log-prob off by {worst_sum_tok} per token"
+    );
+}
