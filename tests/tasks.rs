@@ -281,3 +281,131 @@ fn smollm2_hellaswag_matches_the_transformers_reference() {
         "summed log-prob off by {worst_sum_tok} per token"
     );
 }
+
+/// `--card` writes README.md into a checkpoint folder (and FILE.gguf.md beside a GGUF file)
+/// with the measured numbers, lists it in the manifest, and `--manifest` still passes.
+#[test]
+fn card_is_written_and_listed_in_the_manifest() {
+    let dir = tmpdir("card");
+    let file = tiny_tasks(&dir);
+    let t = tiny();
+    let out = dir.join("fp8");
+    run_ok(
+        "minitron-convert",
+        &[
+            t.to_str().unwrap(),
+            "--to",
+            "fp8",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    run_ok(
+        "minitron-verify",
+        &[
+            out.to_str().unwrap(),
+            "--reference",
+            t.to_str().unwrap(),
+            "--hellaswag",
+            file.to_str().unwrap(),
+            "--card",
+        ],
+    );
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.contains("| hellaswag accuracy (6 tasks, all) |"),
+        "{card}"
+    );
+    assert!(card.contains("| recovery |"), "{card}");
+    assert!(card.contains("`hellaswag_tasks`"), "{card}");
+    assert!(card.contains("--to fp8"), "{card}");
+    run_ok("minitron-verify", &["--manifest", out.to_str().unwrap()]);
+    // Again (the entry is replaced, not doubled), then a GGUF file's card.
+    run_ok(
+        "minitron-verify",
+        &[
+            out.to_str().unwrap(),
+            "--hellaswag",
+            file.to_str().unwrap(),
+            "--card",
+        ],
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("minitron-manifest.json")).unwrap())
+            .unwrap();
+    let n = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["file"] == "README.md")
+        .count();
+    assert_eq!(n, 1);
+    run_ok("minitron-verify", &["--manifest", out.to_str().unwrap()]);
+    let g = dir.join("m.gguf");
+    run_ok(
+        "minitron-convert",
+        &[
+            t.to_str().unwrap(),
+            "--to",
+            "gguf:q8_0",
+            "--out",
+            g.to_str().unwrap(),
+        ],
+    );
+    run_ok(
+        "minitron-verify",
+        &[
+            g.to_str().unwrap(),
+            "--hellaswag",
+            file.to_str().unwrap(),
+            "--card",
+        ],
+    );
+    assert!(dir.join("m.gguf.md").exists());
+    run_ok("minitron-verify", &["--manifest", g.to_str().unwrap()]);
+}
+
+/// The fused CPU block (bf16 weights on the runner's GEMM) honours packing too: each choice's
+/// scores equal a whole-model bf16 run of that choice alone. Both run the same kernels on the
+/// same rows; only attention's sums see a different layout (masked keys add exact zeros, but
+/// the kept ones fall in other SIMD lanes), so 1e-4 on log-probs is far above what reordered
+/// f32 sums can move and far below a position or mask mistake.
+#[test]
+fn packed_scores_on_the_fused_bf16_block_equal_unpacked_runs() {
+    let dir = tmpdir("bf16");
+    let file = tiny_tasks(&dir);
+    let ck = Checkpoint::open(&tiny()).unwrap();
+    let tok = Tokenizer::load(&tiny()).unwrap();
+    let src = SafetensorsSource::borrowed(&ck);
+    let mut plan = RunPlan::for_model(DType::BF16, ck.config.hidden_size);
+    plan.row_tokens = 128;
+    let r = tasks::run(&TaskInputs {
+        suite: Suite::Hellaswag,
+        path: &file,
+        limit: None,
+        candidate: &src,
+        candidate_opts: LoadOptions::default(),
+        reference: None,
+        tokenizer: &tok,
+        device: &Device::Cpu,
+        plan,
+    })
+    .unwrap();
+    let model = minitron::runtime::Llama::load(&ck, DType::BF16, &Device::Cpu).unwrap();
+    let all = Suite::Hellaswag.read(&file).unwrap();
+    let mut worst = 0f64;
+    for (t, rec) in all.iter().zip(&r.per_task) {
+        let p = tasks::prepare(&tok, t, &file).unwrap();
+        for (s, seq) in p.seqs.iter().enumerate() {
+            let logits = model.logits(seq).unwrap();
+            let lp = |k: usize| {
+                let row: Vec<f64> = logits[k - 1].iter().map(|&v| v as f64).collect();
+                log_softmax(&row)[seq[k] as usize]
+            };
+            let mean = p.lcpp[s].clone().map(lp).sum::<f64>() / p.lcpp[s].len() as f64;
+            worst = worst.max((mean - rec.candidate.mean_logprob[s]).abs());
+        }
+    }
+    println!("largest |Δ| packed vs unpacked bf16: {worst:e}");
+    assert!(worst < 1e-4, "packed bf16 scores differ by {worst}");
+}

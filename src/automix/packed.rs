@@ -3,9 +3,11 @@
 //! against bf16 under a budget, in one compressed-tensors `pack-quantized` checkpoint whose
 //! config groups name their layers (formats/auto-mix.md#w4a16).
 //!
-//! The costs come from the same measurement as `gguf:auto` ([`sensitivity::measure`]): each
-//! layer's measured cost at the GGUF probe type, scaled by the importance-weighted squared
-//! error of each candidate (round to nearest) over the probe's. Layers a runtime fuses — q, k
+//! The costs come from the same measurement as `gguf:auto` ([`sensitivity::measure_with`]):
+//! each layer's measured cost at the GGUF probe type, scaled by each candidate's error over the
+//! probe's — under GPTQ the layer's output error with the codes GPTQ gives ([`block_ratios`],
+//! from second moments collected in the measurement's reference pass), under round to nearest
+//! the importance-weighted squared error. Layers a runtime fuses — q, k
 //! and v; gate and up, the layers reading one input — get one kind together (vLLM refuses
 //! fused layers of different schemes), so the choice is made per input site. The writer then
 //! quantizes the chosen kinds with the run's method (GPTQ by default) calibrated on the choice

@@ -103,6 +103,11 @@ struct Args {
     /// score is comparable with llama.cpp's. Default: every task in the file.
     #[arg(long, value_name = "N")]
     tasks: Option<usize>,
+    /// Write a model card with what this run measured and the artifact's provenance: README.md
+    /// in a checkpoint folder, FILE.gguf.md beside a GGUF file; it is added to the artifact's
+    /// manifest, so --manifest still passes.
+    #[arg(long)]
+    card: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -159,6 +164,10 @@ fn main() -> std::process::ExitCode {
             println!("{text}");
         } else {
             print!("{}", minitron::verify::report::table(&report));
+        }
+        if a.card {
+            let p = minitron::verify::card::write(&report)?;
+            eprintln!("model card: {}", p.display());
         }
         Ok(())
     })

