@@ -89,13 +89,14 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Tokens the task takes in a packed row.
+    /// Tokens the task takes in a packed row: the prefix, and each choice's tokens after it
+    /// but its last (a last token predicts nothing that is scored, so it is not run).
     pub fn packed_len(&self) -> usize {
         self.prefix
             + self
                 .seqs
                 .iter()
-                .map(|s| s.len() - self.prefix)
+                .map(|s| s.len() - 1 - self.prefix)
                 .sum::<usize>()
     }
 }
@@ -712,33 +713,26 @@ mod tests {
         let b = prep(vec![vec![9, 8], vec![9, 7]], 1);
         let (rows, packs, placed) = pack(&[a.clone(), b.clone()], 64);
         assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0], [1, 2, 3, 4, 5, 6, 7, 8, 9, 8, 7]);
-        assert_eq!(packs[0].pos[..11], [0, 1, 2, 3, 2, 2, 3, 4, 0, 1, 1]);
+        // Each choice's last token is not run.
+        assert_eq!(rows[0], [1, 2, 3, 6, 7, 9]);
+        assert_eq!(packs[0].pos, [0, 1, 2, 2, 3, 0]);
         assert_eq!(
-            packs[0].seg[..11],
-            [
-                (0, 0),
-                (0, 0),
-                (0, 1),
-                (0, 1),
-                (0, 2),
-                (0, 3),
-                (0, 3),
-                (0, 3),
-                (1, 0),
-                (1, 1),
-                (1, 2)
-            ]
+            packs[0].seg,
+            [(0, 0), (0, 0), (0, 1), (0, 3), (0, 3), (1, 0)]
         );
         // Choice 2 of task 0: target 2 (token 6) is predicted at the prefix's last position,
         // target 4 (token 8) at the row position of token 7.
         assert_eq!(placed[0].position(&a, 2, 2), 1);
-        assert_eq!(placed[0].position(&a, 2, 4), 6);
-        assert_eq!(placed[1].position(&b, 1, 1), 8);
+        assert_eq!(placed[0].position(&a, 2, 4), 4);
+        assert_eq!(placed[1].position(&b, 1, 1), 5);
+        // Longest first, whatever the file order; `placed` stays in file order.
+        let (rows2, _, placed2) = pack(&[b.clone(), a.clone()], 64);
+        assert_eq!(rows2[0], rows[0]);
+        assert_eq!((placed2[0].start, placed2[1].start), (5, 0));
         // A smaller row capacity starts a new row; rows are padded to one length.
-        let (rows, packs, _) = pack(&[a, b], 9);
+        let (rows, packs, _) = pack(&[a, b], 5);
         assert_eq!(rows.len(), 2);
-        assert_eq!(rows[1].len(), 8);
+        assert_eq!(rows[1].len(), 5);
         assert_eq!(packs[1].seg[3], (u32::MAX, 0));
     }
 }
