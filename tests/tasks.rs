@@ -53,6 +53,34 @@ fn tiny_tasks(dir: &std::path::Path) -> std::path::PathBuf {
     p
 }
 
+/// The tiny fixture's scores on `file` (HellaSwag layout) with rows of `row_tokens`, `batch`
+/// rows per forward.
+fn score_tiny(
+    ck: &Checkpoint,
+    tok: &Tokenizer,
+    file: &std::path::Path,
+    dtype: DType,
+    row_tokens: usize,
+    batch: usize,
+) -> tasks::TaskReport {
+    let src = SafetensorsSource::borrowed(ck);
+    let mut plan = RunPlan::for_model(dtype, ck.config.hidden_size);
+    plan.row_tokens = row_tokens;
+    plan.batch = batch;
+    tasks::run(&TaskInputs {
+        suite: Suite::Hellaswag,
+        path: file,
+        limit: None,
+        candidate: &src,
+        candidate_opts: LoadOptions::default(),
+        reference: None,
+        tokenizer: tok,
+        device: &Device::Cpu,
+        plan,
+    })
+    .unwrap()
+}
+
 fn log_softmax(v: &[f64]) -> Vec<f64> {
     let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let z = v.iter().map(|x| (x - m).exp()).sum::<f64>().ln() + m;
@@ -72,22 +100,7 @@ fn packed_task_scores_match_an_f64_reference_of_each_choice() {
     let file = tiny_tasks(&dir);
     let ck = Checkpoint::open(&tiny()).unwrap();
     let tok = Tokenizer::load(&tiny()).unwrap();
-    let src = SafetensorsSource::borrowed(&ck);
-    let mut plan = RunPlan::for_model(DType::F32, ck.config.hidden_size);
-    plan.row_tokens = 96;
-    plan.batch = 2;
-    let r = tasks::run(&TaskInputs {
-        suite: Suite::Hellaswag,
-        path: &file,
-        limit: None,
-        candidate: &src,
-        candidate_opts: LoadOptions::default(),
-        reference: None,
-        tokenizer: &tok,
-        device: &Device::Cpu,
-        plan,
-    })
-    .unwrap();
+    let r = score_tiny(&ck, &tok, &file, DType::F32, 96, 2);
     assert_eq!(r.tasks, 6);
     let all = Suite::Hellaswag.read(&file).unwrap();
     let f64ref = Ref {
@@ -376,21 +389,7 @@ fn packed_scores_on_the_fused_bf16_block_equal_unpacked_runs() {
     let file = tiny_tasks(&dir);
     let ck = Checkpoint::open(&tiny()).unwrap();
     let tok = Tokenizer::load(&tiny()).unwrap();
-    let src = SafetensorsSource::borrowed(&ck);
-    let mut plan = RunPlan::for_model(DType::BF16, ck.config.hidden_size);
-    plan.row_tokens = 128;
-    let r = tasks::run(&TaskInputs {
-        suite: Suite::Hellaswag,
-        path: &file,
-        limit: None,
-        candidate: &src,
-        candidate_opts: LoadOptions::default(),
-        reference: None,
-        tokenizer: &tok,
-        device: &Device::Cpu,
-        plan,
-    })
-    .unwrap();
+    let r = score_tiny(&ck, &tok, &file, DType::BF16, 128, 4);
     let model = minitron::runtime::Llama::load(&ck, DType::BF16, &Device::Cpu).unwrap();
     let all = Suite::Hellaswag.read(&file).unwrap();
     let mut worst = 0f64;

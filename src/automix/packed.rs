@@ -86,6 +86,14 @@ fn packed_error(x: &[f32], cols: usize, imp: &[f32], k: LayerQuant) -> f64 {
         .sum()
 }
 
+/// The mean squared input of GGUF tensor `gg` from the measurement's importance matrix.
+fn importance(m: &crate::calib::imatrix::Imatrix, gg: &str) -> Result<Vec<f32>> {
+    Ok(m.entries
+        .get(gg)
+        .ok_or_else(|| Error::Internal(format!("no importance for {gg}")))?
+        .mean())
+}
+
 /// Each block linear layer's candidate kinds with their error over the GGUF probe type's,
 /// both measured as the layer's output error on the calibration text.
 pub type ErrorRatios = BTreeMap<String, Vec<f64>>;
@@ -107,12 +115,11 @@ fn output_error(x: &[f32], d: &[f32], h: &Tensor, n: usize) -> Result<f64> {
 }
 
 /// Block `l`'s [`ErrorRatios`] into `out`, from its second moments `hs` (taken out of it):
-/// each kind rounded as the writer rounds it — 4-bit codes by GPTQ with the writer's factor
-/// (`gptq`) or to nearest, 8-bit codes to nearest — and the probe as `gguf:auto` rounds it,
+/// each kind rounded as the writer rounds it under GPTQ — 4-bit codes by GPTQ with the
+/// writer's factor, 8-bit codes to nearest — and the probe as `gguf:auto` rounds it,
 /// on evenly spaced rows. The output error rather than the importance-weighted rounding error
 /// is what makes GPTQ's gain visible: its feedback moves each rounding error to where `H` makes
 /// it cost least, which the diagonal does not see.
-#[allow(clippy::too_many_arguments)]
 pub fn block_ratios(
     ck: &Checkpoint,
     l: usize,
@@ -120,34 +127,22 @@ pub fn block_ratios(
     imatrix: &crate::calib::imatrix::Imatrix,
     sample_rows: usize,
     search: crate::quant::ggml::KSearch,
-    gptq: bool,
     out: &mut ErrorRatios,
 ) -> Result<()> {
-    use crate::quant::gptq::Plan;
     let c = &ck.config;
+    // The writer's own factor cache: the same damping, shrink and fallback as W4A16's GPTQ.
+    let mut gptq = crate::scheme::GptqCache::default();
     for site in InputSite::ALL {
         let cols = site.width(c);
-        let h = hs.take_mean(site);
-        let plan = if gptq {
-            let f = |i: usize, j: usize| h[i * cols + j] as f64;
-            let shrink = crate::quant::int8::W4A16_GPTQ_SHRINK;
-            Some(match Plan::<f32>::from_fn(cols, 0.01, shrink, f) {
-                Ok(p) => p,
-                Err(_) => Plan::<f64>::from_fn(cols, 0.01, shrink, f)?.convert(),
-            })
-        } else {
-            None
-        };
-        let ht = Tensor::from_slice(&h, (cols, cols), &candle_core::Device::Cpu)?;
+        gptq.load(l, site, || hs.take_mean(site));
+        let (plan, h) = gptq.plan(crate::scheme::PlanKind::W4, cols, None)?;
+        let ew = plan.error_weights();
+        let ht = Tensor::from_slice(h, (cols, cols), &candle_core::Device::Cpu)?;
         for role in unit_roles(site) {
             let hf = names::hf_linear(l, role);
             let gg = names::gguf_linear(l, role);
             let [rows, _] = role.shape(c);
-            let imp = imatrix
-                .entries
-                .get(&gg)
-                .ok_or_else(|| Error::Internal(format!("no importance for {gg}")))?
-                .mean();
+            let imp = importance(imatrix, &gg)?;
             let idx = sensitivity::sample(rows, sample_rows);
             let xs = sensitivity::rows_f32(ck, &hf, &idx)?;
             let probe = sensitivity::probe_type(cols);
@@ -155,31 +150,24 @@ pub fn block_ratios(
             let pe = output_error(&xs, &pd, &ht, cols)?.max(f64::MIN_POSITIVE);
             let mut r = Vec::new();
             for k in LayerQuant::candidates(cols) {
-                let d = match (k, plan.as_ref()) {
-                    (LayerQuant::Bf16, _) => {
+                let d = match k {
+                    LayerQuant::Bf16 => {
                         r.push(0.0);
                         continue;
                     }
-                    (LayerQuant::Int8, _) => {
+                    LayerQuant::Int8 => {
                         crate::quant::int8::quantize(&xs, cols, None).dequantize(cols)
                     }
-                    (LayerQuant::Int4 { group }, Some(p)) => {
-                        let ew = p.error_weights();
-                        crate::quant::int8::quantize_gptq_bits(
-                            &xs,
-                            cols,
-                            Some(group),
-                            p,
-                            4,
-                            Some(&ew),
-                            Some(&h),
-                        )
-                        .dequantize(cols)
-                    }
-                    (LayerQuant::Int4 { group }, None) => {
-                        crate::quant::int8::quantize_bits(&xs, cols, Some(group), 4)
-                            .dequantize(cols)
-                    }
+                    LayerQuant::Int4 { group } => crate::quant::int8::quantize_gptq_bits(
+                        &xs,
+                        cols,
+                        Some(group),
+                        plan,
+                        4,
+                        Some(&ew),
+                        Some(h),
+                    )
+                    .dequantize(cols),
                 };
                 r.push(output_error(&xs, &d, &ht, cols)? / pe);
             }
@@ -228,12 +216,7 @@ pub fn tables(
                         .cloned()
                         .ok_or_else(|| Error::Internal(format!("no error ratios for {hf}")))?,
                     None => {
-                        let imp = m
-                            .imatrix
-                            .entries
-                            .get(&gg)
-                            .ok_or_else(|| Error::Internal(format!("no importance for {gg}")))?
-                            .mean();
+                        let imp = importance(&m.imatrix, &gg)?;
                         let idx = sensitivity::sample(rows, sample_rows);
                         let xs = sensitivity::rows_f32(ck, &hf, &idx)?;
                         let probe: GgmlType = ts.probe;
@@ -602,16 +585,7 @@ pub fn run(
             let mut hook = |l: usize,
                             hs: &mut crate::calib::hessian::BlockHessians,
                             im: &crate::calib::imatrix::Imatrix| {
-                block_ratios(
-                    ck,
-                    l,
-                    hs,
-                    im,
-                    a.sample_rows,
-                    o.gguf.search,
-                    true,
-                    &mut ratios,
-                )
+                block_ratios(ck, l, hs, im, a.sample_rows, o.gguf.search, &mut ratios)
             };
             let m = super::measure_costs(
                 ck,

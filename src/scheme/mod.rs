@@ -29,7 +29,7 @@ use crate::quant::fp8::WeightMode;
 use crate::quant::int8::Int4Method;
 use crate::quant::smoothquant::SmoothPlan;
 
-pub use encode::{GptqCache, LinearCtx, Out, Shared, Statistics};
+pub use encode::{GptqCache, LinearCtx, Out, PlanKind, Shared, Statistics};
 pub use packed::{mixed_config, mixed_tensors, LayerQuant};
 pub use target::Target;
 

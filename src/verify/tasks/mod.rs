@@ -335,37 +335,34 @@ fn logprobs(
                 at.push((g, k));
             }
         }
-        // Per row, the positions any task of it scores.
-        let mut want: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
+        // Per row, each scored position and the target tokens read there (collected once, so
+        // reading the log-probs back is a lookup).
+        let mut want: Vec<std::collections::BTreeMap<u32, Vec<u32>>> =
+            vec![Default::default(); rows.len()];
         for (p, pl) in pass.iter().zip(&placed) {
             for s_ in 0..p.seqs.len() {
                 for k in p.lcpp[s_].clone().chain(p.lmeval[s_].clone()) {
-                    want[pl.row].push(pl.position(p, s_, k) as u32);
+                    let toks = want[pl.row]
+                        .entry(pl.position(p, s_, k) as u32)
+                        .or_default();
+                    if !toks.contains(&p.seqs[s_][k]) {
+                        toks.push(p.seqs[s_][k]);
+                    }
                 }
             }
         }
         let mut rowlp: Vec<std::collections::HashMap<(u32, u32), f64>> =
             Vec::with_capacity(rows.len());
-        for (r, w) in want.iter_mut().enumerate() {
-            w.sort_unstable();
-            w.dedup();
-            // Which target each wanted position predicts, per task in the row.
+        for (r, w) in want.iter().enumerate() {
+            let positions: Vec<u32> = w.keys().copied().collect();
             let mut m = std::collections::HashMap::new();
-            for piece in w.chunks(256) {
+            for piece in positions.chunks(256) {
                 let (g, k) = at[r];
                 let l = s.logits_at(&head, g, k, piece)?.to_vec2::<f32>()?;
                 let lps: Vec<Vec<f64>> = l.par_iter().map(|row| log_softmax(row)).collect();
                 for (&pos, lp) in piece.iter().zip(lps) {
-                    // Keep only the targets asked for at this position.
-                    for (p, pl) in pass.iter().zip(&placed).filter(|(_, pl)| pl.row == r) {
-                        for s_ in 0..p.seqs.len() {
-                            for k in p.lcpp[s_].clone().chain(p.lmeval[s_].clone()) {
-                                if pl.position(p, s_, k) as u32 == pos {
-                                    let tok = p.seqs[s_][k];
-                                    m.insert((pos, tok), lp[tok as usize]);
-                                }
-                            }
-                        }
+                    for &tok in &w[&pos] {
+                        m.insert((pos, tok), lp[tok as usize]);
                     }
                 }
             }
