@@ -119,9 +119,10 @@ impl Block {
         if cache.is_none()
             && x.device().is_cpu()
             && x.dtype() == DType::F32
-            && crate::runtime::cpu::eligible(self)
+            && crate::runtime::cpu::eligible(self, obs.is_some())
         {
-            // Every layer on the bf16 GEMM: the fused CPU block (same operations, no tensors).
+            // The fused CPU block: the same operations without tensors between them, and
+            // attention that skips the keys a packed row's segments hide.
             let mut xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
             let cos: Vec<f32> = p.cos.flatten_all()?.to_vec1()?;
             let sin: Vec<f32> = p.sin.flatten_all()?.to_vec1()?;
