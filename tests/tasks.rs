@@ -74,6 +74,7 @@ fn score_tiny(
         candidate: &src,
         candidate_opts: LoadOptions::default(),
         reference: None,
+        reference_scores: None,
         tokenizer: tok,
         device: &Device::Cpu,
         plan,
@@ -182,6 +183,94 @@ fn a_model_against_itself_recovers_everything() {
         .collect();
     // llama_cpp_order(6, 3) = [2, 5, 3] (libstdc++'s draw) → lines 13, 31, 19.
     assert_eq!(lines, [13, 31, 19]);
+}
+
+/// `--reference REPORT.json` (an earlier `--report` of the reference model) gives the paired
+/// comparison a reference run gives, to the bit (f64 scores survive the JSON round trip), and is
+/// refused for other tasks and for --kld.
+#[test]
+fn saved_reference_scores_equal_a_reference_run() {
+    let dir = tmpdir("saved");
+    let file = tiny_tasks(&dir);
+    let (t, f) = (tiny(), file.to_str().unwrap());
+    let fp8 = dir.join("fp8");
+    run_ok(
+        "minitron-convert",
+        &[
+            t.to_str().unwrap(),
+            "--to",
+            "fp8",
+            "--out",
+            fp8.to_str().unwrap(),
+        ],
+    );
+    let saved = dir.join("bf16.json");
+    run_ok(
+        "minitron-verify",
+        &[
+            t.to_str().unwrap(),
+            "--hellaswag",
+            f,
+            "--report",
+            saved.to_str().unwrap(),
+        ],
+    );
+    let cand = fp8.to_str().unwrap();
+    let json = |reference: &str| -> serde_json::Value {
+        let out = run_ok(
+            "minitron-verify",
+            &[cand, "--reference", reference, "--hellaswag", f, "--json"],
+        );
+        serde_json::from_str(&out).unwrap()
+    };
+    let (run, read) = (json(t.to_str().unwrap()), json(saved.to_str().unwrap()));
+    for k in ["candidate", "reference", "paired"] {
+        assert_eq!(run["tasks"][k], read["tasks"][k], "{k}");
+    }
+    let refs = |v: &serde_json::Value| -> Vec<serde_json::Value> {
+        v["tasks"]["per_task"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["reference"].clone())
+            .collect()
+    };
+    assert_eq!(refs(&run), refs(&read));
+    assert!(read["inputs_sha256"]["reference_report"].is_string());
+    assert_eq!(
+        run["inputs_sha256"]["reference/model.safetensors"],
+        read["inputs_sha256"]["reference/model.safetensors"]
+    );
+    let err = run_err(
+        "minitron-verify",
+        &[
+            cand,
+            "--reference",
+            saved.to_str().unwrap(),
+            "--hellaswag",
+            f,
+            "--tasks",
+            "3",
+        ],
+    );
+    assert!(
+        err.contains(
+            "saved reference scores are of other tasks (tasks: the report has 6, this run 3)"
+        ),
+        "{err}"
+    );
+    let err = run_err(
+        "minitron-verify",
+        &[
+            cand,
+            "--reference",
+            saved.to_str().unwrap(),
+            "--ppl",
+            f,
+            "--kld",
+        ],
+    );
+    assert!(err.contains("holds task scores only"), "{err}");
 }
 
 /// Malformed task files exit 2 naming the file, the line and the field, before any model loads.

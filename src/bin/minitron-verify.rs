@@ -22,8 +22,10 @@ struct Args {
     #[arg(long, value_name = "DIR|FILE.gguf", conflicts_with_all = ["candidate", "ppl", "kld", "gen", "hellaswag", "choices", "winogrande"])]
     manifest: Option<PathBuf>,
     /// Reference model (the bf16 original: a checkpoint folder or a bf16/f32 GGUF file) for
-    /// --kld and --gen comparisons.
-    #[arg(long, value_name = "DIR|FILE.gguf")]
+    /// --kld, --gen and task comparisons. For a task suite it may instead be an earlier
+    /// --report of the reference on the same task file (REPORT.json): its per-task scores are
+    /// reused and the reference model is not run.
+    #[arg(long, value_name = "DIR|FILE.gguf|REPORT.json")]
     reference: Option<PathBuf>,
     /// Perplexity over this text file.
     #[arg(long, value_name = "FILE")]

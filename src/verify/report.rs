@@ -144,6 +144,11 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
     {
         std::fs::metadata(p).map_err(|e| Error::io(p, e))?;
     }
+    // `--reference REPORT.json`: the reference's task scores from an earlier run.
+    let saved = match &o.reference {
+        Some(p) if is_report(p) => Some((p.as_path(), saved_reference(p, o)?)),
+        _ => None,
+    };
     crate::runtime::tune_allocator();
     let t0 = Instant::now();
     let dtype = o.compute_dtype();
@@ -162,6 +167,7 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
         } else {
             let ck = std::sync::Arc::new(crate::scheme::open(&o.candidate)?);
             let tok = Tokenizer::load(&o.candidate).or_else(|e| match &o.reference {
+                Some(r) if is_report(r) => Err(e),
                 Some(r) if r.is_file() => Tokenizer::from_gguf(r),
                 Some(r) => Tokenizer::load(r),
                 None => Err(e),
@@ -171,7 +177,8 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
         };
     let cand_cfg = cand_src.config().clone();
     let whole_dtype = o.whole_dtype(cand_cfg.parameter_count());
-    let need_ref = o.reference.is_some() && (o.kld || o.gen.is_some() || o.tasks.is_some());
+    let need_ref =
+        o.reference.is_some() && saved.is_none() && (o.kld || o.gen.is_some() || o.tasks.is_some());
     // The reference: a checkpoint folder, or a GGUF file (a bf16 conversion of the original).
     type Hashes = Vec<(String, String)>;
     let (ref_src, ref_hashes): (Option<Box<dyn Source>>, Hashes) = if need_ref {
@@ -244,6 +251,15 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
     }
     for (k, v) in ref_hashes {
         inputs.insert(format!("reference/{k}"), v);
+    }
+    if let Some((p, r)) = &saved {
+        // The saved report's own inputs name the reference model's files.
+        for (k, v) in &r.inputs_sha256 {
+            if let Some(f) = k.strip_prefix("candidate/") {
+                inputs.insert(format!("reference/{f}"), v.clone());
+            }
+        }
+        inputs.insert("reference_report".into(), sha256_file(p)?);
     }
 
     let mut report = Report {
@@ -452,6 +468,9 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
             candidate: cand_src.as_ref(),
             candidate_opts: opts,
             reference: ref_src.as_deref(),
+            reference_scores: saved
+                .as_ref()
+                .and_then(|(p, r)| r.tasks.as_ref().map(|t| (*p, t))),
             tokenizer: &tok,
             device: &o.device,
             plan: crate::verify::tasks::RunPlan::for_model(dtype, cand_cfg.hidden_size),
@@ -463,6 +482,36 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
     report.inputs_sha256 = inputs;
     report.timings.total_s = t0.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Whether `--reference` names a saved report rather than a model.
+fn is_report(p: &Path) -> bool {
+    p.is_file()
+        && p.extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+}
+
+/// Reads `--reference REPORT.json`: an earlier `--report` with task scores, usable only for a
+/// task suite (perplexity, KLD and generation need the reference model itself).
+fn saved_reference(p: &Path, o: &VerifyOptions) -> Result<Report> {
+    if o.kld || o.gen.is_some() || o.tasks.is_none() {
+        return Err(Error::Invalid(format!(
+            "--reference {}: a saved report holds task scores only; it serves --hellaswag, --choices and --winogrande, not --kld or --gen (give the reference model for those)",
+            p.display()
+        )));
+    }
+    let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+    let r: Report = serde_json::from_str(&text).map_err(|e| Error::Format {
+        path: p.into(),
+        msg: format!("not a minitron-verify report: {e}"),
+    })?;
+    if r.tasks.is_none() {
+        return Err(Error::Format {
+            path: p.into(),
+            msg: "the report has no task scores (it was not written with --hellaswag, --choices or --winogrande)".into(),
+        });
+    }
+    Ok(r)
 }
 
 fn check_same_vocab(candidate_vocab: usize, reference_vocab: usize, path: &Path) -> Result<()> {

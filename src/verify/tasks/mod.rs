@@ -513,6 +513,9 @@ pub struct TaskInputs<'a> {
     pub candidate: &'a dyn Source,
     pub candidate_opts: LoadOptions,
     pub reference: Option<&'a dyn Source>,
+    /// Instead of running a reference model: its scores from an earlier report (`--reference
+    /// REPORT.json`), with the report's path for messages.
+    pub reference_scores: Option<(&'a Path, &'a TaskReport)>,
     pub tokenizer: &'a Tokenizer,
     pub device: &'a candle_core::Device,
     pub plan: RunPlan,
@@ -527,6 +530,11 @@ pub fn run(i: &TaskInputs<'_>) -> Result<TaskReport> {
         .iter()
         .map(|t| prepare(i.tokenizer, t, i.path))
         .collect::<Result<Vec<_>>>()?;
+    let file_sha256 = crate::model::checkpoint::sha256_file(i.path)?;
+    let saved = i
+        .reference_scores
+        .map(|(rp, r)| saved_scores(rp, r, i.suite, &file_sha256, &tasks, &prepared))
+        .transpose()?;
     let models = if i.reference.is_some() { 2 } else { 1 };
     let pb = crate::progress::bar(
         (tasks.len() * models) as u64,
@@ -569,13 +577,16 @@ pub fn run(i: &TaskInputs<'_>) -> Result<TaskReport> {
         .zip(&cand)
         .map(|(p, l)| score_task(p, l))
         .collect();
-    let rs: Option<Vec<TaskScore>> = reference.as_ref().map(|r| {
-        prepared
-            .iter()
-            .zip(r)
-            .map(|(p, l)| score_task(p, l))
-            .collect()
-    });
+    let rs: Option<Vec<TaskScore>> = reference
+        .as_ref()
+        .map(|r| {
+            prepared
+                .iter()
+                .zip(r)
+                .map(|(p, l)| score_task(p, l))
+                .collect()
+        })
+        .or(saved);
     let gold: Vec<usize> = tasks.iter().map(|t| t.gold).collect();
     let ca = accuracy(&gold, &cs);
     let ra = rs.as_ref().map(|r| accuracy(&gold, r));
@@ -614,7 +625,7 @@ pub fn run(i: &TaskInputs<'_>) -> Result<TaskReport> {
     Ok(TaskReport {
         suite: i.suite,
         file: i.path.display().to_string(),
-        file_sha256: crate::model::checkpoint::sha256_file(i.path)?,
+        file_sha256,
         file_tasks,
         subset: if tasks.len() < file_tasks {
             format!(
@@ -634,6 +645,55 @@ pub fn run(i: &TaskInputs<'_>) -> Result<TaskReport> {
         tasks_per_s: (tasks.len() * models) as f64 / eval_s.max(1e-9),
         per_task,
     })
+}
+
+/// A reference's scores from an earlier report, checked to be of the same tasks, tokenized the
+/// same way: same suite, file (sha256) and subset, and per task the same line, gold, common
+/// prefix and choice lengths.
+fn saved_scores(
+    report: &Path,
+    r: &TaskReport,
+    suite: Suite,
+    sha: &str,
+    tasks: &[Task],
+    prepared: &[Prepared],
+) -> Result<Vec<TaskScore>> {
+    let differs = |what: &str, saved: String, now: String| {
+        Err(Error::Invalid(format!(
+            "{}: the saved reference scores are of other tasks ({what}: the report has {saved}, this run {now}); re-run the reference on this file, or give the reference model",
+            report.display()
+        )))
+    };
+    if r.suite != suite {
+        return differs("suite", r.suite.name().into(), suite.name().into());
+    }
+    if r.file_sha256 != sha {
+        return differs("task file sha256", r.file_sha256.clone(), sha.into());
+    }
+    if r.per_task.len() != tasks.len() {
+        return differs(
+            "tasks",
+            r.per_task.len().to_string(),
+            tasks.len().to_string(),
+        );
+    }
+    for (k, ((rec, t), p)) in r.per_task.iter().zip(tasks).zip(prepared).enumerate() {
+        let lens: Vec<usize> = p.seqs.iter().map(Vec::len).collect();
+        if (rec.line, rec.gold, rec.prefix, &rec.tokens) != (t.line, t.gold, p.prefix, &lens) {
+            return differs(
+                &format!("task {k}"),
+                format!(
+                    "line {} gold {} prefix {} tokens {:?}",
+                    rec.line, rec.gold, rec.prefix, rec.tokens
+                ),
+                format!(
+                    "line {} gold {} prefix {} tokens {:?}",
+                    t.line, t.gold, p.prefix, lens
+                ),
+            );
+        }
+    }
+    Ok(r.per_task.iter().map(|t| t.candidate.clone()).collect())
 }
 
 /// `x %`, or `n/a`.
