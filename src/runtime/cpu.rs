@@ -1,7 +1,8 @@
-//! The block forward on a CPU when every linear layer runs on the runner's bf16 GEMM: the
-//! residual stream, norms, RoPE, causal attention and SwiGLU in f32 on plain row buffers, with
-//! no intermediate tensors. The products go to `runtime::gemm`; attention is computed here,
-//! only over the causal half of each chunk.
+//! The block forward on a CPU with an f32 residual stream: norms, RoPE, causal attention and
+//! SwiGLU in f32 on plain row buffers, with no intermediate tensors ([`eligible`] says when).
+//! The products go to `runtime::gemm` (or a layer's own tensor form); attention is computed
+//! here, only over the causal half of each chunk, and in packed rows only from the first key
+//! tile a query tile's groups can see.
 //!
 //! Each function is written once as ordinary scalar code with fused multiply-adds
 //! (`f32::mul_add`) and compiled twice, for AVX-512 and for any CPU: the operations and their
