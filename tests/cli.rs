@@ -40,7 +40,7 @@ fn help_lists_every_target_option_value_and_argument() {
     let v = help("minitron-verify", &["--help"]);
     assert!(v.starts_with("Measure a checkpoint"), "{v}");
     assert!(v.contains("a checkpoint folder (bf16, FP8 or INT8 safetensors) or a GGUF file"));
-    assert!(v.contains("--reference <DIR|FILE.gguf>"), "{v}");
+    assert!(v.contains("--reference <DIR|FILE.gguf|REPORT.json>"), "{v}");
     // Every subcommand argument says what it is.
     for (sub, want) in [
         ("inspect", "Checkpoint folder"),
