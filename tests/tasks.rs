@@ -82,6 +82,20 @@ fn score_tiny(
     .unwrap()
 }
 
+/// Converts the tiny fixture to `target` at `out`.
+fn convert_tiny(target: &str, out: &std::path::Path) {
+    run_ok(
+        "minitron-convert",
+        &[
+            tiny().to_str().unwrap(),
+            "--to",
+            target,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+}
+
 fn log_softmax(v: &[f64]) -> Vec<f64> {
     let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let z = v.iter().map(|x| (x - m).exp()).sum::<f64>().ln() + m;
@@ -194,16 +208,7 @@ fn saved_reference_scores_equal_a_reference_run() {
     let file = tiny_tasks(&dir);
     let (t, f) = (tiny(), file.to_str().unwrap());
     let fp8 = dir.join("fp8");
-    run_ok(
-        "minitron-convert",
-        &[
-            t.to_str().unwrap(),
-            "--to",
-            "fp8",
-            "--out",
-            fp8.to_str().unwrap(),
-        ],
-    );
+    convert_tiny("fp8", &fp8);
     let saved = dir.join("bf16.json");
     run_ok(
         "minitron-verify",
@@ -392,16 +397,7 @@ fn card_is_written_and_listed_in_the_manifest() {
     let file = tiny_tasks(&dir);
     let t = tiny();
     let out = dir.join("fp8");
-    run_ok(
-        "minitron-convert",
-        &[
-            t.to_str().unwrap(),
-            "--to",
-            "fp8",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-    );
+    convert_tiny("fp8", &out);
     run_ok(
         "minitron-verify",
         &[
@@ -444,16 +440,7 @@ fn card_is_written_and_listed_in_the_manifest() {
     assert_eq!(n, 1);
     run_ok("minitron-verify", &["--manifest", out.to_str().unwrap()]);
     let g = dir.join("m.gguf");
-    run_ok(
-        "minitron-convert",
-        &[
-            t.to_str().unwrap(),
-            "--to",
-            "gguf:q8_0",
-            "--out",
-            g.to_str().unwrap(),
-        ],
-    );
+    convert_tiny("gguf:q8_0", &g);
     run_ok(
         "minitron-verify",
         &[
