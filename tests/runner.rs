@@ -312,6 +312,63 @@ fn streamed_evaluation_equals_the_whole_model_bit_for_bit() {
     }
 }
 
+/// A bf16-stored head computing in f32 held as bf16 and widened slice by slice inside the
+/// product (the form a 128k-vocabulary head takes on a CPU computing in f32; forced here with
+/// `widen_head_above: Some(0)`) gives the f32 head's numbers: the weights are the same exact
+/// values, so only the f32 summation order of the head's dot products (128 terms) may differ,
+/// ~1e-7 relative on the logits. Held to 1e-6 relative on each NLL and 1e-9 on each KLD against
+/// the dense f32 head as reference, with every top-1 the same.
+#[test]
+fn widened_head_gives_the_f32_heads_numbers() {
+    use minitron::runtime::load::{safetensors::SafetensorsSource, LoadOptions, Source};
+    use minitron::verify::ppl::{score_streamed, StatsOn, StreamPlan};
+    let ck = Checkpoint::open(&tiny()).unwrap();
+    let src = SafetensorsSource::borrowed(&ck);
+    let ids = tiny_ids(3 * 40);
+    let chunks: Vec<Vec<u32>> = ids.chunks(40).map(|c| c.to_vec()).collect();
+    let plan = StreamPlan {
+        dtype: DType::F32,
+        batch: 2,
+        pass_chunks: 3,
+        on: StatsOn::Host,
+    };
+    let widened = LoadOptions {
+        widen_head_above: Some(0),
+        ..Default::default()
+    };
+    let run = |opts: LoadOptions| {
+        score_streamed(
+            &src,
+            opts,
+            Some(&src as &dyn Source),
+            &Device::Cpu,
+            &chunks,
+            10,
+            plan,
+            &|_| {},
+        )
+        .unwrap()
+    };
+    use minitron::runtime::linear::Linear;
+    let form = |opts| src.head(DType::F32, &Device::Cpu, opts).unwrap().1;
+    assert!(matches!(form(LoadOptions::default()), Linear::Dense { .. }));
+    assert!(matches!(form(widened), Linear::Widened { .. }));
+    let (dense, wide) = (run(LoadOptions::default()), run(widened));
+    assert_eq!(dense.len(), 3);
+    let mut moved = false;
+    for (d, w) in dense.iter().zip(&wide) {
+        assert_eq!(d.nll.len(), 29);
+        assert!(d.kld.iter().all(|&k| k == 0.0), "dense head against itself");
+        for (a, b) in d.nll.iter().zip(&w.nll) {
+            assert!((a - b).abs() <= 1e-6 * a.abs(), "NLL {a} vs {b}");
+            moved |= a != b;
+        }
+        assert!(w.kld.iter().all(|&k| k.abs() <= 1e-9), "KLD {:?}", w.kld);
+        assert!(w.same_top1.iter().all(|&s| s));
+    }
+    eprintln!("widened head: NLL bits moved: {moved}");
+}
+
 #[test]
 fn streamed_results_do_not_depend_on_the_thread_count() {
     let ids = tiny_ids(4 * 40);

@@ -57,7 +57,19 @@ pub enum Linear {
     Ggml {
         w: std::sync::Arc<candle_core::quantized::QMatMul>,
     },
+    /// bf16 weights `[out, in]` kept as stored and widened to f32 `slice_rows` rows at a time
+    /// inside the product: f32 inputs and outputs, the numbers of the f32 dense form (bf16 →
+    /// f32 is exact) from half its memory. A 128k-vocabulary head computing in f32 on a CPU
+    /// without the bf16 GEMM takes this form (see [`WIDEN_ABOVE`]).
+    Widened { weight: Tensor, slice_rows: usize },
 }
+
+/// f32 bytes above which a CPU f32 head is held as [`Linear::Widened`] instead of widened
+/// whole: Llama-3's 128,256 × 4,096 head is 2.1 GB in f32 and 1.05 GB as stored.
+pub const WIDEN_ABOVE: usize = 256 << 20;
+
+/// Weight elements widened per slice of [`Linear::Widened`] (64 MiB of f32).
+const WIDEN_SLICE_ELEMS: usize = 16 << 20;
 
 use crate::numerics::fp8::FP8_MIN_TOKEN_SCALE;
 
@@ -590,7 +602,7 @@ impl Linear {
             } => InputRule::Cast(weight.dtype()),
             Linear::Fp8 { weight, act } => InputRule::Fp8(*act, weight.dtype()),
             Linear::Int8 { dynamic: true, .. } => InputRule::Int8Exact,
-            Linear::Ggml { .. } => InputRule::Cast(DType::F32),
+            Linear::Ggml { .. } | Linear::Widened { .. } => InputRule::Cast(DType::F32),
             Linear::Packed {
                 w, act, fp8_act, ..
             } => InputRule::Packed(w.lda(), fp8_act.then_some(*act)),
@@ -645,6 +657,9 @@ impl Linear {
                 },
                 Prepared::Plain(xp),
             ) => Self::matmul(xp, weight),
+            (Linear::Widened { weight, slice_rows }, Prepared::Plain(xf)) => {
+                Self::widened_matmul(xf, weight, *slice_rows)
+            }
             (Linear::Ggml { w }, Prepared::Plain(xf)) => {
                 Ok(candle_core::Module::forward(w.as_ref(), xf)?.to_dtype(x.dtype())?)
             }
@@ -767,6 +782,53 @@ impl Linear {
         }
     }
 
+    /// A [`Linear::Widened`] layer from little-endian bf16 bytes `[out, in]` on the CPU, copied
+    /// in slices of rows with `done(byte_range)` called after each, so that a mapped source
+    /// can drop the pages already copied (the weight is never resident twice).
+    pub fn widened_from_bf16_bytes(
+        bytes: &[u8],
+        out: usize,
+        inp: usize,
+        done: &dyn Fn(std::ops::Range<usize>),
+    ) -> Result<Self> {
+        let mut v: Vec<half::bf16> = Vec::with_capacity(out * inp);
+        let rows = (WIDEN_SLICE_ELEMS / inp.max(1)).max(1);
+        for r0 in (0..out).step_by(rows) {
+            let range = r0 * inp * 2..(r0 + rows).min(out) * inp * 2;
+            v.extend(
+                bytes[range.clone()]
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))),
+            );
+            done(range);
+        }
+        Ok(Linear::Widened {
+            weight: Tensor::from_vec(v, (out, inp), &Device::Cpu)?,
+            slice_rows: rows,
+        })
+    }
+
+    /// `x Wᵀ` in f32 with `W` widened from bf16 `slice_rows` output rows at a time.
+    fn widened_matmul(x: &Tensor, weight: &Tensor, slice_rows: usize) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inp = *dims.last().expect("rank ≥ 1");
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x = x.to_dtype(DType::F32)?.reshape((rows, inp))?;
+        let out = weight.dim(0)?;
+        let step = slice_rows.max(1);
+        let mut parts = Vec::with_capacity(out.div_ceil(step));
+        for r0 in (0..out).step_by(step) {
+            let w = weight
+                .narrow(0, r0, step.min(out - r0))?
+                .to_dtype(DType::F32)?;
+            parts.push(x.matmul(&w.t()?)?);
+        }
+        let y = Tensor::cat(&parts, 1)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank ≥ 1") = out;
+        Ok(y.reshape(out_dims)?)
+    }
+
     /// `[out, in]`.
     pub fn shape(&self) -> (usize, usize) {
         match self {
@@ -776,6 +838,10 @@ impl Linear {
                 dequantized: weight,
                 ..
             } => {
+                let d = weight.dims();
+                (d[0], d[1])
+            }
+            Linear::Widened { weight, .. } => {
                 let d = weight.dims();
                 (d[0], d[1])
             }
@@ -880,6 +946,76 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The widened head form against an f64 sum of the same bf16 weights (bf16 → f32 is exact,
+    /// so only the f32 accumulation of `inp` products differs: a few units of 2^-24 of Σ|terms|
+    /// per step, bounded by 1e-5 · Σ|terms| for inp = 300), with slices of every kind: one
+    /// row, short last slices, one slice. The whole-f32 dense form is held to the same bound
+    /// (candle's GEMM picks its kernel by the output width, so slices may sum in another order
+    /// than the whole matrix: equal values are not promised bit for bit). The copy's `done`
+    /// ranges cover the bytes once, in order.
+    #[test]
+    fn widened_head_matches_an_f64_reference_like_the_dense_f32_form() {
+        let (out, inp, rows) = (451usize, 300usize, 9usize);
+        let mut rng = crate::numerics::rng::SplitMix64::new(41);
+        let mut uni = || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        let bytes: Vec<u8> = (0..out * inp)
+            .flat_map(|_| half::bf16::from_f32(uni() * 0.2).to_bits().to_le_bytes())
+            .collect();
+        let w: Vec<f64> = bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f64())
+            .collect();
+        let x: Vec<f32> = (0..rows * inp).map(|_| uni() * 4.0).collect();
+        let xt = Tensor::from_vec(x.clone(), (1, rows, inp), &Device::Cpu).unwrap();
+        let check = |l: &Linear, what: &str| {
+            assert_eq!(l.shape(), (out, inp));
+            let y = l.forward(&xt).unwrap();
+            assert_eq!(y.dims(), &[1, rows, out], "{what}");
+            assert_eq!(y.dtype(), DType::F32, "{what}");
+            let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+            for r in 0..rows {
+                for o in 0..out {
+                    let terms = (0..inp).map(|k| x[r * inp + k] as f64 * w[o * inp + k]);
+                    let (sum, abs) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+                    let g = got[r * out + o] as f64;
+                    assert!(
+                        (g - sum).abs() <= 1e-5 * abs,
+                        "{what} [{r},{o}]: {g} vs {sum}"
+                    );
+                }
+            }
+        };
+        let dense = Linear::build(
+            WeightData::Bf16Bytes(&bytes),
+            out,
+            inp,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        check(&dense, "dense f32");
+        let seen = std::sync::Mutex::new(Vec::new());
+        let built =
+            Linear::widened_from_bf16_bytes(&bytes, out, inp, &|r| seen.lock().unwrap().push(r))
+                .unwrap();
+        let seen = seen.into_inner().unwrap();
+        assert_eq!(seen.first().map(|r| r.start), Some(0));
+        assert!(seen.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!(seen.last().map(|r| r.end), Some(bytes.len()));
+        check(&built, "widened as built");
+        let Linear::Widened { weight, .. } = built else {
+            panic!("not the widened form")
+        };
+        assert_eq!(weight.dtype(), DType::BF16);
+        for slice_rows in [1usize, 7, 64, 450, out] {
+            let l = Linear::Widened {
+                weight: weight.clone(),
+                slice_rows,
+            };
+            check(&l, &format!("widened, slices of {slice_rows}"));
         }
     }
 

@@ -309,6 +309,7 @@ impl Llama {
         let opts = LoadOptions {
             weight_only: false,
             gguf_dense: dense,
+            ..Default::default()
         };
         Self::from_source(&src, dtype, device, opts)
     }

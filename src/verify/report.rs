@@ -155,6 +155,7 @@ pub fn run(o: &VerifyOptions) -> Result<Report> {
     let opts = LoadOptions {
         weight_only: o.weight_only,
         gguf_dense: o.gguf_dense,
+        ..Default::default()
     };
     let is_gguf = o.candidate.is_file();
     let (cand_src, tok, cand_hashes): (Box<dyn Source>, Tokenizer, Vec<(String, String)>) =

@@ -175,7 +175,7 @@ impl Source for SafetensorsSource<'_> {
         .to_dtype(dtype)?)
     }
 
-    fn head(&self, dtype: DType, device: &Device, _opts: LoadOptions) -> Result<(Tensor, Linear)> {
+    fn head(&self, dtype: DType, device: &Device, opts: LoadOptions) -> Result<(Tensor, Linear)> {
         let ck = self.ck();
         let c = &ck.config;
         let norm = vector(ck.read_f32(names::FINAL_NORM)?, stream_dtype(dtype), device)?;
@@ -218,6 +218,20 @@ impl Source for SafetensorsSource<'_> {
                 act: crate::runtime::linear::ActQuant::None,
                 fp8_act: false,
             }
+        } else if device.is_cpu()
+            && !device_form
+            && head_dtype == DType::F32
+            && info.dtype == Dtype::BF16
+            && c.vocab_size * c.hidden_size * 4
+                > opts
+                    .widen_head_above
+                    .unwrap_or(crate::runtime::linear::WIDEN_ABOVE)
+        {
+            // A large head computing in f32 keeps its bf16 bytes and widens them slice by
+            // slice inside the product: same logits, half the memory of an f32 copy.
+            Linear::widened_from_bf16_bytes(bytes, c.vocab_size, c.hidden_size, &|r| {
+                ck.release_range(name, r)
+            })?
         } else {
             let data = if info.dtype == Dtype::BF16 {
                 WeightData::Bf16Bytes(bytes)

@@ -17,6 +17,10 @@ pub struct LoadOptions {
     /// GGUF: dequantize block-quantized weights at load and run them as dense matmuls
     /// (unquantized activations, as llama.cpp's dequantize-then-GEMM paths compute).
     pub gguf_dense: bool,
+    /// f32 bytes above which a bf16-stored head computing in f32 on a CPU stays bf16 and is
+    /// widened slice by slice inside the product ([`crate::runtime::linear::Linear::Widened`]);
+    /// `None`: [`crate::runtime::linear::WIDEN_ABOVE`].
+    pub widen_head_above: Option<usize>,
 }
 
 /// A model's weights as the runner consumes them.
