@@ -102,6 +102,8 @@ pub struct PackedBf16 {
     /// `ceil(n / NR)` panels of `kp × NR` pairs (two bf16 in one u32, the lower input first);
     /// channels past `n` and the input past `k` are zero.
     data: Vec<u32>,
+    /// Per panel, the smallest exponent field among its nonzero values ([`min_exponent`]).
+    panel_exp: Vec<u8>,
 }
 
 impl PackedBf16 {
@@ -128,7 +130,22 @@ impl PackedBf16 {
                     }
                 }
             });
-        PackedBf16 { n, k, kp, data }
+        Self::finish(n, k, kp, data)
+    }
+
+    /// The packed weight with its panels' exponent floors.
+    fn finish(n: usize, k: usize, kp: usize, data: Vec<u32>) -> Self {
+        let panel_exp = data
+            .par_chunks(kp * NR)
+            .map(|p| p.iter().fold(u8::MAX, |m, &v| m.min(pair_exponent(v))))
+            .collect();
+        PackedBf16 {
+            n,
+            k,
+            kp,
+            data,
+            panel_exp,
+        }
     }
 
     /// Packs bf16 values given as little-endian bytes `[n, k]` (a safetensors BF16 tensor).
@@ -178,7 +195,7 @@ impl PackedBf16 {
             let rows = (si * SLICE * NR).min(n)..((si + 1) * SLICE * NR).min(n);
             done(rows.start * k * 2..rows.end * k * 2);
         }
-        PackedBf16 { n, k, kp, data }
+        Self::finish(n, k, kp, data)
     }
 
     /// Packs f32 values `[n, k]`, rounding each to bf16 (nearest, ties to even).
@@ -217,6 +234,49 @@ pub fn lda_for(k: usize) -> usize {
     } else {
         v
     }
+}
+
+/// The smallest exponent field of a bf16 value, zero excluded (255 for ±0; 0 for a subnormal).
+#[inline(always)]
+fn bf16_exponent(b: u16) -> u8 {
+    if b & 0x7fff == 0 {
+        u8::MAX
+    } else {
+        (b >> 7) as u8
+    }
+}
+
+/// [`bf16_exponent`] of both halves of a packed pair, the smaller.
+#[inline(always)]
+fn pair_exponent(v: u32) -> u8 {
+    bf16_exponent(v as u16).min(bf16_exponent((v >> 16) as u16))
+}
+
+/// Per row of `a` (`lda` values each), the smallest exponent field of its nonzero values.
+fn row_exponents(a: &[u16], lda: usize) -> Vec<u8> {
+    a.par_chunks(lda.max(1))
+        .map(|r| r.iter().fold(u8::MAX, |m, &b| m.min(bf16_exponent(b))))
+        .collect()
+}
+
+/// Whether products of inputs whose exponent fields are at least `a` and `w` can be summed in
+/// plain f32 arithmetic with the same result as the module's flushing one. Values of exponent
+/// field `e` are multiples of 2^(e-134); so every product, when `a + w ≥ 142`, is a multiple of
+/// 2^-126, and so is every exact partial sum. A nonzero multiple of 2^-126 rounds to f32 as a
+/// nonzero multiple of 2^-126 (exactly, below 2^-102; onto a coarser grid above): no sum is
+/// ever subnormal, and with no subnormal input (`a, w ≥ 1`) there is nothing to flush. A chain
+/// that starts from a stored value needs that value to be such a multiple too ([`grid_ok`]).
+#[inline(always)]
+fn needs_no_flush(a: u8, w: u8) -> bool {
+    a >= 1 && w >= 1 && a as u32 + w as u32 >= 142
+}
+
+/// Whether an accumulator's starting value is zero or a multiple of 2^-126 (exponent field of
+/// at least 24): see [`needs_no_flush`].
+#[inline(always)]
+fn grid_ok(v: f32) -> bool {
+    let b = v.to_bits() & 0x7fff_ffff;
+    b == 0 || b >> 23 >= 24
 }
 
 /// Rounds f32 activations `[m, k]` to bf16 rows of [`PackedBf16::lda`] values (zero-padded).
@@ -260,6 +320,11 @@ pub fn gemm(
     let want_col_blocks = (4 * threads).div_ceil(row_blocks).clamp(1, panels);
     let panels_per_task = panels.div_ceil(want_col_blocks);
     let col_blocks = panels.div_ceil(panels_per_task);
+    let a_exp = if isa == Isa::Avx2Fma {
+        row_exponents(&a[..m * lda], lda)
+    } else {
+        vec![]
+    };
     let cp = SendPtr(c.as_mut_ptr());
     (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
         let (rb, cb) = (t / col_blocks, t % col_blocks);
@@ -267,7 +332,7 @@ pub fn gemm(
         let pan = cb * panels_per_task..(cb * panels_per_task + panels_per_task).min(panels);
         let cp = &cp;
         // SAFETY: tasks write disjoint rectangles of `c` (rows × panel columns).
-        unsafe { tile(isa, a, lda, w, cp.0, n, rows, pan, false) };
+        unsafe { tile(isa, a, lda, &a_exp, w, cp.0, n, rows, pan, false) };
     });
     if row_scale.is_some() || col_scale.is_some() {
         c.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, r)| {
@@ -288,6 +353,8 @@ pub fn gemm(
 /// packed weight of `n` channels.
 pub struct Gram {
     a: Vec<u16>,
+    /// [`row_exponents`] of `a`.
+    a_exp: Vec<u8>,
     w: PackedBf16,
 }
 
@@ -312,7 +379,8 @@ impl Gram {
         let w = PackedBf16::from_rows(n, rows, |r, dst| {
             dst.copy_from_slice(&a[r * lda..r * lda + rows])
         });
-        Gram { a, w }
+        let a_exp = row_exponents(&a, lda);
+        Gram { a, a_exp, w }
     }
 
     /// `n`.
@@ -346,7 +414,7 @@ pub fn syrk_lower_add(isa: Isa, g: &Gram, c: &mut [f32]) {
     tasks.into_par_iter().for_each(|(rows, pan)| {
         let cp = &cp;
         // SAFETY: tasks write disjoint rectangles of `c` (rows × panel columns), all inside it.
-        unsafe { tile(isa, &g.a, lda, &g.w, cp.0, n, rows, pan, true) };
+        unsafe { tile(isa, &g.a, lda, &g.a_exp, &g.w, cp.0, n, rows, pan, true) };
     });
 }
 
@@ -361,6 +429,7 @@ unsafe fn tile(
     isa: Isa,
     a: &[u16],
     lda: usize,
+    a_exp: &[u8],
     w: &PackedBf16,
     c: *mut f32,
     ldc: usize,
@@ -373,19 +442,51 @@ unsafe fn tile(
     // are finished over all of `k` before the next group starts. Each output's sum still runs
     // over the input blocks in order, so the grouping does not change a bit.
     let groups = pan.clone().step_by(PANEL_GROUP);
+    // The AVX2 kernel's f32 copies of a cache block of the tile's rows of `A` and of one panel.
+    let (mut af, mut wf) = if isa == Isa::Avx2Fma {
+        (vec![0f32; rows.len() * LDF], vec![0f32; 2 * KC_PAIRS * NR])
+    } else {
+        (vec![], vec![])
+    };
     for g0 in groups {
         let group = g0..(g0 + PANEL_GROUP).min(pan.end);
-        tile_group(isa, a, lda, w, c, ldc, rows.clone(), group, kp, accumulate);
+        let a = ARows { a, lda, exp: a_exp };
+        tile_group(
+            isa,
+            &a,
+            &mut af,
+            &mut wf,
+            w,
+            c,
+            ldc,
+            rows.clone(),
+            group,
+            kp,
+            accumulate,
+        );
     }
 }
+
+/// Rows of `A` as [`tile`] reads them.
+struct ARows<'a> {
+    a: &'a [u16],
+    lda: usize,
+    /// [`row_exponents`] (read by the AVX2 kernel only).
+    exp: &'a [u8],
+}
+
+/// Row stride of the AVX2 kernel's f32 copy of `A` (a cache block and one line, so that its
+/// rows do not share L1 sets).
+const LDF: usize = 2 * KC_PAIRS + 16;
 
 /// [`tile`] for one group of panels.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn tile_group(
     isa: Isa,
-    a: &[u16],
-    lda: usize,
+    a: &ARows<'_>,
+    af: &mut [f32],
+    wf: &mut [f32],
     w: &PackedBf16,
     c: *mut f32,
     ldc: usize,
@@ -394,16 +495,30 @@ unsafe fn tile_group(
     kp: usize,
     accumulate: bool,
 ) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (af, wf);
+    let lda = a.lda;
     let mut q0 = 0;
     while q0 < kp {
         let q1 = (q0 + KC_PAIRS).min(kp);
+        if isa == Isa::Avx2Fma {
+            // Widened once per cache block, read by every panel of the group.
+            for (i, dst) in rows.clone().zip(af.chunks_exact_mut(LDF)) {
+                let src = &a.a[i * lda + 2 * q0..i * lda + 2 * q1];
+                for (d, &b) in dst.iter_mut().zip(src) {
+                    *d = f32::from_bits((b as u32) << 16);
+                }
+            }
+        }
         for p in pan.clone() {
             let cols = NR.min(w.n - p * NR);
             let wp = w.data.as_ptr().add(p * kp * NR + q0 * NR);
+            #[cfg(target_arch = "x86_64")]
+            let mut widened = false;
             let mut i = rows.start;
             while i < rows.end {
                 let mr = MR.min(rows.end - i);
-                let ap = a.as_ptr().add(i * lda + 2 * q0);
+                let ap = a.a.as_ptr().add(i * lda + 2 * q0);
                 let cp = c.add(i * ldc + p * NR);
                 let first = q0 == 0 && !accumulate;
                 match isa {
@@ -412,7 +527,24 @@ unsafe fn tile_group(
                         avx512::micro(mr, q1 - q0, ap, lda, wp, cp, ldc, cols, first)
                     }
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2Fma => avx2::micro(mr, q1 - q0, ap, lda, wp, cp, ldc, cols, first),
+                    Isa::Avx2Fma => {
+                        let ae = a.exp[i..i + mr].iter().copied().min().unwrap_or(u8::MAX);
+                        let plain = needs_no_flush(ae, w.panel_exp[p])
+                            && (first
+                                || (0..mr)
+                                    .all(|r| (0..cols).all(|j| grid_ok(*cp.add(r * ldc + j)))));
+                        if plain {
+                            if !widened {
+                                let src = &w.data[p * kp * NR + q0 * NR..p * kp * NR + q1 * NR];
+                                avx2::widen_panel(src, q1 - q0, wf);
+                                widened = true;
+                            }
+                            let afp = af.as_ptr().add((i - rows.start) * LDF);
+                            avx2::plain(mr, q1 - q0, afp, wf.as_ptr(), cp, ldc, cols, first)
+                        } else {
+                            avx2::micro(mr, q1 - q0, ap, lda, wp, cp, ldc, cols, first)
+                        }
+                    }
                     _ => portable_micro(mr, q1 - q0, ap, lda, wp, cp, ldc, cols, first),
                 }
                 i += mr;
@@ -492,7 +624,122 @@ unsafe fn portable_micro(
 /// rounding). The tests check it against the definition bit for bit, flush cases included.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::NR;
+    use std::arch::x86_64::*;
+
+    use super::{LDF, NR};
+
+    /// Rows per register block of [`plain`]: 6 rows × 16 channels are twelve accumulators,
+    /// and each one's chain (two dependent FMAs per pair) has the FMA units' full latency
+    /// hidden behind the other eleven.
+    const PR: usize = 6;
+
+    /// Widens `kp` pairs of a panel (`[kp][NR]` packed pairs) to f32 in the order [`plain`]
+    /// reads them: per half of the channels, per pair, the 16 upper (odd) inputs then the 16
+    /// lower (even) ones.
+    pub(super) fn widen_panel(w: &[u32], kp: usize, out: &mut [f32]) {
+        for h in 0..2 {
+            for q in 0..kp {
+                let src = &w[q * NR + 16 * h..q * NR + 16 * h + 16];
+                let dst = &mut out[(h * kp + q) * 32..(h * kp + q) * 32 + 32];
+                for (j, &v) in src.iter().enumerate() {
+                    dst[j] = f32::from_bits(v & 0xffff_0000);
+                    dst[16 + j] = f32::from_bits(v << 16);
+                }
+            }
+        }
+    }
+
+    /// The module's arithmetic as plain fused multiply-adds, for blocks where nothing can be
+    /// subnormal ([`super::needs_no_flush`]): each output's chain is `fma(a[k], w[k],
+    /// fma(a[k+1], w[k+1], acc))` pair by pair, as in [`micro`], without the flush steps
+    /// (which would change nothing). `a` is the f32 copy of the rows (stride [`LDF`]), `w`
+    /// the panel's block widened by [`widen_panel`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn plain(
+        mr: usize,
+        kp: usize,
+        a: *const f32,
+        w: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        first: bool,
+    ) {
+        let mut r = 0;
+        while r < mr {
+            let (a, c) = (a.add(r * LDF), c.add(r * ldc));
+            let n = (mr - r).min(PR);
+            macro_rules! dispatch {
+                ($($n:literal)*) => {
+                    match n {
+                        $($n => block::<$n>(kp, a, w, c, ldc, cols, first),)*
+                        _ => unreachable!("at most PR rows"),
+                    }
+                };
+            }
+            dispatch!(1 2 3 4 5 6);
+            r += n;
+        }
+    }
+
+    /// [`plain`] for `R` rows, both halves of the panel.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn block<const R: usize>(
+        kp: usize,
+        a: *const f32,
+        w: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        first: bool,
+    ) {
+        for h in 0..2 {
+            let c0 = 16 * h;
+            if cols <= c0 {
+                break;
+            }
+            let n = (cols - c0).min(16);
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            if !first {
+                for (r, ar) in acc.iter_mut().enumerate() {
+                    let mut t = [0f32; 16];
+                    std::ptr::copy_nonoverlapping(c.add(r * ldc + c0), t.as_mut_ptr(), n);
+                    ar[0] = _mm256_loadu_ps(t.as_ptr());
+                    ar[1] = _mm256_loadu_ps(t.as_ptr().add(8));
+                }
+            }
+            let mut wp = w.add(h * kp * 32);
+            for q in 0..kp {
+                let (h0, h1) = (_mm256_loadu_ps(wp), _mm256_loadu_ps(wp.add(8)));
+                for (r, ar) in acc.iter_mut().enumerate() {
+                    let x = _mm256_broadcast_ss(&*a.add(r * LDF + 2 * q + 1));
+                    ar[0] = _mm256_fmadd_ps(x, h0, ar[0]);
+                    ar[1] = _mm256_fmadd_ps(x, h1, ar[1]);
+                }
+                let (l0, l1) = (_mm256_loadu_ps(wp.add(16)), _mm256_loadu_ps(wp.add(24)));
+                for (r, ar) in acc.iter_mut().enumerate() {
+                    let x = _mm256_broadcast_ss(&*a.add(r * LDF + 2 * q));
+                    ar[0] = _mm256_fmadd_ps(x, l0, ar[0]);
+                    ar[1] = _mm256_fmadd_ps(x, l1, ar[1]);
+                }
+                wp = wp.add(32);
+            }
+            for (r, ar) in acc.iter().enumerate() {
+                let dst = c.add(r * ldc + c0);
+                if n == 16 {
+                    _mm256_storeu_ps(dst, ar[0]);
+                    _mm256_storeu_ps(dst.add(8), ar[1]);
+                } else {
+                    let mut t = [0f32; 16];
+                    _mm256_storeu_ps(t.as_mut_ptr(), ar[0]);
+                    _mm256_storeu_ps(t.as_mut_ptr().add(8), ar[1]);
+                    std::ptr::copy_nonoverlapping(t.as_ptr(), dst, n);
+                }
+            }
+        }
+    }
 
     /// f32 of bf16 bits already in the upper half, subnormals read as zero.
     #[inline(always)]
@@ -755,6 +1002,103 @@ mod tests {
         }
     }
 
+    /// The AVX2 kernel's plain path is taken only where no sum can be subnormal: at the
+    /// boundary (`a + w = 142`) plain sums equal the definition; one step below they need not,
+    /// and the kernel falls back to the flushing path there.
+    #[test]
+    fn plain_sums_only_where_nothing_can_be_subnormal() {
+        // 129·129 − 128·130 = 1: with the first factors' exponent field `ea` and the second's
+        // 71, the two products' sum is 2^(ea − 197), the smallest multiple the grid allows.
+        let plain = |a: &[f32], w: &[f32]| w[0].mul_add(a[0], w[1].mul_add(a[1], 0.0));
+        for ea in [70u32, 71] {
+            let m = |mant: u32, e: u32| f32::from_bits(e << 23 | (mant - 128) << 16);
+            let a = [m(129, ea), m(128, ea)];
+            let w = [m(129, 71), -m(130, 71)];
+            let want = reference(&a, &w, 1, 1, 2)[0];
+            let exact = 2f32.powi(ea as i32 - 197);
+            let pw = PackedBf16::from_f32(&w, 1, 2);
+            let ab = to_bf16_rows(&a, 2, pw.lda());
+            if ea == 70 {
+                // 2^-127 is subnormal: flushed by the definition, kept by plain sums.
+                assert_eq!((want, plain(&a, &w)), (0.0, exact));
+            } else {
+                assert_eq!((want, plain(&a, &w)), (exact, exact));
+            }
+            for isa in [Isa::Portable, Isa::Avx2Fma, Isa::Avx512Bf16] {
+                if !isa.available() {
+                    eprintln!("SKIPPED {}: this CPU lacks it", isa.name());
+                    continue;
+                }
+                let got = gemm(isa, &ab, 1, &pw, None, None)[0];
+                assert_eq!(got.to_bits(), want.to_bits(), "{} field {ea}", isa.name());
+            }
+        }
+        // Random values at and just below the boundary, with cancellation (random signs):
+        // every path equals the definition, whichever way each block goes.
+        let mut r = SplitMix64::new(17);
+        for low in [71i32, 70] {
+            let (m, n, k) = (14, 40, 300);
+            let mut pick = |lo: i32| {
+                let s = if r.next_u64() & 1 == 0 { 1.0 } else { -1.0 };
+                let e = lo + (r.next_u64() % 3) as i32 - 127;
+                s * (1.0 + (r.next_u64() % 128) as f32 / 128.0) * 2f32.powi(e)
+            };
+            let a: Vec<f32> = (0..m * k).map(|_| pick(low)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| pick(71)).collect();
+            let want = reference(&a, &w, m, n, k);
+            let pw = PackedBf16::from_f32(&w, n, k);
+            let ab = to_bf16_rows(&a, k, pw.lda());
+            for isa in [Isa::Avx2Fma, Isa::Avx512Bf16] {
+                if !isa.available() {
+                    eprintln!("SKIPPED {}: this CPU lacks it", isa.name());
+                    continue;
+                }
+                let got = gemm(isa, &ab, m, &pw, None, None);
+                for (g, e) in got.iter().zip(&want) {
+                    assert_eq!(g.to_bits(), e.to_bits(), "{} low {low}", isa.name());
+                }
+            }
+        }
+
+        assert!(needs_no_flush(71, 71) && needs_no_flush(1, 141) && needs_no_flush(200, 255));
+        assert!(!needs_no_flush(70, 71) && !needs_no_flush(0, 250) && !needs_no_flush(250, 0));
+        assert!(grid_ok(0.0) && grid_ok(-0.0) && grid_ok(2f32.powi(-103)) && grid_ok(1.0));
+        assert!(!grid_ok(2f32.powi(-104) * 1.5) && !grid_ok(f32::MIN_POSITIVE));
+    }
+
+    /// Gram sums continuing from stored values off the 2^-126 grid take the flushing path for
+    /// those blocks: a stored −(2^-112 − 2^-136) plus the product 2^-56 · 2^-56 is 2^-136,
+    /// subnormal, flushed by the definition although the inputs alone would allow plain sums.
+    #[test]
+    fn gram_sums_from_stored_values_off_the_grid_equal_the_definition() {
+        let (rows, n) = (2, 3);
+        let t = 2f32.powi(-56);
+        let x = [0.0, 0.0, 0.0, t, t, 1.0];
+        let g = Gram::new(&x, rows, n);
+        let s = -(2f32.powi(-112) - 2f32.powi(-136));
+        assert_eq!(t.mul_add(t, s), 2f32.powi(-136), "plain sums would keep it");
+        let mut want = vec![s; n * n];
+        syrk_lower_add(Isa::Portable, &g, &mut want);
+        assert_eq!([want[0], want[3], want[4]], [0.0; 3]);
+        for isa in [Isa::Avx2Fma, Isa::Avx512Bf16] {
+            if !isa.available() {
+                eprintln!("SKIPPED {}: this CPU lacks it", isa.name());
+                continue;
+            }
+            let mut got = vec![s; n * n];
+            syrk_lower_add(isa, &g, &mut got);
+            for i in 0..n {
+                for j in 0..=i {
+                    assert_eq!(
+                        got[i * n + j].to_bits(),
+                        want[i * n + j].to_bits(),
+                        "{i},{j}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
         let (m, n, k) = (50, 130, 96);
@@ -787,11 +1131,11 @@ mod tests {
         let pw = PackedBf16::from_f32(&xt, n, 30);
         let ab = to_bf16_rows(&xt, 30, pw.lda());
         let want = gemm(Isa::Portable, &ab, n, &pw, None, None);
-        let mut isas = vec![Isa::Portable];
-        if Isa::Avx512Bf16.available() {
-            isas.push(Isa::Avx512Bf16);
-        }
-        for isa in isas {
+        for isa in [Isa::Portable, Isa::Avx2Fma, Isa::Avx512Bf16] {
+            if !isa.available() {
+                eprintln!("SKIPPED {}: this CPU lacks it", isa.name());
+                continue;
+            }
             for threads in [1, 3] {
                 let got = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
