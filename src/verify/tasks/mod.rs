@@ -26,7 +26,7 @@ pub use file::{Task, TaskKind};
 use crate::error::{Error, Result};
 use crate::model::Tokenizer;
 use crate::runtime::{LoadOptions, Packing, Source, Streamed};
-use crate::verify::stats::log_softmax;
+use crate::verify::stats::log_sum_exp;
 
 /// Which file layout a task file has and how its tasks are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -359,10 +359,12 @@ fn logprobs(
             for piece in positions.chunks(256) {
                 let (g, k) = at[r];
                 let l = s.logits_at(&head, g, k, piece)?.to_vec2::<f32>()?;
-                let lps: Vec<Vec<f64>> = l.par_iter().map(|row| log_softmax(row)).collect();
-                for (&pos, lp) in piece.iter().zip(lps) {
+                // Only a few tokens per position are read: each row's log-sum-exp, then those
+                // entries (what a whole log-softmax row would hold there, bit for bit).
+                let lse: Vec<f64> = l.par_iter().map(|row| log_sum_exp(row)).collect();
+                for ((&pos, row), lse) in piece.iter().zip(&l).zip(lse) {
                     for &tok in &w[&pos] {
-                        m.insert((pos, tok), lp[tok as usize]);
+                        m.insert((pos, tok), row[tok as usize] as f64 - lse);
                     }
                 }
             }
