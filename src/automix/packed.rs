@@ -71,6 +71,7 @@ fn packed_error(x: &[f32], cols: usize, imp: &[f32], k: LayerQuant) -> f64 {
             crate::quant::int8::quantize_bits(x, cols, Some(group), 4).dequantize(cols)
         }
     };
+    // Rows in parallel, summed in order: the same bits whatever the threads do.
     x.par_chunks(cols)
         .zip(d.par_chunks(cols))
         .map(|(a, b)| {
@@ -83,6 +84,8 @@ fn packed_error(x: &[f32], cols: usize, imp: &[f32], k: LayerQuant) -> f64 {
                 })
                 .sum::<f64>()
         })
+        .collect::<Vec<f64>>()
+        .iter()
         .sum()
 }
 

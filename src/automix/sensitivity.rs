@@ -284,6 +284,7 @@ pub(crate) fn errors(
         .map(|ty| {
             let q = quantize_with(ty, x, ne0, quantizer_importance(*ty, imp), search)?;
             let d = dequantize(ty, &q, ne0)?;
+            // Rows in parallel, summed in order (a parallel sum's grouping varies by run).
             Ok(x.par_chunks(ne0)
                 .zip(d.par_chunks(ne0))
                 .map(|(a, b)| {
@@ -296,6 +297,8 @@ pub(crate) fn errors(
                         })
                         .sum::<f64>()
                 })
+                .collect::<Vec<f64>>()
+                .iter()
                 .sum())
         })
         .collect()
@@ -339,10 +342,13 @@ pub(crate) fn mean_kld(p: &Tensor, q: &Tensor) -> Result<f64> {
     use crate::verify::stats::{kl_divergence, log_softmax};
     let pr = p.to_vec2::<f32>()?;
     let qr = q.to_vec2::<f32>()?;
+    // Rows in parallel, summed in order.
     let s: f64 = pr
         .par_iter()
         .zip(qr.par_iter())
         .map(|(a, b)| kl_divergence(&log_softmax(a), &log_softmax(b)))
+        .collect::<Vec<f64>>()
+        .iter()
         .sum();
     Ok(s / pr.len().max(1) as f64)
 }
@@ -693,5 +699,49 @@ pub fn measure_with(
 fn fill(ts: &mut TensorSense) {
     for cand in ts.candidates.iter_mut() {
         cand.kld = ts.kld_at_probe * cand.rel_error;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::numerics::rng::SplitMix64;
+
+    /// The error tables and the KL-divergence mean are sums over rows computed in parallel:
+    /// their bits must not depend on the thread count or on how the work was split.
+    #[test]
+    fn row_sums_do_not_depend_on_the_threads() {
+        let mut r = SplitMix64::new(3);
+        let mut v = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| (r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+                .collect()
+        };
+        let (rows, ne0, vocab) = (300, 256, 512);
+        let x = v(rows * ne0);
+        let imp: Vec<f32> = v(ne0).iter().map(|a| a.abs() + 0.1).collect();
+        let (p, q) = (v(rows * vocab), v(rows * vocab));
+        let types = [GgmlType::Q4_K, GgmlType::Q8_0];
+        let run = |t: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+                .install(|| {
+                    let e = errors(&x, ne0, Some(&imp), Some(&imp), &types, KSearch::Reference)
+                        .unwrap();
+                    let pt = Tensor::from_slice(&p, (rows, vocab), &Device::Cpu).unwrap();
+                    let qt = Tensor::from_slice(&q, (rows, vocab), &Device::Cpu).unwrap();
+                    let k = mean_kld(&pt, &qt).unwrap();
+                    (
+                        e.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        k.to_bits(),
+                    )
+                })
+        };
+        let one = run(1);
+        for t in [2, 3, 5, 8, 2, 3] {
+            assert_eq!(run(t), one, "{t} threads");
+        }
     }
 }

@@ -203,14 +203,20 @@ impl Nvfp4Matrix {
     /// RMS of the weight error over RMS of the weights.
     pub fn relative_rms(&self, w: &[f32], cols: usize) -> f64 {
         let d = self.dequantize(cols);
-        let (e, n) = w
-            .par_iter()
-            .zip(&d)
-            .map(|(&a, &b)| {
-                let (a, b) = (a as f64, b as f64);
-                ((a - b) * (a - b), a * a)
+        // Rows in parallel, summed in order: the same bits for any thread count.
+        let rows: Vec<(f64, f64)> = w
+            .par_chunks(cols.max(1))
+            .zip(d.par_chunks(cols.max(1)))
+            .map(|(wr, dr)| {
+                wr.iter().zip(dr).fold((0.0, 0.0), |(e, n), (&a, &b)| {
+                    let (a, b) = (a as f64, b as f64);
+                    (e + (a - b) * (a - b), n + a * a)
+                })
             })
-            .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1));
+            .collect();
+        let (e, n) = rows
+            .iter()
+            .fold((0.0, 0.0), |(e, n), &(x, y)| (e + x, n + y));
         if n > 0.0 {
             (e / n).sqrt()
         } else {
