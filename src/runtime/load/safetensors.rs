@@ -228,7 +228,8 @@ impl Source for SafetensorsSource<'_> {
                     .unwrap_or(crate::runtime::linear::WIDEN_ABOVE)
         {
             // A large head computing in f32 keeps its bf16 bytes and widens them slice by
-            // slice inside the product: same logits, half the memory of an f32 copy.
+            // slice inside the product: the same exact weights (logits equal to an f32 copy's
+            // up to the order of f32 summation), half the memory.
             Linear::widened_from_bf16_bytes(bytes, c.vocab_size, c.hidden_size, &|r| {
                 ck.release_range(name, r)
             })?
