@@ -477,6 +477,10 @@ struct ARows<'a> {
     exp: &'a [u8],
 }
 
+/// Fewest rows in a task for the AVX2 plain path: it widens each panel block once per task,
+/// which a row or two would not repay (decode keeps the flushing kernel).
+const PLAIN_MIN_ROWS: usize = 4;
+
 /// Row stride of the AVX2 kernel's f32 copy of `A` (a cache block and one line, so that its
 /// rows do not share L1 sets).
 const LDF: usize = 2 * KC_PAIRS + 16;
@@ -531,7 +535,8 @@ unsafe fn tile_group(
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx2Fma => {
                         let ae = a.exp[i..i + mr].iter().copied().min().unwrap_or(u8::MAX);
-                        let plain = needs_no_flush(ae, w.panel_exp[p])
+                        let plain = rows.len() >= PLAIN_MIN_ROWS
+                            && needs_no_flush(ae, w.panel_exp[p])
                             && (first
                                 || (0..mr)
                                     .all(|r| (0..cols).all(|j| grid_ok(*cp.add(r * ldc + j)))));
@@ -1024,7 +1029,9 @@ mod tests {
             let want = reference(&a, &w, 1, 1, 2)[0];
             let exact = 2f32.powi(ea as i32 - 197);
             let pw = PackedBf16::from_f32(&w, 1, 2);
-            let ab = to_bf16_rows(&a, 2, pw.lda());
+            // The same row PLAIN_MIN_ROWS times, so that the plain path may take the task.
+            let rows = PLAIN_MIN_ROWS;
+            let ab = to_bf16_rows(&a.repeat(rows), 2, pw.lda());
             if ea == 70 {
                 // 2^-127 is subnormal: flushed by the definition, kept by plain sums.
                 assert_eq!((want, plain(&a, &w)), (0.0, exact));
@@ -1036,8 +1043,9 @@ mod tests {
                     eprintln!("SKIPPED {}: this CPU lacks it", isa.name());
                     continue;
                 }
-                let got = gemm(isa, &ab, 1, &pw, None, None)[0];
-                assert_eq!(got.to_bits(), want.to_bits(), "{} field {ea}", isa.name());
+                for got in gemm(isa, &ab, rows, &pw, None, None) {
+                    assert_eq!(got.to_bits(), want.to_bits(), "{} field {ea}", isa.name());
+                }
             }
         }
         // Random values at and just below the boundary, with cancellation (random signs):
