@@ -411,8 +411,8 @@ fn differing_generations_show_both_texts_and_a_gguf_can_be_the_reference() {
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r["gen"]["exact_match"], 2, "{out}");
     // The same bf16 values through the same kernels (bf16 compute asked for: on CPUs without
-    // AVX-512 BF16 the default is f32, whose GGUF and safetensors paths may sum in another
-    // order): the logits agree to the bit.
+    // AVX2 the default is f32, whose GGUF and safetensors paths may sum in another order): the
+    // logits agree to the bit.
     let d = &r["kld"]["divergence"];
     assert_eq!(d["max_kld"].as_f64(), Some(0.0), "{d}");
     assert_eq!(d["top1_agreement_pct"].as_f64(), Some(100.0), "{d}");
