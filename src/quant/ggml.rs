@@ -31,6 +31,7 @@ fn nearest(x: f32) -> i32 {
 const GROUP_MAX_EPS: f32 = 1e-15;
 
 /// The largest magnitude of `x` and the (signed) value holding it, the first one on ties.
+#[inline(always)]
 fn signed_absmax(x: &[f32]) -> (f32, f32) {
     let (mut amax, mut max) = (0f32, 0f32);
     for &v in x {
@@ -208,6 +209,7 @@ struct BlockQ {
     l: [u8; 32],
 }
 
+#[inline(always)]
 fn legacy_row(k: Kind, x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
     let lg = legacy(k);
     let bytes = out.len() / (x.len() / 32);
@@ -222,6 +224,7 @@ fn legacy_row(k: Kind, x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
 }
 
 /// ggml's `quantize_row_q{4,5}_{0,1}_ref`.
+#[inline(always)]
 fn legacy_reference(lg: Legacy, x: &[f32]) -> BlockQ {
     let mut l = [0u8; 32];
     if !lg.offset {
@@ -260,6 +263,7 @@ fn f16r(v: f32) -> f32 {
 /// Importance-weighted legacy block: llama.cpp's choice (weights `qw·sqrt(σ² + x²)`, σ² the
 /// row's mean square) and candidates aimed at `Σ qw (x − x̂)²` itself; the best after f16
 /// rounding, its levels re-rounded for the stored scale.
+#[inline(always)]
 fn legacy_weighted(lg: Legacy, x: &[f32], qw: &[f32], sigma2: f32) -> BlockQ {
     let ggml_w: Vec<f32> = x
         .iter()
@@ -311,6 +315,7 @@ fn legacy_weighted(lg: Legacy, x: &[f32], qw: &[f32], sigma2: f32) -> BlockQ {
 
 /// Scales from a finer sweep around `nmax/max` (81 steps of 0.025 instead of ggml's 19 of
 /// 0.1), each refit by weighted least squares.
+#[inline(always)]
 fn scale_sweep(x: &[f32], nmax: i32, w: &[f32]) -> Vec<f32> {
     let (amax, max) = signed_absmax(x);
     if amax < GROUP_MAX_EPS {
@@ -332,6 +337,7 @@ fn scale_sweep(x: &[f32], nmax: i32, w: &[f32]) -> Vec<f32> {
 
 /// Levels for a fixed (stored) scale and offset: each value to its nearest level, which for a
 /// fixed scale minimises every term of the weighted error separately.
+#[inline(always)]
 fn relevel(lg: Legacy, x: &[f32], d: f32, m: f32) -> BlockQ {
     let mut l = [0u8; 32];
     if d != 0.0 {
@@ -348,6 +354,7 @@ fn relevel(lg: Legacy, x: &[f32], d: f32, m: f32) -> BlockQ {
     BlockQ { d, m, l }
 }
 
+#[inline(always)]
 fn legacy_value(lg: Legacy, b: &BlockQ, j: usize) -> f32 {
     if lg.offset {
         b.d * b.l[j] as f32 + b.m
@@ -356,6 +363,7 @@ fn legacy_value(lg: Legacy, b: &BlockQ, j: usize) -> f32 {
     }
 }
 
+#[inline(always)]
 fn weighted_error(lg: Legacy, b: &BlockQ, x: &[f32], qw: &[f32]) -> f64 {
     x.iter()
         .zip(qw)
@@ -364,6 +372,7 @@ fn weighted_error(lg: Legacy, b: &BlockQ, x: &[f32], qw: &[f32]) -> f64 {
         .sum()
 }
 
+#[inline(always)]
 fn pack_legacy(lg: Legacy, b: &BlockQ, out: &mut [u8]) {
     out[..2].copy_from_slice(&f16::from_f32(b.d).to_le_bytes());
     let mut p = 2;
@@ -386,6 +395,7 @@ fn pack_legacy(lg: Legacy, b: &BlockQ, out: &mut [u8]) {
 
 /// ggml's `make_qx_quants` with explicit weights (`rmse_type` 1): returns the scale and levels
 /// offset by `nmax`.
+#[inline(always)]
 pub fn make_qx_quants(x: &[f32], nmax: i32, w: &[f32]) -> (f32, [u8; 32]) {
     let mut l = [0u8; 32];
     let (amax, max) = signed_absmax(x);
@@ -428,6 +438,7 @@ pub fn make_qx_quants(x: &[f32], nmax: i32, w: &[f32]) -> (f32, [u8; 32]) {
 
 /// ggml's `make_qkx3_quants` (squared error): returns the scale, the (positive) negated
 /// minimum and the levels.
+#[inline(always)]
 fn qkx3(
     x: &[f32],
     nmax: i32,
