@@ -104,7 +104,7 @@ pub struct PackedBf16 {
     /// `ceil(n / NR)` panels of `kp × NR` pairs (two bf16 in one u32, the lower input first);
     /// channels past `n` and the input past `k` are zero.
     data: Vec<u32>,
-    /// Per panel, the smallest exponent field among its nonzero values ([`min_exponent`]).
+    /// Per panel, the smallest exponent field among its nonzero values ([`pair_exponent`]).
     panel_exp: Vec<u8>,
 }
 
@@ -450,9 +450,9 @@ unsafe fn tile(
     } else {
         (vec![], vec![])
     };
+    let a = ARows { a, lda, exp: a_exp };
     for g0 in groups {
         let group = g0..(g0 + PANEL_GROUP).min(pan.end);
-        let a = ARows { a, lda, exp: a_exp };
         tile_group(
             isa,
             &a,
@@ -507,7 +507,7 @@ unsafe fn tile_group(
     let mut q0 = 0;
     while q0 < kp {
         let q1 = (q0 + KC_PAIRS).min(kp);
-        if isa == Isa::Avx2Fma {
+        if isa == Isa::Avx2Fma && rows.len() >= PLAIN_MIN_ROWS {
             // Widened once per cache block, read by every panel of the group.
             for (i, dst) in rows.clone().zip(af.chunks_exact_mut(LDF)) {
                 let src = &a.a[i * lda + 2 * q0..i * lda + 2 * q1];
